@@ -1,0 +1,462 @@
+"""The `fastcifar` command line: each command turns options into a config and calls the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fastcifar.config import (
+    NO_AUGMENT,
+    ConvertConfig,
+    Device,
+    LoaderConfig,
+    OptimizerName,
+    Precision,
+    TrainConfig,
+    recipe,
+)
+from fastcifar.errors import FastCifarError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False,
+                  help="Fast CIFAR-10 training: convert once to FFCV, train CustResNet, measure.")
+benchmark_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="Loader throughput and time-to-accuracy.")
+app.add_typer(benchmark_app, name="benchmark")
+console = Console(stderr=False, highlight=False)
+_state = {"debug": False}
+
+DATA, OPTIMISATION, AUGMENTATION, SYSTEM = "Data", "Optimisation", "Augmentation", "System"
+
+
+class RecipeName(StrEnum):
+    fast = "fast"
+    seed = "seed"
+
+
+def _fail(error: FastCifarError) -> None:
+    """Print the one-line message (a traceback only with --debug) and exit non-zero."""
+    if _state["debug"]:
+        raise error
+    console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+    raise typer.Exit(getattr(error, "exit_code", 1))
+
+
+def run_command(function, *args, **kwargs):
+    """Call a library function, turning FastCifarError into the one-line exit."""
+    try:
+        return function(*args, **kwargs)
+    except FastCifarError as error:
+        _fail(error)
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False) -> None:
+    """Fast CIFAR-10 training on one machine."""
+    _state["debug"] = debug
+
+
+# ---------------------------------------------------------------- convert
+
+
+@app.command()
+def convert(
+    source: Annotated[Path | None, typer.Option(help="cifar-10-python.tar.gz, its extracted "
+                      "folder, or an ImageFolder tree (or .tar.gz of one). Default: look in "
+                      "--out, then download.", rich_help_panel=DATA)] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the .beton files and metadata.",
+                                      rich_help_panel=DATA)] = Path("datasets"),
+    force: Annotated[bool, typer.Option(help="Rewrite even when up to date.")] = False,
+    fix_images: Annotated[bool, typer.Option(help="Convert grey/RGBA images to RGB and resize "
+                          "other sizes to 32x32 instead of rejecting them.")] = False,
+    download: Annotated[bool, typer.Option(help="Download the official archive when no "
+                        "source is found.")] = True,
+) -> None:
+    """Write CIFAR-10 once to FFCV .beton files (train, test) plus a metadata JSON."""
+    from fastcifar.data.convert import convert as convert_dataset
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if total:
+            console.print(f"  {stage}: {done:,}/{total:,}", end="\r")
+
+    config = run_command(ConvertConfig, source=source, out_dir=out, force=force,
+                         fix_images=fix_images, download=download)
+    result = run_command(convert_dataset, config, progress)
+    counts = result.metadata["counts"]
+    verb = "up to date" if result.skipped else f"written in {result.seconds:.1f} s"
+    console.print(f"{result.train_path} ({counts['train']:,}) and {result.test_path} "
+                  f"({counts['test']:,}) {verb}; metadata {result.metadata_path}")
+
+
+# ---------------------------------------------------------------- train
+
+
+def _torchrun_environment() -> tuple[bool, int]:
+    """(distributed?, local rank) from the variables torchrun sets."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return world_size > 1, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def build_train_config(
+    recipe_name: RecipeName, epochs: int | None, batch_size: int | None,
+    optimizer: OptimizerName | None, max_lr: float | None, weight_decay: float | None,
+    label_smoothing: float | None, ema: float | None, tta: bool | None, device: Device,
+    precision: Precision, channels_last: bool, compile_model: bool, seed: int, data: Path,
+    out: Path, weights: Path, workers: int, train_subset: int | None,
+    test_subset: int | None, augment: bool, cutout: int | None, jitter: float | None,
+    hue: float | None, p_gray: float | None, resume: Path | None, plots: bool = True,
+) -> TrainConfig:
+    """The recipe with every option the user gave replacing its default."""
+    base = recipe(recipe_name.value)
+    distributed, local_rank = _torchrun_environment()
+    changes: dict[str, object] = {
+        key: value for key, value in {
+            "epochs": epochs, "optimizer": optimizer, "max_lr": max_lr,
+            "weight_decay": weight_decay, "label_smoothing": label_smoothing,
+            "ema_decay": ema, "tta": tta,
+        }.items() if value is not None
+    }
+    augment_changes = {key: value for key, value in {
+        "cutout_size": cutout, "p_gray": p_gray, "hue": hue,
+    }.items() if value is not None}
+    if jitter is not None:
+        augment_changes.update(brightness=jitter, contrast=jitter, saturation=jitter,
+                               p_jitter=base.augment.p_jitter or (1.0 if jitter else 0.0))
+    if hue and not base.augment.p_jitter and "p_jitter" not in augment_changes:
+        augment_changes["p_jitter"] = 1.0
+    augment_config = (dataclasses.replace(base.augment, **augment_changes) if augment
+                      else NO_AUGMENT)
+    loader = LoaderConfig(data_dir=data, batch_size=batch_size or base.loader.batch_size,
+                          workers=workers, train_subset=train_subset, test_subset=test_subset,
+                          distributed=distributed)
+    return dataclasses.replace(
+        base, loader=loader, augment=augment_config, device=device, precision=precision,
+        channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
+        weights_dir=weights, resume=resume, local_rank=local_rank, make_plots=plots, **changes)
+
+
+class TableCallbacks:
+    """Draws a progress bar per epoch and one table row after it (rank 0 only)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.quiet = quiet
+        self.progress = Progress("epoch {task.fields[epoch]}", BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=console, transient=True,
+                                 disable=quiet)
+        self.task = None
+
+    def on_train_start(self, config, steps_per_epoch, device, precision, run_dir) -> None:
+        if self.quiet:
+            return
+        console.print(f"recipe {config.recipe} | {config.epochs} epochs x {steps_per_epoch} "
+                      f"steps | batch {config.loader.batch_size} | {config.optimizer.value} "
+                      f"max LR {config.max_lr:g} | {device} {precision} | run folder {run_dir}")
+        console.print(f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} "
+                      f"{'test loss':>9} {'test acc':>8} {'seconds':>8} {'images/s':>9}")
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        if self.quiet:
+            return
+        if step == 1 or self.task is None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.progress.start()
+            self.task = self.progress.add_task("", total=steps_per_epoch, epoch=epoch)
+        self.progress.update(self.task, completed=step)
+
+    def on_epoch(self, stats) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+            self.progress.stop()
+        if self.quiet:
+            return
+        console.print(f"{stats.epoch:>5} {stats.lr:>9.2e} {stats.train_loss:>10.4f} "
+                      f"{stats.train_accuracy:>9.2%} {stats.test_loss:>9.4f} "
+                      f"{stats.test_accuracy:>8.2%} {stats.train_seconds:>8.1f} "
+                      f"{stats.images_per_second:>9.0f}")
+
+
+@app.command()
+def train(
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: fast "
+                           "(SGD-Nesterov, label smoothing, TTA) or seed (the original Adam "
+                           "recipe).", rich_help_panel=OPTIMISATION)] = RecipeName.fast,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (recipe default: 24).",
+                      rich_help_panel=OPTIMISATION)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (default 512).",
+                          rich_help_panel=OPTIMISATION)] = None,
+    optimizer: Annotated[OptimizerName | None, typer.Option(help="adam or sgd (default: the recipe's).",
+                         rich_help_panel=OPTIMISATION)] = None,
+    max_lr: Annotated[str | None, typer.Option(help="Peak LR of OneCycle, or 'auto' to run "
+                      "the LR range test first (default: the recipe's).",
+                      rich_help_panel=OPTIMISATION)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the recipe's).",
+                            rich_help_panel=OPTIMISATION)] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the recipe's).",
+                               rich_help_panel=OPTIMISATION)] = None,
+    ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
+                   "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
+                   "test-time augmentation (default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
+                       "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
+    cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    jitter: Annotated[float | None, typer.Option(help="Brightness/contrast/saturation "
+                      "jitter magnitude.", rich_help_panel=AUGMENTATION)] = None,
+    hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn).",
+                   rich_help_panel=AUGMENTATION)] = None,
+    p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
+                                       rich_help_panel=DATA)] = Path("datasets"),
+    train_subset: Annotated[int | None, typer.Option(help="Use the first N train images.",
+                            rich_help_panel=DATA)] = None,
+    test_subset: Annotated[int | None, typer.Option(help="Use the first N test images.",
+                           rich_help_panel=DATA)] = None,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
+                                           rich_help_panel=SYSTEM)] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 where supported, else fp16 "
+                         "with a grad scaler.", rich_help_panel=SYSTEM)] = Precision.auto,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
+                             rich_help_panel=SYSTEM)] = True,
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile "
+                             "the model.", rich_help_panel=SYSTEM)] = False,
+    workers: Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
+                                         rich_help_panel=SYSTEM)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation.",
+                                      rich_help_panel=SYSTEM)] = 0,
+    out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
+                                      rich_help_panel=SYSTEM)] = Path("runs"),
+    weights: Annotated[Path, typer.Option(help="Folder for the best weights.",
+                                          rich_help_panel=SYSTEM)] = Path("weights"),
+    resume: Annotated[str | None, typer.Option(help="Checkpoint to continue, or 'auto' for "
+                      "the newest under --out.", rich_help_panel=SYSTEM)] = None,
+) -> None:
+    """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, best weights saved."""
+    from fastcifar.train import find_latest_checkpoint
+    from fastcifar.train import train as run_training
+
+    resume_path = (run_command(find_latest_checkpoint, out) if resume == "auto"
+                   else Path(resume) if resume else None)
+    numeric_lr = None if max_lr in (None, "auto") else run_command(_parse_float, max_lr, "max-lr")
+    config = run_command(build_train_config, recipe_name, epochs, batch_size, optimizer,
+                         numeric_lr, weight_decay, label_smoothing, ema, tta, device, precision,
+                         channels_last, compile_model, seed, data, out, weights, workers,
+                         train_subset, test_subset, augment, cutout, jitter, hue, p_gray,
+                         resume_path)
+    if max_lr == "auto":
+        config = run_command(_with_found_lr, config)
+    rank_is_main = int(os.environ.get("RANK", "0")) == 0
+    result = run_command(run_training, config, TableCallbacks(quiet=not rank_is_main))
+    if rank_is_main:
+        console.print(f"best test accuracy {result.best_accuracy:.2%}; weights "
+                      f"{result.best_weights}; run folder {result.run_dir}")
+
+
+def _parse_float(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError as error:
+        raise FastCifarError(f"--{option} takes a number or 'auto', got {text!r}") from error
+
+
+def _with_found_lr(config: TrainConfig) -> TrainConfig:
+    """Run the LR range test with the train settings and use its suggestion as max LR."""
+    from fastcifar.config import LrFindConfig
+    from fastcifar.lr_find import lr_find
+
+    finder = LrFindConfig(loader=config.loader, augment=config.augment,
+                          optimizer=config.optimizer, weight_decay=config.weight_decay,
+                          device=config.device, precision=config.precision,
+                          channels_last=config.channels_last, seed=config.seed,
+                          out_dir=Path(config.out_dir) / "lr-find")
+    found = lr_find(finder)
+    console.print(f"LR range test suggests max LR {found.suggested_lr:.3g} ({found.plot_path})")
+    return dataclasses.replace(config, max_lr=found.suggested_lr,
+                               min_lr=min(config.min_lr, found.suggested_lr))
+
+
+# ---------------------------------------------------------------- lr-find
+
+
+class SweepMode(StrEnum):
+    exp = "exp"
+    linear = "linear"
+
+
+@app.command()
+def lr_find(
+    iters: Annotated[int, typer.Option(help="Steps of the sweep, one batch each.",
+                                       rich_help_panel=OPTIMISATION)] = 200,
+    start_lr: Annotated[float, typer.Option(help="LR of the first step.",
+                                            rich_help_panel=OPTIMISATION)] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="LR of the last step.",
+                                          rich_help_panel=OPTIMISATION)] = 10.0,
+    mode: Annotated[SweepMode, typer.Option(help="How the LR grows per step.",
+                                            rich_help_panel=OPTIMISATION)] = SweepMode.exp,
+    optimizer: Annotated[OptimizerName, typer.Option(help="adam or sgd (Nesterov, momentum 0.9).",
+                         rich_help_panel=OPTIMISATION)] = OptimizerName.adam,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.",
+                            rich_help_panel=OPTIMISATION)] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Images per step; the suggestion is for this "
+                          "batch size.", rich_help_panel=OPTIMISATION)] = 512,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Default train "
+                       "augmentation (pad-crop, flip, cutout) on/off.",
+                       rich_help_panel=AUGMENTATION)] = True,
+    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
+                                       rich_help_panel=DATA)] = Path("datasets"),
+    train_subset: Annotated[int | None, typer.Option(help="Use the first N train images.",
+                            rich_help_panel=DATA)] = None,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
+                                           rich_help_panel=SYSTEM)] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="As for train.",
+                                                 rich_help_panel=SYSTEM)] = Precision.auto,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
+                             rich_help_panel=SYSTEM)] = True,
+    workers: Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
+                                         rich_help_panel=SYSTEM)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation.",
+                                      rich_help_panel=SYSTEM)] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for lr_find.png, .csv and .json.",
+                                      rich_help_panel=SYSTEM)] = Path("runs/lr-find"),
+) -> None:
+    """LR range test on the real train loader: loss per LR, a suggested max LR, plot and history."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from fastcifar.config import AugmentConfig, LrFindConfig
+    from fastcifar.lr_find import lr_find as run_range_test
+
+    loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,
+                         train_subset=train_subset)
+    config = run_command(LrFindConfig, loader=loader, augment=AugmentConfig() if augment
+                         else NO_AUGMENT, optimizer=optimizer, start_lr=start_lr, end_lr=end_lr,
+                         iterations=iters, mode=mode.value, weight_decay=weight_decay,
+                         device=device, precision=precision, channels_last=channels_last,
+                         seed=seed, out_dir=out)
+    with Progress("range test", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("", total=iters)
+        found = run_command(run_range_test, config,
+                            lambda done, total: bar.update(task, completed=done))
+    diverged = ", stopped early as the loss diverged" if found.stopped_early else ""
+    console.print(f"{len(found.lrs)} steps at batch {batch_size} on {found.device} "
+                  f"{found.precision} in {found.seconds:.0f} s{diverged}")
+    console.print(f"suggested max LR {found.suggested_lr:.3g} (steepest descent); min-loss LR / "
+                  f"10: {found.min_loss_lr_over_10:.3g}; plot {found.plot_path}, history "
+                  f"{found.history_path}")
+
+
+# ---------------------------------------------------------------- summary
+
+
+@app.command()
+def summary(
+    batch_size: Annotated[int, typer.Option(help="Batch size of the example input.")] = 1,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (totals, "
+                           "layer rows, receptive-field rows) instead of tables.")] = False,
+) -> None:
+    """CustResNet's layers and parameters (torchinfo) and its receptive field per layer."""
+    import json
+
+    from fastcifar.model import CustResNet, receptive_field_table, summary_record
+    from fastcifar.model import summary as torchinfo_summary
+
+    if batch_size < 1:
+        _fail(FastCifarError(f"batch size must be positive, got {batch_size}"))
+    model = CustResNet()
+    if json_output:
+        typer.echo(json.dumps(summary_record(model, batch_size), indent=2))
+        return
+    typer.echo(str(torchinfo_summary(model, batch_size)))
+    table = Table("layer", "kernel", "stride", "pad", "RF", "jump", "start",
+                  title="receptive field (RF, pixels) along the deepest path")
+    for row in receptive_field_table(model):
+        table.add_row(row.name, *(str(value) for value in (row.kernel, row.stride, row.padding,
+                                                            row.receptive_field, row.jump)),
+                      f"{row.start:g}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    weights: Annotated[Path, typer.Argument(help="A *-best.pt file written by train.")],
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average each image's logits "
+                   "with its mirror's.")] = False,
+    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
+                                       rich_help_panel=DATA)] = Path("datasets"),
+    test_subset: Annotated[int | None, typer.Option(help="Use the first N test images.",
+                           rich_help_panel=DATA)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.",
+                                            rich_help_panel=SYSTEM)] = 512,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
+                                           rich_help_panel=SYSTEM)] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="As for train.",
+                                                 rich_help_panel=SYSTEM)] = Precision.auto,
+    workers: Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
+                                         rich_help_panel=SYSTEM)] = 0,
+    out: Annotated[Path | None, typer.Option(help="Folder for the figures and JSON (default: "
+                   "WEIGHTS' name + '-eval', beside it).", rich_help_panel=SYSTEM)] = None,
+) -> None:
+    """Test accuracy of saved weights, per class, with confusion matrix and misclassified images."""
+    from fastcifar.config import EvaluateConfig
+    from fastcifar.evaluate import evaluate_weights
+
+    loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,
+                         test_subset=test_subset)
+    config = run_command(EvaluateConfig, weights=weights, loader=loader, tta=tta, out_dir=out,
+                         device=device, precision=precision)
+    report = run_command(evaluate_weights, config)
+    table = Table("class", "accuracy", title=f"{report.count:,} test images, "
+                  f"{'flip TTA' if report.tta else 'no TTA'}, {report.device} {report.precision}")
+    for name, accuracy in report.per_class_accuracy.items():
+        table.add_row(name, f"{accuracy:.2%}")
+    console.print(table)
+    console.print(f"test accuracy {report.accuracy:.2%} ({report.misclassified_total:,} wrong); "
+                  f"figures and JSON in {report.json_path.parent}")
+
+
+# ---------------------------------------------------------------- show-augment
+
+
+@app.command()
+def show_augment(
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Whose augmentation to "
+                           "show.", rich_help_panel=AUGMENTATION)] = RecipeName.fast,
+    count: Annotated[int, typer.Option(help="Images in each grid (the first N train images).",
+                                       rich_help_panel=DATA)] = 32,
+    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
+                                       rich_help_panel=DATA)] = Path("datasets"),
+    seed: Annotated[int, typer.Option(help="Augmentation seed.", rich_help_panel=SYSTEM)] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for samples.png and augmented.png.",
+                                      rich_help_panel=SYSTEM)] = Path("runs/show-augment"),
+) -> None:
+    """Write a grid of train images and a grid of the same images through the train augmentation."""
+    from fastcifar.samples import show_augment as write_grids
+
+    augment = run_command(recipe, recipe_name.value).augment
+    preview = run_command(write_grids, data, augment, count, seed, out)
+    console.print(f"{preview.original_path} and {preview.augmented_path} ({recipe_name.value} "
+                  f"recipe's augmentation, seed {seed})")
+
+
+def entry() -> None:
+    """`python -m fastcifar`."""
+    app(prog_name="fastcifar")
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

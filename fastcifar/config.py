@@ -1,0 +1,251 @@
+"""Frozen settings for each command, checked on creation, and the named training recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from fastcifar.errors import FastCifarError
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cuda = "cuda"
+    mps = "mps"
+    cpu = "cpu"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class OptimizerName(StrEnum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class PadMode(StrEnum):
+    constant = "constant"  # fill the border with the train mean
+    reflect = "reflect"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise FastCifarError(message)
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Settings of `fastcifar convert`."""
+
+    source: Path | None = None  # archive, extracted folder, ImageFolder tree; None: find/download
+    out_dir: Path = Path("datasets")
+    force: bool = False  # rewrite even when the outputs are up to date
+    fix_images: bool = False  # convert grey/RGBA images to RGB instead of rejecting them
+    download: bool = True  # allow torchvision's downloader when no source is found
+
+    def __post_init__(self) -> None:
+        if self.source is not None:
+            _require(Path(self.source).exists(), f"source not found: {self.source}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The fused train augmentation; each part is off when its size/probability is 0."""
+
+    pad: int = 4  # pixels of padding before the random 32x32 crop
+    pad_mode: PadMode = PadMode.constant
+    flip: bool = True  # horizontal flip with probability 0.5
+    cutout_size: int = 8  # side of each square hole, pixels
+    cutout_count: int = 1
+    p_jitter: float = 0.0  # probability of colour jitter per image
+    brightness: float = 0.0  # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0  # shift drawn from [-h, h] of a full turn (at most 0.5)
+    p_gray: float = 0.0  # probability of grayscale per image
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.pad <= 16, f"pad must be in 0..16, got {self.pad}")
+        _require(0 <= self.cutout_size <= 32, f"cutout size must be in 0..32, got {self.cutout_size}")
+        _require(0 <= self.cutout_count <= 8, f"cutout count must be in 0..8, got {self.cutout_count}")
+        for name in ("p_jitter", "p_gray"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"{name} must be a probability, got {value}")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+        _require(0.0 <= self.hue <= 0.5, f"hue must be in [0, 0.5], got {self.hue}")
+
+    @property
+    def jitter_enabled(self) -> bool:
+        return self.p_jitter > 0 and (self.brightness or self.contrast or self.saturation or self.hue)
+
+
+NO_AUGMENT = AugmentConfig(pad=0, flip=False, cutout_size=0, cutout_count=0)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Which betons to read and how to batch them."""
+
+    data_dir: Path = Path("datasets")
+    batch_size: int = 512
+    workers: int = 0  # 0: one per CPU core
+    train_subset: int | None = None  # first N train records only
+    test_subset: int | None = None
+    distributed: bool = False  # set for torchrun; each rank reads its shard
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
+        _require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of `fastcifar train`; the defaults are the `fast` recipe's."""
+
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    recipe: str = "custom"
+    epochs: int = 24
+    optimizer: OptimizerName = OptimizerName.sgd
+    max_lr: float = 0.4  # peak LR for a batch of 512 (see `effective_max_lr`)
+    min_lr: float = 1e-6  # LR at the end of the schedule (> 0)
+    initial_lr_fraction: float = 0.1  # the schedule starts at max_lr * this
+    pct_start: float = 5 / 24  # fraction of steps spent warming up to the peak
+    momentum: float = 0.9
+    nesterov: bool = True
+    cycle_momentum: bool = False  # OneCycle also cycles momentum / Adam's beta1 (0.85-0.95)
+    weight_decay: float = 5e-4
+    decay_norm: bool = False  # apply weight decay to BatchNorm scales and shifts too
+    label_smoothing: float = 0.0
+    logit_scale: float = 1.0  # constant multiplier of the logits
+    ema_decay: float = 0.0  # per-step EMA of the weights; 0: off
+    tta: bool = False  # evaluate on the image and its mirror
+    bn_momentum: float = 0.1  # torch's BatchNorm running-stat momentum
+    dropout: float = 0.0
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (CUDA only benefits)
+    seed: int = 0
+    out_dir: Path = Path("runs")  # a run folder is created inside
+    weights_dir: Path = Path("weights")
+    resume: Path | None = None
+    local_rank: int = 0  # this process's GPU under torchrun (the CLI reads LOCAL_RANK)
+    stop_at_accuracy: float | None = None  # stop once test accuracy reaches this
+    make_plots: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, f"epochs must be positive, got {self.epochs}")
+        _require(self.max_lr > 0, f"max LR must be positive, got {self.max_lr}")
+        _require(0 < self.min_lr <= self.max_lr, "min LR must be in (0, max LR]")
+        _require(0 < self.initial_lr_fraction <= 1, "initial LR fraction must be in (0, 1]")
+        _require(0 < self.pct_start < 1, f"pct_start must be in (0, 1), got {self.pct_start}")
+        _require(self.weight_decay >= 0, "weight decay must be >= 0")
+        _require(0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)")
+        _require(0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)")
+        _require(0 < self.bn_momentum <= 1, "BN momentum must be in (0, 1]")
+        _require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        if self.stop_at_accuracy is not None:
+            _require(0 < self.stop_at_accuracy <= 1, "target accuracy must be in (0, 1]")
+
+
+# The original notebook's recipe: Adam, OneCycle peaking at epoch 5 of 24 at the LR the range
+# test suggested, pad-crop/flip/cutout 8 plus light colour jitter and grayscale.
+SEED = TrainConfig(
+    recipe="seed",
+    optimizer=OptimizerName.adam,
+    max_lr=6.58e-4,
+    min_lr=1e-6,
+    initial_lr_fraction=0.04,  # OneCycle's default div_factor of 25
+    pct_start=5 / 24,
+    cycle_momentum=True,  # torch's OneCycle default, as the notebook used it
+    weight_decay=1e-4,
+    decay_norm=True,
+    augment=AugmentConfig(p_jitter=0.5, brightness=0.1, contrast=0.1, saturation=0.1,
+                          hue=0.05, p_gray=0.1),
+)
+
+# SGD-Nesterov at a high LR with a short warm-up and linear decay, label smoothing, small
+# logits, weight EMA and flip TTA; each setting's measured effect is in benchmarks/results.
+FAST = TrainConfig(
+    recipe="fast",
+    optimizer=OptimizerName.sgd,
+    max_lr=0.4,
+    min_lr=4e-5,
+    initial_lr_fraction=0.1,
+    pct_start=0.25,
+    weight_decay=5e-4,
+    label_smoothing=0.2,
+    logit_scale=0.125,
+    ema_decay=0.0,
+    tta=True,
+)
+
+RECIPES: dict[str, TrainConfig] = {"seed": SEED, "fast": FAST}
+DEFAULT_RECIPE = "fast"
+
+
+def recipe(name: str, **overrides: object) -> TrainConfig:
+    """A named recipe with some settings replaced (nested `loader`/`augment` configs included)."""
+    _require(name in RECIPES, f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return dataclasses.replace(RECIPES[name], **overrides)
+
+
+@dataclass(frozen=True)
+class LrFindConfig:
+    """Settings of `fastcifar lr-find` (the range test)."""
+
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: OptimizerName = OptimizerName.adam
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    iterations: int = 200
+    mode: str = "exp"  # exp | linear
+    weight_decay: float = 1e-4
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    channels_last: bool = True
+    seed: int = 0
+    out_dir: Path = Path("runs/lr-find")
+
+    def __post_init__(self) -> None:
+        _require(0 < self.start_lr < self.end_lr, "need 0 < start LR < end LR")
+        _require(self.iterations >= 10, "the range test needs at least 10 iterations")
+        _require(self.mode in ("exp", "linear"), f"mode must be exp or linear, got {self.mode}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of `fastcifar evaluate`: score saved best weights on the test set."""
+
+    weights: Path  # a best-weights file written by training
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # data_dir, batch size, test_subset
+    tta: bool = False  # average the logits of each image and its mirror
+    out_dir: Path | None = None  # None: a `<weights name>-eval` folder beside the weights
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    channels_last: bool = True
+    misclassified_count: int = 20  # images in the misclassified grid
+
+    def __post_init__(self) -> None:
+        _require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
+        _require(self.misclassified_count >= 0, "misclassified count must be >= 0")
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the figures and the JSON go."""
+        weights = Path(self.weights)
+        return Path(self.out_dir) if self.out_dir is not None else (
+            weights.parent / f"{weights.stem}-eval")

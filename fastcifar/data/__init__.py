@@ -1,0 +1,1 @@
+"""The data path: sources -> convert (.beton) -> augment (JIT op) -> loaders."""

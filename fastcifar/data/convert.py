@@ -1,0 +1,214 @@
+"""Write CIFAR-10 once to FFCV .beton files plus a metadata JSON, atomically and only when stale."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastcifar.atomic import atomic_path, write_json
+from fastcifar.config import ConvertConfig
+from fastcifar.data.sources import (
+    CifarArrays,
+    Progress,
+    Split,
+    download_official,
+    find_source,
+    read_source,
+)
+from fastcifar.errors import FastCifarError
+
+TRAIN_BETON = "cifar10_train.beton"
+TEST_BETON = "cifar10_test.beton"
+METADATA = "cifar10_meta.json"
+FORMAT_VERSION = 1  # bump when the beton layout or the metadata's meaning changes
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """Where the betons and metadata are, what they hold, and whether this call wrote them."""
+
+    train_path: Path
+    test_path: Path
+    metadata_path: Path
+    metadata: dict
+    skipped: bool
+    seconds: float
+
+
+class _SplitDataset:
+    """The indexed dataset FFCV's writer consumes: (HWC uint8 image, int label)."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.split.images[index], int(self.split.labels[index])
+
+
+def _write_beton(split: Split, path: Path, workers: int) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    with atomic_path(path) as temporary:
+        # raw mode: CIFAR images are tiny, so decoding JPEG would cost more than reading bytes.
+        writer = DatasetWriter(
+            str(temporary),
+            {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()},
+            num_workers=workers,
+        )
+        writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
+
+
+def channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0-255 scale) of (N, H, W, 3) uint8 images, in float64."""
+    pixels = images.reshape(-1, 3)
+    total = np.zeros(3)
+    total_squares = np.zeros(3)
+    for start in range(0, len(pixels), 1 << 22):  # chunks keep the float64 copy small
+        chunk = pixels[start:start + (1 << 22)].astype(np.float64)
+        total += chunk.sum(axis=0)
+        total_squares += (chunk * chunk).sum(axis=0)
+    mean = total / len(pixels)
+    std = np.sqrt(total_squares / len(pixels) - mean * mean)
+    return mean.tolist(), std.tolist()
+
+
+def _counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
+    counts = np.bincount(labels, minlength=len(class_names))
+    return {name: int(count) for name, count in zip(class_names, counts, strict=True)}
+
+
+def _versions() -> dict[str, str]:
+    import ffcv
+    import torch
+
+    return {"ffcv": getattr(ffcv, "__version__", "unknown"), "numpy": np.__version__,
+            "torch": torch.__version__}
+
+
+def build_metadata(data: CifarArrays, train_path: Path, test_path: Path) -> dict:
+    """Everything a loader or a reader of the folder needs to trust and use the betons."""
+    mean, std = channel_statistics(data.train.images)
+    return {
+        "format_version": FORMAT_VERSION,
+        "class_names": data.class_names,
+        "counts": {"train": int(len(data.train.labels)), "test": int(len(data.test.labels))},
+        "counts_per_class": {"train": _counts(data.train.labels, data.class_names),
+                             "test": _counts(data.test.labels, data.class_names)},
+        "mean": mean,
+        "std": std,
+        "source": {"path": data.source, "kind": data.source_kind,
+                   "sha256": data.source_fingerprint},
+        "betons": {"train": {"file": train_path.name, "bytes": train_path.stat().st_size},
+                   "test": {"file": test_path.name, "bytes": test_path.stat().st_size}},
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _source_fingerprint_quick(source: Path) -> str | None:
+    """sha256 of an archive source, cheap enough to decide whether a conversion is stale."""
+    from fastcifar.data.sources import file_sha256
+
+    return file_sha256(source) if source.is_file() else None
+
+
+def _up_to_date(out_dir: Path, source: Path) -> dict | None:
+    """The existing metadata when the betons in `out_dir` were made from this same source."""
+    metadata_path = out_dir / METADATA
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        return None
+    for entry in metadata.get("betons", {}).values():
+        beton = out_dir / entry["file"]
+        if not beton.is_file() or beton.stat().st_size != entry["bytes"]:
+            return None
+    recorded = metadata.get("source", {})
+    if recorded.get("path") != str(source):
+        return None
+    if source.is_file():
+        return metadata if recorded.get("sha256") == _source_fingerprint_quick(source) else None
+    # Folders: stale once anything inside is newer than the metadata file.
+    made = metadata_path.stat().st_mtime
+    newest = max((p.stat().st_mtime for p in source.rglob("*")), default=0.0)
+    return metadata if newest <= made else None
+
+
+@contextlib.contextmanager
+def _exclusive_lock(out_dir: Path) -> Iterator[None]:
+    """Serialise conversions into the same folder; the second one then finds it up to date."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / ".convert.lock", "w")  # noqa: SIM115 - held for the block
+    except OSError as error:
+        raise FastCifarError(f"cannot write to {out_dir}: {error.strerror}") from error
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_source(config: ConvertConfig) -> Path:
+    """The source to read: the one given, one lying in the output folder, or a download."""
+    if config.source is not None:
+        return Path(config.source).resolve()
+    found = find_source([config.out_dir, Path.cwd()])
+    if found is not None:
+        return found.resolve()
+    if not config.download:
+        raise FastCifarError(
+            "no CIFAR-10 source found: pass --source with cifar-10-python.tar.gz, its extracted "
+            "folder, or an ImageFolder tree (train/<class>/, test/<class>/)"
+        )
+    return download_official(config.out_dir).resolve()
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+def convert(config: ConvertConfig, progress: Progress = _no_progress) -> ConvertResult:
+    """Convert the source to `cifar10_{train,test}.beton` + metadata in `config.out_dir`."""
+    started = time.perf_counter()
+    out_dir = Path(config.out_dir)
+    source = resolve_source(config)
+    train_path, test_path, metadata_path = (out_dir / TRAIN_BETON, out_dir / TEST_BETON,
+                                            out_dir / METADATA)
+    with _exclusive_lock(out_dir):
+        existing = None if config.force else _up_to_date(out_dir, source)
+        if existing is not None:
+            return ConvertResult(train_path, test_path, metadata_path, existing, True,
+                                 time.perf_counter() - started)
+        # The metadata goes first so that a crash between the two betons never looks complete.
+        metadata_path.unlink(missing_ok=True)
+        data = read_source(source, fix_images=config.fix_images, progress=progress)
+        workers = max(1, min(8, _cpu_count()))
+        progress("write train", 0, len(data.train.labels))
+        _write_beton(data.train, train_path, workers)
+        progress("write test", 0, len(data.test.labels))
+        _write_beton(data.test, test_path, workers)
+        metadata = build_metadata(data, train_path, test_path)
+        write_json(metadata_path, metadata)
+    return ConvertResult(train_path, test_path, metadata_path, metadata, False,
+                         time.perf_counter() - started)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,192 @@
+"""Build the train/test FFCV Loaders: pipelines as lists of operations, checked betons, subsets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastcifar.config import AugmentConfig, LoaderConfig
+from fastcifar.data.augment import fill_colour, make_fused_augment
+from fastcifar.data.convert import FORMAT_VERSION, METADATA
+from fastcifar.errors import FastCifarError
+
+
+@dataclass(frozen=True)
+class DatasetMetadata:
+    """What `convert` recorded: class names, counts and the train mean/std (0-255 scale)."""
+
+    class_names: list[str]
+    train_count: int
+    test_count: int
+    mean: list[float]
+    std: list[float]
+    train_path: Path
+    test_path: Path
+
+
+def read_metadata(data_dir: Path) -> DatasetMetadata:
+    """Read and check the metadata and betons in `data_dir` (sizes, fields, format)."""
+    data_dir = Path(data_dir)
+    metadata_path = data_dir / METADATA
+    if not metadata_path.is_file():
+        raise FastCifarError(
+            f"no converted dataset in {data_dir}: run `fastcifar convert` first (or pass --data)"
+        )
+    try:
+        metadata = json.loads(metadata_path.read_text())
+        version = metadata["format_version"]
+        betons = metadata["betons"]
+        names, mean, std = metadata["class_names"], metadata["mean"], metadata["std"]
+        counts = metadata["counts"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise FastCifarError(f"corrupt metadata file {metadata_path}: rerun `fastcifar convert "
+                             "--force`") from error
+    if version != FORMAT_VERSION:
+        raise FastCifarError(f"{metadata_path} is format {version}, this fastcifar reads "
+                             f"{FORMAT_VERSION}: rerun `fastcifar convert --force`")
+    paths = {}
+    for split in ("train", "test"):
+        path = data_dir / betons[split]["file"]
+        if not path.is_file():
+            raise FastCifarError(f"missing {path}: run `fastcifar convert` first")
+        if path.stat().st_size != betons[split]["bytes"]:
+            raise FastCifarError(
+                f"{path} is {path.stat().st_size} bytes but the metadata says "
+                f"{betons[split]['bytes']} (truncated or replaced): rerun `fastcifar convert --force`"
+            )
+        _check_beton_fields(path, counts[split])
+        paths[split] = path
+    return DatasetMetadata(names, counts["train"], counts["test"], mean, std,
+                           paths["train"], paths["test"])
+
+
+def _check_beton_fields(path: Path, expected_count: int) -> None:
+    """The beton must hold `image` (RGB) and `label` (int) fields and the recorded count."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+
+    try:
+        reader = Reader(str(path))
+    except Exception as error:  # FFCV raises assorted errors for damaged headers
+        raise FastCifarError(f"{path} is not a readable FFCV beton: {error}") from error
+    fields = {name: type(field) for name, field in reader.handlers.items()}
+    if fields != {"image": RGBImageField, "label": IntField}:
+        raise FastCifarError(f"{path} has fields {sorted(fields)}, expected image and label")
+    if reader.num_samples != expected_count:
+        raise FastCifarError(f"{path} holds {reader.num_samples} records, the metadata says "
+                             f"{expected_count}: rerun `fastcifar convert --force`")
+
+
+def train_pipeline(augment: AugmentConfig | None, seed: int, mean: list[float]) -> list:
+    """decode -> fused augmentation (crop/flip/cutout/jitter/gray, uint8) -> NCHW tensor view."""
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    augmentation = [] if augment is None else [make_fused_augment(augment, seed,
+                                                                 fill_colour(mean))]
+    return [SimpleRGBImageDecoder(), *augmentation, ToTensor(),
+            ToTorchImage(channels_last=True, convert_back_int16=False)]
+
+
+def test_pipeline() -> list:
+    """decode -> NCHW tensor view; no augmentation."""
+    return train_pipeline(None, 0, [0.0, 0.0, 0.0])
+
+
+def builtin_train_pipeline(augment: AugmentConfig, mean: list[float], std: list[float]) -> list:
+    """The closest train pipeline made of FFCV's own ops (for `benchmark loader`), normalising."""
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.transforms import (
+        Cutout,
+        NormalizeImage,
+        RandomHorizontalFlip,
+        RandomTranslate,
+        ToTensor,
+        ToTorchImage,
+    )
+    from ffcv.transforms.color_jitter import RandomBrightness, RandomContrast, RandomSaturation
+
+    fill = tuple(int(v) for v in fill_colour(mean))
+    return [
+        SimpleRGBImageDecoder(),
+        RandomTranslate(padding=augment.pad, fill=fill),
+        RandomHorizontalFlip(),
+        Cutout(augment.cutout_size, fill),
+        RandomBrightness(augment.brightness, p=augment.p_jitter),
+        RandomContrast(augment.contrast, p=augment.p_jitter),
+        RandomSaturation(augment.saturation, p=augment.p_jitter),
+        NormalizeImage(np.array(mean), np.array(std), np.float32),
+        ToTensor(),
+        ToTorchImage(channels_last=True, convert_back_int16=False),
+    ]
+
+
+def label_pipeline() -> list:
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze(1)]
+
+
+def _worker_count(requested: int) -> int:
+    import os
+
+    return requested if requested > 0 else len(os.sched_getaffinity(0))
+
+
+def _subset(count: int | None, available: int, split: str) -> np.ndarray | None:
+    if count is None:
+        return None
+    if count > available:
+        raise FastCifarError(f"--{split}-subset {count} is larger than the {available} "
+                             f"{split} records")
+    return np.arange(count)
+
+
+def make_loader(path: Path, image_pipeline: list, config: LoaderConfig, train: bool,
+                subset: np.ndarray | None, seed: int, batch_size: int | None = None):
+    """An FFCV Loader over `path` with the given image pipeline and the label pipeline."""
+    from ffcv.loader import Loader, OrderOption
+
+    return Loader(
+        str(path),
+        batch_size=batch_size or config.batch_size,
+        num_workers=_worker_count(config.workers),
+        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+        drop_last=train,  # equal-size train steps keep BN statistics and the LR schedule even
+        os_cache=True,  # CIFAR-10 betons are small: let the page cache hold them
+        distributed=config.distributed,
+        seed=seed,
+        indices=subset,
+        pipelines={"image": image_pipeline, "label": label_pipeline()},
+    )
+
+
+@dataclass
+class Loaders:
+    """The train and test loaders with the metadata they were built from."""
+
+    train: object
+    test: object
+    metadata: DatasetMetadata
+    train_count: int
+    test_count: int
+
+
+def build_loaders(config: LoaderConfig, augment: AugmentConfig | None, seed: int) -> Loaders:
+    """Train (random order, drop_last, fused augmentation) and test (sequential) loaders."""
+    metadata = read_metadata(config.data_dir)
+    train_subset = _subset(config.train_subset, metadata.train_count, "train")
+    test_subset = _subset(config.test_subset, metadata.test_count, "test")
+    train_count = len(train_subset) if train_subset is not None else metadata.train_count
+    test_count = len(test_subset) if test_subset is not None else metadata.test_count
+    if config.batch_size > train_count:
+        raise FastCifarError(f"batch size {config.batch_size} is larger than the {train_count} "
+                             "train images: no full batch to train on")
+    train = make_loader(metadata.train_path, train_pipeline(augment, seed, metadata.mean),
+                        config, True, train_subset, seed)
+    test = make_loader(metadata.test_path, test_pipeline(), config, False, test_subset, seed)
+    return Loaders(train, test, metadata, train_count, test_count)

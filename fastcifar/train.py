@@ -1,0 +1,622 @@
+"""The training loop: device step, train step, evaluation, checkpoints/resume, per-epoch stats."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as functional
+from torch import nn
+
+from fastcifar.atomic import atomic_path, write_json
+from fastcifar.config import Device, Precision, TrainConfig
+from fastcifar.data.loaders import Loaders, build_loaders
+from fastcifar.errors import FastCifarError
+from fastcifar.model import CustResNet
+from fastcifar.optim import make_optimizer, make_scheduler
+
+# ---------------------------------------------------------------- device and precision
+
+
+def select_device(choice: Device, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit choice must be available."""
+    if choice == Device.auto:
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice == Device.cuda and not torch.cuda.is_available():
+        raise FastCifarError("--device cuda asked for, but no CUDA device is available")
+    if choice == Device.mps and not torch.backends.mps.is_available():
+        raise FastCifarError("--device mps asked for, but MPS is not available")
+    return torch.device("cuda", local_rank) if choice == Device.cuda else torch.device(choice.value)
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The autocast dtype (None: fp32) and whether fp16 needs a gradient scaler."""
+
+    autocast_dtype: torch.dtype | None
+    use_grad_scaler: bool
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+
+
+def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
+    """auto: bf16 on CPU and bf16-capable CUDA, fp16 + scaler on older CUDA, fp32 elsewhere."""
+    if choice == Precision.auto:
+        if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            choice = Precision.bf16
+        elif device.type == "cuda":
+            choice = Precision.fp16
+        else:
+            choice = Precision.fp32
+    if choice == Precision.fp16 and device.type == "cpu":
+        raise FastCifarError("fp16 autocast is for CUDA; use --precision bf16 or fp32 on the CPU")
+    dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16,
+             Precision.fp32: None}[choice]
+    return PrecisionPlan(dtype, dtype == torch.float16)
+
+
+def autocast(device: torch.device, plan: PrecisionPlan):
+    """The autocast context for the forward pass (a no-op in fp32)."""
+    return torch.autocast(device.type, dtype=plan.autocast_dtype or torch.float32,
+                          enabled=plan.autocast_dtype is not None)
+
+
+class DeviceStep:
+    """uint8 NCHW batch -> normalised float on the device, channels-last; labels alongside."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device,
+                 channels_last: bool) -> None:
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.inverse_std = (1.0 / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # Copies from host memory overlap with compute only on CUDA.
+        self.non_blocking = device.type == "cuda"
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=self.non_blocking)
+        labels = labels.to(self.device, non_blocking=self.non_blocking)
+        images = (images.float() - self.mean) * self.inverse_std
+        return images.contiguous(memory_format=self.memory_format), labels
+
+
+# ---------------------------------------------------------------- stats and callbacks
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One row of the per-epoch table."""
+
+    epoch: int  # 1-based
+    lr: float  # LR of the epoch's last step
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    train_seconds: float  # this epoch's training steps
+    eval_seconds: float
+    images_per_second: float  # training images per second of train time
+    steps: int  # optimiser steps so far
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the per-epoch stats and where its files are."""
+
+    history: list[EpochStats]
+    run_dir: Path
+    best_weights: Path | None
+    best_accuracy: float
+    warmup_seconds: float  # one-off: loader JIT, torch.compile, cudnn autotune
+    lr_per_step: list[float] = field(default_factory=list)
+    reached_target: bool = False
+
+
+class TrainCallbacks:
+    """Hooks through which the loop reports progress; the CLI subclasses it to draw."""
+
+    def on_train_start(self, config: TrainConfig, steps_per_epoch: int, device: torch.device,
+                       precision: str, run_dir: Path) -> None:
+        """Called once, after set-up."""
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        """Called after each optimiser step (epoch 1-based, step within the epoch 1-based)."""
+
+    def on_epoch(self, stats: EpochStats) -> None:
+        """Called after each epoch's evaluation."""
+
+
+class TrainingInterrupted(FastCifarError):
+    """SIGINT/SIGTERM stopped training at a step boundary after a checkpoint was saved."""
+
+    def __init__(self, signal_number: int, checkpoint: Path) -> None:
+        self.exit_code = 128 + signal_number
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted; checkpoint saved to {checkpoint}: resume with "
+                         f"`fastcifar train --resume {checkpoint}`")
+
+
+# ---------------------------------------------------------------- reproducibility and records
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs; the loader order and augmentation take the seed directly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_record(config: TrainConfig, device: torch.device, precision: str) -> dict:
+    """Config, versions, hardware and git commit: stored with every run and checkpoint."""
+    import ffcv
+    import numba
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "config": config_to_dict(config),
+        "versions": {"torch": torch.__version__, "ffcv": getattr(ffcv, "__version__", "?"),
+                     "numba": numba.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "hardware": machine_description(device),
+        "precision": precision,
+        "git_commit": commit or None,
+    }
+
+
+def machine_description(device: torch.device | None = None) -> dict:
+    """CPU model and core count, memory, and the GPU name when one is used."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    description = {"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)),
+                   "platform": platform.platform()}
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        description["memory_gib"] = round(pages / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if device is not None and device.type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
+    return description
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """JSON-friendly `asdict` (paths and enums as strings)."""
+    def plain(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        if hasattr(value, "value"):
+            return value.value
+        return value
+
+    return plain(asdict(config))
+
+
+# ---------------------------------------------------------------- model, step, evaluation
+
+
+def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
+    """CustResNet on the device, channels-last when asked, BN momentum set."""
+    model = CustResNet(dropout=config.dropout, logit_scale=config.logit_scale)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = config.bn_momentum
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    return model.to(device=device, memory_format=memory_format)
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Logits, averaged with those of the mirrored images when `tta` is set."""
+    logits = model(images)
+    if tta:
+        logits = (logits + model(torch.flip(images, dims=[3]))) / 2
+    return logits
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionPlan,
+             tta: bool) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over the loader (eval mode, no gradients)."""
+    model.eval()
+    total_loss = torch.zeros((), device=device_step.device)
+    correct = torch.zeros((), device=device_step.device, dtype=torch.long)
+    count = 0
+    for images, labels in loader:
+        images, labels = device_step(images, labels)
+        with autocast(device_step.device, plan):
+            logits = predict_logits(model, images, tta)
+        total_loss += functional.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+    # One host-device sync for the whole pass.
+    return total_loss.item() / max(count, 1), correct.item() / max(count, 1)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, steps, history,
+                      record, best_accuracy, partial: dict | None = None) -> dict:
+    return {
+        "partial": partial,  # progress inside an interrupted epoch
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "epoch": epoch,  # completed epochs
+        "steps": steps,
+        "history": [asdict(stats) for stats in history],
+        "best_accuracy": best_accuracy,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state()},
+        **record,
+    }
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save through a temporary file, fsync and rename."""
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint, turning unreadable files into one clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError as error:
+        raise FastCifarError(f"checkpoint not found: {path}") from error
+    except Exception as error:  # pickle/zip errors of a damaged file
+        raise FastCifarError(f"corrupt or unreadable checkpoint {path}: {error}") from error
+
+
+# Settings that may differ between a run and its resumption (they do not change the maths).
+_RESUMABLE_DIFFERENCES = {"resume", "out_dir", "weights_dir", "make_plots", "stop_at_accuracy",
+                          "local_rank", "device"}
+
+
+def _check_resume_compatible(saved: dict, config: TrainConfig) -> None:
+    current = config_to_dict(config)
+    differing = sorted(key for key in current if key not in _RESUMABLE_DIFFERENCES
+                       and saved.get(key) != current[key])
+    if differing:
+        raise FastCifarError("checkpoint was made with other settings (" + ", ".join(differing)
+                             + "): resume with the same options or start a new run")
+
+
+def find_latest_checkpoint(out_dir: Path) -> Path:
+    """`--resume auto`: the newest `last.pt` of any run folder in `out_dir`."""
+    candidates = sorted(Path(out_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FastCifarError(f"--resume auto: no checkpoint (*/last.pt) under {out_dir}")
+    return candidates[-1]
+
+
+# ---------------------------------------------------------------- signals
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag checked at step boundaries; a second SIGINT exits at once."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+
+    def handle(self, signal_number: int, frame) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt  # second signal: stop now; checkpoints are atomic
+        self.signal_number = signal_number
+
+
+@contextmanager
+def _stop_on_signals(enabled: bool) -> Iterator[_StopRequest]:
+    request = _StopRequest()
+    if not enabled:
+        yield request
+        return
+    previous = {number: signal.signal(number, request.handle)
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class _Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(config: TrainConfig, device: torch.device) -> _Distributed:
+    if not config.loader.distributed:
+        return _Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # torchrun provides the rendezvous through env://
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def _all_reduce_sum(values: torch.Tensor, distributed: _Distributed) -> torch.Tensor:
+    if distributed.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(values)
+    return values
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _warm_up(model: nn.Module, config: TrainConfig, device: torch.device, plan: PrecisionPlan,
+             device_step: DeviceStep, sample: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """A few steps on a throwaway copy: torch.compile and cudnn autotune happen off the clock."""
+    if device.type != "cuda" and not config.compile:
+        return
+    shadow = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(shadow.parameters(), lr=0.0)
+    images, labels = device_step(*sample)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, plan):
+            loss = functional.cross_entropy(shadow(images), labels)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_run_dir(config: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.out_dir) / f"{stamp}-{config.recipe}-s{config.seed}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(config.out_dir) / f"{stamp}-{config.recipe}-s{config.seed}-{suffix}"
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:
+        raise FastCifarError(f"cannot create run folder {run_dir}: {error.strerror}") from error
+    return run_dir
+
+
+def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
+          loaders: Loaders | None = None, handle_signals: bool = True) -> TrainResult:
+    """Train CustResNet with `config`; returns per-epoch stats, writes the run folder and weights."""
+    callbacks = callbacks or TrainCallbacks()
+    device = select_device(config.device, config.local_rank)
+    plan = plan_precision(config.precision, device)
+    distributed = _init_distributed(config, device)
+    seed_everything(config.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cudnn pick the fastest kernels
+
+    resume_state = None
+    if config.resume is not None:
+        resume_state = load_checkpoint(Path(config.resume))
+        _check_resume_compatible(resume_state.get("config", {}), config)
+
+    loaders = loaders or build_loaders(config.loader, config.augment, config.seed)
+    steps_per_epoch = len(loaders.train)
+    if steps_per_epoch == 0:
+        raise FastCifarError("the train loader yields no full batch: lower --batch-size")
+    model = build_model(config, device)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.use_grad_scaler)
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
+        use_buffers=True) if config.ema_decay > 0 else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
+                             config.channels_last)
+    record = run_record(config, device, plan.name)
+
+    history: list[EpochStats] = []
+    start_epoch, steps, best_accuracy = 0, 0, -1.0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        if ema is not None and resume_state["ema"] is not None:
+            ema.load_state_dict(resume_state["ema"])
+        start_epoch, steps = resume_state["epoch"], resume_state["steps"]
+        best_accuracy = resume_state["best_accuracy"]
+        history = [EpochStats(**row) for row in resume_state["history"]]
+        random.setstate(resume_state["rng"]["python"])
+        np.random.set_state(resume_state["rng"]["numpy"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        run_dir = Path(config.resume).parent
+        # FFCV draws epoch e's order from seed + e: continue the same sequence of orders.
+        loaders.train.next_epoch = start_epoch
+    else:
+        run_dir = _make_run_dir(config) if distributed.is_main else Path(config.out_dir)
+
+    trained_model: nn.Module = model
+    if config.compile:
+        trained_model = torch.compile(model)
+    if distributed.world_size > 1:
+        trained_model = nn.parallel.DistributedDataParallel(
+            trained_model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model = ema if ema is not None else model
+
+    if distributed.is_main:
+        write_json(run_dir / "run.json", record)
+    callbacks.on_train_start(config, steps_per_epoch, device, plan.name, run_dir)
+
+    best_weights = Path(config.weights_dir) / f"{run_dir.name}-best.pt"
+    lr_per_step: list[float] = []
+    warmup_seconds = 0.0
+    reached = False
+    last_checkpoint = run_dir / "last.pt"
+
+    partial = resume_state.get("partial") if resume_state is not None else None
+    with _stop_on_signals(handle_signals and distributed.is_main) as stop:
+        for epoch in range(start_epoch, config.epochs):
+            trained_model.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen, done_before, seconds_before = 0, 0, 0.0
+            if partial is not None:  # resuming inside this epoch: its first steps are done
+                loss_sum += partial["loss_sum"]
+                correct += partial["correct"]
+                seen, done_before = partial["seen"], partial["step"]
+                seconds_before, partial = partial["train_seconds"], None
+            epoch_started = time.perf_counter()
+            batches = iter(loaders.train)
+            step_in_epoch = 0
+            for step_in_epoch in range(1, steps_per_epoch + 1):
+                if step_in_epoch == 1 and epoch == start_epoch:
+                    # The first batch compiles the loader pipeline: a one-off, off the clock.
+                    fetch_started = time.perf_counter()
+                    images, labels = next(batches)
+                    _warm_up(model, config, device, plan, device_step, (images, labels))
+                    warmup_seconds += time.perf_counter() - fetch_started
+                    epoch_started = time.perf_counter()
+                else:
+                    images, labels = next(batches)
+                if step_in_epoch <= done_before:
+                    continue  # trained before the interrupt; the order is the same on resume
+                images, labels = device_step(images, labels)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device, plan):
+                    logits = trained_model(images)
+                    loss = criterion(logits, labels)
+                scaler.scale(loss).backward()  # the scale is 1 unless fp16
+                lr_per_step.append(optimizer.param_groups[0]["lr"])  # the LR this step used
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                steps += 1
+                # Running sums stay on the device: no sync per step.
+                loss_sum += loss.detach().float() * len(labels)
+                correct += (logits.detach().argmax(1) == labels).sum()
+                seen += len(labels)
+                callbacks.on_step(epoch + 1, step_in_epoch, steps_per_epoch)
+                if stop.signal_number is not None:
+                    break
+            if stop.signal_number is not None:
+                del batches  # FFCV's worker thread stops with its iterator
+                if distributed.is_main:
+                    save_checkpoint(last_checkpoint, _checkpoint_state(
+                        model, optimizer, scheduler, scaler, ema, epoch, steps, history, record,
+                        best_accuracy, partial={
+                            "step": step_in_epoch, "loss_sum": loss_sum.item(),
+                            "correct": int(correct.item()), "seen": seen,
+                            "train_seconds": seconds_before + time.perf_counter() - epoch_started}))
+                raise TrainingInterrupted(stop.signal_number, last_checkpoint)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds = seconds_before + time.perf_counter() - epoch_started
+            totals = _all_reduce_sum(torch.stack([loss_sum, correct.float(),
+                                                  torch.tensor(float(seen), device=device)]),
+                                     distributed)
+            train_loss_sum, train_correct, train_seen = totals.tolist()  # one sync per epoch
+            if not math.isfinite(train_loss_sum):
+                raise FastCifarError(
+                    f"training diverged (non-finite loss) in epoch {epoch + 1}; the last good "
+                    f"checkpoint is {last_checkpoint}: lower --max-lr or use bf16/fp32")
+
+            eval_started = time.perf_counter()
+            test_loss, test_accuracy = evaluate(eval_model, loaders.test, device_step, plan,
+                                                config.tta)
+            eval_seconds = time.perf_counter() - eval_started
+            stats = EpochStats(
+                epoch=epoch + 1, lr=lr_per_step[-1] if lr_per_step else config.max_lr,
+                train_loss=train_loss_sum / train_seen, train_accuracy=train_correct / train_seen,
+                test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=train_seconds,
+                eval_seconds=eval_seconds, images_per_second=train_seen / train_seconds,
+                steps=steps,
+            )
+            history.append(stats)
+            if test_accuracy > best_accuracy:
+                best_accuracy = test_accuracy
+                if distributed.is_main:
+                    save_checkpoint(best_weights, {
+                        "model": eval_model_state(eval_model), "accuracy": test_accuracy,
+                        "epoch": epoch + 1, "class_names": loaders.metadata.class_names,
+                        "mean": loaders.metadata.mean, "std": loaders.metadata.std, **record})
+            if distributed.is_main:
+                save_checkpoint(last_checkpoint, _checkpoint_state(
+                    model, optimizer, scheduler, scaler, ema, epoch + 1, steps, history, record,
+                    best_accuracy))
+            if distributed.is_main:
+                write_json(run_dir / "metrics.json",
+                           {"epochs": [asdict(row) for row in history],
+                            "warmup_seconds": warmup_seconds, "best_accuracy": best_accuracy})
+            callbacks.on_epoch(stats)
+            if config.stop_at_accuracy is not None and test_accuracy >= config.stop_at_accuracy:
+                reached = True
+                break
+
+    result = TrainResult(history, run_dir, best_weights if best_accuracy >= 0 else None,
+                         best_accuracy, warmup_seconds, lr_per_step, reached)
+    if config.make_plots and distributed.is_main:
+        from fastcifar.plots import plot_training_curves
+
+        plot_training_curves(history, lr_per_step, run_dir / "training_curves.png")
+    return result
+
+
+def eval_model_state(model: nn.Module) -> dict:
+    """A plain CustResNet state dict, unwrapping an EMA AveragedModel when needed."""
+    if isinstance(model, torch.optim.swa_utils.AveragedModel):
+        return model.module.state_dict()
+    return model.state_dict()
+
+
+def replace_config(config: TrainConfig, **changes: object) -> TrainConfig:
+    """`dataclasses.replace` that also accepts loader__X / augment__X keys for nested fields."""
+    nested: dict[str, dict[str, object]] = {}
+    flat = {}
+    for key, value in changes.items():
+        if "__" in key:
+            outer, inner = key.split("__", 1)
+            nested.setdefault(outer, {})[inner] = value
+        else:
+            flat[key] = value
+    for outer, inner_changes in nested.items():
+        flat[outer] = dataclasses.replace(getattr(config, outer), **inner_changes)
+    return dataclasses.replace(config, **flat)

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny synthetic CIFAR-like sources (ImageFolder PNGs, official pickle format)."""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastcifar.config import ConvertConfig
+from fastcifar.data.convert import convert
+
+TINY_CLASSES = ["apple", "berry", "cherry"]
+# Easy classes: a distinct base colour per class plus noise, so a model learns them in a few steps.
+CLASS_COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 220]], dtype=np.int16)
+
+
+def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 images: the class colour, a bright square at a class position, noise."""
+    rng = np.random.default_rng(seed)
+    images = CLASS_COLOURS[labels % len(CLASS_COLOURS)][:, None, None, :] + rng.integers(
+        -40, 40, size=(len(labels), 32, 32, 3))
+    for i, label in enumerate(labels):
+        top = 4 + 8 * (label % 3)
+        images[i, top:top + 8, top:top + 8] = 250
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def write_imagefolder(root: Path, per_class_train: int = 40, per_class_test: int = 20,
+                      classes: list[str] = TINY_CLASSES, seed: int = 0) -> Path:
+    """ROOT/train/<class>/NNNN.png and ROOT/test/<class>/NNNN.png; returns ROOT."""
+    for split, count in (("train", per_class_train), ("test", per_class_test)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            images = synthetic_images(np.full(count, label), seed + 7 * label + len(split))
+            for i, image in enumerate(images):
+                Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
+def write_official_archive(path: Path, per_batch: int = 20, seed: int = 0) -> tuple[dict, dict]:
+    """A tiny archive in the official cifar-10-python pickle layout; returns train/test arrays."""
+    rng = np.random.default_rng(seed)
+    names = [f"class{i}" for i in range(10)]
+    folder = path.parent / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, dict] = {"train": {"images": [], "labels": []},
+                               "test": {"images": [], "labels": []}}
+
+    def batch(name: str, split: str) -> None:
+        labels = rng.integers(0, 10, per_batch)
+        images = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
+        data = images.transpose(0, 3, 1, 2).reshape(per_batch, -1)
+        (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels.tolist()}))
+        arrays[split]["images"].append(images)
+        arrays[split]["labels"].append(labels)
+
+    for i in range(1, 6):
+        batch(f"data_batch_{i}", "train")
+    batch("test_batch", "test")
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in names]}))
+    with tarfile.open(path, "w:gz") as archive:
+        archive.add(folder, arcname="cifar-10-batches-py")
+    train = {k: np.concatenate(v) for k, v in arrays["train"].items()}
+    test = {k: np.concatenate(v) for k, v in arrays["test"].items()}
+    return train, test
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """A 3-class ImageFolder tree: 40 train and 20 test PNGs per class."""
+    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_imagefolder, tmp_path_factory) -> Path:
+    """The tiny ImageFolder converted to betons; returns the data folder (do not modify it)."""
+    out_dir = tmp_path_factory.mktemp("data")
+    convert(ConvertConfig(source=tiny_imagefolder, out_dir=out_dir))
+    return out_dir
+
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture
+def check_png():
+    """`check_png(path) -> (width, height)`: the figure is a complete, valid PNG and no
+    temporary file of the atomic write is left beside it."""
+    def check(path: Path) -> tuple[int, int]:
+        assert Path(path).is_file(), f"{path} was not written"
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            image.verify()  # reads every chunk and checks its CRC
+        assert not list(Path(path).parent.glob(".*.tmp")), "a temporary file was left behind"
+        with Image.open(path) as image:
+            return image.size
+
+    return check

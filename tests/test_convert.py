@@ -1,0 +1,177 @@
+"""convert: exact round-trip through the betons, metadata, freshness, and rejected input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REAL_DATA, TINY_CLASSES, write_imagefolder, write_official_archive
+from fastcifar.config import ConvertConfig
+from fastcifar.data.convert import METADATA, TEST_BETON, TRAIN_BETON, convert
+from fastcifar.data.sources import read_source
+from fastcifar.errors import FastCifarError
+
+
+def read_beton(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All records of a beton in file order, without augmentation."""
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    loader = Loader(str(path), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    images, labels = zip(*[(x.copy(), y.copy()) for x, y in loader], strict=True)
+    return np.concatenate(images), np.concatenate(labels).ravel()
+
+
+def test_convert_round_trip_official_archive_is_exact(tmp_path):
+    train, test = write_official_archive(tmp_path / "src" / "cifar-10-python-small.tar.gz")
+    result = convert(ConvertConfig(source=tmp_path / "src" / "cifar-10-python-small.tar.gz",
+                                   out_dir=tmp_path / "out"))
+    images, labels = read_beton(result.train_path)
+    np.testing.assert_array_equal(images, train["images"])
+    np.testing.assert_array_equal(labels, train["labels"])
+    images, labels = read_beton(result.test_path)
+    np.testing.assert_array_equal(images, test["images"])
+    np.testing.assert_array_equal(labels, test["labels"])
+    assert result.metadata["counts"] == {"train": 100, "test": 20}
+    assert result.metadata["source"]["kind"] == "official_archive"
+
+
+def test_convert_round_trip_imagefolder_is_exact(tiny_imagefolder, tmp_path):
+    result = convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
+    source = read_source(tiny_imagefolder)
+    images, labels = read_beton(result.train_path)
+    np.testing.assert_array_equal(images, source.train.images)
+    np.testing.assert_array_equal(labels, source.train.labels)
+    # every stored image is one of the PNGs of its class folder, pixel for pixel
+    first = Image.open(tiny_imagefolder / "train" / TINY_CLASSES[labels[0]] / "0000.png")
+    candidates = [np.asarray(Image.open(p)) for p in
+                  sorted((tiny_imagefolder / "train" / TINY_CLASSES[labels[0]]).glob("*.png"))]
+    assert any((images[0] == c).all() for c in candidates)
+    assert first.size == (32, 32)
+
+
+def test_convert_writes_metadata_with_counts_and_statistics(tiny_dataset):
+    metadata = json.loads((tiny_dataset / METADATA).read_text())
+    assert metadata["class_names"] == TINY_CLASSES
+    assert metadata["counts"] == {"train": 120, "test": 60}
+    assert metadata["counts_per_class"]["train"] == {name: 40 for name in TINY_CLASSES}
+    source = read_source(Path(metadata["source"]["path"]))
+    expected_mean = source.train.images.reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(metadata["mean"], expected_mean, rtol=1e-9)
+    np.testing.assert_allclose(metadata["std"], source.train.images.reshape(-1, 3).std(axis=0),
+                               rtol=1e-6)
+    assert {"ffcv", "numpy", "torch"} <= set(metadata["versions"])
+    assert len(metadata["source"]["sha256"]) == 64
+
+
+def test_imagefolder_subset_holds_every_class(tiny_imagefolder):
+    labels = read_source(tiny_imagefolder).train.labels
+    assert set(labels[:30]) == {0, 1, 2}
+
+
+def test_convert_skips_when_fresh_and_redoes_with_force(tiny_imagefolder, tmp_path):
+    first = convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
+    written = (tmp_path / TRAIN_BETON).stat().st_mtime_ns
+    second = convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
+    assert not first.skipped and second.skipped
+    assert (tmp_path / TRAIN_BETON).stat().st_mtime_ns == written
+    third = convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path, force=True))
+    assert not third.skipped
+    assert (tmp_path / TRAIN_BETON).stat().st_mtime_ns != written
+
+
+def test_convert_redoes_when_a_beton_is_truncated(tiny_imagefolder, tmp_path):
+    convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
+    beton = tmp_path / TEST_BETON
+    beton.write_bytes(beton.read_bytes()[:1000])
+    assert not convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path)).skipped
+
+
+def test_convert_rejects_truncated_archive(tmp_path):
+    archive = tmp_path / "cifar-small.tar.gz"
+    write_official_archive(archive)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(FastCifarError, match="corrupt or truncated archive"):
+        convert(ConvertConfig(source=archive, out_dir=tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("*.beton"))
+
+
+def test_convert_rejects_official_name_with_wrong_md5(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_official_archive(archive)
+    with pytest.raises(FastCifarError, match="md5"):
+        convert(ConvertConfig(source=archive, out_dir=tmp_path / "out"))
+
+
+def test_convert_rejects_wrong_image_size_naming_the_file(tmp_path):
+    root = write_imagefolder(tmp_path / "src", per_class_train=3, per_class_test=2)
+    bad = root / "train" / TINY_CLASSES[0] / "0001.png"
+    Image.new("RGB", (40, 40)).save(bad)
+    with pytest.raises(FastCifarError, match="0001.png is 40x40"):
+        convert(ConvertConfig(source=root, out_dir=tmp_path / "out"))
+    assert not (tmp_path / "out" / METADATA).exists()
+    fixed = convert(ConvertConfig(source=root, out_dir=tmp_path / "out", fix_images=True))
+    assert fixed.metadata["counts"]["train"] == 9
+
+
+def test_convert_rejects_grayscale_unless_asked(tmp_path):
+    root = write_imagefolder(tmp_path / "src", per_class_train=3, per_class_test=2)
+    Image.new("L", (32, 32), 128).save(root / "test" / TINY_CLASSES[1] / "0000.png")
+    with pytest.raises(FastCifarError, match="mode L"):
+        convert(ConvertConfig(source=root, out_dir=tmp_path / "out"))
+    result = convert(ConvertConfig(source=root, out_dir=tmp_path / "out", fix_images=True))
+    assert result.metadata["counts"]["test"] == 6
+
+
+def test_convert_rejects_non_image_file(tmp_path):
+    root = write_imagefolder(tmp_path / "src", per_class_train=3, per_class_test=2)
+    (root / "train" / TINY_CLASSES[2] / "0002.png").write_bytes(b"not an image")
+    with pytest.raises(FastCifarError, match="not a readable image"):
+        convert(ConvertConfig(source=root, out_dir=tmp_path / "out"))
+
+
+def test_convert_rejects_folder_without_splits_and_empty_class(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(FastCifarError, match="not a CIFAR-10 source"):
+        convert(ConvertConfig(source=tmp_path / "nothing", out_dir=tmp_path / "out"))
+    root = write_imagefolder(tmp_path / "src", per_class_train=2, per_class_test=2)
+    (root / "train" / "empty").mkdir()
+    with pytest.raises(FastCifarError, match="holds no images"):
+        convert(ConvertConfig(source=root, out_dir=tmp_path / "out"))
+
+
+def test_convert_offline_without_source_says_how_to_pass_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FastCifarError, match="--source"):
+        convert(ConvertConfig(out_dir=tmp_path / "out", download=False))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_convert_reports_unwritable_output(tiny_imagefolder, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(FastCifarError, match="cannot write"):
+        convert(ConvertConfig(source=tiny_imagefolder, out_dir=locked / "out"))
+
+
+def test_convert_reports_output_path_that_is_a_file(tiny_imagefolder, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(FastCifarError, match="cannot write"):
+        convert(ConvertConfig(source=tiny_imagefolder, out_dir=blocker / "out"))
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="real CIFAR-10 JPEG copy not present")
+def test_convert_real_jpeg_copy_has_all_records(tmp_path):
+    result = convert(ConvertConfig(source=REAL_DATA, out_dir=tmp_path))
+    assert result.metadata["counts"] == {"train": 50_000, "test": 10_000}
+    assert set(result.metadata["counts_per_class"]["train"].values()) == {5000}
+    assert set(result.metadata["counts_per_class"]["test"].values()) == {1000}
+    assert result.metadata["class_names"][:3] == ["airplane", "automobile", "bird"]

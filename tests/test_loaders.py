@@ -1,0 +1,87 @@
+"""Loaders: shapes, dtypes and layout, subsets, augmentation changes pixels not labels, checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.config import NO_AUGMENT, AugmentConfig, LoaderConfig
+from fastcifar.data.convert import METADATA, TRAIN_BETON
+from fastcifar.data.loaders import build_loaders, read_metadata
+from fastcifar.errors import FastCifarError
+from fastcifar.train import DeviceStep
+
+
+def test_train_and_test_batches_are_uint8_nchw_channels_last(tiny_dataset):
+    loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=32, workers=1),
+                            AugmentConfig(), seed=0)
+    images, labels = next(iter(loaders.train))
+    assert images.dtype == torch.uint8 and images.shape == (32, 3, 32, 32)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and labels.shape == (32,)
+    assert len(loaders.train) == 120 // 32  # drop_last
+    assert sum(len(y) for _, y in loaders.test) == 60  # every test image, in order
+
+
+def test_subsets_take_the_first_records(tiny_dataset):
+    loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=16, workers=1,
+                                         train_subset=48, test_subset=20), NO_AUGMENT, 0)
+    assert len(loaders.train) == 3
+    assert sum(len(y) for _, y in loaders.test) == 20
+
+
+def test_augmentation_changes_pixels_but_never_labels(tiny_dataset):
+    def epoch(augment):
+        loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=40, workers=1),
+                                augment, seed=3)
+        batches = [(x.clone(), y.clone()) for x, y in loaders.train]
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    plain_images, plain_labels = epoch(NO_AUGMENT)
+    augmented_images, augmented_labels = epoch(AugmentConfig(cutout_size=8))
+    # same seed -> same order, so labels line up one to one
+    assert torch.equal(plain_labels, augmented_labels)
+    assert not torch.equal(plain_images, augmented_images)
+
+
+def test_device_step_normalises_on_the_device():
+    images = torch.full((2, 3, 32, 32), 100, dtype=torch.uint8)
+    step = DeviceStep([100.0, 50.0, 0.0], [1.0, 10.0, 50.0], torch.device("cpu"), True)
+    floats, labels = step(images, torch.tensor([1, 2]))
+    assert floats.dtype == torch.float32
+    assert floats.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(floats[0, :, 0, 0].numpy(), [0.0, 5.0, 2.0], rtol=1e-6)
+    assert labels.tolist() == [1, 2]
+
+
+def test_missing_dataset_says_run_convert_first(tmp_path):
+    with pytest.raises(FastCifarError, match="run `fastcifar convert` first"):
+        read_metadata(tmp_path)
+
+
+def test_truncated_beton_is_rejected(tiny_dataset, tmp_path):
+    copy = shutil.copytree(tiny_dataset, tmp_path / "data")
+    beton = copy / TRAIN_BETON
+    beton.write_bytes(beton.read_bytes()[:-100])
+    with pytest.raises(FastCifarError, match="truncated"):
+        read_metadata(copy)
+
+
+def test_metadata_that_does_not_match_its_betons_is_rejected(tiny_dataset, tmp_path):
+    copy = shutil.copytree(tiny_dataset, tmp_path / "data")
+    metadata = json.loads((copy / METADATA).read_text())
+    metadata["counts"]["train"] = 999
+    (copy / METADATA).write_text(json.dumps(metadata))
+    with pytest.raises(FastCifarError, match="holds 120 records"):
+        read_metadata(copy)
+
+
+def test_subset_and_batch_size_larger_than_data_are_rejected(tiny_dataset):
+    with pytest.raises(FastCifarError, match="larger than the 120 train"):
+        build_loaders(LoaderConfig(data_dir=tiny_dataset, train_subset=500), NO_AUGMENT, 0)
+    with pytest.raises(FastCifarError, match="batch size 512"):
+        build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=512), NO_AUGMENT, 0)

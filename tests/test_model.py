@@ -1,0 +1,33 @@
+"""CustResNet: parameter count, shapes, receptive field."""
+
+import torch
+
+from fastcifar.model import CustResNet, count_parameters, receptive_field, receptive_field_table
+
+
+def test_custresnet_has_exactly_6_573_130_parameters():
+    assert count_parameters(CustResNet()) == 6_573_130
+
+
+def test_custresnet_maps_a_batch_to_ten_logits_in_channels_last():
+    model = CustResNet().to(memory_format=torch.channels_last).eval()
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert model(images).shape == (4, 10)
+
+
+def test_receptive_field_is_81_by_the_design_convention_and_88_exact():
+    model = CustResNet()
+    assert receptive_field(model) == 81
+    assert receptive_field(model, pools_widen=True) == 88
+    rows = receptive_field_table(model)
+    assert rows[0].name == "input" and rows[-1].name == "pool"
+    assert rows[-1].jump == 32  # four stride-2/4 poolings: 2 * 2 * 2 * 4
+
+
+def test_logit_scale_multiplies_the_logits():
+    torch.manual_seed(0)
+    plain = CustResNet().eval()
+    scaled = CustResNet(logit_scale=0.125).eval()
+    scaled.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(scaled(images), plain(images) * 0.125)

@@ -1,0 +1,176 @@
+"""The training loop on CPU: learning, checkpoints, resume, interrupt, precision and options."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from fastcifar.config import (
+    NO_AUGMENT,
+    AugmentConfig,
+    Device,
+    LoaderConfig,
+    Precision,
+    TrainConfig,
+    recipe,
+)
+from fastcifar.errors import FastCifarError
+from fastcifar.train import (
+    TrainCallbacks,
+    TrainingInterrupted,
+    load_checkpoint,
+    plan_precision,
+    select_device,
+    train,
+)
+
+
+def tiny_config(data_dir, tmp_path, **changes) -> TrainConfig:
+    base = recipe("fast", epochs=4, max_lr=0.05, tta=False, make_plots=False,
+                  loader=LoaderConfig(data_dir=data_dir, batch_size=24, workers=1),
+                  augment=AugmentConfig(cutout_size=4), precision=Precision.fp32,
+                  out_dir=tmp_path / "runs", weights_dir=tmp_path / "weights")
+    return dataclasses.replace(base, **changes)
+
+
+def test_short_cpu_run_lowers_loss_and_beats_chance(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=3, precision=Precision.bf16))
+    history = result.history
+    assert len(history) == 3
+    assert history[-1].train_loss < history[0].train_loss
+    assert history[-1].test_accuracy >= 0.8  # chance is 1/3
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3]
+    best = torch.load(result.best_weights, weights_only=False)
+    assert best["accuracy"] == max(row.test_accuracy for row in history)
+    assert best["config"]["recipe"] == "fast" and "versions" in best and "hardware" in best
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["precision"] == "bf16"
+
+
+def test_training_curves_are_plotted(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, make_plots=True))
+    assert (result.run_dir / "training_curves.png").stat().st_size > 10_000
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_dataset, tmp_path):
+    full = train(tiny_config(tiny_dataset, tmp_path / "a", epochs=3, ema_decay=0.9))
+    with pytest.raises(_Stop):  # a crash right after epoch 2's checkpoint
+        train(tiny_config(tiny_dataset, tmp_path / "b", epochs=3, ema_decay=0.9),
+              callbacks=_StopAfterEpoch(2))
+    (checkpoint,) = (tmp_path / "b" / "runs").glob("*/last.pt")
+    assert load_checkpoint(checkpoint)["epoch"] == 2
+    resumed = train(tiny_config(tiny_dataset, tmp_path / "b", epochs=3, ema_decay=0.9,
+                                resume=checkpoint))
+    strip = ("train_seconds", "eval_seconds", "images_per_second")
+    rows = [{k: v for k, v in dataclasses.asdict(r).items() if k not in strip}
+            for r in resumed.history]
+    expected = [{k: v for k, v in dataclasses.asdict(r).items() if k not in strip}
+                for r in full.history]
+    assert rows == expected  # bit-identical on the CPU
+
+
+class _StopAfterEpoch(TrainCallbacks):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch(self, stats) -> None:
+        if stats.epoch == self.epoch:
+            raise _Stop
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tiny_dataset, tmp_path):
+    full = train(tiny_config(tiny_dataset, tmp_path / "a", epochs=2))
+
+    class InterruptAtStep(TrainCallbacks):
+        def on_step(self, epoch, step, steps_per_epoch):
+            if epoch == 2 and step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        train(tiny_config(tiny_dataset, tmp_path / "b", epochs=2), callbacks=InterruptAtStep())
+    assert interrupted.value.exit_code == 130
+    assert "--resume" in str(interrupted.value)
+    state = load_checkpoint(interrupted.value.checkpoint)
+    assert state["epoch"] == 1 and state["partial"]["step"] == 2
+    resumed = train(tiny_config(tiny_dataset, tmp_path / "b", epochs=2,
+                                resume=interrupted.value.checkpoint))
+    assert [r.test_accuracy for r in resumed.history] == [r.test_accuracy for r in full.history]
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in full.history]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_dataset, tmp_path):
+    first = train(tiny_config(tiny_dataset, tmp_path, epochs=1))
+    with pytest.raises(FastCifarError, match="other settings.*max_lr"):
+        train(tiny_config(tiny_dataset, tmp_path, epochs=1, max_lr=0.2,
+                          resume=first.run_dir / "last.pt"))
+
+
+def test_resume_reports_a_corrupt_checkpoint(tiny_dataset, tmp_path):
+    broken = tmp_path / "last.pt"
+    broken.write_bytes(b"\x00garbage")
+    with pytest.raises(FastCifarError, match="corrupt or unreadable checkpoint"):
+        train(tiny_config(tiny_dataset, tmp_path, resume=broken))
+
+
+def test_diverging_run_stops_with_a_clear_message(tiny_dataset, tmp_path):
+    with pytest.raises(FastCifarError, match="non-finite loss"):
+        train(tiny_config(tiny_dataset, tmp_path, epochs=1, max_lr=1e12, logit_scale=1e6))
+
+
+def test_stop_at_accuracy_ends_the_run_early(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=6, stop_at_accuracy=0.5))
+    assert result.reached_target and len(result.history) < 6
+
+
+def test_precision_auto_is_bf16_on_cpu_and_fp16_is_refused():
+    cpu = torch.device("cpu")
+    assert plan_precision(Precision.auto, cpu).name == "bf16"
+    assert plan_precision(Precision.fp32, cpu).autocast_dtype is None
+    with pytest.raises(FastCifarError, match="fp16"):
+        plan_precision(Precision.fp16, cpu)
+
+
+def test_device_auto_falls_back_to_cpu_and_cuda_is_checked():
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    assert select_device(Device.auto).type in ("cpu", "mps")
+    with pytest.raises(FastCifarError, match="no CUDA device"):
+        select_device(Device.cuda)
+
+
+def test_nonsense_options_are_rejected():
+    with pytest.raises(FastCifarError, match="epochs must be positive"):
+        recipe("fast", epochs=-1)
+    with pytest.raises(FastCifarError, match="unknown recipe"):
+        recipe("slowest")
+    with pytest.raises(FastCifarError, match="batch size"):
+        LoaderConfig(batch_size=0)
+
+
+def test_compile_path_trains_on_cpu(tiny_dataset, tmp_path):
+    pytest.importorskip("torch._dynamo")
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, compile=True,
+                               augment=NO_AUGMENT))
+    assert len(result.history) == 1 and result.history[0].train_loss > 0
+
+
+def test_threaded_sigterm_exit_code_is_143(tiny_dataset, tmp_path):
+    class TermAtFirstStep(TrainCallbacks):
+        def on_step(self, epoch, step, steps_per_epoch):
+            if step == 1:
+                threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        train(tiny_config(tiny_dataset, tmp_path, epochs=1), callbacks=TermAtFirstStep())
+    assert interrupted.value.exit_code == 143
