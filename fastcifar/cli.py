@@ -354,7 +354,7 @@ def lr_find(
                   f"{found.precision} in {found.seconds:.0f} s{diverged}")
     console.print(f"suggested max LR {found.suggested_lr:.3g} (steepest descent); min-loss LR / "
                   f"10: {found.min_loss_lr_over_10:.3g}; plot {found.plot_path}, history "
-                  f"{found.history_path}")
+                  f"{found.history_path}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- summary
@@ -420,13 +420,14 @@ def evaluate(
     config = run_command(EvaluateConfig, weights=weights, loader=loader, tta=tta, out_dir=out,
                          device=device, precision=precision)
     report = run_command(evaluate_weights, config)
-    table = Table("class", "accuracy", title=f"{report.count:,} test images, "
-                  f"{'flip TTA' if report.tta else 'no TTA'}, {report.device} {report.precision}")
+    table = Table("class", "accuracy", title="per class")
     for name, accuracy in report.per_class_accuracy.items():
         table.add_row(name, f"{accuracy:.2%}")
     console.print(table)
-    console.print(f"test accuracy {report.accuracy:.2%} ({report.misclassified_total:,} wrong); "
-                  f"figures and JSON in {report.json_path.parent}")
+    console.print(f"test accuracy {report.accuracy:.2%} on {report.count:,} images "
+                  f"({'flip TTA' if report.tta else 'no TTA'}, {report.device} "
+                  f"{report.precision}; {report.misclassified_total:,} wrong); figures and JSON "
+                  f"in {report.json_path.parent}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- show-augment
@@ -450,7 +451,114 @@ def show_augment(
     augment = run_command(recipe, recipe_name.value).augment
     preview = run_command(write_grids, data, augment, count, seed, out)
     console.print(f"{preview.original_path} and {preview.augmented_path} ({recipe_name.value} "
-                  f"recipe's augmentation, seed {seed})")
+                  f"recipe's augmentation, seed {seed})", soft_wrap=True)
+
+
+@benchmark_app.command("time-to-accuracy")
+def benchmark_time_to_accuracy(
+    target: Annotated[list[float], typer.Option(help="Test accuracy to reach; repeat for "
+                      "several (e.g. --target 0.90 --target 0.94).")] = [0.90],  # noqa: B006
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Recipe to time.",
+                           rich_help_panel=OPTIMISATION)] = RecipeName.fast,
+    epochs: Annotated[int | None, typer.Option(help="Epoch budget the schedule is planned for.",
+                      rich_help_panel=OPTIMISATION)] = None,
+    runs: Annotated[int, typer.Option(help="Runs (seeds seed, seed+1, ...).")] = 1,
+    budgets: Annotated[list[int] | None, typer.Option("--budget", help="Shortest-budget mode: "
+                       "try these epoch budgets in order, stop at the first whose median final "
+                       "accuracy reaches the highest target.")] = None,
+    stop_at_target: Annotated[bool, typer.Option(help="End each run once the highest target "
+                              "is reached.")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.",
+                          rich_help_panel=OPTIMISATION)] = None,
+    max_lr: Annotated[float | None, typer.Option(help="Peak LR.",
+                      rich_help_panel=OPTIMISATION)] = None,
+    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
+                                       rich_help_panel=DATA)] = Path("datasets"),
+    train_subset: Annotated[int | None, typer.Option(help="Use the first N train images.",
+                            rich_help_panel=DATA)] = None,
+    test_subset: Annotated[int | None, typer.Option(help="Use the first N test images.",
+                           rich_help_panel=DATA)] = None,
+    data_variant: Annotated[str, typer.Option(help="How the results name the data.",
+                            rich_help_panel=DATA)] = "CIFAR-10 (JPEG-75 copy)",
+    device: Annotated[Device, typer.Option(rich_help_panel=SYSTEM)] = Device.auto,
+    precision: Annotated[Precision, typer.Option(rich_help_panel=SYSTEM)] = Precision.auto,
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile",
+                             rich_help_panel=SYSTEM)] = False,
+    workers: Annotated[int, typer.Option(rich_help_panel=SYSTEM)] = 0,
+    seed: Annotated[int, typer.Option(help="First seed.", rich_help_panel=SYSTEM)] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for the run folders.",
+                                      rich_help_panel=SYSTEM)] = Path("runs"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="Results file [benchmarks/"
+                         "results/time-to-accuracy-<recipe>-<device>.json].")] = None,
+) -> None:
+    """Wall time to reach target test accuracies (train / eval / warm-up split), per seed."""
+    from fastcifar.benchmark import benchmark_time_to_accuracy as run_benchmark
+    from fastcifar.config import TimeToAccuracyConfig
+
+    train_config = run_command(
+        build_train_config, recipe_name, epochs, batch_size, None, max_lr, None, None, None,
+        None, device, precision, True, compile_model, seed, data, out, out / "weights", workers,
+        train_subset, test_subset, True, None, None, None, None, None, False)
+    device_name = "cuda" if device == Device.auto and _cuda_available() else device.value
+    json_path = json_path or Path(f"benchmarks/results/time-to-accuracy-{recipe_name.value}-"
+                                  f"{device_name}.json")
+    config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
+                         runs=runs, first_seed=seed, stop_at_target=stop_at_target,
+                         budgets=tuple(budgets or ()), json_path=json_path,
+                         command="fastcifar " + " ".join(sys.argv[1:]), data_variant=data_variant)
+    report = run_command(run_benchmark, config, TableCallbacks())
+    for budget, summary in report["median"].items():
+        console.print(f"{budget} epochs: median " + ", ".join(
+            f"{key}: {value}" for key, value in summary.items()))
+    console.print(f"results: {json_path}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@benchmark_app.command("loader")
+def benchmark_loader(
+    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
+                                       rich_help_panel=DATA)] = Path("datasets"),
+    workers: Annotated[int, typer.Option(help="Loader threads (FFCV) and worker processes "
+                       "(torch DataLoader), 0 = one per core.", rich_help_panel=SYSTEM)] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.",
+                                            rich_help_panel=DATA)] = 512,
+    passes: Annotated[int, typer.Option(help="Timed passes over the train set (after one "
+                      "warm-up pass).", rich_help_panel=SYSTEM)] = 3,
+    torchvision_batches: Annotated[int | None, typer.Option(help="Time the torchvision "
+                                   "baseline over this many batches per pass instead of "
+                                   "whole passes.", rich_help_panel=SYSTEM)] = None,
+    jit_startup: Annotated[bool, typer.Option(help="Also time the fastcifar loader's first "
+                           "batch in fresh processes, with a cold and a warm numba cache.",
+                           rich_help_panel=SYSTEM)] = True,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Results file (default "
+                         "benchmarks/results/loader-<date>.json); a .md table goes beside it.")
+                         ] = None,
+) -> None:
+    """Train-set images/s: fastcifar's fused loader vs FFCV's built-in ops vs a torchvision DataLoader."""
+    import time
+
+    from fastcifar.benchmark import benchmark_loader as run_benchmark
+    from fastcifar.config import LoaderBenchmarkConfig
+
+    json_path = json_path or Path(f"benchmarks/results/loader-{time.strftime('%Y-%m-%d')}.json")
+    config = run_command(LoaderBenchmarkConfig, data_dir=data, workers=workers,
+                         batch_size=batch_size, passes=passes,
+                         torchvision_batches=torchvision_batches, jit_startup=jit_startup,
+                         json_path=json_path, command="fastcifar " + " ".join(sys.argv[1:]))
+
+    def progress(stage: str, done: int, total: int) -> None:
+        console.print(f"  {stage}: batch {done}/{total}   ", end="\r")
+
+    report = run_command(run_benchmark, config, progress)
+    for row in report["results"]:
+        console.print(f"{row['name']:<24} {row['images_per_s']:>10,.0f} images/s  first batch "
+                      f"{row['first_batch_seconds']:.1f} s")
+    console.print(f"results: {json_path} and {json_path.with_suffix('.md')}")
 
 
 def entry() -> None:

@@ -132,6 +132,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # per-step EMA of the weights; 0: off
     tta: bool = False  # evaluate on the image and its mirror
     bn_momentum: float = 0.1  # torch's BatchNorm running-stat momentum
+    whiten_init: bool = False  # prep conv starts as a whitening of 3x3 train patches
+    zero_init_residual: bool = False  # residual branches start at zero (blocks = identity)
     dropout: float = 0.0
     device: Device = Device.auto
     precision: Precision = Precision.auto
@@ -249,3 +251,47 @@ class EvaluateConfig:
         weights = Path(self.weights)
         return Path(self.out_dir) if self.out_dir is not None else (
             weights.parent / f"{weights.stem}-eval")
+
+
+@dataclass(frozen=True)
+class TimeToAccuracyConfig:
+    """Settings of `fastcifar benchmark time-to-accuracy`."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    targets: tuple[float, ...] = (0.90,)
+    runs: int = 1  # seeds first_seed .. first_seed + runs - 1
+    first_seed: int = 0
+    stop_at_target: bool = False  # stop each run once the highest target is reached
+    budgets: tuple[int, ...] = ()  # shortest-budget mode: try these --epochs in order
+    json_path: Path | None = None
+    command: str = ""
+    data_variant: str = "CIFAR-10 (JPEG-75 copy)"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.targets) and all(0 < t <= 1 for t in self.targets),
+                 "targets must be accuracies in (0, 1]")
+        _require(self.runs >= 1, f"runs must be >= 1, got {self.runs}")
+        _require(all(b > 0 for b in self.budgets), "budgets must be positive epoch counts")
+
+
+@dataclass(frozen=True)
+class LoaderBenchmarkConfig:
+    """Settings of `fastcifar benchmark loader`: train-set throughput of three pipelines."""
+
+    data_dir: Path = Path("datasets")
+    workers: int = 0  # loader threads (FFCV) / worker processes (torch); 0: one per CPU core
+    batch_size: int = 512
+    passes: int = 3  # timed whole passes over the train set, after one warm-up pass
+    torchvision_batches: int | None = None  # time torchvision over this many batches per pass
+    augment: AugmentConfig = field(default_factory=lambda: SEED.augment)  # the same for all
+    seed: int = 0
+    jit_startup: bool = True  # also time the first batch in fresh processes, cold/warm JIT cache
+    json_path: Path | None = None  # None: return the report without writing it
+    command: str = ""  # the command line, recorded in the report
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
+        _require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        _require(self.passes >= 1, f"passes must be >= 1, got {self.passes}")
+        _require(self.torchvision_batches is None or self.torchvision_batches > 0,
+                 f"torchvision batches must be positive, got {self.torchvision_batches}")

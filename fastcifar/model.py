@@ -68,6 +68,36 @@ class CustResNet(nn.Module):
         return self.fc(x) * self.logit_scale
 
 
+@torch.no_grad()
+def whitening_init_(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> int:
+    """Set the first filters of a 3x3 conv to the whitening basis of the images' 3x3 patches.
+
+    The eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives
+    (so the ReLU keeps both signs) give the conv decorrelated inputs from the first step; the
+    parameter count is unchanged. Returns how many filters were set.
+    """
+    patches = nn.functional.unfold(images.float(), kernel_size=conv.kernel_size)  # (N, C*k*k, L)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    patches = patches - patches.mean(dim=0)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+    filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps)).T.flip(0).float()
+    filters = filters.reshape(-1, *conv.weight.shape[1:])
+    count = min(conv.out_channels // 2, len(filters))
+    weight = conv.weight.data
+    weight[:count] = filters[:count].to(weight)
+    weight[count:2 * count] = -filters[:count].to(weight)
+    return 2 * count
+
+
+def zero_init_residuals_(model: CustResNet) -> None:
+    """Zero the last BN scale of each residual branch: every block starts as the identity."""
+    for block in (model.layer1, model.layer3):
+        if block.residual is not None:
+            batch_norm = [m for m in block.residual.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+            nn.init.zeros_(batch_norm.weight)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

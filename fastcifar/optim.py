@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastcifar.config import OptimizerName, TrainConfig
+from fastcifar.errors import FastCifarError
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm: bool) -> list[dict]:
@@ -32,6 +33,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     """Two-phase linear OneCycle stepped per batch: initial -> max at pct_start -> min at the end."""
     initial_lr = config.max_lr * config.initial_lr_fraction
     total_steps = config.epochs * steps_per_epoch
+    if total_steps < 4:
+        raise FastCifarError(f"only {total_steps} training steps: OneCycle needs at least 4 "
+                             "(more epochs, more data or a smaller --batch-size)")
     # torch needs at least two warm-up steps; only tiny smoke runs ever hit this floor.
     pct_start = min(max(config.pct_start, 2.0 / total_steps), 0.5)
     return torch.optim.lr_scheduler.OneCycleLR(

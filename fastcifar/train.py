@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -25,7 +26,7 @@ from fastcifar.atomic import atomic_path, write_json
 from fastcifar.config import Device, Precision, TrainConfig
 from fastcifar.data.loaders import Loaders, build_loaders
 from fastcifar.errors import FastCifarError
-from fastcifar.model import CustResNet
+from fastcifar.model import CustResNet, whitening_init_, zero_init_residuals_
 from fastcifar.optim import make_optimizer, make_scheduler
 
 # ---------------------------------------------------------------- device and precision
@@ -130,6 +131,7 @@ class TrainResult:
     warmup_seconds: float  # one-off: loader JIT, torch.compile, cudnn autotune
     lr_per_step: list[float] = field(default_factory=list)
     reached_target: bool = False
+    final_model: nn.Module | None = None  # the evaluated model (EMA when kept) after the run
 
 
 class TrainCallbacks:
@@ -168,7 +170,8 @@ def seed_everything(seed: int) -> None:
 
 def run_record(config: TrainConfig, device: torch.device, precision: str) -> dict:
     """Config, versions, hardware and git commit: stored with every run and checkpoint."""
-    import ffcv
+    import importlib.metadata
+
     import numba
 
     try:
@@ -178,7 +181,7 @@ def run_record(config: TrainConfig, device: torch.device, precision: str) -> dic
         commit = ""
     return {
         "config": config_to_dict(config),
-        "versions": {"torch": torch.__version__, "ffcv": getattr(ffcv, "__version__", "?"),
+        "versions": {"torch": torch.__version__, "ffcv": importlib.metadata.version("ffcv"),
                      "numba": numba.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "hardware": machine_description(device),
@@ -226,12 +229,17 @@ def config_to_dict(config: TrainConfig) -> dict:
 # ---------------------------------------------------------------- model, step, evaluation
 
 
-def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
-    """CustResNet on the device, channels-last when asked, BN momentum set."""
+def build_model(config: TrainConfig, device: torch.device,
+                whitening_images: torch.Tensor | None = None) -> nn.Module:
+    """CustResNet on the device, channels-last when asked, BN momentum and initialisation set."""
     model = CustResNet(dropout=config.dropout, logit_scale=config.logit_scale)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = config.bn_momentum
+    if config.whiten_init and whitening_images is not None:
+        whitening_init_(model.prep.layers[0], whitening_images)
+    if config.zero_init_residual:
+        zero_init_residuals_(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     return model.to(device=device, memory_format=memory_format)
 
@@ -376,6 +384,31 @@ def _init_distributed(config: TrainConfig, device: torch.device) -> _Distributed
     return _Distributed(dist.get_rank(), dist.get_world_size())
 
 
+def _ranks_agree(model: nn.Module, distributed: _Distributed) -> bool:
+    """Whether every rank holds the same weights (a float64 fingerprint, all-gathered)."""
+    if distributed.world_size == 1:
+        return True
+    import torch.distributed as dist
+
+    parameters = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    weights = torch.arange(1, len(parameters) + 1, dtype=torch.float64, device=parameters.device)
+    fingerprint = torch.stack([parameters.sum(), (parameters * weights).sum()])
+    gathered = [torch.zeros_like(fingerprint) for _ in range(distributed.world_size)]
+    dist.all_gather(gathered, fingerprint)
+    return all(torch.allclose(g, gathered[0], rtol=1e-9, atol=0) for g in gathered)
+
+
+def _share_run_dir(run_dir: Path, distributed: _Distributed) -> Path:
+    """Rank 0 names the run folder; the other ranks learn it."""
+    if distributed.world_size == 1:
+        return run_dir
+    import torch.distributed as dist
+
+    holder = [str(run_dir)]
+    dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
 def _all_reduce_sum(values: torch.Tensor, distributed: _Distributed) -> torch.Tensor:
     if distributed.world_size > 1:
         import torch.distributed as dist
@@ -387,22 +420,42 @@ def _all_reduce_sum(values: torch.Tensor, distributed: _Distributed) -> torch.Te
 # ---------------------------------------------------------------- the loop
 
 
-def _warm_up(model: nn.Module, config: TrainConfig, device: torch.device, plan: PrecisionPlan,
-             device_step: DeviceStep, sample: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """A few steps on a throwaway copy: torch.compile and cudnn autotune happen off the clock."""
+def _warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
+             device: torch.device, plan: PrecisionPlan, device_step: DeviceStep,
+             sample: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Forward/backward and an eval pass on the real model, then restore its state.
+
+    torch.compile and cudnn autotuning happen here, off the clock; the weights and BN
+    statistics are put back, so the run is the same as without the warm-up.
+    """
     if device.type != "cuda" and not config.compile:
         return
-    shadow = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(shadow.parameters(), lr=0.0)
+    snapshot = copy.deepcopy(model.state_dict())
     images, labels = device_step(*sample)
-    for _ in range(3):
-        optimizer.zero_grad(set_to_none=True)
+    trained_model.train()
+    for _ in range(2):
         with autocast(device, plan):
-            loss = functional.cross_entropy(shadow(images), labels)
+            loss = functional.cross_entropy(trained_model(images), labels)
         loss.backward()
-        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    trained_model.eval()
+    with torch.no_grad(), autocast(device, plan):
+        predict_logits(trained_model, images, config.tta)
+    model.load_state_dict(snapshot)
+    trained_model.train()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _first_train_images(loaders: Loaders, config: TrainConfig, device_step: DeviceStep,
+                        count: int = 5120) -> torch.Tensor:
+    """The first `count` train images, unaugmented and normalised (for the whitening init)."""
+    from fastcifar.data.loaders import make_loader, test_pipeline
+
+    count = min(count, loaders.train_count)
+    loader = make_loader(loaders.metadata.train_path, test_pipeline(), config.loader, False,
+                         np.arange(count), config.seed)
+    return torch.cat([device_step(images, labels)[0].float().cpu() for images, labels in loader])
 
 
 def _make_run_dir(config: TrainConfig) -> Path:
@@ -439,7 +492,11 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     steps_per_epoch = len(loaders.train)
     if steps_per_epoch == 0:
         raise FastCifarError("the train loader yields no full batch: lower --batch-size")
-    model = build_model(config, device)
+    device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
+                             config.channels_last)
+    whitening_images = (_first_train_images(loaders, config, device_step)
+                        if config.whiten_init else None)
+    model = build_model(config, device, whitening_images)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.use_grad_scaler)
@@ -447,8 +504,6 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
         use_buffers=True) if config.ema_decay > 0 else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
-                             config.channels_last)
     record = run_record(config, device, plan.name)
 
     history: list[EpochStats] = []
@@ -470,7 +525,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         # FFCV draws epoch e's order from seed + e: continue the same sequence of orders.
         loaders.train.next_epoch = start_epoch
     else:
-        run_dir = _make_run_dir(config) if distributed.is_main else Path(config.out_dir)
+        run_dir = _share_run_dir(
+            _make_run_dir(config) if distributed.is_main else Path(config.out_dir), distributed)
 
     trained_model: nn.Module = model
     if config.compile:
@@ -478,7 +534,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     if distributed.world_size > 1:
         trained_model = nn.parallel.DistributedDataParallel(
             trained_model, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_model = ema if ema is not None else model
+    # Evaluate the EMA weights when kept, else the (compiled) training model.
+    eval_model = ema if ema is not None else trained_model
 
     if distributed.is_main:
         write_json(run_dir / "run.json", record)
@@ -510,7 +567,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                     # The first batch compiles the loader pipeline: a one-off, off the clock.
                     fetch_started = time.perf_counter()
                     images, labels = next(batches)
-                    _warm_up(model, config, device, plan, device_step, (images, labels))
+                    _warm_up(model, trained_model, config, device, plan, device_step,
+                             (images, labels))
                     warmup_seconds += time.perf_counter() - fetch_started
                     epoch_started = time.perf_counter()
                 else:
@@ -575,7 +633,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 best_accuracy = test_accuracy
                 if distributed.is_main:
                     save_checkpoint(best_weights, {
-                        "model": eval_model_state(eval_model), "accuracy": test_accuracy,
+                        "model": (ema.module if ema is not None else model).state_dict(), "accuracy": test_accuracy,
                         "epoch": epoch + 1, "class_names": loaders.metadata.class_names,
                         "mean": loaders.metadata.mean, "std": loaders.metadata.std, **record})
             if distributed.is_main:
@@ -591,20 +649,20 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 reached = True
                 break
 
+    if distributed.world_size > 1:
+        agree = _ranks_agree(model, distributed)
+        if distributed.is_main:
+            metrics_path = run_dir / "metrics.json"
+            write_json(metrics_path, {**json.loads(metrics_path.read_text()),
+                                      "world_size": distributed.world_size,
+                                      "ranks_agree": agree})
     result = TrainResult(history, run_dir, best_weights if best_accuracy >= 0 else None,
-                         best_accuracy, warmup_seconds, lr_per_step, reached)
+                         best_accuracy, warmup_seconds, lr_per_step, reached, eval_model)
     if config.make_plots and distributed.is_main:
         from fastcifar.plots import plot_training_curves
 
         plot_training_curves(history, lr_per_step, run_dir / "training_curves.png")
     return result
-
-
-def eval_model_state(model: nn.Module) -> dict:
-    """A plain CustResNet state dict, unwrapping an EMA AveragedModel when needed."""
-    if isinstance(model, torch.optim.swa_utils.AveragedModel):
-        return model.module.state_dict()
-    return model.state_dict()
 
 
 def replace_config(config: TrainConfig, **changes: object) -> TrainConfig:

@@ -174,3 +174,19 @@ def test_threaded_sigterm_exit_code_is_143(tiny_dataset, tmp_path):
     with pytest.raises(TrainingInterrupted) as interrupted:
         train(tiny_config(tiny_dataset, tmp_path, epochs=1), callbacks=TermAtFirstStep())
     assert interrupted.value.exit_code == 143
+
+
+def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
+    from fastcifar.train import DeviceStep, _warm_up, build_model
+
+    config = tiny_config(tmp_path, tmp_path, compile=True)  # compile: the warm-up runs on CPU
+    model = build_model(config, torch.device("cpu"))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = DeviceStep([120.0] * 3, [60.0] * 3, torch.device("cpu"), True)
+    sample = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3)
+    _warm_up(model, model, config, torch.device("cpu"), plan_precision(Precision.fp32,
+             torch.device("cpu")), step, sample)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

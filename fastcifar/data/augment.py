@@ -120,7 +120,10 @@ def _rotate_hue(red: float, green: float, blue: float, shift: float):
 def apply_augmentation(images: np.ndarray, out: np.ndarray, geometry: np.ndarray,
                        colour: np.ndarray, pad: int, reflect: bool, cutout_size: int,
                        cutout_count: int, fill: np.ndarray) -> np.ndarray:
-    """Augment (N, H, W, 3) uint8 `images` into `out` with the drawn per-image parameters."""
+    """Augment (N, H, W, 3) uint8 `images` into `out` with the drawn per-image parameters.
+
+    `fill` is the read-only uint8 RGB of `fill_colour` (see `_read_only_fill` for why).
+    """
     count, height, width = images.shape[0], images.shape[1], images.shape[2]
     for i in prange(count):
         offset_y, offset_x = geometry[i, 0], geometry[i, 1]
@@ -182,7 +185,21 @@ def apply_augmentation(images: np.ndarray, out: np.ndarray, geometry: np.ndarray
 
 def fill_colour(mean: list[float]) -> np.ndarray:
     """The constant fill (padding, cutout): the train mean as uint8 RGB, i.e. zero after normalising."""
-    return np.array([int(round(value)) for value in mean], dtype=np.uint8)
+    return _read_only_fill([int(round(value)) for value in mean])
+
+
+def _read_only_fill(fill: np.ndarray | list[int]) -> np.ndarray:
+    """A read-only uint8[3] copy of `fill`, the only form the kernel should be called with.
+
+    Why: FFCV 1.0.2's memory managers do `nb.uint8[::1].mutable = False` when a Loader is
+    built, mutating numba's shared type for writable 1-D uint8 arrays in place. Any dispatcher
+    compiled with such an argument earlier gets a corrupt signature table (KeyError on the next
+    compile), which kills FFCV's loader thread and hangs the consumer. A read-only array has
+    its own numba type, which FFCV never touches.
+    """
+    fill = np.array(fill, dtype=np.uint8).reshape(3)
+    fill.setflags(write=False)
+    return fill
 
 
 def augment_batch(images: np.ndarray, indices: np.ndarray, config: AugmentConfig, seed: int,
@@ -193,7 +210,7 @@ def augment_batch(images: np.ndarray, indices: np.ndarray, config: AugmentConfig
     out = np.empty_like(images)
     return apply_augmentation(images, out, geometry, colour, config.pad,
                               config.pad_mode == PadMode.reflect, config.cutout_size,
-                              config.cutout_count, fill)
+                              config.cutout_count, _read_only_fill(fill))
 
 
 def _draw_arguments(config: AugmentConfig) -> tuple:
@@ -215,7 +232,7 @@ def make_fused_augment(config: AugmentConfig, seed: int, fill: np.ndarray):
             draw_args = _draw_arguments(config)
             pad, reflect = config.pad, config.pad_mode == PadMode.reflect
             size, holes = config.cutout_size, config.cutout_count
-            fill_rgb = fill.copy()
+            fill_rgb = _read_only_fill(fill)
 
             def fused_augment(images, out, indices):
                 geometry, colour = draw_parameters(seed, indices, *draw_args)

@@ -89,10 +89,11 @@ def _counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
 
 
 def _versions() -> dict[str, str]:
-    import ffcv
+    import importlib.metadata
+
     import torch
 
-    return {"ffcv": getattr(ffcv, "__version__", "unknown"), "numpy": np.__version__,
+    return {"ffcv": importlib.metadata.version("ffcv"), "numpy": np.__version__,
             "torch": torch.__version__}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,5 +188,7 @@ def build_loaders(config: LoaderConfig, augment: AugmentConfig | None, seed: int
                              "train images: no full batch to train on")
     train = make_loader(metadata.train_path, train_pipeline(augment, seed, metadata.mean),
                         config, True, train_subset, seed)
-    test = make_loader(metadata.test_path, test_pipeline(), config, False, test_subset, seed)
+    # Every rank evaluates the whole test set: metrics need no gathering and stay exact.
+    test = make_loader(metadata.test_path, test_pipeline(), replace(config, distributed=False),
+                       False, test_subset, seed)
     return Loaders(train, test, metadata, train_count, test_count)

@@ -1,0 +1,190 @@
+"""Score saved best weights on the test set: accuracy, per-class accuracy, confusion matrix and
+the misclassified images, written as figures and a JSON (the library side of `fastcifar evaluate`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastcifar.atomic import write_json
+from fastcifar.config import EvaluateConfig
+from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+from fastcifar.errors import FastCifarError
+from fastcifar.model import CustResNet
+from fastcifar.train import (
+    DeviceStep,
+    PrecisionPlan,
+    autocast,
+    load_checkpoint,
+    plan_precision,
+    predict_logits,
+    select_device,
+)
+
+_WEIGHTS_KEYS = ("model", "class_names", "mean", "std")
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Test-set figures for one weights file and where its outputs were written."""
+
+    weights: Path
+    accuracy: float
+    per_class_accuracy: dict[str, float]
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+    class_names: list[str]
+    count: int  # test images scored
+    tta: bool
+    trained_accuracy: float | None  # what training recorded for these weights
+    epoch: int | None
+    misclassified: list[dict]  # the shown ones: test index, true and predicted class
+    misclassified_total: int
+    confusion_plot: Path
+    misclassified_plot: Path
+    json_path: Path
+    device: str
+    precision: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TestPredictions:
+    """Predicted and true labels of the test set, in loader order, with the images shown."""
+
+    predictions: np.ndarray  # int64 (N,)
+    labels: np.ndarray  # int64 (N,)
+    images: np.ndarray  # uint8 (N, 32, 32, 3)
+
+
+def load_weights(path: Path) -> dict:
+    """A best-weights file from training, checked for the keys evaluation needs."""
+    checkpoint = load_checkpoint(Path(path))
+    if not isinstance(checkpoint, dict):
+        checkpoint = {}
+    missing = [key for key in _WEIGHTS_KEYS if key not in checkpoint]
+    if missing:
+        raise FastCifarError(f"{path} is not a fastcifar weights file (missing "
+                             f"{', '.join(missing)}); pass a *-best.pt file from `fastcifar train`")
+    return checkpoint
+
+
+def model_from_weights(checkpoint: dict, device: torch.device, channels_last: bool) -> nn.Module:
+    """CustResNet with the saved weights and logit scale, in eval mode on `device`."""
+    logit_scale = float((checkpoint.get("config") or {}).get("logit_scale", 1.0))
+    model = CustResNet(num_classes=len(checkpoint["class_names"]), logit_scale=logit_scale)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0]
+        raise FastCifarError(f"the saved weights do not fit CustResNet: {first_line}") from error
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device=device, memory_format=memory_format).eval()
+
+
+@torch.no_grad()
+def predict_test_set(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionPlan,
+                     tta: bool) -> TestPredictions:
+    """Predictions over the whole loader; images are copied to the host for the figures."""
+    model.eval()
+    predictions, labels, images = [], [], []
+    for batch_images, batch_labels in loader:
+        # FFCV reuses its batch buffers: copy the host images before the next batch arrives.
+        images.append(batch_images.permute(0, 2, 3, 1).numpy().copy())
+        labels.append(batch_labels.numpy().copy())
+        device_images, _ = device_step(batch_images, batch_labels)
+        with autocast(device_step.device, plan):
+            predictions.append(predict_logits(model, device_images, tta).argmax(1))
+    if not predictions:
+        raise FastCifarError("the test loader yielded no images")
+    # One host-device sync for the whole pass.
+    return TestPredictions(torch.cat(predictions).cpu().numpy().astype(np.int64),
+                           np.concatenate(labels).astype(np.int64), np.concatenate(images))
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_count: int) -> np.ndarray:
+    """Counts of (true, predicted) pairs: rows are true classes, columns predicted ones."""
+    pairs = np.asarray(labels, dtype=np.int64) * class_count + np.asarray(predictions, np.int64)
+    return np.bincount(pairs, minlength=class_count * class_count).reshape(class_count,
+                                                                           class_count)
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+    """Fraction of each true class predicted correctly (0 for a class with no images)."""
+    return np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
+
+
+def select_misclassified(predictions: np.ndarray, labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of the first `limit` images whose prediction differs from the label."""
+    wrong = np.flatnonzero(np.asarray(predictions) != np.asarray(labels))
+    return wrong[:max(limit, 0)]
+
+
+def _test_subset(count: int | None, available: int) -> np.ndarray | None:
+    if count is None:
+        return None
+    if count > available:
+        raise FastCifarError(f"--test-subset {count} is larger than the {available} test records")
+    return np.arange(count)
+
+
+def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
+    """Score the weights on the test set; write confusion/misclassified PNGs and a JSON."""
+    from fastcifar.plots import plot_confusion_matrix, plot_image_grid
+
+    started = time.perf_counter()
+    checkpoint = load_weights(config.weights)
+    class_names = list(checkpoint["class_names"])
+    metadata = read_metadata(config.loader.data_dir)
+    if metadata.class_names != class_names:
+        raise FastCifarError(f"the weights were trained on classes {class_names}, but "
+                             f"{config.loader.data_dir} holds {metadata.class_names}")
+    device = select_device(config.device)
+    plan = plan_precision(config.precision, device)
+    model = model_from_weights(checkpoint, device, config.channels_last)
+    # The normalisation the weights were trained with, as saved beside them.
+    device_step = DeviceStep(checkpoint["mean"], checkpoint["std"], device, config.channels_last)
+    loader = make_loader(metadata.test_path, test_pipeline(), config.loader, train=False,
+                         subset=_test_subset(config.loader.test_subset, metadata.test_count),
+                         seed=0)
+    result = predict_test_set(model, loader, device_step, plan, config.tta)
+
+    matrix = confusion_matrix(result.labels, result.predictions, len(class_names))
+    accuracy = float(np.trace(matrix) / matrix.sum())
+    wrong = select_misclassified(result.predictions, result.labels, config.misclassified_count)
+    misclassified = [{"index": int(i), "true": class_names[result.labels[i]],
+                      "predicted": class_names[result.predictions[i]]} for i in wrong]
+    misclassified_total = int((result.predictions != result.labels).sum())
+
+    out_dir = config.output_dir
+    tta_note = " with flip TTA" if config.tta else ""
+    confusion_plot = plot_confusion_matrix(
+        matrix, class_names, out_dir / "confusion_matrix.png",
+        title=f"test accuracy {accuracy:.2%}{tta_note} ({len(result.labels):,} images)")
+    misclassified_plot = plot_image_grid(
+        result.images[wrong], [f"pred: {row['predicted']}\ntrue: {row['true']}"
+                               for row in misclassified],
+        out_dir / "misclassified.png", columns=5,
+        title=f"misclassified test images: {len(wrong)} of {misclassified_total}")
+    report = EvaluationReport(
+        weights=Path(config.weights), accuracy=accuracy,
+        per_class_accuracy=dict(zip(class_names, map(float, per_class_accuracy(matrix)),
+                                    strict=True)),
+        confusion_matrix=matrix.tolist(), class_names=class_names, count=len(result.labels),
+        tta=config.tta, trained_accuracy=checkpoint.get("accuracy"),
+        epoch=checkpoint.get("epoch"), misclassified=misclassified,
+        misclassified_total=misclassified_total, confusion_plot=confusion_plot,
+        misclassified_plot=misclassified_plot, json_path=out_dir / "evaluation.json",
+        device=str(device), precision=plan.name, seconds=time.perf_counter() - started)
+    write_json(report.json_path, _report_to_dict(report))
+    return report
+
+
+def _report_to_dict(report: EvaluationReport) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value
+            for key, value in asdict(report).items()}

@@ -1,0 +1,56 @@
+"""Sample grids for eyeballing the data path: the first train images as stored, and the same
+images after the fused train augmentation (the library side of `fastcifar show-augment`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastcifar.config import AugmentConfig, LoaderConfig
+from fastcifar.data.augment import augment_batch, fill_colour
+from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+from fastcifar.errors import FastCifarError
+
+
+@dataclass(frozen=True)
+class AugmentPreview:
+    """The two grids `show_augment` wrote and the images in them."""
+
+    original_path: Path
+    augmented_path: Path
+    images: np.ndarray  # uint8 (N, 32, 32, 3), as stored
+    augmented: np.ndarray  # the same images through the train augmentation
+    class_names: list[str]  # one per image
+
+
+def read_train_samples(data_dir: Path, count: int) -> tuple[np.ndarray, list[str]]:
+    """The first `count` train images as stored (NHWC uint8) and their class names."""
+    metadata = read_metadata(data_dir)
+    if not 0 < count <= metadata.train_count:
+        raise FastCifarError(f"--count must be in 1..{metadata.train_count}, got {count}")
+    loader = make_loader(metadata.train_path, test_pipeline(),
+                         LoaderConfig(data_dir=data_dir, batch_size=count, workers=1),
+                         train=False, subset=np.arange(count), seed=0)
+    images, labels = next(iter(loader))
+    # Copy out of FFCV's reused batch buffer, NCHW view -> NHWC.
+    return (images.permute(0, 2, 3, 1).numpy().copy(),
+            [metadata.class_names[label] for label in labels.tolist()])
+
+
+def show_augment(data_dir: Path, augment: AugmentConfig, count: int, seed: int,
+                 out_dir: Path) -> AugmentPreview:
+    """Write samples.png (first train images) and augmented.png (the same, augmented)."""
+    from fastcifar.plots import plot_image_grid
+
+    images, class_names = read_train_samples(data_dir, count)
+    mean = read_metadata(data_dir).mean
+    # The draws of the loader for a batch of these sample indices with this seed.
+    augmented = augment_batch(images, np.arange(count), augment, seed, fill_colour(mean))
+    original_path = plot_image_grid(images, class_names, Path(out_dir) / "samples.png",
+                                     title=f"first {count} train images")
+    augmented_path = plot_image_grid(augmented, class_names, Path(out_dir) / "augmented.png",
+                                     title=f"the same images augmented (seed {seed})")
+    return AugmentPreview(original_path, augmented_path, images, augmented, class_names)

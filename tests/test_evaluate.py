@@ -1,0 +1,148 @@
+"""Evaluating saved weights: accuracy as computed directly, confusion counts, misclassified only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastcifar.cli import app
+from fastcifar.config import Device, EvaluateConfig, LoaderConfig, Precision
+from fastcifar.data.loaders import read_metadata
+from fastcifar.data.sources import read_source
+from fastcifar.errors import FastCifarError
+from fastcifar.evaluate import (
+    confusion_matrix,
+    evaluate_weights,
+    per_class_accuracy,
+    select_misclassified,
+)
+from fastcifar.model import CustResNet
+
+LOGIT_SCALE = 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny_dataset, tmp_path_factory):
+    """A best-weights file as training writes it, for an untrained 3-class CustResNet."""
+    torch.manual_seed(3)
+    model = CustResNet(num_classes=3, logit_scale=LOGIT_SCALE)
+    metadata = read_metadata(tiny_dataset)
+    path = tmp_path_factory.mktemp("weights") / "tiny-best.pt"
+    torch.save({"model": model.state_dict(), "accuracy": 0.5, "epoch": 2,
+                "class_names": metadata.class_names, "mean": metadata.mean, "std": metadata.std,
+                "config": {"logit_scale": LOGIT_SCALE}}, path)
+    return path
+
+
+def direct_predictions(weights_path, images: np.ndarray, tta: bool) -> np.ndarray:
+    """Predictions straight from the model on the source arrays: no loader, no channels-last."""
+    saved = torch.load(weights_path, weights_only=False)
+    model = CustResNet(num_classes=3, logit_scale=LOGIT_SCALE)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    mean = torch.tensor(saved["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(saved["std"]).view(1, 3, 1, 1)
+    inputs = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - mean) / std
+    with torch.no_grad():
+        logits = model(inputs)
+        if tta:
+            logits = (logits + model(inputs.flip(3))) / 2
+    return logits.argmax(1).numpy()
+
+
+def evaluate_config(weights, data_dir, out_dir, **changes) -> EvaluateConfig:
+    return EvaluateConfig(weights=weights, out_dir=out_dir, device=Device.cpu,
+                          precision=Precision.fp32,
+                          loader=LoaderConfig(data_dir=data_dir, batch_size=16, workers=1),
+                          **changes)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_accuracy_equals_a_direct_computation(tiny_weights, tiny_dataset, tiny_imagefolder,
+                                              tmp_path, tta):
+    report = evaluate_weights(evaluate_config(tiny_weights, tiny_dataset, tmp_path, tta=tta))
+    test = read_source(tiny_imagefolder).test  # the arrays convert wrote, in the same order
+    predictions = direct_predictions(tiny_weights, test.images, tta)
+    assert report.count == len(test.labels) == 60
+    assert report.accuracy == pytest.approx(float((predictions == test.labels).mean()))
+    expected = confusion_matrix(test.labels, predictions, 3)
+    assert report.confusion_matrix == expected.tolist()
+    assert list(report.per_class_accuracy.values()) == pytest.approx(
+        [float((predictions[test.labels == c] == c).mean()) for c in range(3)])
+    wrong = np.flatnonzero(predictions != test.labels)
+    assert report.misclassified_total == len(wrong)
+    assert [row["index"] for row in report.misclassified] == wrong[:20].tolist()
+
+
+def test_outputs_are_figures_and_a_json_of_the_same_figures(tiny_weights, tiny_dataset,
+                                                            tmp_path, check_png):
+    report = evaluate_weights(evaluate_config(tiny_weights, tiny_dataset, tmp_path / "eval",
+                                              misclassified_count=6))
+    check_png(report.confusion_plot)
+    width, height = check_png(report.misclassified_plot)
+    assert width > 300 and height > 150
+    assert all(row["predicted"] != row["true"] for row in report.misclassified)
+    assert len(report.misclassified) == min(6, report.misclassified_total)
+    saved = json.loads(report.json_path.read_text())
+    assert saved["accuracy"] == report.accuracy and saved["tta"] is False
+    assert saved["confusion_matrix"] == report.confusion_matrix
+    assert saved["trained_accuracy"] == 0.5 and saved["epoch"] == 2
+
+
+def test_selection_keeps_only_images_whose_prediction_is_wrong():
+    predictions = np.array([0, 1, 2, 1, 0, 2, 2])
+    labels = np.array([0, 2, 2, 0, 0, 1, 2])
+    assert select_misclassified(predictions, labels, 20).tolist() == [1, 3, 5]
+    assert select_misclassified(predictions, labels, 2).tolist() == [1, 3]
+    assert select_misclassified(predictions, labels, 0).tolist() == []
+    assert select_misclassified(labels, labels, 20).tolist() == []
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    matrix = confusion_matrix(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 0, 2]), 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert per_class_accuracy(matrix).tolist() == [0.5, 1.0, 0.5]
+    assert per_class_accuracy(np.zeros((2, 2), int)).tolist() == [0.0, 0.0]
+
+
+def test_default_output_folder_is_beside_the_weights(tiny_weights):
+    config = EvaluateConfig(weights=tiny_weights)
+    assert config.output_dir == tiny_weights.parent / "tiny-best-eval"
+
+
+def test_files_that_are_not_weights_are_refused_in_one_line(tiny_dataset, tmp_path):
+    with pytest.raises(FastCifarError, match="weights file not found"):
+        EvaluateConfig(weights=tmp_path / "missing.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"something": 1}, other)
+    with pytest.raises(FastCifarError, match="not a fastcifar weights file"):
+        evaluate_weights(evaluate_config(other, tiny_dataset, tmp_path))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(FastCifarError, match="corrupt or unreadable"):
+        evaluate_weights(evaluate_config(garbage, tiny_dataset, tmp_path))
+
+
+def test_weights_of_other_classes_are_refused(tiny_weights, tiny_dataset, tmp_path):
+    saved = torch.load(tiny_weights, weights_only=False)
+    saved["class_names"] = ["cat", "dog", "frog"]
+    renamed = tmp_path / "renamed.pt"
+    torch.save(saved, renamed)
+    with pytest.raises(FastCifarError, match="trained on classes"):
+        evaluate_weights(evaluate_config(renamed, tiny_dataset, tmp_path))
+
+
+def test_evaluate_command_prints_accuracy_and_writes_beside_the_weights(tiny_weights,
+                                                                       tiny_dataset):
+    result = CliRunner().invoke(app, ["evaluate", str(tiny_weights), "--data", str(tiny_dataset),
+                                      "--device", "cpu", "--batch-size", "32", "--workers", "1",
+                                      "--tta"])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "flip TTA" in result.output
+    assert (tiny_weights.parent / "tiny-best-eval" / "evaluation.json").is_file()
+    missing = CliRunner().invoke(app, ["evaluate", "nowhere.pt"])
+    assert missing.exit_code == 1 and "weights file not found" in missing.output

@@ -1,0 +1,48 @@
+"""CUDA-only paths (fp16 grad scaler, bf16, non-blocking copies, torch.compile); skip without CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastcifar.config import AugmentConfig, Device, LoaderConfig, Precision, recipe
+from fastcifar.train import DeviceStep, plan_precision, train
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def gpu_config(data_dir, tmp_path, **changes):
+    base = recipe("fast", epochs=3, max_lr=0.05, make_plots=False, device=Device.cuda,
+                  loader=LoaderConfig(data_dir=data_dir, batch_size=24, workers=2),
+                  augment=AugmentConfig(cutout_size=4), out_dir=tmp_path / "runs",
+                  weights_dir=tmp_path / "weights")
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize("precision", [Precision.fp16, Precision.bf16, Precision.fp32])
+def test_cuda_training_learns_in_each_precision(tiny_dataset, tmp_path, precision):
+    result = train(gpu_config(tiny_dataset, tmp_path, precision=precision))
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.history[-1].test_accuracy >= 0.8
+
+
+def test_fp16_uses_a_grad_scaler_and_bf16_does_not():
+    device = torch.device("cuda")
+    assert plan_precision(Precision.fp16, device).use_grad_scaler
+    assert not plan_precision(Precision.bf16, device).use_grad_scaler
+
+
+def test_device_step_copies_to_cuda_channels_last():
+    step = DeviceStep([0.0] * 3, [1.0] * 3, torch.device("cuda"), True)
+    images, labels = step(torch.full((2, 3, 32, 32), 7, dtype=torch.uint8), torch.tensor([1, 2]))
+    assert images.is_cuda and labels.is_cuda
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert float(images[0, 0, 0, 0]) == 7.0
+
+
+def test_compiled_cuda_training_runs(tiny_dataset, tmp_path):
+    result = train(gpu_config(tiny_dataset, tmp_path, epochs=1, compile=True))
+    assert result.history[0].train_loss > 0 and result.warmup_seconds > 0

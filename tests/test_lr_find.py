@@ -1,0 +1,103 @@
+"""LR range test: finite history rising in LR, a suggestion inside the range, model untouched."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import synthetic_images
+from fastcifar.cli import app
+from fastcifar.config import NO_AUGMENT, Device, LoaderConfig, LrFindConfig, Precision
+from fastcifar.errors import FastCifarError
+from fastcifar.lr_find import lr_find, run_range_test, suggest_lrs
+from fastcifar.model import CustResNet
+from fastcifar.train import DeviceStep, plan_precision
+
+
+def test_suggestion_is_the_steepest_descent_before_the_lowest_loss():
+    lrs = np.logspace(-6, 1, 71)  # ten points per decade
+    # Falls fastest at 1e-3, lowest near 1e-1, then climbs steeply (the divergence).
+    losses = 2.3 - 1.5 / (1 + np.exp(-(np.log10(lrs) + 3) * 3)) + np.maximum(lrs - 0.1, 0) * 5
+    suggested, second_opinion = suggest_lrs(lrs.tolist(), losses.tolist())
+    assert suggested == pytest.approx(1e-3, rel=0.01)
+    lowest = lrs[np.argmin(losses)]
+    assert second_opinion == pytest.approx(lowest / 10) and 1e-3 < lowest <= 0.2
+
+
+def test_suggestion_of_a_loss_that_never_falls_stays_in_the_range():
+    lrs = np.logspace(-5, 0, 20)
+    suggested, second_opinion = suggest_lrs(lrs.tolist(), np.linspace(2, 3, 20).tolist())
+    assert lrs[0] <= suggested <= lrs[-1] and second_opinion == pytest.approx(lrs[0] / 10)
+    with pytest.raises(FastCifarError, match="finite"):
+        suggest_lrs([1e-3, 1e-2, 1e-1], [1.0, math.nan, math.inf])
+
+
+def test_range_test_leaves_weights_and_optimizer_as_they_were():
+    torch.manual_seed(0)
+    model = CustResNet(num_classes=3).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    weights_before = copy.deepcopy(model.state_dict())  # parameters and BN statistics
+    optimizer_before = copy.deepcopy(optimizer.state_dict())
+    labels = np.arange(12) % 3
+    images = torch.from_numpy(synthetic_images(labels, seed=1)).permute(0, 3, 1, 2)
+    # Three batches of four for ten steps: the loader is restarted when it runs out.
+    batches = [(images[i:i + 4], torch.from_numpy(labels[i:i + 4])) for i in range(0, 12, 4)]
+    device = torch.device("cpu")
+    step = DeviceStep([128.0] * 3, [64.0] * 3, device, channels_last=True)
+    config = LrFindConfig(start_lr=1e-5, end_lr=1.0, iterations=10, precision=Precision.bf16)
+    lrs, losses = run_range_test(model, optimizer, batches, step,
+                                 plan_precision(Precision.bf16, device), config)
+
+    assert 2 <= len(lrs) <= 10 and len(losses) == len(lrs)
+    assert lrs[0] == pytest.approx(1e-5) and all(b > a for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(math.isfinite(loss) for loss in losses)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights_before[name]), name
+    assert optimizer.state_dict() == optimizer_before  # no Adam moments, the original LR
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_lr_find_on_the_real_loader_writes_plot_and_history(tiny_dataset, tmp_path, check_png):
+    config = LrFindConfig(loader=LoaderConfig(data_dir=tiny_dataset, batch_size=8, workers=1),
+                          augment=NO_AUGMENT, start_lr=1e-5, end_lr=1.0, iterations=12,
+                          device=Device.cpu, precision=Precision.bf16, out_dir=tmp_path / "lr")
+    steps = []
+    result = lr_find(config, progress=lambda done, total: steps.append((done, total)))
+
+    assert len(result.lrs) == len(result.losses) and 2 <= len(result.lrs) <= 12
+    assert all(b > a for a, b in zip(result.lrs, result.lrs[1:], strict=False))
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert result.lrs[0] <= result.suggested_lr <= result.lrs[-1]
+    assert result.lrs[0] / 10 <= result.min_loss_lr_over_10 <= result.lrs[-1] / 10
+    assert steps[0] == (1, 12) and steps[-1][0] == len(result.lrs)
+    assert result.precision == "bf16" and result.device == "cpu"
+    check_png(result.plot_path)
+    with open(result.history_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["lr"]) for row in rows] == pytest.approx(result.lrs, rel=1e-5)
+    saved = json.loads(result.json_path.read_text())
+    assert saved["suggested_lr"] == result.suggested_lr and saved["batch_size"] == 8
+    assert saved["losses"] == result.losses and saved["config"]["iterations"] == 12
+
+
+def test_lr_find_config_rejects_a_backwards_range():
+    with pytest.raises(FastCifarError, match="start LR"):
+        LrFindConfig(start_lr=1.0, end_lr=1e-3)
+
+
+def test_lr_find_command_prints_the_suggestion(tiny_dataset, tmp_path):
+    result = CliRunner().invoke(app, [
+        "lr-find", "--iters", "10", "--batch-size", "8", "--start-lr", "1e-5", "--end-lr", "1",
+        "--no-augment", "--data", str(tiny_dataset), "--workers", "1", "--device", "cpu",
+        "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "suggested max LR" in result.output and (tmp_path / "lr_find.png").is_file()
+    too_few = CliRunner().invoke(app, ["lr-find", "--iters", "3", "--data", str(tiny_dataset)])
+    assert too_few.exit_code == 1 and "at least 10 iterations" in too_few.output
