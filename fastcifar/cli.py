@@ -28,7 +28,8 @@ from fastcifar.errors import FastCifarError
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False,
                   help="Fast CIFAR-10 training: convert once to FFCV, train CustResNet, measure.")
-benchmark_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="Loader throughput and time-to-accuracy.")
+benchmark_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False,
+                            help="Loader throughput and time-to-accuracy.")
 app.add_typer(benchmark_app, name="benchmark")
 console = Console(stderr=False, highlight=False)
 _state = {"debug": False}
@@ -278,6 +279,9 @@ def _with_found_lr(config: TrainConfig) -> TrainConfig:
 
     finder = LrFindConfig(loader=config.loader, augment=config.augment,
                           optimizer=config.optimizer, weight_decay=config.weight_decay,
+                          momentum=config.momentum, nesterov=config.nesterov,
+                          decay_norm=config.decay_norm, label_smoothing=config.label_smoothing,
+                          logit_scale=config.logit_scale,
                           device=config.device, precision=config.precision,
                           channels_last=config.channels_last, seed=config.seed,
                           out_dir=Path(config.out_dir) / "lr-find")

@@ -216,6 +216,12 @@ class LrFindConfig:
     iterations: int = 200
     mode: str = "exp"  # exp | linear
     weight_decay: float = 1e-4
+    # The model and loss the LR is found for: set these as the training run will.
+    momentum: float = 0.9
+    nesterov: bool = True
+    decay_norm: bool = True
+    label_smoothing: float = 0.0
+    logit_scale: float = 1.0
     device: Device = Device.auto
     precision: Precision = Precision.auto
     channels_last: bool = True

@@ -125,7 +125,8 @@ def run_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: I
             "amp_config": {"device_type": device.type, "dtype": plan.autocast_dtype},
             "grad_scaler": torch.amp.GradScaler(device.type, enabled=plan.use_grad_scaler)}
            if plan.autocast_dtype is not None else {})
-    finder = LRFinder(model, optimizer, nn.CrossEntropyLoss(), device=device, **amp)
+    finder = LRFinder(model, optimizer, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+                       device=device, **amp)
     batches = DeviceBatches(loader, device_step, config.iterations, progress)
     try:
         # torch-lr-finder draws a tqdm bar and prints; the caller reports through `progress`.
@@ -144,7 +145,9 @@ def _train_settings(config: LrFindConfig) -> TrainConfig:
     """The TrainConfig whose model and optimiser the range test uses (LR set per step)."""
     return TrainConfig(loader=config.loader, augment=config.augment, optimizer=config.optimizer,
                        max_lr=config.start_lr, min_lr=config.start_lr,
-                       weight_decay=config.weight_decay, device=config.device,
+                       weight_decay=config.weight_decay, momentum=config.momentum,
+                       nesterov=config.nesterov, decay_norm=config.decay_norm,
+                       logit_scale=config.logit_scale, device=config.device,
                        precision=config.precision, channels_last=config.channels_last,
                        seed=config.seed, make_plots=False)
 
