@@ -1,0 +1,111 @@
+"""Failure handling end to end: signals through the CLI, concurrent converts, failed writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fastcifar.config import ConvertConfig
+from fastcifar.data import convert as convert_module
+from fastcifar.data.convert import METADATA, TEST_BETON, TRAIN_BETON, convert
+from fastcifar.data.loaders import read_metadata
+from fastcifar.errors import FastCifarError
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGINT, 130),
+                                                          (signal.SIGTERM, 143)])
+def test_signal_stops_training_saves_and_exits_with_the_signal_code(tiny_dataset, tmp_path,
+                                                                    signal_number, exit_code):
+    command = [sys.executable, "-m", "fastcifar", "train", "--epochs", "50", "--batch-size", "24",
+               "--precision", "fp32", "--workers", "1", "--data", str(tiny_dataset),
+               "--out", str(tmp_path / "runs"), "--weights", str(tmp_path / "weights")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = []
+    for line in process.stdout:  # wait for the first epoch row, then interrupt
+        output.append(line)
+        if line.strip().startswith("1 "):
+            process.send_signal(signal_number)
+            break
+    output.append(process.stdout.read())
+    assert process.wait(timeout=120) == exit_code, "".join(output)
+    text = "".join(output)
+    assert "fastcifar train --resume" in text and "Traceback" not in text
+    (checkpoint,) = (tmp_path / "runs").glob("*/last.pt")
+    assert checkpoint.stat().st_size > 1_000_000
+
+
+def test_two_concurrent_converts_leave_one_valid_result(tiny_imagefolder, tmp_path):
+    results, errors = [], []
+
+    def run() -> None:
+        try:
+            results.append(convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path)))
+        except Exception as error:  # surfaced by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(result.skipped for result in results) == [False, True]
+    assert read_metadata(tmp_path).train_count == 120
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_failed_write_leaves_no_metadata_and_no_partial_beton(tiny_imagefolder, tmp_path,
+                                                               monkeypatch):
+    real_write = convert_module._write_beton
+
+    def write_then_fail(split, path, workers):
+        if path.name == TEST_BETON:  # the disk fills up during the second beton
+            raise FastCifarError(f"could not write {path}: No space left on device")
+        real_write(split, path, workers)
+
+    monkeypatch.setattr(convert_module, "_write_beton", write_then_fail)
+    with pytest.raises(FastCifarError, match="No space left"):
+        convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
+    assert not (tmp_path / METADATA).exists() and not (tmp_path / TEST_BETON).exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FastCifarError, match="run `fastcifar convert` first"):
+        read_metadata(tmp_path)
+    monkeypatch.undo()
+    assert not convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path)).skipped
+    assert (tmp_path / TRAIN_BETON).exists()
+
+
+def test_atomic_writer_removes_its_temporary_file_on_failure(tmp_path):
+    from fastcifar.atomic import atomic_path
+
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "out.json") as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_auto_finds_the_newest_checkpoint(tmp_path):
+    from fastcifar.train import find_latest_checkpoint
+
+    for name in ("old", "new"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "last.pt").write_bytes(b"x")
+        time.sleep(0.01)
+    assert find_latest_checkpoint(tmp_path).parent.name == "new"
+    with pytest.raises(FastCifarError, match="no checkpoint"):
+        find_latest_checkpoint(tmp_path / "missing")
+
+
+def test_metadata_written_last_records_beton_sizes(tiny_dataset):
+    metadata = json.loads((tiny_dataset / METADATA).read_text())
+    for entry in metadata["betons"].values():
+        assert (tiny_dataset / entry["file"]).stat().st_size == entry["bytes"]
