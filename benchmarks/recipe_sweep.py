@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from fastcifar.config import LoaderConfig, Precision, recipe
-from fastcifar.train import machine_description, replace_config, select_device, train
+from fastcifar.config import LoaderConfig, Precision, recipe, replace_nested
+from fastcifar.train import machine_description, select_device, train
 
 VARIANTS: dict[str, dict] = {
     "fast": {},
@@ -55,7 +55,7 @@ def main() -> int:
     results = []
     for name in arguments.variants:
         for seed in arguments.seeds:
-            config = replace_config(base, seed=seed, **VARIANTS[name])
+            config = replace_nested(base, seed=seed, **VARIANTS[name])
             started = time.perf_counter()
             result = train(config)
             accuracies = [row.test_accuracy for row in result.history]

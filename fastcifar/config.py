@@ -204,6 +204,21 @@ def recipe(name: str, **overrides: object) -> TrainConfig:
     return dataclasses.replace(RECIPES[name], **overrides)
 
 
+def replace_nested(config: TrainConfig, **changes: object) -> TrainConfig:
+    """`dataclasses.replace` that also accepts loader__X / augment__X keys for nested fields."""
+    nested: dict[str, dict[str, object]] = {}
+    flat = {}
+    for key, value in changes.items():
+        if "__" in key:
+            outer, inner = key.split("__", 1)
+            nested.setdefault(outer, {})[inner] = value
+        else:
+            flat[key] = value
+    for outer, inner_changes in nested.items():
+        flat[outer] = dataclasses.replace(getattr(config, outer), **inner_changes)
+    return dataclasses.replace(config, **flat)
+
+
 @dataclass(frozen=True)
 class LrFindConfig:
     """Settings of `fastcifar lr-find` (the range test)."""

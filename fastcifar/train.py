@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -666,18 +665,3 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
 
         plot_training_curves(history, lr_per_step, run_dir / "training_curves.png")
     return result
-
-
-def replace_config(config: TrainConfig, **changes: object) -> TrainConfig:
-    """`dataclasses.replace` that also accepts loader__X / augment__X keys for nested fields."""
-    nested: dict[str, dict[str, object]] = {}
-    flat = {}
-    for key, value in changes.items():
-        if "__" in key:
-            outer, inner = key.split("__", 1)
-            nested.setdefault(outer, {})[inner] = value
-        else:
-            flat[key] = value
-    for outer, inner_changes in nested.items():
-        flat[outer] = dataclasses.replace(getattr(config, outer), **inner_changes)
-    return dataclasses.replace(config, **flat)

@@ -190,3 +190,12 @@ def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_replace_nested_reaches_loader_and_augment_settings():
+    from fastcifar.config import replace_nested
+
+    changed = replace_nested(recipe("fast"), loader__batch_size=256, augment__cutout_size=0,
+                             max_lr=0.1)
+    assert (changed.loader.batch_size, changed.augment.cutout_size, changed.max_lr) == (256, 0, 0.1)
+    assert changed.loader.data_dir == recipe("fast").loader.data_dir
