@@ -86,8 +86,9 @@ class DeviceStep:
     def __init__(self, mean: list[float], std: list[float], device: torch.device,
                  channels_last: bool) -> None:
         self.device = device
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        # (x - mean) / std as one fused x * (1 / std) + (-mean / std): one pass, one output.
         self.inverse_std = (1.0 / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * self.inverse_std
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor
@@ -98,7 +99,7 @@ class DeviceStep:
         non_blocking = self.device.type == "cuda" and images.is_pinned()
         images = images.to(self.device, non_blocking=non_blocking)
         labels = labels.to(self.device, non_blocking=non_blocking and labels.is_pinned())
-        images = (images.float() - self.mean) * self.inverse_std
+        images = torch.addcmul(self.shift, images.float(), self.inverse_std)
         return images.contiguous(memory_format=self.memory_format), labels
 
 

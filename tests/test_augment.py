@@ -209,6 +209,13 @@ def test_jitter_with_unit_factors_returns_the_input():
     np.testing.assert_array_equal(out, images)
 
 
+def test_augment_batch_accepts_a_non_contiguous_view():
+    images = random_images(16, seed=12)
+    view = images[:, :, ::-1]  # e.g. a mirrored view of stored images
+    np.testing.assert_array_equal(augment_batch(view, np.arange(16), FULL, 4, FILL),
+                                  augment_batch(view.copy(), np.arange(16), FULL, 4, FILL))
+
+
 def test_fill_colour_rounds_the_mean():
     np.testing.assert_array_equal(fill_colour([125.3, 122.5, 113.86]), [125, 122, 114])
 

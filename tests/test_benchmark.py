@@ -21,7 +21,7 @@ def loader_report(tiny_dataset, tmp_path_factory) -> tuple[dict, object]:
     config = LoaderBenchmarkConfig(data_dir=tiny_dataset, workers=2, batch_size=24, passes=1,
                                    jit_startup=False, json_path=json_path, command="test")
     stages = set()
-    report = benchmark_loader(config, lambda stage, done, total: stages.add(stage))
+    report = benchmark_loader(config, lambda stage, done, total: stages.add((stage, done, total)))
     return report, json_path, stages
 
 
@@ -36,17 +36,21 @@ def test_benchmark_loader_json_has_the_documented_shape(loader_report):
     for row in report["results"]:
         assert row["images_per_s"] > 0 and row["first_batch_seconds"] > 0
         assert row["images"] == 5 * 24  # drop_last: whole batches, counted at the consumer
+        assert len(row["pass_images_per_s"]) == 1 and row["pass_images_per_s"][0] > 0
         # all three hand the consumer the same kind of batch: normalised float32 channels-last
         assert row["output"]["dtype"] == "torch.float32" and row["output"]["channels_last"]
         assert row["output"]["shape"] == [24, 3, 32, 32]
         assert abs(row["output"]["mean"]) < 0.5 and 0.5 < row["output"]["std"] < 1.5
     jit = {row["name"]: row["jit_seconds"] for row in report["results"]}
     assert jit["fastcifar"] > 0 and jit["ffcv_builtin"] > 0
+    for row in report["results"][:2]:
+        assert row["jit_seconds"] == row["build_seconds"] + row["first_batch_seconds"]
     assert jit["torchvision_dataloader"] is None
     assert set(report["results"][1]["lacks"]) == {"hue", "grayscale"}
     assert report["ratios"]["fastcifar_vs_ffcv_builtin"] > 0
     assert report["ratios"]["fastcifar_vs_torchvision_dataloader"] > 0
-    assert "fastcifar warm-up" in stages and "torchvision_dataloader pass 1/1" in stages
+    # progress between passes: warm-up + 1 timed pass per pipeline
+    assert {("fastcifar", 2, 2), ("torchvision_dataloader", 0, 2)} <= stages
     table = json_path.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in PIPELINES)
 
@@ -59,8 +63,8 @@ def test_benchmark_loader_cli_builds_the_config(monkeypatch, tmp_path):
 
     def fake_benchmark(config, progress=None):
         seen["config"] = config
-        return {"results": [{"name": name, "images_per_s": 1.0, "first_batch_seconds": 0.5}
-                            for name in PIPELINES]}
+        return {"results": [{"name": name, "images_per_s": 1.0, "build_seconds": 0.1,
+                             "first_batch_seconds": 0.5} for name in PIPELINES]}
 
     monkeypatch.setattr(fastcifar.benchmark, "benchmark_loader", fake_benchmark)
     result = CliRunner().invoke(app, ["benchmark", "loader", "--data", str(tmp_path),

@@ -1,9 +1,10 @@
-"""The fused train augmentation: one numba kernel, one pass per image, uint8 in and uint8 out.
+"""The fused train augmentation: one numba kernel, one call per batch, uint8 in and uint8 out.
 
 pad + random crop, horizontal flip, cutout, colour jitter (brightness, contrast, saturation,
 hue) and grayscale. Random parameters are drawn serially from a counter-based hash of
 (seed, the batch's sample indices, position), so a rerun with the same seed and loader order
-gives the same batches whatever the thread count; the per-pixel work then runs in parallel.
+gives the same batches whatever the thread count; the images are then augmented in parallel,
+each by colour ops on its own pixels (only when drawn) and one gather for pad/crop/flip.
 """
 
 from __future__ import annotations
@@ -71,115 +72,155 @@ def draw_parameters(seed: int, indices: np.ndarray, pad: int, flip: bool, cutout
     return geometry, colour
 
 
-@njit(cache=True, inline="always")
-def _clamp(value: float) -> float:
-    return min(255.0, max(0.0, value))
+# The colour ops run in float32 over a whole image at a time, in simple loops with selects
+# instead of branches, so LLVM vectorises them (about 8x faster than per-pixel float64 code
+# with a branchy HSV conversion). float32 is ample: values stay within 1e-4 of float64 ones.
+_RED_WEIGHT, _GREEN_WEIGHT, _BLUE_WEIGHT = np.float32(0.299), np.float32(0.587), np.float32(0.114)
 
 
 @njit(cache=True, inline="always")
-def _gray(red: float, green: float, blue: float) -> float:
-    return 0.299 * red + 0.587 * green + 0.114 * blue
+def _clamp(value: np.float32) -> np.float32:
+    """Clamp to [0, 255] with selects (NaN-unaware on purpose, so it vectorises)."""
+    value = value if value > 0.0 else np.float32(0.0)
+    return value if value < 255.0 else np.float32(255.0)
 
 
-@njit(cache=True)
-def _rotate_hue(red: float, green: float, blue: float, shift: float):
-    """RGB (0-255) -> HSV, hue += shift (turns), -> RGB; grey pixels stay grey."""
-    high = max(red, max(green, blue))
-    low = min(red, min(green, blue))
+@njit(cache=True, inline="always")
+def _unit(value: np.float32) -> np.float32:
+    value = value if value > 0.0 else np.float32(0.0)
+    return value if value < 1.0 else np.float32(1.0)
+
+
+@njit(cache=True, inline="always")
+def _gray(red: np.float32, green: np.float32, blue: np.float32) -> np.float32:
+    return _RED_WEIGHT * red + _GREEN_WEIGHT * green + _BLUE_WEIGHT * blue
+
+
+@njit(cache=True, inline="always")
+def _rotate_hue(red: np.float32, green: np.float32, blue: np.float32,
+                shift_sextants: np.float32):
+    """RGB (0-255) -> HSV, hue += shift, -> RGB; grey pixels stay grey.
+
+    The hue is kept in sextants (hue * 6, in [0, 6)) and `shift_sextants` must lie in [0, 6).
+    HSV's piecewise-linear way back to RGB is written as low + delta * a clamped triangle wave
+    per channel: the same values as the textbook 6-way branch, without it or a modulo per
+    pixel. A grey pixel has delta 0, so it comes back unchanged.
+    """
+    high = red if red > green else green
+    high = high if high > blue else blue
+    low = red if red < green else green
+    low = low if low < blue else blue
     delta = high - low
-    if delta <= 0.0:
-        return red, green, blue
-    if high == red:
-        hue = ((green - blue) / delta) / 6.0
-    elif high == green:
-        hue = (2.0 + (blue - red) / delta) / 6.0
+    inverse = np.float32(1.0) / delta if delta > 0.0 else np.float32(0.0)
+    sextant = np.float32(4.0) + (red - green) * inverse  # blue is the largest
+    sextant = np.float32(2.0) + (blue - red) * inverse if high == green else sextant
+    sextant = (green - blue) * inverse if high == red else sextant  # in [-1, 1]
+    sextant += shift_sextants  # now in [-1, 11): one wrap brings it into [0, 6)
+    sextant = sextant + np.float32(6.0) if sextant < 0.0 else sextant
+    sextant = sextant - np.float32(6.0) if sextant >= 6.0 else sextant
+    return (low + delta * _unit(abs(sextant - np.float32(3.0)) - np.float32(1.0)),
+            low + delta * _unit(np.float32(2.0) - abs(sextant - np.float32(2.0))),
+            low + delta * _unit(np.float32(2.0) - abs(sextant - np.float32(4.0))))
+
+
+@njit(cache=True, fastmath=True)
+def _adjust_colour(image: np.ndarray, jitter: bool, brightness: float, contrast: float,
+                   saturation: float, hue_shift: float, gray: bool) -> np.ndarray:
+    """Jitter (brightness, contrast, saturation, hue, in that order) then grayscale of one
+    C-contiguous (H, W, 3) uint8 image, rounded back to a new uint8 image."""
+    pixels = image.shape[0] * image.shape[1]
+    source = image.reshape(3 * pixels)  # r, g, b, r, g, b, ...
+    values = np.empty(3 * pixels, dtype=np.float32)
+    if jitter:
+        factor = np.float32(brightness)
+        for j in range(3 * pixels):
+            values[j] = _clamp(np.float32(source[j]) * factor)
+        if contrast != 1.0:
+            # Contrast blends towards the mean grey of the brightness-adjusted source image.
+            total = np.float32(0.0)
+            for k in range(pixels):
+                total += _gray(values[3 * k], values[3 * k + 1], values[3 * k + 2])
+            mean, factor = total / np.float32(pixels), np.float32(contrast)
+            for j in range(3 * pixels):
+                values[j] = _clamp(mean + factor * (values[j] - mean))
+        factor = np.float32(saturation)
+        for k in range(pixels):
+            red, green, blue = values[3 * k], values[3 * k + 1], values[3 * k + 2]
+            grey = _gray(red, green, blue)
+            values[3 * k] = _clamp(grey + factor * (red - grey))
+            values[3 * k + 1] = _clamp(grey + factor * (green - grey))
+            values[3 * k + 2] = _clamp(grey + factor * (blue - grey))
+        if hue_shift != 0.0:
+            shift_sextants = np.float32(6.0 * (hue_shift % 1.0))  # the modulo once per image
+            for k in range(pixels):
+                values[3 * k], values[3 * k + 1], values[3 * k + 2] = _rotate_hue(
+                    values[3 * k], values[3 * k + 1], values[3 * k + 2], shift_sextants)
     else:
-        hue = (4.0 + (red - green) / delta) / 6.0
-    hue = (hue + shift) % 1.0
-    saturation = delta / high
-    sector = hue * 6.0
-    index = int(sector) % 6
-    fraction = sector - int(sector)
-    p = high * (1.0 - saturation)
-    q = high * (1.0 - saturation * fraction)
-    t = high * (1.0 - saturation * (1.0 - fraction))
-    if index == 0:
-        return high, t, p
-    if index == 1:
-        return q, high, p
-    if index == 2:
-        return p, high, t
-    if index == 3:
-        return p, q, high
-    if index == 4:
-        return t, p, high
-    return high, p, q
+        for j in range(3 * pixels):
+            values[j] = np.float32(source[j])
+    if gray:
+        for k in range(pixels):
+            grey = _gray(values[3 * k], values[3 * k + 1], values[3 * k + 2])
+            values[3 * k] = values[3 * k + 1] = values[3 * k + 2] = grey
+    adjusted = np.empty_like(image)
+    rounded = adjusted.reshape(3 * pixels)
+    for j in range(3 * pixels):
+        rounded[j] = np.uint8(values[j] + np.float32(0.5))  # values lie in [0, 255]
+    return adjusted
+
+
+@njit(cache=True, inline="always")
+def _source_index(index: int, size: int, reflect: bool) -> int:
+    """Where padded coordinate `index - pad` reads in the image: reflected, or -1 for fill."""
+    if reflect:
+        index = -index if index < 0 else index
+        return 2 * (size - 1) - index if index >= size else index
+    return index if 0 <= index < size else -1
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def apply_augmentation(images: np.ndarray, out: np.ndarray, geometry: np.ndarray,
                        colour: np.ndarray, pad: int, reflect: bool, cutout_size: int,
                        cutout_count: int, fill: np.ndarray) -> np.ndarray:
-    """Augment (N, H, W, 3) uint8 `images` into `out` with the drawn per-image parameters.
+    """Augment C-contiguous (N, H, W, 3) uint8 `images` into `out` with the drawn parameters.
 
-    `fill` is the read-only uint8 RGB of `fill_colour` (see `_read_only_fill` for why).
+    Per image: colour ops on the source pixels (only when drawn), then pad-crop-flip as a
+    gather through per-row and per-column source maps, then the cutout holes. Padding and
+    holes get the raw `fill`, the read-only uint8 RGB of `fill_colour` (see
+    `_read_only_fill` for why read-only).
     """
     count, height, width = images.shape[0], images.shape[1], images.shape[2]
     for i in prange(count):
-        offset_y, offset_x = geometry[i, 0], geometry[i, 1]
-        flipped, gray = geometry[i, 2] == 1, geometry[i, 3] == 1
-        jitter = colour[i, 0] > 0.5
-        brightness, contrast = colour[i, 1], colour[i, 2]
-        saturation, hue_shift = colour[i, 3], colour[i, 4]
-        # Contrast blends towards the mean grey of the brightness-adjusted source image.
-        mean_gray = 0.0
-        if jitter and contrast != 1.0:
-            for y in range(height):
-                for x in range(width):
-                    mean_gray += _gray(_clamp(images[i, y, x, 0] * brightness),
-                                       _clamp(images[i, y, x, 1] * brightness),
-                                       _clamp(images[i, y, x, 2] * brightness))
-            mean_gray /= height * width
+        jitter, gray = colour[i, 0] > 0.5, geometry[i, 3] == 1
+        source = images[i]
+        if jitter or gray:
+            source = _adjust_colour(images[i], jitter, colour[i, 1], colour[i, 2],
+                                    colour[i, 3], colour[i, 4], gray)
+        # Crop then flip: output (y, x) reads padded (y + offset_y, x' + offset_x), where
+        # x' = width - 1 - x when flipped; -1 in a map means the padding fill.
+        rows = np.empty(height, dtype=np.int64)
+        columns = np.empty(width, dtype=np.int64)
         for y in range(height):
-            source_y = y + offset_y - pad
-            if reflect:
-                source_y = -source_y if source_y < 0 else source_y
-                source_y = 2 * (height - 1) - source_y if source_y >= height else source_y
+            rows[y] = _source_index(y + geometry[i, 0] - pad, height, reflect)
+        for x in range(width):
+            column = width - 1 - x if geometry[i, 2] == 1 else x
+            columns[x] = _source_index(column + geometry[i, 1] - pad, width, reflect)
+        for y in range(height):
+            source_y = rows[y]
             for x in range(width):
-                filled = False
-                for hole in range(cutout_count):
-                    top, left = geometry[i, 4 + 2 * hole], geometry[i, 5 + 2 * hole]
-                    if top <= y < top + cutout_size and left <= x < left + cutout_size:
-                        filled = True
-                source_x = (width - 1 - x if flipped else x) + offset_x - pad
-                if reflect:
-                    source_x = -source_x if source_x < 0 else source_x
-                    source_x = 2 * (width - 1) - source_x if source_x >= width else source_x
-                if not (0 <= source_y < height and 0 <= source_x < width):
-                    filled = True
-                if filled:
+                source_x = columns[x]
+                if source_y < 0 or source_x < 0:
                     out[i, y, x, 0], out[i, y, x, 1], out[i, y, x, 2] = fill[0], fill[1], fill[2]
-                    continue
-                red = float(images[i, source_y, source_x, 0])
-                green = float(images[i, source_y, source_x, 1])
-                blue = float(images[i, source_y, source_x, 2])
-                if jitter:
-                    red, green = _clamp(red * brightness), _clamp(green * brightness)
-                    blue = _clamp(blue * brightness)
-                    red = _clamp(mean_gray + contrast * (red - mean_gray))
-                    green = _clamp(mean_gray + contrast * (green - mean_gray))
-                    blue = _clamp(mean_gray + contrast * (blue - mean_gray))
-                    grey = _gray(red, green, blue)
-                    red = _clamp(grey + saturation * (red - grey))
-                    green = _clamp(grey + saturation * (green - grey))
-                    blue = _clamp(grey + saturation * (blue - grey))
-                    if hue_shift != 0.0:
-                        red, green, blue = _rotate_hue(red, green, blue, hue_shift)
-                if gray:
-                    red = green = blue = _gray(red, green, blue)
-                out[i, y, x, 0] = np.uint8(red + 0.5)
-                out[i, y, x, 1] = np.uint8(green + 0.5)
-                out[i, y, x, 2] = np.uint8(blue + 0.5)
+                else:
+                    out[i, y, x, 0] = source[source_y, source_x, 0]
+                    out[i, y, x, 1] = source[source_y, source_x, 1]
+                    out[i, y, x, 2] = source[source_y, source_x, 2]
+        # Holes are drawn around a centre anywhere in the image, so they may hang over the border.
+        for hole in range(cutout_count):
+            top, left = geometry[i, 4 + 2 * hole], geometry[i, 5 + 2 * hole]
+            for y in range(max(top, 0), min(top + cutout_size, height)):
+                for x in range(max(left, 0), min(left + cutout_size, width)):
+                    out[i, y, x, 0], out[i, y, x, 1], out[i, y, x, 2] = fill[0], fill[1], fill[2]
     return out
 
 
@@ -207,6 +248,7 @@ def augment_batch(images: np.ndarray, indices: np.ndarray, config: AugmentConfig
     """Augment one batch outside FFCV (plots, tests); the same draws as inside the loader."""
     geometry, colour = draw_parameters(seed, np.asarray(indices, dtype=np.int64),
                                        *_draw_arguments(config))
+    images = np.ascontiguousarray(images)  # the kernel reads each image as a flat run
     out = np.empty_like(images)
     return apply_augmentation(images, out, geometry, colour, config.pad,
                               config.pad_mode == PadMode.reflect, config.cutout_size,
