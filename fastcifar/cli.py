@@ -36,6 +36,22 @@ _state = {"debug": False}
 
 DATA, OPTIMISATION, AUGMENTATION, SYSTEM = "Data", "Optimisation", "Augmentation", "System"
 
+# Options several commands share, declared once.
+DataOption = Annotated[Path, typer.Option(help="Folder with the converted betons.",
+                                          rich_help_panel=DATA)]
+TrainSubsetOption = Annotated[int | None, typer.Option(help="Use the first N train images.",
+                                                       rich_help_panel=DATA)]
+TestSubsetOption = Annotated[int | None, typer.Option(help="Use the first N test images.",
+                                                      rich_help_panel=DATA)]
+DeviceOption = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
+                                              rich_help_panel=SYSTEM)]
+PrecisionOption = Annotated[Precision, typer.Option(
+    help="auto: bf16 on CPU and bf16-capable CUDA, else fp16 with a grad scaler.",
+    rich_help_panel=SYSTEM)]
+WorkersOption = Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
+                                            rich_help_panel=SYSTEM)]
+
+
 
 class RecipeName(StrEnum):
     fast = "fast"
@@ -219,22 +235,16 @@ def train(
                    rich_help_panel=AUGMENTATION)] = None,
     p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
                       rich_help_panel=AUGMENTATION)] = None,
-    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
-                                       rich_help_panel=DATA)] = Path("datasets"),
-    train_subset: Annotated[int | None, typer.Option(help="Use the first N train images.",
-                            rich_help_panel=DATA)] = None,
-    test_subset: Annotated[int | None, typer.Option(help="Use the first N test images.",
-                           rich_help_panel=DATA)] = None,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
-                                           rich_help_panel=SYSTEM)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto: bf16 where supported, else fp16 "
-                         "with a grad scaler.", rich_help_panel=SYSTEM)] = Precision.auto,
+    data: DataOption = Path("datasets"),
+    train_subset: TrainSubsetOption = None,
+    test_subset: TestSubsetOption = None,
+    device: DeviceOption = Device.auto,
+    precision: PrecisionOption = Precision.auto,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
                              rich_help_panel=SYSTEM)] = True,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile "
                              "the model.", rich_help_panel=SYSTEM)] = False,
-    workers: Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
-                                         rich_help_panel=SYSTEM)] = 0,
+    workers: WorkersOption = 0,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation.",
                                       rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
@@ -318,18 +328,13 @@ def lr_find(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Default train "
                        "augmentation (pad-crop, flip, cutout) on/off.",
                        rich_help_panel=AUGMENTATION)] = True,
-    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
-                                       rich_help_panel=DATA)] = Path("datasets"),
-    train_subset: Annotated[int | None, typer.Option(help="Use the first N train images.",
-                            rich_help_panel=DATA)] = None,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
-                                           rich_help_panel=SYSTEM)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="As for train.",
-                                                 rich_help_panel=SYSTEM)] = Precision.auto,
+    data: DataOption = Path("datasets"),
+    train_subset: TrainSubsetOption = None,
+    device: DeviceOption = Device.auto,
+    precision: PrecisionOption = Precision.auto,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
                              rich_help_panel=SYSTEM)] = True,
-    workers: Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
-                                         rich_help_panel=SYSTEM)] = 0,
+    workers: WorkersOption = 0,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation.",
                                       rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder for lr_find.png, .csv and .json.",
@@ -400,18 +405,13 @@ def evaluate(
     weights: Annotated[Path, typer.Argument(help="A *-best.pt file written by train.")],
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average each image's logits "
                    "with its mirror's.")] = False,
-    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
-                                       rich_help_panel=DATA)] = Path("datasets"),
-    test_subset: Annotated[int | None, typer.Option(help="Use the first N test images.",
-                           rich_help_panel=DATA)] = None,
+    data: DataOption = Path("datasets"),
+    test_subset: TestSubsetOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.",
                                             rich_help_panel=SYSTEM)] = 512,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
-                                           rich_help_panel=SYSTEM)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="As for train.",
-                                                 rich_help_panel=SYSTEM)] = Precision.auto,
-    workers: Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
-                                         rich_help_panel=SYSTEM)] = 0,
+    device: DeviceOption = Device.auto,
+    precision: PrecisionOption = Precision.auto,
+    workers: WorkersOption = 0,
     out: Annotated[Path | None, typer.Option(help="Folder for the figures and JSON (default: "
                    "WEIGHTS' name + '-eval', beside it).", rich_help_panel=SYSTEM)] = None,
 ) -> None:
@@ -443,8 +443,7 @@ def show_augment(
                            "show.", rich_help_panel=AUGMENTATION)] = RecipeName.fast,
     count: Annotated[int, typer.Option(help="Images in each grid (the first N train images).",
                                        rich_help_panel=DATA)] = 32,
-    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
-                                       rich_help_panel=DATA)] = Path("datasets"),
+    data: DataOption = Path("datasets"),
     seed: Annotated[int, typer.Option(help="Augmentation seed.", rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder for samples.png and augmented.png.",
                                       rich_help_panel=SYSTEM)] = Path("runs/show-augment"),
@@ -476,19 +475,16 @@ def benchmark_time_to_accuracy(
                           rich_help_panel=OPTIMISATION)] = None,
     max_lr: Annotated[float | None, typer.Option(help="Peak LR.",
                       rich_help_panel=OPTIMISATION)] = None,
-    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
-                                       rich_help_panel=DATA)] = Path("datasets"),
-    train_subset: Annotated[int | None, typer.Option(help="Use the first N train images.",
-                            rich_help_panel=DATA)] = None,
-    test_subset: Annotated[int | None, typer.Option(help="Use the first N test images.",
-                           rich_help_panel=DATA)] = None,
+    data: DataOption = Path("datasets"),
+    train_subset: TrainSubsetOption = None,
+    test_subset: TestSubsetOption = None,
     data_variant: Annotated[str, typer.Option(help="How the results name the data.",
                             rich_help_panel=DATA)] = "CIFAR-10 (JPEG-75 copy)",
-    device: Annotated[Device, typer.Option(rich_help_panel=SYSTEM)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(rich_help_panel=SYSTEM)] = Precision.auto,
+    device: DeviceOption = Device.auto,
+    precision: PrecisionOption = Precision.auto,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile",
                              rich_help_panel=SYSTEM)] = False,
-    workers: Annotated[int, typer.Option(rich_help_panel=SYSTEM)] = 0,
+    workers: WorkersOption = 0,
     seed: Annotated[int, typer.Option(help="First seed.", rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder for the run folders.",
                                       rich_help_panel=SYSTEM)] = Path("runs"),
@@ -525,8 +521,7 @@ def _cuda_available() -> bool:
 
 @benchmark_app.command("loader")
 def benchmark_loader(
-    data: Annotated[Path, typer.Option(help="Folder with the converted betons.",
-                                       rich_help_panel=DATA)] = Path("datasets"),
+    data: DataOption = Path("datasets"),
     workers: Annotated[int, typer.Option(help="Loader threads (FFCV) and worker processes "
                        "(torch DataLoader), 0 = one per core.", rich_help_panel=SYSTEM)] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch.",
