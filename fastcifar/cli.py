@@ -72,6 +72,11 @@ def run_command(function, *args, **kwargs):
         return function(*args, **kwargs)
     except FastCifarError as error:
         _fail(error)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; checkpoints are written atomically
+        if _state["debug"]:
+            raise
+        console.print("[red]interrupted:[/red] stopped at once; the last saved checkpoint is intact")
+        raise typer.Exit(130) from None
 
 
 @app.callback()

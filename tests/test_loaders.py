@@ -85,3 +85,19 @@ def test_subset_and_batch_size_larger_than_data_are_rejected(tiny_dataset):
         build_loaders(LoaderConfig(data_dir=tiny_dataset, train_subset=500), NO_AUGMENT, 0)
     with pytest.raises(FastCifarError, match="batch size 512"):
         build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=512), NO_AUGMENT, 0)
+
+
+def test_beton_with_other_fields_is_rejected(tiny_dataset, tmp_path):
+    from ffcv.fields import FloatField, IntField
+    from ffcv.writer import DatasetWriter
+
+    copy = shutil.copytree(tiny_dataset, tmp_path / "data")
+    metadata = json.loads((copy / METADATA).read_text())
+    beton = copy / metadata["betons"]["train"]["file"]
+    beton.unlink()
+    writer = DatasetWriter(str(beton), {"value": FloatField(), "label": IntField()}, num_workers=1)
+    writer.from_indexed_dataset([(float(i), i % 3) for i in range(120)])
+    metadata["betons"]["train"]["bytes"] = beton.stat().st_size
+    (copy / METADATA).write_text(json.dumps(metadata))
+    with pytest.raises(FastCifarError, match="expected image and label"):
+        read_metadata(copy)

@@ -199,3 +199,13 @@ def test_replace_nested_reaches_loader_and_augment_settings():
                              max_lr=0.1)
     assert (changed.loader.batch_size, changed.augment.cutout_size, changed.max_lr) == (256, 0, 0.1)
     assert changed.loader.data_dir == recipe("fast").loader.data_dir
+
+
+def test_second_signal_stops_at_once():
+    from fastcifar.train import _StopRequest
+
+    request = _StopRequest()
+    request.handle(signal.SIGINT, None)
+    assert request.signal_number == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        request.handle(signal.SIGINT, None)
