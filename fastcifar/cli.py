@@ -127,13 +127,16 @@ def _torchrun_environment() -> tuple[bool, int]:
 
 
 def build_train_config(
-    recipe_name: RecipeName, epochs: int | None, batch_size: int | None,
-    optimizer: OptimizerName | None, max_lr: float | None, weight_decay: float | None,
-    label_smoothing: float | None, ema: float | None, tta: bool | None, device: Device,
-    precision: Precision, channels_last: bool, compile_model: bool, seed: int, data: Path,
-    out: Path, weights: Path, workers: int, train_subset: int | None,
-    test_subset: int | None, augment: bool, cutout: int | None, jitter: float | None,
-    hue: float | None, p_gray: float | None, resume: Path | None, plots: bool = True,
+    recipe_name: RecipeName, *, epochs: int | None = None, batch_size: int | None = None,
+    optimizer: OptimizerName | None = None, max_lr: float | None = None,
+    weight_decay: float | None = None, label_smoothing: float | None = None,
+    ema: float | None = None, tta: bool | None = None, device: Device = Device.auto,
+    precision: Precision = Precision.auto, channels_last: bool = True,
+    compile_model: bool = False, seed: int = 0, data: Path = Path("datasets"),
+    out: Path = Path("runs"), weights: Path = Path("weights"), workers: int = 0,
+    train_subset: int | None = None, test_subset: int | None = None, augment: bool = True,
+    cutout: int | None = None, jitter: float | None = None, hue: float | None = None,
+    p_gray: float | None = None, resume: Path | None = None, plots: bool = True,
 ) -> TrainConfig:
     """The recipe with every option the user gave replacing its default."""
     base = recipe(recipe_name.value)
@@ -266,11 +269,14 @@ def train(
     resume_path = (run_command(find_latest_checkpoint, out) if resume == "auto"
                    else Path(resume) if resume else None)
     numeric_lr = None if max_lr in (None, "auto") else run_command(_parse_float, max_lr, "max-lr")
-    config = run_command(build_train_config, recipe_name, epochs, batch_size, optimizer,
-                         numeric_lr, weight_decay, label_smoothing, ema, tta, device, precision,
-                         channels_last, compile_model, seed, data, out, weights, workers,
-                         train_subset, test_subset, augment, cutout, jitter, hue, p_gray,
-                         resume_path)
+    config = run_command(
+        build_train_config, recipe_name, epochs=epochs, batch_size=batch_size,
+        optimizer=optimizer, max_lr=numeric_lr, weight_decay=weight_decay,
+        label_smoothing=label_smoothing, ema=ema, tta=tta, device=device, precision=precision,
+        channels_last=channels_last, compile_model=compile_model, seed=seed, data=data, out=out,
+        weights=weights, workers=workers, train_subset=train_subset, test_subset=test_subset,
+        augment=augment, cutout=cutout, jitter=jitter, hue=hue, p_gray=p_gray,
+        resume=resume_path)
     if max_lr == "auto":
         config = run_command(_with_found_lr, config)
     rank_is_main = int(os.environ.get("RANK", "0")) == 0
@@ -501,9 +507,10 @@ def benchmark_time_to_accuracy(
     from fastcifar.config import TimeToAccuracyConfig
 
     train_config = run_command(
-        build_train_config, recipe_name, epochs, batch_size, None, max_lr, None, None, None,
-        None, device, precision, True, compile_model, seed, data, out, out / "weights", workers,
-        train_subset, test_subset, True, None, None, None, None, None, False)
+        build_train_config, recipe_name, epochs=epochs, batch_size=batch_size, max_lr=max_lr,
+        device=device, precision=precision, compile_model=compile_model, seed=seed, data=data,
+        out=out, weights=out / "weights", workers=workers, train_subset=train_subset,
+        test_subset=test_subset, plots=False)
     device_name = "cuda" if device == Device.auto and _cuda_available() else device.value
     json_path = json_path or Path(f"benchmarks/results/time-to-accuracy-{recipe_name.value}-"
                                   f"{device_name}.json")

@@ -131,7 +131,7 @@ class TrainConfig:
     logit_scale: float = 1.0  # constant multiplier of the logits
     # Measured effects below: H100, 4-epoch budget, 2 seeds (benchmarks/results/gpu/sweep-4ep-h100.json)
     # unless stated otherwise.
-    ema_decay: float = 0.0  # per-step EMA of the weights; 0: off. 0.98: -0.4 points
+    ema_decay: float = 0.0  # per-step EMA of the weights; 0: off. 0.98: -0.4 points (whiten+zero_res)
     tta: bool = False  # evaluate on the image and its mirror: +0.5 points at 24 epochs (fast)
     bn_momentum: float = 0.1  # torch's BatchNorm running-stat momentum
     whiten_init: bool = False  # prep conv starts as a whitening of 3x3 train patches:
