@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -127,27 +130,81 @@ def _torchrun_environment() -> tuple[bool, int]:
 
 
 def build_train_config(
-    recipe_name: RecipeName, *, epochs: int | None = None, batch_size: int | None = None,
-    optimizer: OptimizerName | None = None, max_lr: float | None = None,
-    weight_decay: float | None = None, label_smoothing: float | None = None,
-    ema: float | None = None, tta: bool | None = None, device: Device = Device.auto,
-    precision: Precision = Precision.auto, channels_last: bool = True,
-    compile_model: bool = False, seed: int = 0, data: Path = Path("datasets"),
-    out: Path = Path("runs"), weights: Path = Path("weights"), workers: int = 0,
-    train_subset: int | None = None, test_subset: int | None = None, augment: bool = True,
-    cutout: int | None = None, jitter: float | None = None, hue: float | None = None,
-    p_gray: float | None = None, resume: Path | None = None, plots: bool = True,
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: fast "
+                           "(SGD-Nesterov, label smoothing, TTA) or seed (the original Adam "
+                           "recipe).", rich_help_panel=OPTIMISATION)] = RecipeName.fast,
+    epochs: Annotated[int | None, typer.Option(help="Epochs; the OneCycle schedule is planned "
+                      "for this budget (recipe default: 24).", rich_help_panel=OPTIMISATION)
+                      ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (default 512).",
+                          rich_help_panel=OPTIMISATION)] = None,
+    optimizer: Annotated[OptimizerName | None, typer.Option(help="adam or sgd (default: the "
+                         "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    max_lr: Annotated[float | None, typer.Option(help="Peak LR of OneCycle, or 'auto' to run the "
+                      "LR range test first (default: the recipe's).",
+                      rich_help_panel=OPTIMISATION)] = None,
+    pct_start: Annotated[float | None, typer.Option(help="Fraction of the steps spent warming "
+                         "up to the peak LR.", rich_help_panel=OPTIMISATION)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
+                            "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the "
+                               "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    logit_scale: Annotated[float | None, typer.Option(help="Constant multiplier of the logits "
+                           "(fast: 0.125).", rich_help_panel=OPTIMISATION)] = None,
+    ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
+                   "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    bn_momentum: Annotated[float | None, typer.Option(help="BatchNorm running-stat momentum "
+                           "(torch default 0.1).", rich_help_panel=OPTIMISATION)] = None,
+    whiten_init: Annotated[bool | None, typer.Option("--whiten-init/--no-whiten-init",
+                           help="Start the prep conv as a whitening of 3x3 train patches.",
+                           rich_help_panel=OPTIMISATION)] = None,
+    zero_init_residual: Annotated[bool | None, typer.Option(
+        "--zero-init-residual/--no-zero-init-residual", help="Start each residual branch's "
+        "last BatchNorm scale at zero.", rich_help_panel=OPTIMISATION)] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
+                   "test-time augmentation (default: the recipe's).",
+                   rich_help_panel=OPTIMISATION)] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
+                       "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
+    cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    jitter: Annotated[float | None, typer.Option(help="Brightness/contrast/saturation "
+                      "jitter magnitude.", rich_help_panel=AUGMENTATION)] = None,
+    hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn).",
+                   rich_help_panel=AUGMENTATION)] = None,
+    p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    data: DataOption = Path("datasets"),
+    train_subset: TrainSubsetOption = None,
+    test_subset: TestSubsetOption = None,
+    device: DeviceOption = Device.auto,
+    precision: PrecisionOption = Precision.auto,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
+                             rich_help_panel=SYSTEM)] = True,
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile "
+                             "the model.", rich_help_panel=SYSTEM)] = False,
+    workers: WorkersOption = 0,
+    seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation (the "
+                                      "first seed of a benchmark).", rich_help_panel=SYSTEM)] = 0,
+    out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
+                                      rich_help_panel=SYSTEM)] = Path("runs"),
 ) -> TrainConfig:
-    """The recipe with every option the user gave replacing its default."""
+    """The recipe with every train option the user gave replacing its default.
+
+    Its parameters are also the train options of `train` and `benchmark time-to-accuracy`
+    (see `with_train_options`), so they are declared once."""
     base = recipe(recipe_name.value)
     distributed, local_rank = _torchrun_environment()
     changes: dict[str, object] = {
         key: value for key, value in {
-            "epochs": epochs, "optimizer": optimizer, "max_lr": max_lr,
+            "epochs": epochs, "optimizer": optimizer, "max_lr": max_lr, "pct_start": pct_start,
             "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-            "ema_decay": ema, "tta": tta,
+            "logit_scale": logit_scale, "ema_decay": ema, "bn_momentum": bn_momentum,
+            "whiten_init": whiten_init, "zero_init_residual": zero_init_residual, "tta": tta,
         }.items() if value is not None
     }
+    if max_lr is not None:  # keep the schedule's floor below a lowered peak
+        changes["min_lr"] = min(base.min_lr, max_lr)
     augment_changes = {key: value for key, value in {
         "cutout_size": cutout, "p_gray": p_gray, "hue": hue,
     }.items() if value is not None}
@@ -164,7 +221,38 @@ def build_train_config(
     return dataclasses.replace(
         base, loader=loader, augment=augment_config, device=device, precision=precision,
         channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
-        weights_dir=weights, resume=resume, local_rank=local_rank, make_plots=plots, **changes)
+        local_rank=local_rank, **changes)
+
+
+def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` every train option (build_train_config's parameters) after its own.
+
+    The command is called with its own options plus `train_config`, the config the train
+    options build; `--max-lr auto` runs the LR range test first.
+    """
+    shared = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in
+              inspect.signature(build_train_config, eval_str=True).parameters.values()]
+    own = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in
+           inspect.signature(command, eval_str=True).parameters.values()
+           if parameter.name != "train_config"]
+    shared_names = [parameter.name for parameter in shared]
+    lr_parameter = next(index for index, parameter in enumerate(shared) if parameter.name == "max_lr")
+    shared[lr_parameter] = shared[lr_parameter].replace(annotation=Annotated[
+        str | None, *shared[lr_parameter].annotation.__metadata__])  # a number or 'auto'
+
+    @functools.wraps(command)
+    def command_with_train_options(**values: object) -> None:
+        options = {name: values.pop(name) for name in shared_names}
+        max_lr = options.pop("max_lr")
+        numeric_lr = None if max_lr in (None, "auto") else run_command(_parse_float, max_lr,
+                                                                       "max-lr")
+        config = run_command(build_train_config, **options, max_lr=numeric_lr)
+        if max_lr == "auto":
+            config = run_command(_with_found_lr, config)
+        command(train_config=config, **values)
+
+    command_with_train_options.__signature__ = inspect.Signature(own + shared)
+    return command_with_train_options
 
 
 class TableCallbacks:
@@ -212,73 +300,25 @@ class TableCallbacks:
 
 
 @app.command()
+@with_train_options
 def train(
-    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: fast "
-                           "(SGD-Nesterov, label smoothing, TTA) or seed (the original Adam "
-                           "recipe).", rich_help_panel=OPTIMISATION)] = RecipeName.fast,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (recipe default: 24).",
-                      rich_help_panel=OPTIMISATION)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step (default 512).",
-                          rich_help_panel=OPTIMISATION)] = None,
-    optimizer: Annotated[OptimizerName | None, typer.Option(help="adam or sgd (default: the recipe's).",
-                         rich_help_panel=OPTIMISATION)] = None,
-    max_lr: Annotated[str | None, typer.Option(help="Peak LR of OneCycle, or 'auto' to run "
-                      "the LR range test first (default: the recipe's).",
-                      rich_help_panel=OPTIMISATION)] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the recipe's).",
-                            rich_help_panel=OPTIMISATION)] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the recipe's).",
-                               rich_help_panel=OPTIMISATION)] = None,
-    ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
-                   "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
-                   "test-time augmentation (default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
-                       "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
-    cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
-                      rich_help_panel=AUGMENTATION)] = None,
-    jitter: Annotated[float | None, typer.Option(help="Brightness/contrast/saturation "
-                      "jitter magnitude.", rich_help_panel=AUGMENTATION)] = None,
-    hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn).",
-                   rich_help_panel=AUGMENTATION)] = None,
-    p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
-                      rich_help_panel=AUGMENTATION)] = None,
-    data: DataOption = Path("datasets"),
-    train_subset: TrainSubsetOption = None,
-    test_subset: TestSubsetOption = None,
-    device: DeviceOption = Device.auto,
-    precision: PrecisionOption = Precision.auto,
-    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
-                             rich_help_panel=SYSTEM)] = True,
-    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile "
-                             "the model.", rich_help_panel=SYSTEM)] = False,
-    workers: WorkersOption = 0,
-    seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation.",
-                                      rich_help_panel=SYSTEM)] = 0,
-    out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
-                                      rich_help_panel=SYSTEM)] = Path("runs"),
+    train_config: TrainConfig,
     weights: Annotated[Path, typer.Option(help="Folder for the best weights.",
                                           rich_help_panel=SYSTEM)] = Path("weights"),
     resume: Annotated[str | None, typer.Option(help="Checkpoint to continue, or 'auto' for "
                       "the newest under --out.", rich_help_panel=SYSTEM)] = None,
+    stop_at_accuracy: Annotated[float | None, typer.Option(help="End the run once test "
+                                "accuracy reaches this (e.g. 0.90).",
+                                rich_help_panel=OPTIMISATION)] = None,
 ) -> None:
     """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, best weights saved."""
     from fastcifar.train import find_latest_checkpoint
     from fastcifar.train import train as run_training
 
-    resume_path = (run_command(find_latest_checkpoint, out) if resume == "auto"
+    resume_path = (run_command(find_latest_checkpoint, train_config.out_dir) if resume == "auto"
                    else Path(resume) if resume else None)
-    numeric_lr = None if max_lr in (None, "auto") else run_command(_parse_float, max_lr, "max-lr")
-    config = run_command(
-        build_train_config, recipe_name, epochs=epochs, batch_size=batch_size,
-        optimizer=optimizer, max_lr=numeric_lr, weight_decay=weight_decay,
-        label_smoothing=label_smoothing, ema=ema, tta=tta, device=device, precision=precision,
-        channels_last=channels_last, compile_model=compile_model, seed=seed, data=data, out=out,
-        weights=weights, workers=workers, train_subset=train_subset, test_subset=test_subset,
-        augment=augment, cutout=cutout, jitter=jitter, hue=hue, p_gray=p_gray,
-        resume=resume_path)
-    if max_lr == "auto":
-        config = run_command(_with_found_lr, config)
+    config = run_command(dataclasses.replace, train_config, weights_dir=weights,
+                         resume=resume_path, stop_at_accuracy=stop_at_accuracy)
     rank_is_main = int(os.environ.get("RANK", "0")) == 0
     result = run_command(run_training, config, TableCallbacks(quiet=not rank_is_main))
     if rank_is_main:
@@ -469,53 +509,37 @@ def show_augment(
 
 
 @benchmark_app.command("time-to-accuracy")
+@with_train_options
 def benchmark_time_to_accuracy(
+    train_config: TrainConfig,
     target: Annotated[list[float], typer.Option(help="Test accuracy to reach; repeat for "
                       "several (e.g. --target 0.90 --target 0.94).")] = [0.90],  # noqa: B006
-    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Recipe to time.",
-                           rich_help_panel=OPTIMISATION)] = RecipeName.fast,
-    epochs: Annotated[int | None, typer.Option(help="Epoch budget the schedule is planned for.",
-                      rich_help_panel=OPTIMISATION)] = None,
     runs: Annotated[int, typer.Option(help="Runs (seeds seed, seed+1, ...).")] = 1,
     budgets: Annotated[list[int] | None, typer.Option("--budget", help="Shortest-budget mode: "
                        "try these epoch budgets in order, stop at the first whose median final "
                        "accuracy reaches the highest target.")] = None,
     stop_at_target: Annotated[bool, typer.Option(help="End each run once the highest target "
                               "is reached.")] = False,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step.",
-                          rich_help_panel=OPTIMISATION)] = None,
-    max_lr: Annotated[float | None, typer.Option(help="Peak LR.",
-                      rich_help_panel=OPTIMISATION)] = None,
-    data: DataOption = Path("datasets"),
-    train_subset: TrainSubsetOption = None,
-    test_subset: TestSubsetOption = None,
     data_variant: Annotated[str, typer.Option(help="How the results name the data.",
                             rich_help_panel=DATA)] = "CIFAR-10 (JPEG-75 copy)",
-    device: DeviceOption = Device.auto,
-    precision: PrecisionOption = Precision.auto,
-    compile_model: Annotated[bool, typer.Option("--compile/--no-compile",
-                             rich_help_panel=SYSTEM)] = False,
-    workers: WorkersOption = 0,
-    seed: Annotated[int, typer.Option(help="First seed.", rich_help_panel=SYSTEM)] = 0,
-    out: Annotated[Path, typer.Option(help="Folder for the run folders.",
-                                      rich_help_panel=SYSTEM)] = Path("runs"),
     json_path: Annotated[Path | None, typer.Option("--json", help="Results file [benchmarks/"
                          "results/time-to-accuracy-<recipe>-<device>.json].")] = None,
 ) -> None:
-    """Wall time to reach target test accuracies (train / eval / warm-up split), per seed."""
+    """Wall time to reach target test accuracies (train / eval / warm-up split), per seed.
+
+    Takes every train option; the run folders go under --out, their weights to --out/weights.
+    """
     from fastcifar.benchmark import benchmark_time_to_accuracy as run_benchmark
     from fastcifar.config import TimeToAccuracyConfig
 
-    train_config = run_command(
-        build_train_config, recipe_name, epochs=epochs, batch_size=batch_size, max_lr=max_lr,
-        device=device, precision=precision, compile_model=compile_model, seed=seed, data=data,
-        out=out, weights=out / "weights", workers=workers, train_subset=train_subset,
-        test_subset=test_subset, plots=False)
-    device_name = "cuda" if device == Device.auto and _cuda_available() else device.value
-    json_path = json_path or Path(f"benchmarks/results/time-to-accuracy-{recipe_name.value}-"
+    train_config = dataclasses.replace(train_config, weights_dir=train_config.out_dir / "weights",
+                                       make_plots=False)
+    device_name = ("cuda" if train_config.device == Device.auto and _cuda_available()
+                   else train_config.device.value)
+    json_path = json_path or Path(f"benchmarks/results/time-to-accuracy-{train_config.recipe}-"
                                   f"{device_name}.json")
     config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
-                         runs=runs, first_seed=seed, stop_at_target=stop_at_target,
+                         runs=runs, first_seed=train_config.seed, stop_at_target=stop_at_target,
                          budgets=tuple(budgets or ()), json_path=json_path,
                          command="fastcifar " + " ".join(sys.argv[1:]), data_variant=data_variant)
     report = run_command(run_benchmark, config, TableCallbacks())

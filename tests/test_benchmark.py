@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from typer.testing import CliRunner
 
-from fastcifar.config import LoaderBenchmarkConfig
+from fastcifar.benchmark import TargetHit, benchmark_time_to_accuracy, first_hits
+from fastcifar.config import (
+    LoaderBenchmarkConfig,
+    LoaderConfig,
+    OptimizerName,
+    Precision,
+    TimeToAccuracyConfig,
+    recipe,
+)
+from fastcifar.errors import FastCifarError
+from fastcifar.train import EpochStats
 
 PIPELINES = ["fastcifar", "ffcv_builtin", "torchvision_dataloader"]
 
@@ -84,3 +95,139 @@ def test_benchmark_loader_cli_rejects_zero_passes(tmp_path):
     result = CliRunner().invoke(app, ["benchmark", "loader", "--passes", "0",
                                       "--data", str(tmp_path)])
     assert result.exit_code == 1 and "passes must be >= 1" in result.output
+
+
+# ---------------------------------------------------------------- time to accuracy
+
+
+def tiny_time_to_accuracy(data_dir, tmp_path, **changes) -> TimeToAccuracyConfig:
+    """The fast recipe scaled to the 3-class tiny data (batches of 24, fp32, no TTA)."""
+    train_config = recipe("fast", epochs=6, max_lr=0.05, tta=False, make_plots=False,
+                          loader=LoaderConfig(data_dir=data_dir, batch_size=24, workers=1),
+                          precision=Precision.fp32, out_dir=tmp_path / "runs",
+                          weights_dir=tmp_path / "weights")
+    return dataclasses.replace(TimeToAccuracyConfig(train=train_config, command="test",
+                                                    json_path=tmp_path / "tta.json"), **changes)
+
+
+def test_first_hits_sums_train_and_eval_time_up_to_the_first_epoch_at_target():
+    history = [EpochStats(epoch, 0.1, 1.0, 0.5, 1.0, accuracy, 10.0 * epoch, 2.0, 100.0, 5 * epoch)
+               for epoch, accuracy in ((1, 0.5), (2, 0.91), (3, 0.89), (4, 0.95))]
+    hits = first_hits(history, (0.9, 0.94, 0.99))
+    assert hits["0.9"] == TargetHit(epochs=2, steps=10, seconds=34.0, train_seconds=30.0,
+                                    eval_seconds=4.0)
+    assert hits["0.94"] == TargetHit(epochs=4, steps=20, seconds=108.0, train_seconds=100.0,
+                                     eval_seconds=8.0)
+    assert hits["0.99"] is None
+
+
+def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path):
+    config = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.6,), stop_at_target=True)
+    report = benchmark_time_to_accuracy(config)
+    assert json.loads(config.json_path.read_text()) == json.loads(json.dumps(report))
+    assert (report["benchmark"], report["recipe"], report["epochs"]) == ("time_to_accuracy",
+                                                                         "fast", 6)
+    assert report["device"] == "cpu" and report["train_subset"] is None
+    assert report["command"] == "test" and report["machine"]["cpu_cores"] >= 1
+    [run] = report["runs"]
+    hit = run["targets"]["0.6"]
+    assert run["seed"] == 0 and hit is not None
+    # the run ended at the evaluation that first reached the target, before its budget
+    assert run["epochs_run"] == hit["epochs"] < 6
+    accuracies = [row["test_accuracy"] for row in run["per_epoch"]]
+    assert accuracies[-1] >= 0.6 and all(accuracy < 0.6 for accuracy in accuracies[:-1])
+    assert hit["steps"] == run["per_epoch"][-1]["steps"] == 5 * hit["epochs"]  # 120 / 24
+    assert hit["train_seconds"] > 0 and hit["eval_seconds"] > 0 and run["warmup_seconds"] > 0
+    assert hit["seconds"] == pytest.approx(hit["train_seconds"] + hit["eval_seconds"])
+    assert hit["train_seconds"] == pytest.approx(sum(row["train_seconds"]
+                                                     for row in run["per_epoch"]))
+    assert 0 <= run["final_accuracy_no_tta"] <= 1 and 0 <= run["final_accuracy_tta"] <= 1
+    assert report["median"]["6"]["0.6"]["reached"] == "1/1"
+
+
+def test_time_to_accuracy_reports_a_missed_target_as_null_over_several_seeds(tiny_dataset,
+                                                                            tmp_path):
+    base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
+    # an LR too small to learn anything in one epoch: both targets stay out of reach
+    untrained = dataclasses.replace(base.train, epochs=1, max_lr=1e-7, min_lr=1e-8)
+    config = dataclasses.replace(base, targets=(0.5, 1.0), runs=2, first_seed=3,
+                                 train=untrained)
+    report = benchmark_time_to_accuracy(config)
+    assert [run["seed"] for run in report["runs"]] == [3, 4]
+    assert all(run["epochs_run"] == 1 and run["final_accuracy"] < 0.5 for run in report["runs"])
+    assert all(run["targets"] == {"0.5": None, "1.0": None} for run in report["runs"])
+    assert report["median"]["1"]["1.0"] == {"seconds": None, "epochs": None, "reached": "0/2"}
+    saved = json.loads(config.json_path.read_text())
+    assert saved["runs"][0]["targets"]["0.5"] is None  # null in the JSON
+
+
+def test_shortest_budget_mode_stops_at_the_first_budget_that_reaches_the_target(tiny_dataset,
+                                                                               tmp_path):
+    config = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.6,), budgets=(1, 4, 5))
+    report = benchmark_time_to_accuracy(config)
+    budgets_run = [run["epochs_run"] for run in report["runs"]]
+    finals = {run["epochs_run"]: run["final_accuracy"] for run in report["runs"]}
+    shortest = report["shortest_budget_epochs"]
+    assert shortest in (1, 4) and budgets_run[-1] == shortest and 5 not in budgets_run
+    assert finals[shortest] >= 0.6
+    assert all(finals[budget] < 0.6 for budget in budgets_run[:-1])
+
+
+def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
+    import fastcifar.benchmark
+    from fastcifar.cli import app
+
+    seen = {}
+
+    def fake_benchmark(config, callbacks=None):
+        seen["config"] = config
+        return {"median": {}}
+
+    monkeypatch.setattr(fastcifar.benchmark, "benchmark_time_to_accuracy", fake_benchmark)
+    result = CliRunner().invoke(app, [
+        "benchmark", "time-to-accuracy", "--recipe", "seed", "--epochs", "8", "--runs", "3",
+        "--target", "0.9", "--target", "0.94", "--budget", "8", "--budget", "12", "--seed", "5",
+        "--batch-size", "256", "--max-lr", "0.002", "--pct-start", "0.3", "--logit-scale",
+        "0.5", "--bn-momentum", "0.2", "--whiten-init", "--zero-init-residual", "--ema", "0.99",
+        "--label-smoothing", "0.1", "--cutout", "0", "--no-tta", "--precision", "fp32",
+        "--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "runs"),
+        "--json", str(tmp_path / "t.json")])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    train_config = config.train
+    assert (config.targets, config.runs, config.budgets, config.first_seed) == (
+        (0.9, 0.94), 3, (8, 12), 5)
+    assert (train_config.recipe, train_config.epochs, train_config.seed) == ("seed", 8, 5)
+    assert train_config.optimizer == OptimizerName.adam  # the seed recipe's
+    assert (train_config.loader.batch_size, train_config.max_lr, train_config.pct_start) == (
+        256, 0.002, 0.3)
+    assert train_config.min_lr <= train_config.max_lr
+    assert (train_config.logit_scale, train_config.bn_momentum, train_config.ema_decay) == (
+        0.5, 0.2, 0.99)
+    assert train_config.whiten_init and train_config.zero_init_residual
+    assert train_config.label_smoothing == 0.1 and not train_config.tta
+    assert train_config.augment.cutout_size == 0 and train_config.augment.p_gray == 0.1
+    assert train_config.weights_dir == tmp_path / "runs" / "weights"
+    assert not train_config.make_plots and config.json_path == tmp_path / "t.json"
+    assert config.command.startswith("fastcifar ")
+
+
+def test_train_cli_passes_its_own_options_and_the_shared_ones(monkeypatch, tmp_path):
+    import fastcifar.train
+    from fastcifar.cli import app
+
+    seen = {}
+
+    def fake_train(config, callbacks=None):
+        seen["config"] = config
+        raise FastCifarError("stopped by the test")
+
+    monkeypatch.setattr(fastcifar.train, "train", fake_train)
+    result = CliRunner().invoke(app, [
+        "train", "--epochs", "3", "--weights", str(tmp_path / "w"), "--stop-at-accuracy", "0.9",
+        "--whiten-init", "--max-lr", "0.1", "--data", str(tmp_path)])
+    assert result.exit_code == 1 and "stopped by the test" in result.output
+    config = seen["config"]
+    assert (config.recipe, config.epochs, config.max_lr, config.stop_at_accuracy) == (
+        "fast", 3, 0.1, 0.9)
+    assert config.weights_dir == tmp_path / "w" and config.whiten_init and config.resume is None
