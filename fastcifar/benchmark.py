@@ -95,6 +95,7 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
         final[tta] = evaluate(result.final_model, loaders.test, step, plan, tta)[1]
     return {
         "seed": train_config.seed,
+        "budget_epochs": train_config.epochs,
         "targets": {key: (dataclasses.asdict(hit) if hit else None)
                     for key, hit in first_hits(result.history, config.targets).items()},
         "warmup_seconds": result.warmup_seconds,
@@ -138,7 +139,7 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
         "device": str(select_device(config.train.device)),
         "train_subset": config.train.loader.train_subset, "data": config.data_variant,
         "machine": machine_description(select_device(config.train.device)),
-        "command": config.command,
+        "command": config.command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     shortest: int | None = None
     all_runs: dict[str, list[dict]] = {}
@@ -163,7 +164,56 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
         report["shortest_budget_epochs"] = shortest
     if config.json_path is not None:
         write_json(config.json_path, report)
+        write_time_to_accuracy_markdown(Path(config.json_path).with_suffix(".md"), report)
     return report
+
+
+def _format_hit(hit: dict | None) -> str:
+    if hit is None:
+        return "not reached"
+    return (f"{hit['epochs']:g} ep, {hit['seconds']:,.1f} s ({hit['train_seconds']:,.1f} + "
+            f"{hit['eval_seconds']:,.1f})")
+
+
+def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
+    """A table beside the JSON: per run, epochs and seconds (train + eval) to each target."""
+    machine = report["machine"]
+    hardware = machine.get("gpu") or f"{machine.get('cpu', '?')}, {machine.get('cpu_cores')} cores"
+    config = report["config"]
+    targets = [str(target) for target in report["targets"]]
+    lines = [f"# Time to accuracy: recipe {report['recipe']} ({report.get('date', '')})", "",
+             f"`{report['command']}`", "",
+             f"{hardware}; device {report['device']}, precision {config['precision']}, batch "
+             f"{config['loader']['batch_size']}; data {report['data']}; commit "
+             f"{report['commit'] or 'unknown'}. Seconds run from the first training step and "
+             "hold train + eval time; the one-off warm-up is apart.", "",
+             "| budget (epochs) | seed | epochs run | " + " | ".join(
+                 f"to {float(target):.0%}" for target in targets)
+             + " | warm-up (s) | final acc | no TTA | flip TTA |",
+             "|---:|---:|---:|" + "---|" * len(targets) + "---:|---:|---:|---:|"]
+    for run in report["runs"]:
+        # older reports lack the key; their runs never stopped early, so epochs run = budget
+        budget = run.get("budget_epochs", run["epochs_run"])
+        lines.append(f"| {budget} | {run['seed']} | {run['epochs_run']} | "
+                     + " | ".join(_format_hit(run["targets"][target]) for target in targets)
+                     + f" | {run['warmup_seconds']:.1f} | {run['final_accuracy']:.2%} | "
+                     f"{run['final_accuracy_no_tta']:.2%} | {run['final_accuracy_tta']:.2%} |")
+    lines += ["", "| budget (epochs) | median final acc | " + " | ".join(
+        f"median to {float(target):.0%} (epochs, s; runs reaching it)" for target in targets)
+        + " |", "|---:|---:|" + "---|" * len(targets)]
+    for budget, summary in report["median"].items():
+        cells = []
+        for target in targets:
+            median = summary[target]
+            cells.append("not reached" if median["seconds"] is None else
+                         f"{median['epochs']:g} ep, {median['seconds']:,.1f} s")
+            cells[-1] += f"; {median['reached']}"
+        lines.append(f"| {budget} | {summary['final_accuracy']:.2%} | " + " | ".join(cells) + " |")
+    if "shortest_budget_epochs" in report:
+        lines += ["", f"Shortest budget whose median final accuracy reaches "
+                  f"{max(report['targets']):.0%}: {report['shortest_budget_epochs']} epochs."]
+    with atomic_path(path) as temporary:
+        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- loader throughput

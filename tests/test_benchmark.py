@@ -143,6 +143,9 @@ def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_datas
                                                      for row in run["per_epoch"]))
     assert 0 <= run["final_accuracy_no_tta"] <= 1 and 0 <= run["final_accuracy_tta"] <= 1
     assert report["median"]["6"]["0.6"]["reached"] == "1/1"
+    assert run["budget_epochs"] == 6
+    table = config.json_path.with_suffix(".md").read_text()
+    assert "| to 60% |" in table and f"| 6 | 0 | {run['epochs_run']} | {hit['epochs']} ep, " in table
 
 
 def test_time_to_accuracy_reports_a_missed_target_as_null_over_several_seeds(tiny_dataset,
@@ -159,6 +162,8 @@ def test_time_to_accuracy_reports_a_missed_target_as_null_over_several_seeds(tin
     assert report["median"]["1"]["1.0"] == {"seconds": None, "epochs": None, "reached": "0/2"}
     saved = json.loads(config.json_path.read_text())
     assert saved["runs"][0]["targets"]["0.5"] is None  # null in the JSON
+    table = config.json_path.with_suffix(".md").read_text()
+    assert table.count("not reached") == 2 * 2 + 2  # two runs and the median row, two targets
 
 
 def test_shortest_budget_mode_stops_at_the_first_budget_that_reaches_the_target(tiny_dataset,
@@ -171,6 +176,7 @@ def test_shortest_budget_mode_stops_at_the_first_budget_that_reaches_the_target(
     assert shortest in (1, 4) and budgets_run[-1] == shortest and 5 not in budgets_run
     assert finals[shortest] >= 0.6
     assert all(finals[budget] < 0.6 for budget in budgets_run[:-1])
+    assert f"reaches 60%: {shortest} epochs" in config.json_path.with_suffix(".md").read_text()
 
 
 def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
