@@ -84,8 +84,8 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
     """One seeded run: target hits, warm-up, final accuracy with and without TTA."""
     loaders = build_loaders(train_config.loader, train_config.augment, train_config.seed)
     stop_at = max(config.targets) if config.stop_at_target else None
-    result = train(dataclasses.replace(train_config, stop_at_accuracy=stop_at, make_plots=False),
-                   callbacks, loaders=loaders)
+    result = train(dataclasses.replace(train_config, stop_at_accuracy=stop_at, make_plots=False,
+                                       resume=config.resume), callbacks, loaders=loaders)
     device = select_device(train_config.device, train_config.local_rank)
     plan = plan_precision(train_config.precision, device)
     step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
@@ -98,7 +98,8 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
         "budget_epochs": train_config.epochs,
         "targets": {key: (dataclasses.asdict(hit) if hit else None)
                     for key, hit in first_hits(result.history, config.targets).items()},
-        "warmup_seconds": result.warmup_seconds,
+        "warmup_seconds": result.warmup_seconds,  # of the last process when resumed
+        "resumed_from": str(config.resume) if config.resume else None,
         "epochs_run": len(result.history),
         "final_accuracy": result.history[-1].test_accuracy,
         "final_accuracy_no_tta": final[False],

@@ -524,10 +524,14 @@ def benchmark_time_to_accuracy(
                             rich_help_panel=DATA)] = "CIFAR-10 (JPEG-75 copy)",
     json_path: Annotated[Path | None, typer.Option("--json", help="Results file [benchmarks/"
                          "results/time-to-accuracy-<recipe>-<device>.json].")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its "
+                      "last.pt (same options, one run, no --budget).", rich_help_panel=SYSTEM)
+                      ] = None,
 ) -> None:
     """Wall time to reach target test accuracies (train / eval / warm-up split), per seed.
 
     Takes every train option; the run folders go under --out, their weights to --out/weights.
+    Ctrl-C saves a checkpoint; the same command plus --resume continues it.
     """
     from fastcifar.benchmark import benchmark_time_to_accuracy as run_benchmark
     from fastcifar.config import TimeToAccuracyConfig
@@ -541,7 +545,8 @@ def benchmark_time_to_accuracy(
     config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
                          runs=runs, first_seed=train_config.seed, stop_at_target=stop_at_target,
                          budgets=tuple(budgets or ()), json_path=json_path,
-                         command="fastcifar " + " ".join(sys.argv[1:]), data_variant=data_variant)
+                         command="fastcifar " + " ".join(sys.argv[1:]), data_variant=data_variant,
+                         resume=resume)
     report = run_command(run_benchmark, config, TableCallbacks())
     for budget, summary in report["median"].items():
         console.print(f"{budget} epochs: median " + ", ".join(

@@ -292,10 +292,15 @@ class TimeToAccuracyConfig:
     json_path: Path | None = None
     command: str = ""
     data_variant: str = "CIFAR-10 (JPEG-75 copy)"
+    # Continue an interrupted benchmark run from its last.pt: a CPU run of 24 epochs can outlast
+    # a sitting. Its per-epoch train/eval seconds carry over, so the times stay whole.
+    resume: Path | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.targets) and all(0 < t <= 1 for t in self.targets),
                  "targets must be accuracies in (0, 1]")
+        _require(self.resume is None or (self.runs == 1 and not self.budgets),
+                 "--resume continues one run: use it without --runs or --budget")
         _require(self.runs >= 1, f"runs must be >= 1, got {self.runs}")
         _require(all(b > 0 for b in self.budgets), "budgets must be positive epoch counts")
 

@@ -156,8 +156,8 @@ class TrainingInterrupted(FastCifarError):
     def __init__(self, signal_number: int, checkpoint: Path) -> None:
         self.exit_code = 128 + signal_number
         self.checkpoint = checkpoint
-        super().__init__(f"interrupted; checkpoint saved to {checkpoint}: resume with "
-                         f"`fastcifar train --resume {checkpoint}`")
+        super().__init__(f"interrupted; checkpoint saved to {checkpoint}: continue with the "
+                         f"same command plus `--resume {checkpoint}`")
 
 
 # ---------------------------------------------------------------- reproducibility and records

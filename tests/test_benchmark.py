@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 
 import pytest
 from typer.testing import CliRunner
@@ -18,7 +20,7 @@ from fastcifar.config import (
     recipe,
 )
 from fastcifar.errors import FastCifarError
-from fastcifar.train import EpochStats
+from fastcifar.train import EpochStats, TrainCallbacks, TrainingInterrupted, load_checkpoint
 
 PIPELINES = ["fastcifar", "ffcv_builtin", "torchvision_dataloader"]
 
@@ -237,3 +239,40 @@ def test_train_cli_passes_its_own_options_and_the_shared_ones(monkeypatch, tmp_p
     assert (config.recipe, config.epochs, config.max_lr, config.stop_at_accuracy) == (
         "fast", 3, 0.1, 0.9)
     assert config.weights_dir == tmp_path / "w" and config.whiten_init and config.resume is None
+
+
+def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_dataset, tmp_path):
+    base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
+    config = dataclasses.replace(base, targets=(0.5,),
+                                 train=dataclasses.replace(base.train, epochs=3))
+
+    class InterruptAtStep(TrainCallbacks):
+        def on_step(self, epoch, step, steps_per_epoch):
+            if epoch == 2 and step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        benchmark_time_to_accuracy(config, InterruptAtStep())
+    assert not config.json_path.exists()  # no results file for a run that did not finish
+    checkpoint = interrupted.value.checkpoint
+    saved = load_checkpoint(checkpoint)
+    report = benchmark_time_to_accuracy(dataclasses.replace(config, resume=checkpoint))
+    [run] = report["runs"]
+    assert run["resumed_from"] == str(checkpoint) and run["run_dir"] == str(checkpoint.parent)
+    assert [row["epoch"] for row in run["per_epoch"]] == [1, 2, 3]
+    assert run["per_epoch"][0] == saved["history"][0]  # the epoch before the interrupt, kept
+    # epoch 2's time holds its steps before the interrupt as well as those after it
+    assert run["per_epoch"][1]["train_seconds"] > saved["partial"]["train_seconds"]
+    hit = run["targets"]["0.5"]
+    if hit is not None:
+        assert hit["train_seconds"] == pytest.approx(sum(
+            row["train_seconds"] for row in run["per_epoch"][:hit["epochs"]]))
+
+
+def test_time_to_accuracy_resume_is_for_one_run(tmp_path):
+    from fastcifar.cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", "time-to-accuracy", "--runs", "2",
+                                      "--resume", str(tmp_path / "last.pt"),
+                                      "--data", str(tmp_path)])
+    assert result.exit_code == 1 and "--resume continues one run" in result.output
