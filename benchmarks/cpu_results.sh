@@ -10,9 +10,10 @@
 #   seed-24   seed recipe, 24-epoch time-to-accuracy, full data       (~3.5 h on 2 cores)
 #
 # Time-to-accuracy runs use fp32, the faster precision on this CPU
-# (benchmarks/results/cpu/step-throughput.json). A long step can be stopped with Ctrl-C or
-# SIGTERM (it saves a checkpoint) and continued with RESUME=runs/cpu/<run>/last.pt and the same
-# step name; its log is appended to, and the per-epoch seconds of both parts are kept.
+# (benchmarks/results/cpu/step-throughput.json). A long step can be stopped with Ctrl-C, or
+# SIGTERM sent to its fastcifar process (`pkill -TERM -f 'fastcifar benchmark'`): it saves a
+# checkpoint. `RESUME=runs/cpu/<run>/last.pt bash benchmarks/cpu_results.sh STEP` (one step)
+# continues it; its log is appended to, and the per-epoch seconds of both parts are kept.
 set -euo pipefail
 out=benchmarks/results/cpu
 mkdir -p "$out"
@@ -22,7 +23,9 @@ logged() {  # logged NAME COMMAND...: run, drop blank progress lines, append to 
   local log="$out/$1.log"
   shift
   [ -n "${RESUME:-}" ] || : > "$log"
-  "$@" ${RESUME:+--resume "$RESUME"} 2>&1 | grep --line-buffered -v '^ *$' | tee -a "$log"
+  # The filter ignores Ctrl-C so that fastcifar's "checkpoint saved" line still reaches the log.
+  "$@" ${RESUME:+--resume "$RESUME"} 2>&1 \
+    | { trap '' INT; grep --line-buffered -v '^ *$' | tee -a "$log"; }
 }
 
 time_to_accuracy() {  # time_to_accuracy RECIPE EPOCHS TARGET...
@@ -35,12 +38,16 @@ time_to_accuracy() {  # time_to_accuracy RECIPE EPOCHS TARGET...
 
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(subset fast-4 fast-13 seed-24)
+if [ -n "${RESUME:-}" ] && [ ${#steps[@]} -ne 1 ]; then
+  echo "RESUME continues one step: name it (e.g. seed-24)" >&2
+  exit 2
+fi
 for step in "${steps[@]}"; do
   case "$step" in
     subset)
       logged train-2ep-subset10k .venv/bin/fastcifar train --epochs 2 --train-subset 10000 \
-        --out runs/cpu
-      run=$(ls -td runs/cpu/*/ | head -1)
+        --out runs/cpu/subset
+      run=$(ls -td runs/cpu/subset/*/ | head -1)
       cp "$run/metrics.json" "$out/train-2ep-subset10k-metrics.json"
       cp "$run/training_curves.png" "$out/training_curves-2ep-subset10k.png" ;;
     fast-4) time_to_accuracy fast 4 0.85 0.90 ;;

@@ -41,6 +41,7 @@ from fastcifar.train import (
     DeviceStep,
     EpochStats,
     TrainCallbacks,
+    TrainingInterrupted,
     evaluate,
     machine_description,
     plan_precision,
@@ -145,10 +146,22 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
     shortest: int | None = None
     all_runs: dict[str, list[dict]] = {}
     for budget in budgets:
-        runs = [_run_to_accuracy(config, dataclasses.replace(config.train, epochs=budget,
-                                                             seed=config.first_seed + index),
-                                 callbacks)
-                for index in range(config.runs)]
+        runs = []
+        for index in range(config.runs):
+            run_config = dataclasses.replace(config.train, epochs=budget,
+                                             seed=config.first_seed + index)
+            try:
+                runs.append(_run_to_accuracy(config, run_config, callbacks))
+            except TrainingInterrupted as interrupted:
+                if config.runs == 1 and not config.budgets:
+                    raise
+                # --resume continues one run: say how to finish this one on its own
+                raise TrainingInterrupted(
+                    interrupted.signal_number, interrupted.checkpoint,
+                    f"the runs finished before it keep their metrics.json; continue this run "
+                    f"alone with the same options but `--runs 1 --seed {run_config.seed} "
+                    f"--epochs {budget} --resume {interrupted.checkpoint}` (no --budget)"
+                ) from None
         all_runs[str(budget)] = runs
         median_final = statistics.median(run["final_accuracy"] for run in runs)
         if shortest is None and median_final >= max(config.targets):
@@ -167,6 +180,10 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
         write_json(config.json_path, report)
         write_time_to_accuracy_markdown(Path(config.json_path).with_suffix(".md"), report)
     return report
+
+
+def _percent(fraction: float | str) -> str:
+    return f"{float(fraction) * 100:g}%"  # 0.935 -> 93.5%, 0.9 -> 90%
 
 
 def _format_hit(hit: dict | None) -> str:
@@ -189,30 +206,34 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
              f"{report['commit'] or 'unknown'}. Seconds run from the first training step and "
              "hold train + eval time; the one-off warm-up is apart.", "",
              "| budget (epochs) | seed | epochs run | " + " | ".join(
-                 f"to {float(target):.0%}" for target in targets)
+                 f"to {_percent(target)}" for target in targets)
              + " | warm-up (s) | final acc | no TTA | flip TTA |",
              "|---:|---:|---:|" + "---|" * len(targets) + "---:|---:|---:|---:|"]
     for run in report["runs"]:
         # older reports lack the key; their runs never stopped early, so epochs run = budget
         budget = run.get("budget_epochs", run["epochs_run"])
-        lines.append(f"| {budget} | {run['seed']} | {run['epochs_run']} | "
+        seed = f"{run['seed']} (resumed)" if run.get("resumed_from") else run["seed"]
+        lines.append(f"| {budget} | {seed} | {run['epochs_run']} | "
                      + " | ".join(_format_hit(run["targets"][target]) for target in targets)
                      + f" | {run['warmup_seconds']:.1f} | {run['final_accuracy']:.2%} | "
                      f"{run['final_accuracy_no_tta']:.2%} | {run['final_accuracy_tta']:.2%} |")
     lines += ["", "| budget (epochs) | median final acc | " + " | ".join(
-        f"median to {float(target):.0%} (epochs, s; runs reaching it)" for target in targets)
+        f"median to {_percent(target)} (epochs, s; runs reaching it)" for target in targets)
         + " |", "|---:|---:|" + "---|" * len(targets)]
     for budget, summary in report["median"].items():
         cells = []
         for target in targets:
             median = summary[target]
-            cells.append("not reached" if median["seconds"] is None else
-                         f"{median['epochs']:g} ep, {median['seconds']:,.1f} s")
-            cells[-1] += f"; {median['reached']}"
+            cells.append(f"median not reached; {median['reached']}" if median["seconds"] is None
+                         else f"{median['epochs']:g} ep, {median['seconds']:,.1f} s; "
+                         f"{median['reached']}")
         lines.append(f"| {budget} | {summary['final_accuracy']:.2%} | " + " | ".join(cells) + " |")
     if "shortest_budget_epochs" in report:
+        shortest = report["shortest_budget_epochs"]
         lines += ["", f"Shortest budget whose median final accuracy reaches "
-                  f"{max(report['targets']):.0%}: {report['shortest_budget_epochs']} epochs."]
+                  f"{_percent(max(report['targets']))}: " + (
+                      f"{shortest} epochs." if shortest is not None else
+                      f"none of those tried ({', '.join(report['median'])} epochs).")]
     with atomic_path(path) as temporary:
         temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

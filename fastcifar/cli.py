@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -244,6 +245,9 @@ def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
     def command_with_train_options(**values: object) -> None:
         options = {name: values.pop(name) for name in shared_names}
         max_lr = options.pop("max_lr")
+        if max_lr == "auto" and values.get("resume"):
+            _fail(FastCifarError("--max-lr auto with --resume: the checkpoint already holds its "
+                                 "LR; drop --max-lr"))
         numeric_lr = None if max_lr in (None, "auto") else run_command(_parse_float, max_lr,
                                                                        "max-lr")
         config = run_command(build_train_config, **options, max_lr=numeric_lr)
@@ -522,16 +526,18 @@ def benchmark_time_to_accuracy(
                               "is reached.")] = False,
     data_variant: Annotated[str, typer.Option(help="How the results name the data.",
                             rich_help_panel=DATA)] = "CIFAR-10 (JPEG-75 copy)",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Results file [benchmarks/"
-                         "results/time-to-accuracy-<recipe>-<device>.json].")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Results file (default "
+                         "benchmarks/results/time-to-accuracy-<recipe>-<device>.json); a .md "
+                         "table goes beside it.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its "
                       "last.pt (same options, one run, no --budget).", rich_help_panel=SYSTEM)
                       ] = None,
 ) -> None:
     """Wall time to reach target test accuracies (train / eval / warm-up split), per seed.
 
-    Takes every train option; the run folders go under --out, their weights to --out/weights.
-    Ctrl-C saves a checkpoint; the same command plus --resume continues it.
+    Takes train's options (not --weights or --stop-at-accuracy); the run folders go under --out,
+    their weights to --out/weights. Ctrl-C saves a checkpoint; a one-run benchmark continues
+    with the same options plus --resume.
     """
     from fastcifar.benchmark import benchmark_time_to_accuracy as run_benchmark
     from fastcifar.config import TimeToAccuracyConfig
@@ -545,7 +551,8 @@ def benchmark_time_to_accuracy(
     config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
                          runs=runs, first_seed=train_config.seed, stop_at_target=stop_at_target,
                          budgets=tuple(budgets or ()), json_path=json_path,
-                         command="fastcifar " + " ".join(sys.argv[1:]), data_variant=data_variant,
+                         command=shlex.join(["fastcifar", *sys.argv[1:]]),
+                         data_variant=data_variant,
                          resume=resume)
     report = run_command(run_benchmark, config, TableCallbacks())
     for budget, summary in report["median"].items():
@@ -589,7 +596,7 @@ def benchmark_loader(
     config = run_command(LoaderBenchmarkConfig, data_dir=data, workers=workers,
                          batch_size=batch_size, passes=passes,
                          torchvision_batches=torchvision_batches, jit_startup=jit_startup,
-                         json_path=json_path, command="fastcifar " + " ".join(sys.argv[1:]))
+                         json_path=json_path, command=shlex.join(["fastcifar", *sys.argv[1:]]))
 
     def progress(stage: str, done: int, total: int) -> None:
         console.print(f"  {stage}: pass {done}/{total} (the first warms up)   ", end="\r")

@@ -153,11 +153,12 @@ class TrainCallbacks:
 class TrainingInterrupted(FastCifarError):
     """SIGINT/SIGTERM stopped training at a step boundary after a checkpoint was saved."""
 
-    def __init__(self, signal_number: int, checkpoint: Path) -> None:
+    def __init__(self, signal_number: int, checkpoint: Path, how_to_continue: str = "") -> None:
+        self.signal_number = signal_number
         self.exit_code = 128 + signal_number
         self.checkpoint = checkpoint
-        super().__init__(f"interrupted; checkpoint saved to {checkpoint}: continue with the "
-                         f"same command plus `--resume {checkpoint}`")
+        how_to_continue = how_to_continue or f"continue with the same options plus `--resume {checkpoint}`"
+        super().__init__(f"interrupted; checkpoint saved to {checkpoint}: {how_to_continue}")
 
 
 # ---------------------------------------------------------------- reproducibility and records
@@ -575,8 +576,10 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                     epoch_started = time.perf_counter()
                 else:
                     images, labels = next(batches)
-                if step_in_epoch <= done_before:
-                    continue  # trained before the interrupt; the order is the same on resume
+                if step_in_epoch <= done_before:  # trained before the interrupt (same order)
+                    if step_in_epoch == done_before:
+                        epoch_started = time.perf_counter()  # re-reading them is off the clock
+                    continue
                 images, labels = device_step(images, labels)
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(device, plan):
