@@ -143,6 +143,10 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
         "machine": machine_description(select_device(config.train.device)),
         "command": config.command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    # Taken before the runs: the code that runs is the code checked out when they start.
+    record = run_record(config.train, select_device(config.train.device), "")
+    report.update(versions=record["versions"], commit=record["git_commit"],
+                  config=record["config"])
     shortest: int | None = None
     all_runs: dict[str, list[dict]] = {}
     for budget in budgets:
@@ -168,9 +172,6 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
             shortest = budget
             if config.budgets:
                 break  # shortest-budget mode: longer budgets need not run
-    record = run_record(config.train, select_device(config.train.device), "")
-    report.update(versions=record["versions"], commit=record["git_commit"],
-                  config=record["config"])
     report["runs"] = [run for runs in all_runs.values() for run in runs]
     report["median"] = {budget: _median_summary(runs, config.targets)
                         for budget, runs in all_runs.items()}
@@ -199,7 +200,8 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
     hardware = machine.get("gpu") or f"{machine.get('cpu', '?')}, {machine.get('cpu_cores')} cores"
     config = report["config"]
     targets = [str(target) for target in report["targets"]]
-    lines = [f"# Time to accuracy: recipe {report['recipe']} ({report.get('date', '')})", "",
+    dated = f" ({report['date']})" if "date" in report else ""  # older reports lack it
+    lines = [f"# Time to accuracy: recipe {report['recipe']}{dated}", "",
              f"`{report['command']}`", "",
              f"{hardware}; device {report['device']}, precision {config['precision']}, batch "
              f"{config['loader']['batch_size']}; data {report['data']}; commit "
