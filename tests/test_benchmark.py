@@ -240,18 +240,23 @@ def test_train_cli_passes_its_own_options_and_the_shared_ones(monkeypatch, tmp_p
     assert config.weights_dir == tmp_path / "w" and config.whiten_init and config.resume is None
 
 
+class SignalAtStep(TrainCallbacks):
+    """Sends this process `signal_number` at one step, as Ctrl-C or `kill` would."""
+
+    def __init__(self, epoch: int, step: int, signal_number: int) -> None:
+        self.epoch, self.step, self.signal_number = epoch, step, signal_number
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        if (epoch, step) == (self.epoch, self.step):
+            os.kill(os.getpid(), self.signal_number)
+
+
 def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_dataset, tmp_path):
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     config = dataclasses.replace(base, targets=(0.3,),  # chance is 1/3: reached once trained
                                  train=dataclasses.replace(base.train, epochs=3))
-
-    class InterruptAtStep(TrainCallbacks):
-        def on_step(self, epoch, step, steps_per_epoch):
-            if epoch == 2 and step == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(TrainingInterrupted) as interrupted:
-        benchmark_time_to_accuracy(config, InterruptAtStep())
+        benchmark_time_to_accuracy(config, SignalAtStep(2, 2, signal.SIGINT))
     assert not config.json_path.exists()  # no results file for a run that did not finish
     checkpoint = interrupted.value.checkpoint
     saved = load_checkpoint(checkpoint)
@@ -272,14 +277,8 @@ def test_interrupting_one_of_several_runs_says_how_to_finish_it_alone(tiny_datas
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     config = dataclasses.replace(base, runs=2, first_seed=7,
                                  train=dataclasses.replace(base.train, epochs=2))
-
-    class InterruptAtStep(TrainCallbacks):
-        def on_step(self, epoch, step, steps_per_epoch):
-            if epoch == 1 and step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-
     with pytest.raises(TrainingInterrupted) as interrupted:
-        benchmark_time_to_accuracy(config, InterruptAtStep())
+        benchmark_time_to_accuracy(config, SignalAtStep(1, 2, signal.SIGTERM))
     assert interrupted.value.exit_code == 143
     assert (f"--runs 1 --seed 7 --epochs 2 --resume {interrupted.value.checkpoint}"
             in str(interrupted.value))
