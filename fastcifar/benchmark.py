@@ -39,7 +39,7 @@ from fastcifar.data.loaders import (
 from fastcifar.errors import FastCifarError
 from fastcifar.train import (
     DeviceStep,
-    EpochStats,
+    Evaluation,
     TrainCallbacks,
     TrainingInterrupted,
     evaluate,
@@ -57,26 +57,22 @@ from fastcifar.train import (
 class TargetHit:
     """When a run's test accuracy first reached a target (timed from the first training step)."""
 
-    epochs: int
+    epochs: float  # fractional when an evaluation inside an epoch reached it
     steps: int
     seconds: float  # train + eval seconds up to and including that evaluation
     train_seconds: float
     eval_seconds: float
 
 
-def first_hits(history: list[EpochStats], targets: tuple[float, ...]) -> dict[str, TargetHit | None]:
-    """For each target, the first epoch whose test accuracy reaches it (None: never)."""
+def first_hits(evaluations: list[Evaluation], targets: tuple[float, ...]
+               ) -> dict[str, TargetHit | None]:
+    """For each target, the first evaluation whose test accuracy reaches it (None: never)."""
     hits: dict[str, TargetHit | None] = {}
     for target in targets:
-        train_seconds = eval_seconds = 0.0
-        hits[str(target)] = None
-        for row in history:
-            train_seconds += row.train_seconds
-            eval_seconds += row.eval_seconds
-            if row.test_accuracy >= target:
-                hits[str(target)] = TargetHit(row.epoch, row.steps, train_seconds + eval_seconds,
-                                              train_seconds, eval_seconds)
-                break
+        hit = next((row for row in evaluations if row.test_accuracy >= target), None)
+        hits[str(target)] = None if hit is None else TargetHit(
+            hit.epochs, hit.steps, hit.train_seconds + hit.eval_seconds, hit.train_seconds,
+            hit.eval_seconds)
     return hits
 
 
@@ -98,7 +94,7 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
         "seed": train_config.seed,
         "budget_epochs": train_config.epochs,
         "targets": {key: (dataclasses.asdict(hit) if hit else None)
-                    for key, hit in first_hits(result.history, config.targets).items()},
+                    for key, hit in first_hits(result.evaluations, config.targets).items()},
         "warmup_seconds": result.warmup_seconds,  # of the last process when resumed
         "resumed_from": str(config.resume) if config.resume else None,
         "epochs_run": len(result.history),
@@ -106,6 +102,7 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
         "final_accuracy_no_tta": final[False],
         "final_accuracy_tta": final[True],
         "per_epoch": [dataclasses.asdict(row) for row in result.history],
+        "evaluations": [dataclasses.asdict(row) for row in result.evaluations],
         "run_dir": str(result.run_dir),
     }
 
@@ -144,16 +141,18 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
         "command": config.command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     # Taken before the runs: the code that runs is the code checked out when they start.
-    record = run_record(config.train, select_device(config.train.device), "")
+    device = select_device(config.train.device)
+    precision = plan_precision(config.train.precision, device).name  # "auto" resolved
+    record = run_record(config.train, device, precision)
     report.update(versions=record["versions"], commit=record["git_commit"],
-                  config=record["config"])
+                  config=record["config"], precision=precision)
     shortest: int | None = None
     all_runs: dict[str, list[dict]] = {}
     for budget in budgets:
         runs = []
         for index in range(config.runs):
             run_config = dataclasses.replace(config.train, epochs=budget,
-                                             seed=config.first_seed + index)
+                                             seed=config.train.seed + index)
             try:
                 runs.append(_run_to_accuracy(config, run_config, callbacks))
             except TrainingInterrupted as interrupted:
@@ -190,7 +189,7 @@ def _percent(fraction: float | str) -> str:
 def _format_hit(hit: dict | None) -> str:
     if hit is None:
         return "not reached"
-    return (f"{hit['epochs']:g} ep, {hit['seconds']:,.1f} s ({hit['train_seconds']:,.1f} + "
+    return (f"{round(hit['epochs'], 2):g} ep, {hit['seconds']:,.1f} s ({hit['train_seconds']:,.1f} + "
             f"{hit['eval_seconds']:,.1f})")
 
 
@@ -203,7 +202,8 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
     dated = f" ({report['date']})" if "date" in report else ""  # older reports lack it
     lines = [f"# Time to accuracy: recipe {report['recipe']}{dated}", "",
              f"`{report['command']}`", "",
-             f"{hardware}; device {report['device']}, precision {config['precision']}, batch "
+             f"{hardware}; device {report['device']}, precision "
+             f"{report.get('precision', config['precision'])}, batch "
              f"{config['loader']['batch_size']}; data {report['data']}; commit "
              f"{report['commit'] or 'unknown'}. Seconds run from the first training step and "
              "hold train + eval time; the one-off warm-up is apart.", "",
@@ -227,7 +227,7 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
         for target in targets:
             median = summary[target]
             cells.append(f"median not reached; {median['reached']}" if median["seconds"] is None
-                         else f"{median['epochs']:g} ep, {median['seconds']:,.1f} s; "
+                         else f"{round(median['epochs'], 2):g} ep, {median['seconds']:,.1f} s; "
                          f"{median['reached']}")
         lines.append(f"| {budget} | {summary['final_accuracy']:.2%} | " + " | ".join(cells) + " |")
     if "shortest_budget_epochs" in report:

@@ -185,6 +185,11 @@ def build_train_config(
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile "
                              "the model.", rich_help_panel=SYSTEM)] = False,
     workers: WorkersOption = 0,
+    eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
+                                "inside the last --eval-steps-epochs epochs; 0 = at epoch ends "
+                                "only.", rich_help_panel=SYSTEM)] = 0,
+    eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
+                                 "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation (the "
                                       "first seed of a benchmark).", rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
@@ -198,14 +203,14 @@ def build_train_config(
     distributed, local_rank = _torchrun_environment()
     changes: dict[str, object] = {
         key: value for key, value in {
-            "epochs": epochs, "optimizer": optimizer, "max_lr": max_lr, "pct_start": pct_start,
+            "epochs": epochs, "optimizer": optimizer, "pct_start": pct_start,
             "weight_decay": weight_decay, "label_smoothing": label_smoothing,
             "logit_scale": logit_scale, "ema_decay": ema, "bn_momentum": bn_momentum,
             "whiten_init": whiten_init, "zero_init_residual": zero_init_residual, "tta": tta,
         }.items() if value is not None
     }
-    if max_lr is not None:  # keep the schedule's floor below a lowered peak
-        changes["min_lr"] = min(base.min_lr, max_lr)
+    if max_lr is not None:
+        base = base.with_max_lr(max_lr)
     augment_changes = {key: value for key, value in {
         "cutout_size": cutout, "p_gray": p_gray, "hue": hue,
     }.items() if value is not None}
@@ -222,7 +227,8 @@ def build_train_config(
     return dataclasses.replace(
         base, loader=loader, augment=augment_config, device=device, precision=precision,
         channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
-        local_rank=local_rank, **changes)
+        local_rank=local_rank, eval_every_steps=eval_every_steps,
+        eval_steps_epochs=eval_steps_epochs, **changes)
 
 
 def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -302,6 +308,13 @@ class TableCallbacks:
                       f"{stats.test_accuracy:>8.2%} {stats.train_seconds:>8.1f} "
                       f"{stats.images_per_second:>9.0f}")
 
+    def on_evaluation(self, evaluation) -> None:
+        """A row for an evaluation inside an epoch: its fractional epoch and test columns."""
+        if self.quiet:
+            return
+        console.print(f"{evaluation.epochs:>5.2f} {'':>9} {'':>10} {'':>9} "
+                      f"{evaluation.test_loss:>9.4f} {evaluation.test_accuracy:>8.2%}")
+
 
 @app.command()
 @with_train_options
@@ -352,8 +365,7 @@ def _with_found_lr(config: TrainConfig) -> TrainConfig:
                           out_dir=Path(config.out_dir) / "lr-find")
     found = lr_find(finder)
     console.print(f"LR range test suggests max LR {found.suggested_lr:.3g} ({found.plot_path})")
-    return dataclasses.replace(config, max_lr=found.suggested_lr,
-                               min_lr=min(config.min_lr, found.suggested_lr))
+    return config.with_max_lr(found.suggested_lr)
 
 
 # ---------------------------------------------------------------- lr-find
@@ -390,6 +402,11 @@ def lr_find(
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
                              rich_help_panel=SYSTEM)] = True,
     workers: WorkersOption = 0,
+    eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
+                                "inside the last --eval-steps-epochs epochs; 0 = at epoch ends "
+                                "only.", rich_help_panel=SYSTEM)] = 0,
+    eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
+                                 "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation.",
                                       rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder for lr_find.png, .csv and .json.",
@@ -549,7 +566,7 @@ def benchmark_time_to_accuracy(
     json_path = json_path or Path(f"benchmarks/results/time-to-accuracy-{train_config.recipe}-"
                                   f"{device_name}.json")
     config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
-                         runs=runs, first_seed=train_config.seed, stop_at_target=stop_at_target,
+                         runs=runs, stop_at_target=stop_at_target,
                          budgets=tuple(budgets or ()), json_path=json_path,
                          command=shlex.join(["fastcifar", *sys.argv[1:]]),
                          data_variant=data_variant,

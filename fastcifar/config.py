@@ -148,6 +148,10 @@ class TrainConfig:
     resume: Path | None = None
     local_rank: int = 0  # this process's GPU under torchrun (the CLI reads LOCAL_RANK)
     stop_at_accuracy: float | None = None  # stop once test accuracy reaches this
+    # Also evaluate every this many steps inside the last `eval_steps_epochs` epochs (0: only at
+    # epoch ends): a time to accuracy then lands between epoch ends, not on the next one.
+    eval_every_steps: int = 0
+    eval_steps_epochs: int = 1
     make_plots: bool = True
 
     def __post_init__(self) -> None:
@@ -163,6 +167,12 @@ class TrainConfig:
         _require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
         if self.stop_at_accuracy is not None:
             _require(0 < self.stop_at_accuracy <= 1, "target accuracy must be in (0, 1]")
+        _require(self.eval_every_steps >= 0, "eval-every-steps must be >= 0 (0: epoch ends only)")
+        _require(self.eval_steps_epochs >= 1, "eval-steps-epochs must be >= 1")
+
+    def with_max_lr(self, max_lr: float) -> TrainConfig:
+        """This config peaking at `max_lr`, its schedule's floor kept at or below the new peak."""
+        return dataclasses.replace(self, max_lr=max_lr, min_lr=min(self.min_lr, max_lr))
 
 
 # The original notebook's recipe: Adam, OneCycle peaking at epoch 5 of 24 at the LR the range
@@ -285,8 +295,7 @@ class TimeToAccuracyConfig:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     targets: tuple[float, ...] = (0.90,)
-    runs: int = 1  # seeds first_seed .. first_seed + runs - 1
-    first_seed: int = 0
+    runs: int = 1  # seeds train.seed .. train.seed + runs - 1
     stop_at_target: bool = False  # stop each run once the highest target is reached
     budgets: tuple[int, ...] = ()  # shortest-budget mode: try these --epochs in order
     json_path: Path | None = None

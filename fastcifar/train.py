@@ -117,9 +117,32 @@ class EpochStats:
     test_loss: float
     test_accuracy: float
     train_seconds: float  # this epoch's training steps
-    eval_seconds: float
+    eval_seconds: float  # this epoch's evaluations (the epoch end's and any in the epoch)
     images_per_second: float  # training images per second of train time
     steps: int  # optimiser steps so far
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass over the test set, placed on the run's clock (which starts at the first step)."""
+
+    epochs: float  # epochs trained when it ran: fractional for one inside an epoch
+    steps: int  # optimiser steps trained when it ran
+    test_loss: float
+    test_accuracy: float
+    train_seconds: float  # training time before it, all epochs so far
+    eval_seconds: float  # evaluation time up to its end, itself included
+
+
+def epoch_end_evaluations(history: list[EpochStats]) -> list[Evaluation]:
+    """The evaluations a run without in-epoch evaluations made: one per epoch end."""
+    evaluations, train_seconds, eval_seconds = [], 0.0, 0.0
+    for row in history:
+        train_seconds += row.train_seconds
+        eval_seconds += row.eval_seconds
+        evaluations.append(Evaluation(row.epoch, row.steps, row.test_loss, row.test_accuracy,
+                                      train_seconds, eval_seconds))
+    return evaluations
 
 
 @dataclass
@@ -134,6 +157,7 @@ class TrainResult:
     lr_per_step: list[float] = field(default_factory=list)
     reached_target: bool = False
     final_model: nn.Module | None = None  # the evaluated model (EMA when kept) after the run
+    evaluations: list[Evaluation] = field(default_factory=list)  # every test pass, in order
 
 
 class TrainCallbacks:
@@ -148,6 +172,9 @@ class TrainCallbacks:
 
     def on_epoch(self, stats: EpochStats) -> None:
         """Called after each epoch's evaluation."""
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        """Called after each evaluation inside an epoch (see `TrainConfig.eval_every_steps`)."""
 
 
 class TrainingInterrupted(FastCifarError):
@@ -278,9 +305,10 @@ def evaluate(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionP
 
 
 def _checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, steps, history,
-                      record, best_accuracy, partial: dict | None = None) -> dict:
+                      evaluations, record, best_accuracy, partial: dict | None = None) -> dict:
     return {
         "partial": partial,  # progress inside an interrupted epoch
+        "evaluations": [asdict(evaluation) for evaluation in evaluations],
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -314,7 +342,7 @@ def load_checkpoint(path: Path) -> dict:
 
 # Settings that may differ between a run and its resumption (they do not change the maths).
 _RESUMABLE_DIFFERENCES = {"resume", "out_dir", "weights_dir", "make_plots", "stop_at_accuracy",
-                          "local_rank", "device"}
+                          "local_rank", "device", "eval_every_steps", "eval_steps_epochs"}
 
 
 def _check_resume_compatible(saved: dict, config: TrainConfig) -> None:
@@ -510,6 +538,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     record = run_record(config, device, plan.name)
 
     history: list[EpochStats] = []
+    evaluations: list[Evaluation] = []
     start_epoch, steps, best_accuracy = 0, 0, -1.0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -521,6 +550,9 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         start_epoch, steps = resume_state["epoch"], resume_state["steps"]
         best_accuracy = resume_state["best_accuracy"]
         history = [EpochStats(**row) for row in resume_state["history"]]
+        evaluations = ([Evaluation(**row) for row in resume_state["evaluations"]]
+                       if "evaluations" in resume_state  # older checkpoints lack them
+                       else epoch_end_evaluations(history))
         random.setstate(resume_state["rng"]["python"])
         np.random.set_state(resume_state["rng"]["numpy"])
         torch.set_rng_state(resume_state["rng"]["torch"])
@@ -556,12 +588,19 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             trained_model.train()
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
-            seen, done_before, seconds_before = 0, 0, 0.0
+            # seconds_before: this epoch's train time before epoch_started (the clock pauses
+            # for in-epoch evaluations and restarts after an interrupt)
+            seen, done_before, seconds_before, epoch_eval_seconds = 0, 0, 0.0, 0.0
             if partial is not None:  # resuming inside this epoch: its first steps are done
                 loss_sum += partial["loss_sum"]
                 correct += partial["correct"]
                 seen, done_before = partial["seen"], partial["step"]
-                seconds_before, partial = partial["train_seconds"], None
+                seconds_before = partial["train_seconds"]
+                epoch_eval_seconds, partial = partial.get("eval_seconds", 0.0), None
+            trained_before = sum(row.train_seconds for row in history)
+            evaluated_before = sum(row.eval_seconds for row in history)
+            evaluate_inside = (config.eval_every_steps > 0
+                               and epoch >= config.epochs - config.eval_steps_epochs)
             epoch_started = time.perf_counter()
             batches = iter(loaders.train)
             step_in_epoch = 0
@@ -600,15 +639,31 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 callbacks.on_step(epoch + 1, step_in_epoch, steps_per_epoch)
                 if stop.signal_number is not None:
                     break
+                if (evaluate_inside and step_in_epoch % config.eval_every_steps == 0
+                        and step_in_epoch < steps_per_epoch):  # the epoch end evaluates anyway
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    eval_started = time.perf_counter()
+                    seconds_before += eval_started - epoch_started
+                    test_loss, test_accuracy = evaluate(eval_model, loaders.test, device_step,
+                                                        plan, config.tta)
+                    epoch_eval_seconds += time.perf_counter() - eval_started
+                    evaluations.append(Evaluation(
+                        epoch + step_in_epoch / steps_per_epoch, steps, test_loss, test_accuracy,
+                        trained_before + seconds_before, evaluated_before + epoch_eval_seconds))
+                    callbacks.on_evaluation(evaluations[-1])
+                    trained_model.train()
+                    epoch_started = time.perf_counter()
             if stop.signal_number is not None:
                 del batches  # FFCV's worker thread stops with its iterator
                 if distributed.is_main:
                     save_checkpoint(last_checkpoint, _checkpoint_state(
-                        model, optimizer, scheduler, scaler, ema, epoch, steps, history, record,
-                        best_accuracy, partial={
+                        model, optimizer, scheduler, scaler, ema, epoch, steps, history,
+                        evaluations, record, best_accuracy, partial={
                             "step": step_in_epoch, "loss_sum": loss_sum.item(),
                             "correct": int(correct.item()), "seen": seen,
-                            "train_seconds": seconds_before + time.perf_counter() - epoch_started}))
+                            "train_seconds": seconds_before + time.perf_counter() - epoch_started,
+                            "eval_seconds": epoch_eval_seconds}))
                 raise TrainingInterrupted(stop.signal_number, last_checkpoint)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -625,7 +680,10 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             eval_started = time.perf_counter()
             test_loss, test_accuracy = evaluate(eval_model, loaders.test, device_step, plan,
                                                 config.tta)
-            eval_seconds = time.perf_counter() - eval_started
+            eval_seconds = epoch_eval_seconds + time.perf_counter() - eval_started
+            evaluations.append(Evaluation(epoch + 1, steps, test_loss, test_accuracy,
+                                          trained_before + train_seconds,
+                                          evaluated_before + eval_seconds))
             stats = EpochStats(
                 epoch=epoch + 1, lr=lr_per_step[-1] if lr_per_step else config.max_lr,
                 train_loss=train_loss_sum / train_seen, train_accuracy=train_correct / train_seen,
@@ -644,14 +702,19 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                         "mean": loaders.metadata.mean, "std": loaders.metadata.std, **record})
             if distributed.is_main:
                 save_checkpoint(last_checkpoint, _checkpoint_state(
-                    model, optimizer, scheduler, scaler, ema, epoch + 1, steps, history, record,
-                    best_accuracy))
+                    model, optimizer, scheduler, scaler, ema, epoch + 1, steps, history,
+                    evaluations, record, best_accuracy))
             if distributed.is_main:
                 write_json(run_dir / "metrics.json",
                            {"epochs": [asdict(row) for row in history],
+                            "evaluations": [asdict(row) for row in evaluations],
                             "warmup_seconds": warmup_seconds, "best_accuracy": best_accuracy})
             callbacks.on_epoch(stats)
-            if config.stop_at_accuracy is not None and test_accuracy >= config.stop_at_accuracy:
+            # An in-epoch evaluation at the target stops the run at this epoch's end; its
+            # time on the clock is that evaluation's.
+            epoch_accuracies = [row.test_accuracy for row in evaluations if row.epochs > epoch]
+            if (config.stop_at_accuracy is not None
+                    and max(epoch_accuracies) >= config.stop_at_accuracy):
                 reached = True
                 break
 
@@ -663,7 +726,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                                       "world_size": distributed.world_size,
                                       "ranks_agree": agree})
     result = TrainResult(history, run_dir, best_weights if best_accuracy >= 0 else None,
-                         best_accuracy, warmup_seconds, lr_per_step, reached, eval_model)
+                         best_accuracy, warmup_seconds, lr_per_step, reached, eval_model,
+                         evaluations)
     if config.make_plots and distributed.is_main:
         from fastcifar.plots import plot_training_curves
 

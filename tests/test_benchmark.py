@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -20,7 +21,14 @@ from fastcifar.config import (
     recipe,
 )
 from fastcifar.errors import FastCifarError
-from fastcifar.train import EpochStats, TrainCallbacks, TrainingInterrupted, load_checkpoint
+from fastcifar.train import (
+    EpochStats,
+    Evaluation,
+    TrainCallbacks,
+    TrainingInterrupted,
+    epoch_end_evaluations,
+    load_checkpoint,
+)
 
 PIPELINES = ["fastcifar", "ffcv_builtin", "torchvision_dataloader"]
 
@@ -115,12 +123,61 @@ def tiny_time_to_accuracy(data_dir, tmp_path, **changes) -> TimeToAccuracyConfig
 def test_first_hits_sums_train_and_eval_time_up_to_the_first_epoch_at_target():
     history = [EpochStats(epoch, 0.1, 1.0, 0.5, 1.0, accuracy, 10.0 * epoch, 2.0, 100.0, 5 * epoch)
                for epoch, accuracy in ((1, 0.5), (2, 0.91), (3, 0.89), (4, 0.95))]
-    hits = first_hits(history, (0.9, 0.94, 0.99))
+    hits = first_hits(epoch_end_evaluations(history), (0.9, 0.94, 0.99))
     assert hits["0.9"] == TargetHit(epochs=2, steps=10, seconds=34.0, train_seconds=30.0,
                                     eval_seconds=4.0)
     assert hits["0.94"] == TargetHit(epochs=4, steps=20, seconds=108.0, train_seconds=100.0,
                                      eval_seconds=8.0)
     assert hits["0.99"] is None
+
+
+def test_first_hits_takes_the_first_evaluation_inside_an_epoch_at_target():
+    evaluations = [Evaluation(1, 5, 1.0, 0.5, 10.0, 2.0), Evaluation(1.4, 7, 1.0, 0.92, 14.0, 4.0),
+                   Evaluation(2, 10, 1.0, 0.91, 20.0, 6.0)]
+    assert first_hits(evaluations, (0.9,))["0.9"] == TargetHit(
+        epochs=1.4, steps=7, seconds=18.0, train_seconds=14.0, eval_seconds=4.0)
+
+
+class ScriptedAccuracy:
+    """Stands in for the train loop's `evaluate`: these accuracies in turn, the real timing."""
+
+    def __init__(self, accuracies: list[float]) -> None:
+        self.accuracies = list(accuracies)
+
+    def __call__(self, model, loader, device_step, plan, tta) -> tuple[float, float]:
+        time.sleep(0.01)  # an evaluation takes time on the clock
+        return 1.0, self.accuracies.pop(0)
+
+
+def test_evaluations_inside_the_last_epochs_time_the_target_between_epoch_ends(
+        tiny_dataset, tmp_path, monkeypatch):
+    import fastcifar.train
+
+    # 5 steps per epoch; every 2 steps in the last 2 of 4 epochs: epochs 1, 2, 2.4, 2.8, 3, ...
+    accuracies = [0.3, 0.5, 0.6, 0.95, 0.93, 0.96, 0.97, 0.98]
+    monkeypatch.setattr(fastcifar.train, "evaluate", ScriptedAccuracy(accuracies))
+    base = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.9,), stop_at_target=True)
+    config = dataclasses.replace(base, train=dataclasses.replace(
+        base.train, epochs=4, eval_every_steps=2, eval_steps_epochs=2))
+    report = benchmark_time_to_accuracy(config)
+    [run] = report["runs"]
+    assert [row["epochs"] for row in run["evaluations"]] == pytest.approx([1, 2, 2.4, 2.8, 3])
+    assert [row["steps"] for row in run["evaluations"]] == [5, 10, 12, 14, 15]
+    assert run["epochs_run"] == 3  # the target, hit inside epoch 3, ends the run at its end
+    hit, at_target = run["targets"]["0.9"], run["evaluations"][3]
+    assert (hit["epochs"], hit["steps"]) == (pytest.approx(2.8), 14)
+    assert (hit["train_seconds"], hit["eval_seconds"]) == (at_target["train_seconds"],
+                                                           at_target["eval_seconds"])
+    # the clock: training time excludes the evaluations, which land in their epoch's eval time
+    last = run["evaluations"][-1]
+    assert last["train_seconds"] == pytest.approx(sum(row["train_seconds"]
+                                                      for row in run["per_epoch"]))
+    assert last["eval_seconds"] == pytest.approx(sum(row["eval_seconds"]
+                                                     for row in run["per_epoch"]))
+    assert run["per_epoch"][2]["eval_seconds"] >= 3 * 0.01  # epoch 3 evaluated three times
+    seconds = [(row["train_seconds"], row["eval_seconds"]) for row in run["evaluations"]]
+    assert seconds == sorted(seconds)
+    assert "| 2.8 ep, " in config.json_path.with_suffix(".md").read_text()
 
 
 def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path):
@@ -154,9 +211,8 @@ def test_time_to_accuracy_reports_a_missed_target_as_null_over_several_seeds(tin
                                                                             tmp_path):
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     # an LR too small to learn anything in one epoch: both targets stay out of reach
-    untrained = dataclasses.replace(base.train, epochs=1, max_lr=1e-7, min_lr=1e-8)
-    config = dataclasses.replace(base, targets=(0.5, 1.0), runs=2, first_seed=3,
-                                 train=untrained)
+    untrained = dataclasses.replace(base.train, epochs=1, max_lr=1e-7, min_lr=1e-8, seed=3)
+    config = dataclasses.replace(base, targets=(0.5, 1.0), runs=2, train=untrained)
     report = benchmark_time_to_accuracy(config)
     assert [run["seed"] for run in report["runs"]] == [3, 4]
     assert all(run["epochs_run"] == 1 and run["final_accuracy"] < 0.5 for run in report["runs"])
@@ -198,13 +254,13 @@ def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
         "--batch-size", "256", "--max-lr", "0.002", "--pct-start", "0.3", "--logit-scale",
         "0.5", "--bn-momentum", "0.2", "--whiten-init", "--zero-init-residual", "--ema", "0.99",
         "--label-smoothing", "0.1", "--cutout", "0", "--no-tta", "--precision", "fp32",
+        "--eval-every-steps", "20", "--eval-steps-epochs", "2",
         "--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "runs"),
         "--json", str(tmp_path / "t.json")])
     assert result.exit_code == 0, result.output
     config = seen["config"]
     train_config = config.train
-    assert (config.targets, config.runs, config.budgets, config.first_seed) == (
-        (0.9, 0.94), 3, (8, 12), 5)
+    assert (config.targets, config.runs, config.budgets) == ((0.9, 0.94), 3, (8, 12))
     assert (train_config.recipe, train_config.epochs, train_config.seed) == ("seed", 8, 5)
     assert train_config.optimizer == OptimizerName.adam  # the seed recipe's
     assert (train_config.loader.batch_size, train_config.max_lr, train_config.pct_start) == (
@@ -213,6 +269,7 @@ def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
         0.5, 0.2, 0.99)
     assert train_config.whiten_init and train_config.zero_init_residual
     assert train_config.label_smoothing == 0.1 and not train_config.tta
+    assert (train_config.eval_every_steps, train_config.eval_steps_epochs) == (20, 2)
     assert train_config.augment.cutout_size == 0 and train_config.augment.p_gray == 0.1
     assert train_config.weights_dir == tmp_path / "runs" / "weights"
     assert not train_config.make_plots and config.json_path == tmp_path / "t.json"
@@ -251,12 +308,43 @@ class SignalAtStep(TrainCallbacks):
             os.kill(os.getpid(), self.signal_number)
 
 
-def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_dataset, tmp_path):
+class JumpingClock:
+    """The train loop's `time`, with a clock that can jump ahead (a long sitting, quickly)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.offset
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+class SignalAfterAnHour(SignalAtStep):
+    """At its step, the clock jumps an hour ahead, then the signal comes."""
+
+    def __init__(self, epoch: int, step: int, signal_number: int, clock: JumpingClock) -> None:
+        super().__init__(epoch, step, signal_number)
+        self.clock = clock
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        if (epoch, step) == (self.epoch, self.step):
+            self.clock.offset += 3600.0
+        super().on_step(epoch, step, steps_per_epoch)
+
+
+def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_dataset, tmp_path,
+                                                                         monkeypatch):
+    import fastcifar.train
+
+    clock = JumpingClock()
+    monkeypatch.setattr(fastcifar.train, "time", clock)
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     config = dataclasses.replace(base, targets=(0.3,),  # chance is 1/3: reached once trained
                                  train=dataclasses.replace(base.train, epochs=3))
     with pytest.raises(TrainingInterrupted) as interrupted:
-        benchmark_time_to_accuracy(config, SignalAtStep(2, 2, signal.SIGINT))
+        benchmark_time_to_accuracy(config, SignalAfterAnHour(2, 2, signal.SIGINT, clock))
     assert not config.json_path.exists()  # no results file for a run that did not finish
     checkpoint = interrupted.value.checkpoint
     saved = load_checkpoint(checkpoint)
@@ -265,18 +353,20 @@ def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_d
     assert run["resumed_from"] == str(checkpoint) and run["run_dir"] == str(checkpoint.parent)
     assert [row["epoch"] for row in run["per_epoch"]] == [1, 2, 3]
     assert run["per_epoch"][0] == saved["history"][0]  # the epoch before the interrupt, kept
-    # epoch 2's time holds its steps before the interrupt as well as those after it
+    # epoch 2's time holds the hour before the interrupt as well as the steps after it
+    assert saved["partial"]["train_seconds"] >= 3600
     assert run["per_epoch"][1]["train_seconds"] > saved["partial"]["train_seconds"]
+    assert run["per_epoch"][2]["train_seconds"] < 3600  # the jump counts once, where it happened
     hit = run["targets"]["0.3"]
     assert hit["train_seconds"] == pytest.approx(sum(
-        row["train_seconds"] for row in run["per_epoch"][:hit["epochs"]]))
+        row["train_seconds"] for row in run["per_epoch"][:int(hit["epochs"])]))
     assert "| 3 | 0 (resumed) | 3 |" in config.json_path.with_suffix(".md").read_text()
 
 
 def test_interrupting_one_of_several_runs_says_how_to_finish_it_alone(tiny_dataset, tmp_path):
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
-    config = dataclasses.replace(base, runs=2, first_seed=7,
-                                 train=dataclasses.replace(base.train, epochs=2))
+    config = dataclasses.replace(base, runs=2,
+                                 train=dataclasses.replace(base.train, epochs=2, seed=7))
     with pytest.raises(TrainingInterrupted) as interrupted:
         benchmark_time_to_accuracy(config, SignalAtStep(1, 2, signal.SIGTERM))
     assert interrupted.value.exit_code == 143
