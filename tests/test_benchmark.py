@@ -363,6 +363,28 @@ def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_d
     assert "| 3 | 0 (resumed) | 3 |" in config.json_path.with_suffix(".md").read_text()
 
 
+def test_evaluations_inside_an_interrupted_epoch_are_kept_on_resume(tiny_dataset, tmp_path,
+                                                                   monkeypatch):
+    import fastcifar.train
+
+    scripted = ScriptedAccuracy([0.5, 0.6, 0.8, 0.7])  # epochs 1, 1.4 | interrupt | 1.8, 2
+    monkeypatch.setattr(fastcifar.train, "evaluate", scripted)
+    base = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.75,))
+    config = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=2,
+                                                                 eval_every_steps=2))
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        benchmark_time_to_accuracy(config, SignalAtStep(2, 3, signal.SIGINT))
+    saved = load_checkpoint(interrupted.value.checkpoint)
+    assert [row["epochs"] for row in saved["evaluations"]] == pytest.approx([1, 1.4])
+    assert saved["partial"]["eval_seconds"] >= 0.01
+    report = benchmark_time_to_accuracy(dataclasses.replace(
+        config, resume=interrupted.value.checkpoint))
+    [run] = report["runs"]
+    assert [row["epochs"] for row in run["evaluations"]] == pytest.approx([1, 1.4, 1.8, 2])
+    assert run["per_epoch"][1]["eval_seconds"] >= 3 * 0.01  # the one before the stop counts
+    assert run["targets"]["0.75"]["epochs"] == pytest.approx(1.8)
+
+
 def test_interrupting_one_of_several_runs_says_how_to_finish_it_alone(tiny_dataset, tmp_path):
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     config = dataclasses.replace(base, runs=2,
