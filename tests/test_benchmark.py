@@ -408,6 +408,8 @@ def test_time_to_accuracy_resume_is_for_one_run(tmp_path):
 @pytest.mark.parametrize("arguments, message", [
     (["--max-lr", "fast"], "--max-lr takes a number or 'auto'"),
     (["--max-lr", "auto", "--resume", "runs/x/last.pt"], "--max-lr auto with --resume"),
+    (["--eval-every-steps", "-1"], "eval-every-steps must be >= 0"),
+    (["--eval-steps-epochs", "0"], "eval-steps-epochs must be >= 1"),
 ])
 def test_train_options_reject_a_bad_max_lr(tmp_path, arguments, message):
     from fastcifar.cli import app
