@@ -95,7 +95,7 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
         "budget_epochs": train_config.epochs,
         "targets": {key: (dataclasses.asdict(hit) if hit else None)
                     for key, hit in first_hits(result.evaluations, config.targets).items()},
-        "warmup_seconds": result.warmup_seconds,  # of the last process when resumed
+        "warmup_seconds": result.warmup_seconds,  # every sitting of a resumed run
         "resumed_from": str(config.resume) if config.resume else None,
         "epochs_run": len(result.history),
         "final_accuracy": result.history[-1].test_accuracy,
@@ -206,7 +206,8 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
              f"{report.get('precision', config['precision'])}, batch "
              f"{config['loader']['batch_size']}; data {report['data']}; commit "
              f"{report['commit'] or 'unknown'}. Seconds run from the first training step and "
-             "hold train + eval time; the one-off warm-up is apart.", "",
+             "hold train + eval time; the one-off warm-up (summed over sittings when resumed) is "
+             "apart.", "",
              "| budget (epochs) | seed | epochs run | " + " | ".join(
                  f"to {_percent(target)}" for target in targets)
              + " | warm-up (s) | final acc | no TTA | flip TTA |",

@@ -186,8 +186,8 @@ def build_train_config(
                              "the model.", rich_help_panel=SYSTEM)] = False,
     workers: WorkersOption = 0,
     eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
-                                "inside the last --eval-steps-epochs epochs; 0 = at epoch ends "
-                                "only.", rich_help_panel=SYSTEM)] = 0,
+                                "inside the last --eval-steps-epochs epochs (below the steps of an "
+                                "epoch); 0 = at epoch ends only.", rich_help_panel=SYSTEM)] = 0,
     eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
                                  "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation (the "
@@ -402,11 +402,6 @@ def lr_find(
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
                              rich_help_panel=SYSTEM)] = True,
     workers: WorkersOption = 0,
-    eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
-                                "inside the last --eval-steps-epochs epochs; 0 = at epoch ends "
-                                "only.", rich_help_panel=SYSTEM)] = 0,
-    eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
-                                 "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation.",
                                       rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder for lr_find.png, .csv and .json.",

@@ -42,7 +42,7 @@ class EvaluationReport:
     count: int  # test images scored
     tta: bool
     trained_accuracy: float | None  # what training recorded for these weights
-    epoch: int | None
+    epoch: float | None  # fractional when the best pass fell inside an epoch
     misclassified: list[dict]  # the shown ones: test index, true and predicted class
     misclassified_total: int
     confusion_plot: Path

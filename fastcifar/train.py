@@ -153,7 +153,7 @@ class TrainResult:
     run_dir: Path
     best_weights: Path | None
     best_accuracy: float
-    warmup_seconds: float  # one-off: loader JIT, torch.compile, cudnn autotune
+    warmup_seconds: float  # one-off: loader JIT, torch.compile, cudnn autotune (all sittings)
     lr_per_step: list[float] = field(default_factory=list)
     reached_target: bool = False
     final_model: nn.Module | None = None  # the evaluated model (EMA when kept) after the run
@@ -305,9 +305,11 @@ def evaluate(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionP
 
 
 def _checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, steps, history,
-                      evaluations, record, best_accuracy, partial: dict | None = None) -> dict:
+                      evaluations, record, best_accuracy, warmup_seconds: float,
+                      partial: dict | None = None) -> dict:
     return {
         "partial": partial,  # progress inside an interrupted epoch
+        "warmup_seconds": warmup_seconds,  # of every sitting so far
         "evaluations": [asdict(evaluation) for evaluation in evaluations],
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -523,6 +525,11 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     steps_per_epoch = len(loaders.train)
     if steps_per_epoch == 0:
         raise FastCifarError("the train loader yields no full batch: lower --batch-size")
+    if config.eval_every_steps >= steps_per_epoch:
+        raise FastCifarError(
+            f"--eval-every-steps {config.eval_every_steps} is not below the {steps_per_epoch} "
+            "steps of an epoch, so no evaluation would fall inside one: lower it, or 0 for "
+            "epoch ends only")
     device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
                              config.channels_last)
     whitening_images = (_first_train_images(loaders, config, device_step)
@@ -539,7 +546,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
 
     history: list[EpochStats] = []
     evaluations: list[Evaluation] = []
-    start_epoch, steps, best_accuracy = 0, 0, -1.0
+    start_epoch, steps, best_accuracy, warmup_seconds = 0, 0, -1.0, 0.0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -549,6 +556,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             ema.load_state_dict(resume_state["ema"])
         start_epoch, steps = resume_state["epoch"], resume_state["steps"]
         best_accuracy = resume_state["best_accuracy"]
+        warmup_seconds = resume_state.get("warmup_seconds", 0.0)  # older checkpoints lack it
         history = [EpochStats(**row) for row in resume_state["history"]]
         evaluations = ([Evaluation(**row) for row in resume_state["evaluations"]]
                        if "evaluations" in resume_state  # older checkpoints lack them
@@ -577,10 +585,27 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     callbacks.on_train_start(config, steps_per_epoch, device, plan.name, run_dir)
 
     best_weights = Path(config.weights_dir) / f"{run_dir.name}-best.pt"
+    if resume_state is not None and best_weights.exists():
+        # An in-epoch pass may have saved better weights after the checkpoint we resume from
+        # (a hard crash loses that checkpoint's update): never replace them with worse ones.
+        best_accuracy = max(best_accuracy, load_checkpoint(best_weights).get("accuracy", -1.0))
     lr_per_step: list[float] = []
-    warmup_seconds = 0.0
     reached = False
     last_checkpoint = run_dir / "last.pt"
+
+    def keep_if_best(evaluation: Evaluation) -> None:
+        """Save the evaluated weights when this test pass is the best so far (any evaluation)."""
+        nonlocal best_accuracy
+        if evaluation.test_accuracy <= best_accuracy:
+            return
+        best_accuracy = evaluation.test_accuracy
+        if distributed.is_main:
+            best_model = ema.module if ema is not None else model
+            save_checkpoint(best_weights, {
+                "model": best_model.state_dict(), "accuracy": evaluation.test_accuracy,
+                "epoch": evaluation.epochs, "steps": evaluation.steps,
+                "class_names": loaders.metadata.class_names, "mean": loaders.metadata.mean,
+                "std": loaders.metadata.std, **record})
 
     partial = resume_state.get("partial") if resume_state is not None else None
     with _stop_on_signals(handle_signals and distributed.is_main) as stop:
@@ -651,6 +676,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                     evaluations.append(Evaluation(
                         epoch + step_in_epoch / steps_per_epoch, steps, test_loss, test_accuracy,
                         trained_before + seconds_before, evaluated_before + epoch_eval_seconds))
+                    keep_if_best(evaluations[-1])  # saving is off the clock, as at epoch ends
                     callbacks.on_evaluation(evaluations[-1])
                     trained_model.train()
                     epoch_started = time.perf_counter()
@@ -659,7 +685,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 if distributed.is_main:
                     save_checkpoint(last_checkpoint, _checkpoint_state(
                         model, optimizer, scheduler, scaler, ema, epoch, steps, history,
-                        evaluations, record, best_accuracy, partial={
+                        evaluations, record, best_accuracy, warmup_seconds, partial={
                             "step": step_in_epoch, "loss_sum": loss_sum.item(),
                             "correct": int(correct.item()), "seen": seen,
                             "train_seconds": seconds_before + time.perf_counter() - epoch_started,
@@ -692,18 +718,11 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 steps=steps,
             )
             history.append(stats)
-            if test_accuracy > best_accuracy:
-                best_accuracy = test_accuracy
-                if distributed.is_main:
-                    best_model = ema.module if ema is not None else model
-                    save_checkpoint(best_weights, {
-                        "model": best_model.state_dict(), "accuracy": test_accuracy,
-                        "epoch": epoch + 1, "class_names": loaders.metadata.class_names,
-                        "mean": loaders.metadata.mean, "std": loaders.metadata.std, **record})
+            keep_if_best(evaluations[-1])
             if distributed.is_main:
                 save_checkpoint(last_checkpoint, _checkpoint_state(
                     model, optimizer, scheduler, scaler, ema, epoch + 1, steps, history,
-                    evaluations, record, best_accuracy))
+                    evaluations, record, best_accuracy, warmup_seconds))
             if distributed.is_main:
                 write_json(run_dir / "metrics.json",
                            {"epochs": [asdict(row) for row in history],

@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fastcifar.benchmark import TargetHit, benchmark_time_to_accuracy, first_hits
@@ -178,6 +179,10 @@ def test_evaluations_inside_the_last_epochs_time_the_target_between_epoch_ends(
     seconds = [(row["train_seconds"], row["eval_seconds"]) for row in run["evaluations"]]
     assert seconds == sorted(seconds)
     assert "| 2.8 ep, " in config.json_path.with_suffix(".md").read_text()
+    # the best pass (0.95) fell inside epoch 3: its weights are the ones kept
+    [best_weights] = (tmp_path / "weights").glob("*-best.pt")
+    best = load_checkpoint(best_weights)
+    assert (best["accuracy"], best["epoch"], best["steps"]) == (0.95, pytest.approx(2.8), 14)
 
 
 def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path):
@@ -376,13 +381,44 @@ def test_evaluations_inside_an_interrupted_epoch_are_kept_on_resume(tiny_dataset
         benchmark_time_to_accuracy(config, SignalAtStep(2, 3, signal.SIGINT))
     saved = load_checkpoint(interrupted.value.checkpoint)
     assert [row["epochs"] for row in saved["evaluations"]] == pytest.approx([1, 1.4])
-    assert saved["partial"]["eval_seconds"] >= 0.01
+    assert saved["partial"]["eval_seconds"] >= 0.01 and saved["warmup_seconds"] > 0
+    # an earlier sitting's warm-up, made long enough that only carrying it can explain it
+    torch.save({**saved, "warmup_seconds": 1000.0}, interrupted.value.checkpoint)
     report = benchmark_time_to_accuracy(dataclasses.replace(
         config, resume=interrupted.value.checkpoint))
     [run] = report["runs"]
     assert [row["epochs"] for row in run["evaluations"]] == pytest.approx([1, 1.4, 1.8, 2])
     assert run["per_epoch"][1]["eval_seconds"] >= 3 * 0.01  # the one before the stop counts
     assert run["targets"]["0.75"]["epochs"] == pytest.approx(1.8)
+    # both sittings compiled the loader pipeline: their warm-ups add up
+    assert run["warmup_seconds"] > 1000
+
+
+def test_resume_never_replaces_best_weights_saved_after_its_checkpoint(tiny_dataset, tmp_path,
+                                                                       monkeypatch):
+    import fastcifar.train
+
+    # epochs 1, 1.4 (best) | interrupt | 1.8, 2: both later passes are worse than 1.4's
+    monkeypatch.setattr(fastcifar.train, "evaluate", ScriptedAccuracy([0.5, 0.6, 0.55, 0.58]))
+    base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
+    config = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=2,
+                                                                 eval_every_steps=2))
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        benchmark_time_to_accuracy(config, SignalAtStep(2, 3, signal.SIGINT))
+    # a hard crash would leave an older checkpoint, whose best is the epoch-1 pass
+    saved = load_checkpoint(interrupted.value.checkpoint)
+    torch.save({**saved, "best_accuracy": 0.5}, interrupted.value.checkpoint)
+    benchmark_time_to_accuracy(dataclasses.replace(config, resume=interrupted.value.checkpoint))
+    [best_weights] = (tmp_path / "weights").glob("*-best.pt")
+    best = load_checkpoint(best_weights)
+    assert (best["accuracy"], best["epoch"]) == (0.6, pytest.approx(1.4))
+
+
+def test_evaluating_every_epoch_length_or_more_steps_is_refused(tiny_dataset, tmp_path):
+    base = tiny_time_to_accuracy(tiny_dataset, tmp_path)  # 5 steps per epoch
+    config = dataclasses.replace(base, train=dataclasses.replace(base.train, eval_every_steps=5))
+    with pytest.raises(FastCifarError, match="--eval-every-steps 5 is not below the 5 steps"):
+        benchmark_time_to_accuracy(config)
 
 
 def test_interrupting_one_of_several_runs_says_how_to_finish_it_alone(tiny_dataset, tmp_path):
@@ -411,7 +447,7 @@ def test_time_to_accuracy_resume_is_for_one_run(tmp_path):
     (["--eval-every-steps", "-1"], "eval-every-steps must be >= 0"),
     (["--eval-steps-epochs", "0"], "eval-steps-epochs must be >= 1"),
 ])
-def test_train_options_reject_a_bad_max_lr(tmp_path, arguments, message):
+def test_train_options_reject_bad_values(tmp_path, arguments, message):
     from fastcifar.cli import app
 
     for command in (["train"], ["benchmark", "time-to-accuracy"]):
