@@ -27,12 +27,21 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(temporary, _new_file_mode())
         os.replace(temporary, final)
         _fsync_directory(final.parent)
     except OSError as error:
         raise FastCifarError(f"could not write {final}: {error.strerror or error}") from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    """0o666 less the process umask: what open() gives a new file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_directory(folder: Path) -> None:

@@ -93,6 +93,17 @@ def test_atomic_writer_removes_its_temporary_file_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_writer_gives_the_file_the_usual_mode(tmp_path):
+    from fastcifar.atomic import write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "out.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_resume_auto_finds_the_newest_checkpoint(tmp_path):
     from fastcifar.train import find_latest_checkpoint
 
