@@ -172,7 +172,7 @@ def lr_find(config: LrFindConfig, progress: StepProgress | None = None) -> LrFin
     plan = plan_precision(config.precision, device)
     seed_everything(config.seed)
     loaders = build_loaders(config.loader, config.augment, config.seed)
-    model = build_model(settings, device)
+    model = build_model(settings, device, num_classes=len(loaders.metadata.class_names))
     optimizer = make_optimizer(model, settings)
     device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
                              config.channels_last)

@@ -260,9 +260,13 @@ def config_to_dict(config: TrainConfig) -> dict:
 
 
 def build_model(config: TrainConfig, device: torch.device,
-                whitening_images: torch.Tensor | None = None) -> nn.Module:
-    """CustResNet on the device, channels-last when asked, BN momentum and initialisation set."""
-    model = CustResNet(dropout=config.dropout, logit_scale=config.logit_scale)
+                whitening_images: torch.Tensor | None = None, num_classes: int = 10) -> nn.Module:
+    """CustResNet on the device, channels-last when asked, BN momentum and initialisation set.
+
+    `num_classes` is the data's (its metadata's class names), so the saved weights fit it.
+    """
+    model = CustResNet(num_classes=num_classes, dropout=config.dropout,
+                       logit_scale=config.logit_scale)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = config.bn_momentum
@@ -534,7 +538,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                              config.channels_last)
     whitening_images = (_first_train_images(loaders, config, device_step)
                         if config.whiten_init else None)
-    model = build_model(config, device, whitening_images)
+    model = build_model(config, device, whitening_images,
+                        num_classes=len(loaders.metadata.class_names))
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.use_grad_scaler)

@@ -50,6 +50,7 @@ def test_short_cpu_run_lowers_loss_and_beats_chance(tiny_dataset, tmp_path):
     best = torch.load(result.best_weights, weights_only=False)
     assert best["accuracy"] == max(row.test_accuracy for row in history)
     assert best["config"]["recipe"] == "fast" and "versions" in best and "hardware" in best
+    assert best["model"]["fc.weight"].shape[0] == 3  # one output per class of the data
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["precision"] == "bf16"
 
