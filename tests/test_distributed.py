@@ -26,7 +26,8 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fastcifar",
-               "train", *TRAIN_ARGS, "--batch-size", "12", "--data", str(tiny_dataset),
+               "train", *TRAIN_ARGS, "--batch-size", "12", "--eval-every-steps", "2",
+               "--data", str(tiny_dataset),
                "--out", str(tmp_path / "ddp"), "--weights", str(tmp_path / "ddp-weights")]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
@@ -37,6 +38,9 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
     assert metrics["world_size"] == 2 and metrics["ranks_agree"] is True
     # 5 steps of a global batch of 24 per epoch: 120 images, each rank reading half
     assert metrics["epochs"][-1]["steps"] == 10
+    # in-epoch passes in the last epoch: every rank evaluates, rank 0 alone keeps the best
+    assert [row["epochs"] for row in metrics["evaluations"]] == pytest.approx([1, 1.4, 1.8, 2])
+    assert len(list((tmp_path / "ddp-weights").glob("*-best.pt"))) == 1
 
     single = subprocess.run(
         [sys.executable, "-m", "fastcifar", "train", *TRAIN_ARGS, "--batch-size", "24",
