@@ -164,6 +164,12 @@ def test_compile_path_trains_on_cpu(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, compile=True,
                                augment=NO_AUGMENT))
     assert len(result.history) == 1 and result.history[0].train_loss > 0
+    # the compiled forward computes what the eager module computes with the same weights
+    compiled = result.final_model.eval()
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), compiled._orig_mod(images),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_threaded_sigterm_exit_code_is_143(tiny_dataset, tmp_path):
