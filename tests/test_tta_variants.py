@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastcifar.config import LoaderConfig, Precision, recipe
-from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+from fastcifar.data.loaders import make_loader, read_metadata
+from fastcifar.data.loaders import test_pipeline as image_pipeline_for_testing
 from fastcifar.evaluate import model_from_weights
 from fastcifar.train import DeviceStep, evaluate, load_checkpoint, plan_precision, train
 
@@ -49,7 +50,7 @@ def test_plain_and_flip_scores_match_the_train_loop(tta_variants, tiny_dataset, 
     device = torch.device("cpu")
     model = model_from_weights({**load_checkpoint(checkpoint),
                                 "class_names": metadata.class_names}, device, True)
-    loader = make_loader(metadata.test_path, test_pipeline(), config.loader, train=False,
+    loader = make_loader(metadata.test_path, image_pipeline_for_testing(), config.loader, train=False,
                          subset=None, seed=0)
     step = DeviceStep(metadata.mean, metadata.std, device, True)
     plan = plan_precision(Precision.fp32, device)
