@@ -553,7 +553,11 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     evaluations: list[Evaluation] = []
     start_epoch, steps, best_accuracy, warmup_seconds = 0, 0, -1.0, 0.0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
+        try:
+            model.load_state_dict(resume_state["model"])
+        except RuntimeError as error:  # e.g. a head for another class count
+            raise FastCifarError(f"{config.resume} does not fit this data's model: "
+                                 f"{str(error).splitlines()[-1].strip()}") from error
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])

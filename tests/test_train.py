@@ -117,6 +117,18 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_dataset, tmp_path):
                           resume=first.run_dir / "last.pt"))
 
 
+def test_resume_refuses_weights_of_another_class_count(tiny_dataset, tmp_path):
+    with pytest.raises(_Stop):
+        train(tiny_config(tiny_dataset, tmp_path, epochs=2), callbacks=_StopAfterEpoch(1))
+    (checkpoint,) = (tmp_path / "runs").glob("*/last.pt")
+    state = load_checkpoint(checkpoint)
+    state["model"]["fc.weight"] = torch.zeros(10, 512)  # as saved by a 10-class head
+    state["model"]["fc.bias"] = torch.zeros(10)
+    torch.save(state, checkpoint)
+    with pytest.raises(FastCifarError, match="does not fit this data's model"):
+        train(tiny_config(tiny_dataset, tmp_path, epochs=2, resume=checkpoint))
+
+
 def test_resume_reports_a_corrupt_checkpoint(tiny_dataset, tmp_path):
     broken = tmp_path / "last.pt"
     broken.write_bytes(b"\x00garbage")
