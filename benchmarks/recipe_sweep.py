@@ -1,10 +1,14 @@
-"""Measure what each training trick adds: short runs of named variants of a recipe.
+"""The ablation table: tricks added one at a time (cascade), then each removed (leave-one-out).
 
-    python benchmarks/recipe_sweep.py --data datasets --epochs 4 --json benchmarks/results/sweep.json
+    python benchmarks/recipe_sweep.py --data datasets --epochs 6 --seeds 0 1 --holdout 5000 \\
+        --json benchmarks/results/gpu/sweep-6ep.json
 
-Each variant is the base recipe with a few settings replaced (loader__X / augment__X reach the
-nested configs); every variant runs with the same seeds, and the JSON keeps each run's
-per-epoch test accuracy, so the effect of a trick is read against the baseline of the same run.
+Every cell is a run at a fixed budget scored on held-out train images (`--holdout`), never on
+the test set, with each TTA mode (none / flip / multi-crop) on the final weights. The cascade
+starts from `fast` and ends at `express`, then adds Muon; leave-one-out removes each trick from
+`express`. `--seconds` bounds the wall time: cells run seed by seed in table order, and what
+did not fit is listed as skipped. The JSON names the variant with the best median multi-crop
+holdout accuracy among `--candidates`, which a follow-up run can use.
 """
 
 from __future__ import annotations
@@ -16,67 +20,137 @@ import sys
 import time
 from pathlib import Path
 
-from fastcifar.config import LoaderConfig, Precision, recipe, replace_nested
-from fastcifar.train import machine_description, select_device, train
+from fastcifar.config import EXPRESS, FAST, LoaderConfig, TrainConfig, replace_nested
+from fastcifar.data.loaders import build_loaders
+from fastcifar.train import (
+    DeviceStep,
+    evaluate,
+    machine_description,
+    plan_precision,
+    select_device,
+    train,
+)
 
-VARIANTS: dict[str, dict] = {
-    "fast": {},
-    "no_cutout": {"augment__cutout_size": 0},
-    "whiten": {"whiten_init": True},
-    "zero_res": {"zero_init_residual": True},
-    "whiten+zero_res": {"whiten_init": True, "zero_init_residual": True},
-    "whiten+zero_res+no_cutout": {"whiten_init": True, "zero_init_residual": True,
-                                  "augment__cutout_size": 0},
-    "whiten+zero_res+batch256": {"whiten_init": True, "zero_init_residual": True,
-                                 "loader__batch_size": 256},
-    "whiten+zero_res+ema": {"whiten_init": True, "zero_init_residual": True,
-                            "ema_decay": 0.98},
-    "whiten+zero_res+batch256+no_cutout": {"whiten_init": True, "zero_init_residual": True,
-                                           "loader__batch_size": 256, "augment__cutout_size": 0},
+# Each trick as the settings that turn it on (from `fast`) and off again (from `express`).
+TRICKS: dict[str, tuple[dict, dict]] = {
+    "bn": ({"bn_frozen_scale": True, "bn_bias_lr_scale": 64.0, "decay_norm": True},
+           {"bn_frozen_scale": False, "bn_bias_lr_scale": 1.0, "decay_norm": False}),
+    "whiten": ({"whiten": True}, {"whiten": False}),
+    "lookahead": ({"lookahead_every": 5, "bn_momentum": 0.6, "bn_eps": 1e-12},
+                  {"lookahead_every": 0, "bn_momentum": 0.1, "bn_eps": 1e-5}),
+    "alternating_flip": ({"augment__flip_alternate": True}, {"augment__flip_alternate": False}),
+    "dirac": ({"dirac_init": True}, {"dirac_init": False}),
 }
+MUON = {"muon_lr": 0.24}
+
+
+def variants() -> dict[str, tuple[TrainConfig, dict]]:
+    """Table order: cascade from fast to express (+ Muon), then express less each trick."""
+    table: dict[str, tuple[TrainConfig, dict]] = {}
+    changes: dict = {}
+    table["fast"] = (FAST, {})
+    for name, (on, _) in TRICKS.items():
+        changes = {**changes, **on}
+        table[f"+ {name}"] = (FAST, dict(changes))
+    table["+ knobs = express"] = (EXPRESS, {})
+    table["express + muon"] = (EXPRESS, dict(MUON))
+    for name, (_, off) in TRICKS.items():
+        table[f"express - {name}"] = (EXPRESS, dict(off))
+    # "express - knobs" is the cascade's "+ dirac" cell: the same settings, not run twice.
+    return table
+
+
+def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
+             epochs: int) -> dict:
+    """One run; final holdout accuracy for each TTA mode, per-epoch holdout accuracy."""
+    config = replace_nested(base, **changes)
+    config = replace_nested(config, seed=seed, epochs=epochs, make_plots=False, loader=loader,
+                            out_dir=Path("/tmp/sweep-runs"), weights_dir=Path("/tmp/sweep-weights"),
+                            tta=True, tta_shifts=False)
+    started = time.perf_counter()
+    loaders = build_loaders(config.loader, config.augment, config.seed)
+    result = train(config, loaders=loaders)
+    model = result.final_model
+    device = next(model.parameters()).device
+    step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device, config.channels_last)
+    plan = plan_precision(config.precision, device)
+    final = {mode: evaluate(model, loaders.holdout, step, plan, tta, shifts)[1]
+             for mode, tta, shifts in (("none", False, False), ("flip", True, False),
+                                       ("multicrop", True, True))}
+    return {"seed": seed, "holdout_per_epoch": [row.holdout_accuracy for row in result.history],
+            "final_holdout": final,
+            "train_seconds": sum(row.train_seconds for row in result.history),
+            "wall_seconds": time.perf_counter() - started}
+
+
+def summarise(runs: list[dict]) -> dict:
+    modes = ("none", "flip", "multicrop")
+    return {mode: statistics.median(run["final_holdout"][mode] for run in runs) for mode in modes}
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    machine = report["machine"].get("gpu") or report["machine"]["cpu"]
+    lines = [f"# Ablation at a {report['epochs']}-epoch budget ({machine})",
+             "", f"Median final accuracy on {report['holdout']} held-out train images (never "
+             "trained on; not the test set), seeds " + ", ".join(map(str, report["seeds"]))
+             + f". Command: `{report['command']}`", "",
+             "| variant | runs | no TTA | flip TTA | multi-crop TTA |", "| --- | --- | --- | --- | --- |"]
+    for name, cell in report["cells"].items():
+        if cell["runs"]:
+            median = cell["median"]
+            lines.append(f"| {name} | {len(cell['runs'])} | {median['none']:.2%} | "
+                         f"{median['flip']:.2%} | {median['multicrop']:.2%} |")
+    if report["skipped"]:
+        lines += ["", "Not run (time budget): " + ", ".join(report["skipped"])]
+    lines += ["", f"Best of {', '.join(report['candidates'])}: **{report['best']}**"]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("datasets"))
-    parser.add_argument("--recipe", default="fast")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--holdout", type=int, default=5000)
     parser.add_argument("--train-subset", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--only", nargs="*", default=None, help="run these variants only")
+    parser.add_argument("--candidates", nargs="+", default=["+ knobs = express", "express + muon"])
+    parser.add_argument("--seconds", type=float, default=float("inf"), help="wall-time budget")
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
-    base = recipe(arguments.recipe, epochs=arguments.epochs, make_plots=False,
-                  precision=Precision.auto, out_dir=Path("/tmp/sweep-runs"),
-                  weights_dir=Path("/tmp/sweep-weights"),
-                  loader=LoaderConfig(data_dir=arguments.data, batch_size=arguments.batch_size,
-                                      train_subset=arguments.train_subset))
-    results = []
-    for name in arguments.variants:
-        for seed in arguments.seeds:
-            config = replace_nested(base, seed=seed, **VARIANTS[name])
-            started = time.perf_counter()
-            result = train(config)
-            accuracies = [row.test_accuracy for row in result.history]
-            results.append({"variant": name, "seed": seed, "changes": VARIANTS[name],
-                            "test_accuracy_per_epoch": accuracies,
-                            "final_accuracy": accuracies[-1],
-                            "train_seconds": sum(r.train_seconds for r in result.history),
-                            "wall_seconds": time.perf_counter() - started})
-            print(f"{name:32s} seed {seed}: " + " ".join(f"{a:.4f}" for a in accuracies),
-                  flush=True)
-    summary = {name: statistics.median(r["final_accuracy"] for r in results
-                                       if r["variant"] == name) for name in arguments.variants}
+    # The test set is not used for any choice: a small slice keeps the per-epoch pass cheap.
+    loader = LoaderConfig(data_dir=arguments.data, holdout=arguments.holdout,
+                          train_subset=arguments.train_subset, test_subset=512)
+    table = {name: cell for name, cell in variants().items()
+             if arguments.only is None or name in arguments.only}
+    cells = {name: {"changes": {key: str(value) for key, value in changes.items()},
+                    "recipe": base.recipe, "runs": []} for name, (base, changes) in table.items()}
+    started, skipped = time.perf_counter(), []
+    for seed in arguments.seeds:
+        for name, (base, changes) in table.items():
+            if time.perf_counter() - started > arguments.seconds:
+                skipped.append(f"{name} (seed {seed})")
+                continue
+            run = run_cell(base, changes, seed, loader, arguments.epochs)
+            cells[name]["runs"].append(run)
+            print(f"{name:28s} seed {seed}: " + " ".join(
+                f"{mode} {value:.4f}" for mode, value in run["final_holdout"].items())
+                + f"  ({run['wall_seconds']:.1f} s)", flush=True)
+    for cell in cells.values():
+        cell["median"] = summarise(cell["runs"]) if cell["runs"] else None
+    ranked = [name for name in arguments.candidates if cells.get(name, {}).get("median")]
+    best = max(ranked, key=lambda name: cells[name]["median"]["multicrop"]) if ranked else None
+    device = select_device(EXPRESS.device)
+    report = {"benchmark": "recipe_sweep", "epochs": arguments.epochs, "seeds": arguments.seeds,
+              "holdout": arguments.holdout, "train_subset": arguments.train_subset,
+              "data": "CIFAR-10 (JPEG-75 copy)", "machine": machine_description(device),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python " + " ".join(sys.argv), "cells": cells, "skipped": skipped,
+              "candidates": arguments.candidates, "best": best}
     arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps({
-        "benchmark": "recipe_sweep", "recipe": arguments.recipe, "epochs": arguments.epochs,
-        "data": "CIFAR-10 (JPEG-75 copy)", "train_subset": arguments.train_subset,
-        "machine": machine_description(select_device(base.device)),
-        "command": "python " + " ".join(sys.argv), "median_final_accuracy": summary,
-        "runs": results}, indent=2))
-    for name, accuracy in summary.items():
-        print(f"{name:32s} median final {accuracy:.4f}")
+    arguments.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(arguments.json.with_suffix(".md"), report)
+    print(f"best: {best}")
     return 0
 
 

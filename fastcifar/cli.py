@@ -58,6 +58,7 @@ WorkersOption = Annotated[int, typer.Option(help="Loader threads, 0 = one per co
 
 
 class RecipeName(StrEnum):
+    express = "express"
     fast = "fast"
     seed = "seed"
 
@@ -165,6 +166,39 @@ def build_train_config(
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
                    "test-time augmentation (default: the recipe's).",
                    rich_help_panel=OPTIMISATION)] = None,
+    tta_shifts: Annotated[bool | None, typer.Option(
+        "--tta-shifts/--no-tta-shifts", help="Multi-crop TTA: also the 1-px up-left and "
+        "down-right shifts, weighted 0.5/0.25/0.25 (6 passes; needs --tta).",
+        rich_help_panel=OPTIMISATION)] = None,
+    lookahead_every: Annotated[int | None, typer.Option(help="Lookahead weight average every "
+                               "N steps, copied back into the live weights; 0 = off.",
+                               rich_help_panel=OPTIMISATION)] = None,
+    bn_eps: Annotated[float | None, typer.Option(help="BatchNorm epsilon (torch: 1e-5).",
+                      rich_help_panel=OPTIMISATION)] = None,
+    bn_frozen_scale: Annotated[bool | None, typer.Option(
+        "--bn-frozen-scale/--no-bn-frozen-scale", help="Keep BatchNorm scales at 1 (not "
+        "trained).", rich_help_panel=OPTIMISATION)] = None,
+    bn_bias_lr_scale: Annotated[float | None, typer.Option(help="BatchNorm shifts train at LR x "
+                                "this and weight decay / this.",
+                                rich_help_panel=OPTIMISATION)] = None,
+    decay_norm: Annotated[bool | None, typer.Option(
+        "--decay-norm/--no-decay-norm", help="Weight decay on BatchNorm parameters too.",
+        rich_help_panel=OPTIMISATION)] = None,
+    whiten: Annotated[bool | None, typer.Option(
+        "--whiten/--no-whiten", help="Prep conv as a fixed 3x3 PCA whitening of train patches "
+        "plus a trained 1x1 conv (folds back into the 3x3 conv in saved weights).",
+        rich_help_panel=OPTIMISATION)] = None,
+    dirac_init: Annotated[bool | None, typer.Option(
+        "--dirac-init/--no-dirac-init", help="Each 3x3 conv's first in-channel filters start "
+        "as the identity.", rich_help_panel=OPTIMISATION)] = None,
+    muon_lr: Annotated[float | None, typer.Option(help="Peak LR of Muon for the conv filters "
+                       "(SGD keeps the rest); 0 = off.", rich_help_panel=OPTIMISATION)] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's).",
+                        rich_help_panel=OPTIMISATION)] = None,
+    initial_lr_fraction: Annotated[float | None, typer.Option(
+        help="The schedule starts at max LR x this.", rich_help_panel=OPTIMISATION)] = None,
+    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
+                      rich_help_panel=OPTIMISATION)] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
                        "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
     cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
@@ -175,6 +209,14 @@ def build_train_config(
                    rich_help_panel=AUGMENTATION)] = None,
     p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
                       rich_help_panel=AUGMENTATION)] = None,
+    pad: Annotated[int | None, typer.Option(help="Padding (pixels) before the random crop.",
+                   rich_help_panel=AUGMENTATION)] = None,
+    flip_alternate: Annotated[bool | None, typer.Option(
+        "--flip-alternate/--no-flip-alternate", help="Flip a random half in epoch 0, then each "
+        "image the other way every epoch.", rich_help_panel=AUGMENTATION)] = None,
+    holdout: Annotated[int, typer.Option(help="Hold out N train images (stratified, the same "
+                       "for every seed) and report accuracy on them at each evaluation.",
+                       rich_help_panel=DATA)] = 0,
     data: DataOption = Path("datasets"),
     train_subset: TrainSubsetOption = None,
     test_subset: TestSubsetOption = None,
@@ -207,12 +249,20 @@ def build_train_config(
             "weight_decay": weight_decay, "label_smoothing": label_smoothing,
             "logit_scale": logit_scale, "ema_decay": ema, "bn_momentum": bn_momentum,
             "whiten_init": whiten_init, "zero_init_residual": zero_init_residual, "tta": tta,
+            "tta_shifts": tta_shifts, "lookahead_every": lookahead_every, "bn_eps": bn_eps,
+            "bn_frozen_scale": bn_frozen_scale, "bn_bias_lr_scale": bn_bias_lr_scale,
+            "decay_norm": decay_norm, "whiten": whiten, "dirac_init": dirac_init,
+            "muon_lr": muon_lr, "momentum": momentum,
+            "initial_lr_fraction": initial_lr_fraction,
         }.items() if value is not None
     }
     if max_lr is not None:
         base = base.with_max_lr(max_lr)
+    if min_lr is not None:
+        changes["min_lr"] = min_lr
     augment_changes = {key: value for key, value in {
-        "cutout_size": cutout, "p_gray": p_gray, "hue": hue,
+        "cutout_size": cutout, "p_gray": p_gray, "hue": hue, "pad": pad,
+        "flip_alternate": flip_alternate,
     }.items() if value is not None}
     if jitter is not None:
         augment_changes.update(brightness=jitter, contrast=jitter, saturation=jitter,
@@ -223,7 +273,7 @@ def build_train_config(
                       else NO_AUGMENT)
     loader = LoaderConfig(data_dir=data, batch_size=batch_size or base.loader.batch_size,
                           workers=workers, train_subset=train_subset, test_subset=test_subset,
-                          distributed=distributed)
+                          distributed=distributed, holdout=holdout)
     return dataclasses.replace(
         base, loader=loader, augment=augment_config, device=device, precision=precision,
         channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,

@@ -61,6 +61,9 @@ class AugmentConfig:
     pad: int = 4  # pixels of padding before the random 32x32 crop
     pad_mode: PadMode = PadMode.constant
     flip: bool = True  # horizontal flip with probability 0.5
+    # With flip: epoch 0 flips a random half; epoch e flips an image exactly when its epoch-0
+    # flip XOR (e is odd), so every image is seen both ways in any two consecutive epochs.
+    flip_alternate: bool = False
     cutout_size: int = 8  # side of each square hole, pixels
     cutout_count: int = 1
     p_jitter: float = 0.0  # probability of colour jitter per image
@@ -98,12 +101,16 @@ class LoaderConfig:
     batch_size: int = 512
     workers: int = 0  # 0: one per CPU core
     train_subset: int | None = None  # first N train records only
+    # N train images (stratified by class, the same whatever the seed) never trained on: each
+    # evaluation also scores them, so settings can be chosen without looking at the test set.
+    holdout: int = 0
     test_subset: int | None = None
     distributed: bool = False  # set for torchrun; each rank reads its shard
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
         _require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        _require(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"{name} must be positive, got {value}")
@@ -132,8 +139,21 @@ class TrainConfig:
     # Measured effects below: H100, 4-epoch budget, 2 seeds (benchmarks/results/gpu/sweep-4ep-h100.json)
     # unless stated otherwise.
     ema_decay: float = 0.0  # per-step EMA of the weights; 0: off. 0.98: -0.4 points (whiten+zero_res)
+    # Lookahead EMA: every `lookahead_every` steps the average moves towards the live weights
+    # (decay 0.95^k * (step/total)^3, all float state incl. BN statistics) and is copied back
+    # into the live network; the last step copies it in once more. 0: off.
+    lookahead_every: int = 0
     tta: bool = False  # evaluate on the image and its mirror: +0.5 points at 24 epochs (fast)
+    tta_shifts: bool = False  # with tta: also the 1-px up-left and down-right shifts (6 passes)
     bn_momentum: float = 0.1  # torch's BatchNorm running-stat momentum
+    bn_eps: float = 1e-5  # torch's BatchNorm epsilon
+    bn_frozen_scale: bool = False  # BN scales stay at 1 (still parameters, requires_grad off)
+    bn_bias_lr_scale: float = 1.0  # BN shifts train at LR x this and weight decay / this
+    whiten: bool = False  # prep conv = fixed 3x3 PCA whitening (27 filters) + trained 1x1 27->64
+    whiten_eps: float = 1e-2  # added to the patch covariance's eigenvalues (normalised pixels)
+    dirac_init: bool = False  # each 3x3 conv's first in-channel filters start as the identity
+    muon_lr: float = 0.0  # > 0: Muon (this peak LR) for conv filters, SGD for the rest
+    muon_momentum: float = 0.6
     whiten_init: bool = False  # prep conv starts as a whitening of 3x3 train patches:
     #                            +9 points after epoch 1, +0.0 at the end of 4 epochs
     zero_init_residual: bool = False  # residual branches start at zero: -3.5 points
@@ -164,6 +184,20 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)")
         _require(0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)")
         _require(0 < self.bn_momentum <= 1, "BN momentum must be in (0, 1]")
+        _require(self.bn_eps > 0, "BN eps must be positive")
+        _require(self.bn_bias_lr_scale > 0, "BN bias LR scale must be positive")
+        _require(self.whiten_eps > 0, "whitening eps must be positive")
+        _require(self.lookahead_every >= 0, "lookahead-every must be >= 0 (0: off)")
+        _require(not (self.lookahead_every and self.ema_decay),
+                 "--lookahead-every and --ema are two kinds of weight averaging: pick one")
+        _require(not (self.whiten and self.whiten_init),
+                 "--whiten replaces the prep conv's training; drop --whiten-init")
+        _require(self.tta or not self.tta_shifts, "--tta-shifts adds shifts to the flip: "
+                 "it needs --tta")
+        _require(self.muon_lr >= 0, "Muon LR must be >= 0 (0: off)")
+        _require(0 <= self.muon_momentum < 1, "Muon momentum must be in [0, 1)")
+        _require(not self.muon_lr or self.optimizer == OptimizerName.sgd,
+                 "Muon pairs with SGD for the non-filter parameters: use --optimizer sgd")
         _require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
         if self.stop_at_accuracy is not None:
             _require(0 < self.stop_at_accuracy <= 1, "target accuracy must be in (0, 1]")
@@ -209,7 +243,32 @@ FAST = TrainConfig(
     tta=True,
 )
 
-RECIPES: dict[str, TrainConfig] = {"seed": SEED, "fast": FAST}
+# The fast recipe plus the tricks of the "How to train your ResNet" series and airbench,
+# each an option of its own: frozen BN scales with fast BN shifts, a whitened prep conv,
+# lookahead weight averaging with fast BN statistics, alternating flip, multi-crop TTA, identity
+# (dirac) initialisation. Settings chosen on held-out train images (benchmarks/recipe_sweep.py).
+EXPRESS = dataclasses.replace(
+    FAST,
+    recipe="express",
+    epochs=6,
+    max_lr=0.8,
+    min_lr=8e-5,
+    pct_start=0.25,
+    weight_decay=2.5e-4,
+    decay_norm=True,
+    bn_frozen_scale=True,
+    bn_bias_lr_scale=64.0,
+    whiten=True,
+    lookahead_every=5,
+    bn_momentum=0.6,
+    bn_eps=1e-12,
+    dirac_init=True,
+    tta_shifts=True,
+    augment=AugmentConfig(pad=2, pad_mode=PadMode.reflect, flip_alternate=True, cutout_size=0,
+                          cutout_count=0),
+)
+
+RECIPES: dict[str, TrainConfig] = {"seed": SEED, "fast": FAST, "express": EXPRESS}
 DEFAULT_RECIPE = "fast"
 
 

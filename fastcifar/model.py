@@ -69,25 +69,108 @@ class CustResNet(nn.Module):
 
 
 @torch.no_grad()
-def whitening_init_(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> int:
-    """Set the first filters of a 3x3 conv to the whitening basis of the images' 3x3 patches.
+def whitening_filters(images: torch.Tensor, kernel_size: int = 3, eps: float = 5e-4
+                      ) -> torch.Tensor:
+    """The PCA-whitening basis of the images' k x k patches as conv filters (C*k*k, C, k, k).
 
-    The eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives
-    (so the ReLU keeps both signs) give the conv decorrelated inputs from the first step; the
-    parameter count is unchanged. Returns how many filters were set.
+    Rows are the patch covariance's eigenvectors scaled by 1/sqrt(eigenvalue + eps), largest
+    eigenvalue first: convolving with them gives decorrelated, unit-variance channels.
     """
-    patches = nn.functional.unfold(images.float(), kernel_size=conv.kernel_size)  # (N, C*k*k, L)
+    channels = images.shape[1]
+    patches = nn.functional.unfold(images.float(), kernel_size=kernel_size)  # (N, C*k*k, L)
     patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
     patches = patches - patches.mean(dim=0)
     covariance = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
     filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps)).T.flip(0).float()
-    filters = filters.reshape(-1, *conv.weight.shape[1:])
+    return filters.reshape(-1, channels, kernel_size, kernel_size)
+
+
+@torch.no_grad()
+def whitening_init_(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> int:
+    """Set the first filters of a 3x3 conv to the whitening basis of the images' 3x3 patches.
+
+    The basis filters and their negatives (so the ReLU keeps both signs) give the conv
+    decorrelated inputs from the first step; the parameter count is unchanged. Returns how many
+    filters were set.
+    """
+    filters = whitening_filters(images, conv.kernel_size[0], eps)
     count = min(conv.out_channels // 2, len(filters))
     weight = conv.weight.data
     weight[:count] = filters[:count].to(weight)
     weight[count:2 * count] = -filters[:count].to(weight)
     return 2 * count
+
+
+def fold_whitening(mixing: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    """The 3x3 filters (out, C, 3, 3) equal to whitening (C*9 filters) then 1x1 `mixing`."""
+    return torch.einsum("om,mchw->ochw", mixing.flatten(1), whitening.to(mixing.dtype))
+
+
+class WhitenedConv2d(nn.Module):
+    """A 3x3 conv re-parametrised as a fixed whitening conv (C*9 filters) then a trained 1x1.
+
+    The 1x1 `mixing` weights (out x C*9) are exactly as many as the 3x3 conv's, and the two
+    fold into one 3x3 conv (`folded_weight`), which is also how the forward pass runs: same
+    maths as two convs, one conv's cost. Training the mixing weights instead of the filters
+    preconditions the first layer on decorrelated inputs.
+    """
+
+    def __init__(self, whitening: torch.Tensor, out_channels: int) -> None:
+        super().__init__()
+        self.register_buffer("whitening", whitening.clone())
+        conv = nn.Conv2d(len(whitening), out_channels, 1, bias=False)  # torch's default init
+        self.mixing = nn.Parameter(conv.weight.data.clone())
+
+    def folded_weight(self) -> torch.Tensor:
+        """The equivalent 3x3 filters (out, C, 3, 3)."""
+        return fold_whitening(self.mixing, self.whitening)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.folded_weight(), padding=1)
+
+    def forward_unfolded(self, x: torch.Tensor) -> torch.Tensor:
+        """The same output as `forward`, computed as whitening conv then 1x1 conv."""
+        whitened = nn.functional.conv2d(x, self.whitening.to(x.dtype), padding=1)
+        return nn.functional.conv2d(whitened, self.mixing)
+
+
+def whiten_prep_(model: CustResNet, images: torch.Tensor, eps: float) -> WhitenedConv2d:
+    """Replace the prep conv by its whitening re-parametrisation, fitted to `images`."""
+    conv = model.prep.layers[0]
+    whitened = WhitenedConv2d(whitening_filters(images, 3, eps), conv.out_channels)
+    model.prep.layers[0] = whitened.to(conv.weight.device)
+    return whitened
+
+
+def plain_state_dict(model_or_state: nn.Module | dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """The state dict of plain `CustResNet`: a whitened prep conv folded back into 3x3 filters.
+
+    Takes a model or a saved state dict (a checkpoint's), so old and new weights load alike.
+    """
+    state = dict(model_or_state.state_dict() if isinstance(model_or_state, nn.Module)
+                 else model_or_state)
+    for key in [key for key in state if key.endswith(".mixing")]:
+        prefix = key[:-len("mixing")]
+        mixing, whitening = state.pop(key), state.pop(prefix + "whitening")
+        state[prefix + "weight"] = fold_whitening(mixing.detach(), whitening.detach()).clone()
+    return state
+
+
+@torch.no_grad()
+def dirac_init_(model: nn.Module) -> int:
+    """Start each 3x3 conv's first in-channel filters as the identity (a pass-through).
+
+    Returns how many convs were set; a conv with fewer filters than inputs is left alone.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and (
+                module.out_channels >= module.in_channels):
+            nn.init.dirac_(module.weight.data[:module.in_channels])
+            count += 1
+    return count
 
 
 def zero_init_residuals_(model: CustResNet) -> None:

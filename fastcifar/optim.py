@@ -1,4 +1,4 @@
-"""Optimisers and the per-step OneCycle learning-rate schedule."""
+"""Optimisers, their parameter groups and the per-step OneCycle learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -9,29 +9,92 @@ from fastcifar.config import OptimizerName, TrainConfig
 from fastcifar.errors import FastCifarError
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, decay_norm: bool) -> list[dict]:
-    """Conv/linear weights decay; BN scales and shifts decay only when `decay_norm` is set."""
-    decayed = [p for p in model.parameters() if p.requires_grad and (p.ndim > 1 or decay_norm)]
-    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1 and not decay_norm]
-    groups = [{"params": decayed, "weight_decay": weight_decay}]
+def _norm_shifts(model: nn.Module) -> set[int]:
+    """ids of the BatchNorm shift (bias) parameters."""
+    return {id(module.bias) for module in model.modules()
+            if isinstance(module, nn.BatchNorm2d) and module.bias is not None}
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig,
+                     exclude: set[int] | None = None) -> list[dict]:
+    """Weight decay on conv/linear weights; BN scales and shifts decay only with `decay_norm`.
+
+    BN shifts form their own group at LR x `bn_bias_lr_scale` and weight decay / that scale
+    (so LR x decay is unchanged). Each group records its `lr_scale` for the schedule.
+    """
+    exclude = exclude or set()
+    shifts = _norm_shifts(model)
+    scale = config.bn_bias_lr_scale
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in exclude]
+    shift_group = [p for p in trainable if id(p) in shifts and scale != 1.0]
+    rest = [p for p in trainable if not (id(p) in shifts and scale != 1.0)]
+    decayed = [p for p in rest if p.ndim > 1 or config.decay_norm]
+    plain = [p for p in rest if p.ndim <= 1 and not config.decay_norm]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
     if plain:
-        groups.append({"params": plain, "weight_decay": 0.0})
-    return groups
+        groups.append({"params": plain, "weight_decay": 0.0, "lr_scale": 1.0})
+    if shift_group:
+        decay = config.weight_decay / scale if config.decay_norm else 0.0
+        groups.append({"params": shift_group, "weight_decay": decay, "lr_scale": scale})
+    return [group for group in groups if group["params"]]
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD (Nesterov) over the parameter groups; the schedule sets the LR."""
-    groups = parameter_groups(model, config.weight_decay, config.decay_norm)
+def make_optimizer(model: nn.Module, config: TrainConfig,
+                   exclude: set[int] | None = None) -> torch.optim.Optimizer:
+    """Adam or SGD (Nesterov) over the parameter groups (less `exclude`); the schedule sets the LR."""
+    groups = parameter_groups(model, config, exclude)
     if config.optimizer == OptimizerName.adam:
         return torch.optim.Adam(groups, lr=config.max_lr)
     return torch.optim.SGD(groups, lr=config.max_lr, momentum=config.momentum,
                            nesterov=config.nesterov and config.momentum > 0)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """Two-phase linear OneCycle stepped per batch: initial -> max at pct_start -> min at the end."""
-    initial_lr = config.max_lr * config.initial_lr_fraction
+def _matrix_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A conv filter bank (out, in, k, k) as an (out, in*k*k) matrix sharing its storage.
+
+    Channels-last filters are contiguous in (out, k, k, in) order; orthogonalising a matrix
+    with permuted columns permutes the result's columns, so either order serves Muon.
+    """
+    if tensor.is_contiguous():
+        return tensor.view(tensor.shape[0], -1)
+    permuted = tensor.permute(0, 2, 3, 1)
+    if permuted.is_contiguous():
+        return permuted.view(tensor.shape[0], -1)
+    raise FastCifarError("Muon needs contiguous or channels-last conv filters")
+
+
+class FilterMuon(torch.optim.Muon):
+    """torch's Muon over 4-D conv filters, each seen as a matrix that shares its storage.
+
+    torch.optim.Muon takes 2-D parameters only: it steps matrix views of the filters, whose
+    gradients are set (as views too) as soon as each filter's gradient is accumulated.
+    """
+
+    def __init__(self, filters: list[nn.Parameter], lr: float, momentum: float) -> None:
+        self.matrices = [nn.Parameter(_matrix_view(filter_.data)) for filter_ in filters]
+        for filter_, matrix in zip(filters, self.matrices, strict=True):
+            filter_.register_post_accumulate_grad_hook(self._gradient_setter(matrix))
+        super().__init__(self.matrices, lr=lr, momentum=momentum, nesterov=True,
+                         weight_decay=0.0)
+
+    @staticmethod
+    def _gradient_setter(matrix: nn.Parameter):
+        def set_gradient(filter_: torch.Tensor) -> None:
+            gradient = filter_.grad
+            try:
+                matrix.grad = _matrix_view(gradient)
+            except FastCifarError:  # an odd gradient layout: a copy serves, Muon only reads it
+                matrix.grad = gradient.reshape(gradient.shape[0], -1)
+        return set_gradient
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int,
+                   max_lr: float | None = None) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Two-phase linear OneCycle stepped per batch: initial -> max at pct_start -> min at the end.
+
+    Each group peaks at `max_lr` (default the config's) times its `lr_scale`.
+    """
+    peak = config.max_lr if max_lr is None else max_lr
     total_steps = config.epochs * steps_per_epoch
     if total_steps < 4:
         raise FastCifarError(f"only {total_steps} training steps: OneCycle needs at least 4 "
@@ -40,13 +103,104 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     pct_start = min(max(config.pct_start, 2.0 / total_steps), 0.5)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=config.max_lr,
+        max_lr=[peak * group.get("lr_scale", 1.0) for group in optimizer.param_groups],
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         pct_start=pct_start,
         anneal_strategy="linear",
         three_phase=False,
         div_factor=1.0 / config.initial_lr_fraction,
-        final_div_factor=initial_lr / config.min_lr,
+        final_div_factor=config.max_lr * config.initial_lr_fraction / config.min_lr,
         cycle_momentum=config.cycle_momentum,
     )
+
+
+class Optimizers:
+    """The run's optimisers and schedules, stepped as one: SGD/Adam, plus Muon when asked.
+
+    With `muon_lr` > 0 the conv filters go to Muon (its own peak LR, the same schedule shape)
+    and everything else (BN, the head) to SGD-Nesterov.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> None:
+        filters = ([p for p in model.parameters() if p.requires_grad and p.ndim == 4]
+                   if config.muon_lr > 0 else [])
+        self.main = make_optimizer(model, config, exclude={id(p) for p in filters})
+        self.main_schedule = make_scheduler(self.main, config, steps_per_epoch)
+        self.muon = (FilterMuon(filters, config.muon_lr, config.muon_momentum)
+                     if filters else None)
+        self.muon_schedule = (make_scheduler(self.muon, config, steps_per_epoch, config.muon_lr)
+                              if self.muon is not None else None)
+
+    @property
+    def lr(self) -> float:
+        """The LR the next step uses (the main optimiser's first group)."""
+        return self.main.param_groups[0]["lr"]
+
+    def zero_grad(self) -> None:
+        self.main.zero_grad(set_to_none=True)
+        if self.muon is not None:
+            self.muon.zero_grad(set_to_none=True)
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        """One optimiser step each (through the fp16 scaler; a plain step otherwise)."""
+        scaler.step(self.main)
+        if self.muon is not None:
+            scaler.step(self.muon)
+
+    def schedule_step(self) -> None:
+        self.main_schedule.step()
+        if self.muon_schedule is not None:
+            self.muon_schedule.step()
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.main.state_dict(), "scheduler": self.main_schedule.state_dict()}
+        if self.muon is not None:
+            state.update(muon=self.muon.state_dict(), muon_scheduler=self.muon_schedule.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.main.load_state_dict(state["optimizer"])
+        self.main_schedule.load_state_dict(state["scheduler"])
+        if self.muon is not None:
+            self.muon.load_state_dict(state["muon"])
+            self.muon_schedule.load_state_dict(state["muon_scheduler"])
+
+
+class Lookahead:
+    """Lookahead-style weight average: every `every` steps the average moves towards the live
+    weights and is copied back into them; the last step copies it in once more.
+
+    The decay 0.95^every * (step / total)^3 starts near 0 (the average follows the live
+    weights) and grows to ~0.77 at the end. It covers all float state, BN statistics included.
+    """
+
+    def __init__(self, model: nn.Module, every: int, total_steps: int) -> None:
+        self.every, self.total_steps = every, total_steps
+        self.average = {name: value.detach().clone()
+                        for name, value in model.state_dict().items() if value.is_floating_point()}
+
+    def decay(self, step: int) -> float:
+        return 0.95 ** self.every * (step / self.total_steps) ** 3
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Call after optimiser step number `step` (1-based, counted over the whole run)."""
+        if step % self.every == 0:
+            self._update(model, self.decay(step))
+        if step == self.total_steps:
+            self._update(model, 1.0)  # the run ends on the average
+
+    def _update(self, model: nn.Module, decay: float) -> None:
+        live = model.state_dict()
+        averages = list(self.average.values())
+        currents = [live[name] for name in self.average]
+        torch._foreach_lerp_(averages, currents, 1.0 - decay)
+        torch._foreach_copy_(currents, averages)
+
+    def state_dict(self) -> dict:
+        return {"average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state["average"].items():
+            self.average[name].copy_(value)

@@ -25,8 +25,15 @@ from fastcifar.atomic import atomic_path, write_json
 from fastcifar.config import Device, Precision, TrainConfig
 from fastcifar.data.loaders import Loaders, build_loaders
 from fastcifar.errors import FastCifarError
-from fastcifar.model import CustResNet, whitening_init_, zero_init_residuals_
-from fastcifar.optim import make_optimizer, make_scheduler
+from fastcifar.model import (
+    CustResNet,
+    dirac_init_,
+    plain_state_dict,
+    whiten_prep_,
+    whitening_init_,
+    zero_init_residuals_,
+)
+from fastcifar.optim import Lookahead, Optimizers
 
 # ---------------------------------------------------------------- device and precision
 
@@ -93,12 +100,12 @@ class DeviceStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Non-blocking only from pinned memory: FFCV refills its pageable batch buffers while
-        # we compute, and an asynchronous copy could then read the next batch's pixels
-        # (measured on an H100: TTA accuracy varied between identical evaluations).
-        non_blocking = self.device.type == "cuda" and images.is_pinned()
-        images = images.to(self.device, non_blocking=non_blocking)
-        labels = labels.to(self.device, non_blocking=non_blocking and labels.is_pinned())
+        # Always a blocking copy: FFCV reuses its batch buffers (pinned on CUDA machines) and
+        # its loader thread refills a slot without waiting for the GPU, so an asynchronous copy
+        # could read the next batch's pixels (seen on an H100: repeated evaluations of one
+        # model differed). A 512-image uint8 batch is 1.5 MB: the wait is about 0.1 ms.
+        images = images.to(self.device, non_blocking=False)
+        labels = labels.to(self.device, non_blocking=False)
         images = torch.addcmul(self.shift, images.float(), self.inverse_std)
         return images.contiguous(memory_format=self.memory_format), labels
 
@@ -120,6 +127,7 @@ class EpochStats:
     eval_seconds: float  # this epoch's evaluations (the epoch end's and any in the epoch)
     images_per_second: float  # training images per second of train time
     steps: int  # optimiser steps so far
+    holdout_accuracy: float | None = None  # on the held-out train images (--holdout)
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class Evaluation:
     test_accuracy: float
     train_seconds: float  # training time before it, all epochs so far
     eval_seconds: float  # evaluation time up to its end, itself included
+    holdout_accuracy: float | None = None  # on the held-out train images (--holdout)
 
 
 def epoch_end_evaluations(history: list[EpochStats]) -> list[Evaluation]:
@@ -141,7 +150,7 @@ def epoch_end_evaluations(history: list[EpochStats]) -> list[Evaluation]:
         train_seconds += row.train_seconds
         eval_seconds += row.eval_seconds
         evaluations.append(Evaluation(row.epoch, row.steps, row.test_loss, row.test_accuracy,
-                                      train_seconds, eval_seconds))
+                                      train_seconds, eval_seconds, row.holdout_accuracy))
     return evaluations
 
 
@@ -261,34 +270,57 @@ def config_to_dict(config: TrainConfig) -> dict:
 
 def build_model(config: TrainConfig, device: torch.device,
                 whitening_images: torch.Tensor | None = None, num_classes: int = 10) -> nn.Module:
-    """CustResNet on the device, channels-last when asked, BN momentum and initialisation set.
+    """CustResNet on the device, channels-last when asked, BN settings and initialisation set.
 
     `num_classes` is the data's (its metadata's class names), so the saved weights fit it.
+    `whitening_images` (normalised train images) fit `whiten` / `whiten_init`.
     """
     model = CustResNet(num_classes=num_classes, dropout=config.dropout,
                        logit_scale=config.logit_scale)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
-            module.momentum = config.bn_momentum
-    if config.whiten_init and whitening_images is not None:
+            module.momentum, module.eps = config.bn_momentum, config.bn_eps
+            module.weight.requires_grad_(not config.bn_frozen_scale)  # stays a parameter at 1
+    if config.dirac_init:
+        dirac_init_(model)
+    needs_images = config.whiten or config.whiten_init
+    if needs_images and whitening_images is None:
+        raise FastCifarError("whitening needs train images to fit")
+    if config.whiten_init:
         whitening_init_(model.prep.layers[0], whitening_images)
+    if config.whiten:
+        whiten_prep_(model, whitening_images, config.whiten_eps)
     if config.zero_init_residual:
         zero_init_residuals_(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     return model.to(device=device, memory_format=memory_format)
 
 
-def predict_logits(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Logits, averaged with those of the mirrored images when `tta` is set."""
+def _flip_averaged(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
     logits = model(images)
-    if tta:
-        logits = (logits + model(torch.flip(images, dims=[3]))) / 2
-    return logits
+    return (logits + model(torch.flip(images, dims=[3]))) / 2 if tta else logits
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: bool,
+                   shifts: bool = False) -> torch.Tensor:
+    """Logits, averaged with those of the mirrored images when `tta` is set.
+
+    `shifts` (multi-crop) adds the flip-averaged logits of the image moved 1 px up-left and
+    1 px down-right (reflected border), weighted 0.5 / 0.25 / 0.25: 6 forward passes.
+    """
+    logits = _flip_averaged(model, images, tta)
+    if not shifts:
+        return logits
+    padded = functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    height, width = images.shape[2], images.shape[3]
+    up_left = _flip_averaged(model, padded[:, :, 2:height + 2, 2:width + 2], tta)
+    down_right = _flip_averaged(model, padded[:, :, :height, :width], tta)
+    return 0.5 * logits + 0.25 * up_left + 0.25 * down_right
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionPlan,
-             tta: bool) -> tuple[float, float]:
+             tta: bool, shifts: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over the loader (eval mode, no gradients)."""
     model.eval()
     total_loss = torch.zeros((), device=device_step.device)
@@ -297,7 +329,7 @@ def evaluate(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionP
     for images, labels in loader:
         images, labels = device_step(images, labels)
         with autocast(device_step.device, plan):
-            logits = predict_logits(model, images, tta)
+            logits = predict_logits(model, images, tta, shifts)
         total_loss += functional.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
@@ -308,18 +340,18 @@ def evaluate(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionP
 # ---------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, steps, history,
-                      evaluations, record, best_accuracy, warmup_seconds: float,
+def _checkpoint_state(model, optimizers: Optimizers, scaler, ema, lookahead, epoch, steps,
+                      history, evaluations, record, best_accuracy, warmup_seconds: float,
                       partial: dict | None = None) -> dict:
     return {
         "partial": partial,  # progress inside an interrupted epoch
         "warmup_seconds": warmup_seconds,  # of every sitting so far
         "evaluations": [asdict(evaluation) for evaluation in evaluations],
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        **optimizers.state_dict(),  # optimizer, scheduler (+ muon, muon_scheduler)
         "scaler": scaler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
+        "lookahead": lookahead.state_dict() if lookahead is not None else None,
         "epoch": epoch,  # completed epochs
         "steps": steps,
         "history": [asdict(stats) for stats in history],
@@ -537,15 +569,16 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
                              config.channels_last)
     whitening_images = (_first_train_images(loaders, config, device_step)
-                        if config.whiten_init else None)
+                        if config.whiten_init or config.whiten else None)
     model = build_model(config, device, whitening_images,
                         num_classes=len(loaders.metadata.class_names))
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    optimizers = Optimizers(model, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.use_grad_scaler)
     ema = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
         use_buffers=True) if config.ema_decay > 0 else None)
+    lookahead = (Lookahead(model, config.lookahead_every, config.epochs * steps_per_epoch)
+                 if config.lookahead_every else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     record = run_record(config, device, plan.name)
 
@@ -558,11 +591,12 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         except RuntimeError as error:  # e.g. a head for another class count
             raise FastCifarError(f"{config.resume} does not fit this data's model: "
                                  f"{str(error).splitlines()[-1].strip()}") from error
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
+        optimizers.load_state_dict(resume_state)
         scaler.load_state_dict(resume_state["scaler"])
         if ema is not None and resume_state["ema"] is not None:
             ema.load_state_dict(resume_state["ema"])
+        if lookahead is not None:
+            lookahead.load_state_dict(resume_state["lookahead"])
         start_epoch, steps = resume_state["epoch"], resume_state["steps"]
         best_accuracy = resume_state["best_accuracy"]
         warmup_seconds = resume_state.get("warmup_seconds", 0.0)  # older checkpoints lack it
@@ -574,8 +608,6 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         np.random.set_state(resume_state["rng"]["numpy"])
         torch.set_rng_state(resume_state["rng"]["torch"])
         run_dir = Path(config.resume).parent
-        # FFCV draws epoch e's order from seed + e: continue the same sequence of orders.
-        loaders.train.next_epoch = start_epoch
     else:
         run_dir = _share_run_dir(
             _make_run_dir(config) if distributed.is_main else Path(config.out_dir), distributed)
@@ -611,10 +643,17 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         if distributed.is_main:
             best_model = ema.module if ema is not None else model
             save_checkpoint(best_weights, {
-                "model": best_model.state_dict(), "accuracy": evaluation.test_accuracy,
+                "model": plain_state_dict(best_model), "accuracy": evaluation.test_accuracy,
                 "epoch": evaluation.epochs, "steps": evaluation.steps,
                 "class_names": loaders.metadata.class_names, "mean": loaders.metadata.mean,
                 "std": loaders.metadata.std, **record})
+
+    def score_holdout() -> float | None:
+        """Accuracy on the held-out train images (off the clock: a tuning aid, not a cost)."""
+        if loaders.holdout is None:
+            return None
+        return evaluate(eval_model, loaders.holdout, device_step, plan, config.tta,
+                        config.tta_shifts)[1]
 
     partial = resume_state.get("partial") if resume_state is not None else None
     with _stop_on_signals(handle_signals and distributed.is_main) as stop:
@@ -636,7 +675,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             evaluate_inside = (config.eval_every_steps > 0
                                and epoch >= config.epochs - config.eval_steps_epochs)
             epoch_started = time.perf_counter()
-            batches = iter(loaders.train)
+            # FFCV's order and the kernel's epoch-dependent flips both follow `epoch`.
+            batches = loaders.train_epoch(epoch)
             step_in_epoch = 0
             for step_in_epoch in range(1, steps_per_epoch + 1):
                 if step_in_epoch == 1 and epoch == start_epoch:
@@ -654,18 +694,20 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                         epoch_started = time.perf_counter()  # re-reading them is off the clock
                     continue
                 images, labels = device_step(images, labels)
-                optimizer.zero_grad(set_to_none=True)
+                optimizers.zero_grad()
                 with autocast(device, plan):
                     logits = trained_model(images)
                     loss = criterion(logits, labels)
                 scaler.scale(loss).backward()  # the scale is 1 unless fp16
-                lr_per_step.append(optimizer.param_groups[0]["lr"])  # the LR this step used
-                scaler.step(optimizer)
+                lr_per_step.append(optimizers.lr)  # the LR this step used
+                optimizers.step(scaler)
                 scaler.update()
-                scheduler.step()
+                optimizers.schedule_step()
+                steps += 1
                 if ema is not None:
                     ema.update_parameters(model)
-                steps += 1
+                if lookahead is not None:
+                    lookahead.after_step(model, steps)
                 # Running sums stay on the device: no sync per step.
                 loss_sum += loss.detach().float() * len(labels)
                 correct += (logits.detach().argmax(1) == labels).sum()
@@ -680,11 +722,12 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                     eval_started = time.perf_counter()
                     seconds_before += eval_started - epoch_started
                     test_loss, test_accuracy = evaluate(eval_model, loaders.test, device_step,
-                                                        plan, config.tta)
+                                                        plan, config.tta, config.tta_shifts)
                     epoch_eval_seconds += time.perf_counter() - eval_started
                     evaluations.append(Evaluation(
                         epoch + step_in_epoch / steps_per_epoch, steps, test_loss, test_accuracy,
-                        trained_before + seconds_before, evaluated_before + epoch_eval_seconds))
+                        trained_before + seconds_before, evaluated_before + epoch_eval_seconds,
+                        score_holdout()))
                     keep_if_best(evaluations[-1])  # saving is off the clock, as at epoch ends
                     callbacks.on_evaluation(evaluations[-1])
                     trained_model.train()
@@ -693,7 +736,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 del batches  # FFCV's worker thread stops with its iterator
                 if distributed.is_main:
                     save_checkpoint(last_checkpoint, _checkpoint_state(
-                        model, optimizer, scheduler, scaler, ema, epoch, steps, history,
+                        model, optimizers, scaler, ema, lookahead, epoch, steps, history,
                         evaluations, record, best_accuracy, warmup_seconds, partial={
                             "step": step_in_epoch, "loss_sum": loss_sum.item(),
                             "correct": int(correct.item()), "seen": seen,
@@ -714,23 +757,23 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
 
             eval_started = time.perf_counter()
             test_loss, test_accuracy = evaluate(eval_model, loaders.test, device_step, plan,
-                                                config.tta)
+                                                config.tta, config.tta_shifts)
             eval_seconds = epoch_eval_seconds + time.perf_counter() - eval_started
             evaluations.append(Evaluation(epoch + 1, steps, test_loss, test_accuracy,
                                           trained_before + train_seconds,
-                                          evaluated_before + eval_seconds))
+                                          evaluated_before + eval_seconds, score_holdout()))
             stats = EpochStats(
                 epoch=epoch + 1, lr=lr_per_step[-1] if lr_per_step else config.max_lr,
                 train_loss=train_loss_sum / train_seen, train_accuracy=train_correct / train_seen,
                 test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=train_seconds,
                 eval_seconds=eval_seconds, images_per_second=train_seen / train_seconds,
-                steps=steps,
+                steps=steps, holdout_accuracy=evaluations[-1].holdout_accuracy,
             )
             history.append(stats)
             keep_if_best(evaluations[-1])
             if distributed.is_main:
                 save_checkpoint(last_checkpoint, _checkpoint_state(
-                    model, optimizer, scheduler, scaler, ema, epoch + 1, steps, history,
+                    model, optimizers, scaler, ema, lookahead, epoch + 1, steps, history,
                     evaluations, record, best_accuracy, warmup_seconds))
             if distributed.is_main:
                 write_json(run_dir / "metrics.json",

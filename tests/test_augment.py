@@ -89,12 +89,14 @@ def reference_augment(images: np.ndarray, geometry: np.ndarray, colour: np.ndarr
     return out
 
 
-def draw(config: AugmentConfig, seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def draw(config: AugmentConfig, seed: int, indices: np.ndarray,
+         epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The kernel's draws for `config`, as `augment_batch` makes them."""
     jitter = config.p_jitter if config.jitter_enabled else 0.0
-    return draw_parameters(seed, np.asarray(indices, dtype=np.int64), config.pad, config.flip,
-                           config.cutout_size, config.cutout_count, jitter, config.brightness,
-                           config.contrast, config.saturation, config.hue, config.p_gray)
+    return draw_parameters(seed, np.asarray(indices, dtype=np.int64), epoch, config.pad,
+                           config.flip, config.flip_alternate, config.cutout_size,
+                           config.cutout_count, jitter, config.brightness, config.contrast,
+                           config.saturation, config.hue, config.p_gray)
 
 
 def random_images(count: int, seed: int = 0, low: int = 0, high: int = 256) -> np.ndarray:
@@ -201,8 +203,8 @@ def test_all_parts_off_returns_the_input():
 def test_jitter_with_unit_factors_returns_the_input():
     # jitter on, every factor exactly 1 and no hue shift: the colour path must not drift
     images = random_images(64, seed=6)
-    geometry, colour = draw_parameters(0, np.arange(64), 0, False, 0, 0, 1.0, 0.0, 0.0, 0.0,
-                                       0.0, 0.0)
+    geometry, colour = draw_parameters(0, np.arange(64), 0, 0, False, False, 0, 0, 1.0, 0.0,
+                                       0.0, 0.0, 0.0, 0.0)
     assert (colour[:, 0] == 1).all()
     out = apply_augmentation(images, np.empty_like(images), geometry, colour, 0, False, 0, 0,
                              FILL)

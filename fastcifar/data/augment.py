@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from fastcifar.config import AugmentConfig, PadMode
 
@@ -42,11 +44,24 @@ def _uniform(key: np.uint64, slot: int) -> float:
 
 
 @njit(cache=True)
-def draw_parameters(seed: int, indices: np.ndarray, pad: int, flip: bool, cutout_size: int,
-                    cutout_count: int, p_jitter: float, brightness: float, contrast: float,
-                    saturation: float, hue: float, p_gray: float):
-    """Per-image random parameters for one batch: (geometry int32 [n, G], colour float32 [n, C])."""
+def first_flip(seed: int, index: int) -> bool:
+    """Whether sample `index` is flipped in epoch 0 under alternating flip (a fair coin)."""
+    key = _mix64(_mix64(np.uint64(seed) ^ _GOLDEN) ^ _mix64(np.uint64(index) + _GOLDEN))
+    return _uniform(key, 0) < 0.5
+
+
+@njit(cache=True)
+def draw_parameters(seed: int, indices: np.ndarray, epoch: int, pad: int, flip: bool,
+                    flip_alternate: bool, cutout_size: int, cutout_count: int, p_jitter: float,
+                    brightness: float, contrast: float, saturation: float, hue: float,
+                    p_gray: float):
+    """Per-image random parameters for one batch: (geometry int32 [n, G], colour float32 [n, C]).
+
+    `epoch` only matters for alternating flip, whose flips depend on the sample and the epoch
+    alone; every other draw depends on the batch's sample indices.
+    """
     count = indices.shape[0]
+    odd_epoch = epoch % 2 == 1
     batch_key = _mix64(np.uint64(seed) ^ _GOLDEN)
     for j in range(count):  # the batch's composition and order differ every epoch
         batch_key = _mix64(batch_key ^ np.uint64(indices[j]))
@@ -56,7 +71,10 @@ def draw_parameters(seed: int, indices: np.ndarray, pad: int, flip: bool, cutout
         key = _mix64(batch_key + np.uint64(i) * _GOLDEN)
         geometry[i, 0] = int(_uniform(key, 0) * (2 * pad + 1))
         geometry[i, 1] = int(_uniform(key, 1) * (2 * pad + 1))
-        geometry[i, 2] = 1 if flip and _uniform(key, 2) < 0.5 else 0
+        if flip_alternate:
+            geometry[i, 2] = 1 if flip and first_flip(seed, indices[i]) != odd_epoch else 0
+        else:
+            geometry[i, 2] = 1 if flip and _uniform(key, 2) < 0.5 else 0
         geometry[i, 3] = 1 if _uniform(key, 3) < p_gray else 0
         for hole in range(cutout_count):
             centre_y = int(_uniform(key, 10 + 2 * hole) * 32)
@@ -244,9 +262,9 @@ def _read_only_fill(fill: np.ndarray | list[int]) -> np.ndarray:
 
 
 def augment_batch(images: np.ndarray, indices: np.ndarray, config: AugmentConfig, seed: int,
-                  fill: np.ndarray) -> np.ndarray:
+                  fill: np.ndarray, epoch: int = 0) -> np.ndarray:
     """Augment one batch outside FFCV (plots, tests); the same draws as inside the loader."""
-    geometry, colour = draw_parameters(seed, np.asarray(indices, dtype=np.int64),
+    geometry, colour = draw_parameters(seed, np.asarray(indices, dtype=np.int64), epoch,
                                        *_draw_arguments(config))
     images = np.ascontiguousarray(images)  # the kernel reads each image as a flat run
     out = np.empty_like(images)
@@ -258,11 +276,46 @@ def augment_batch(images: np.ndarray, indices: np.ndarray, config: AugmentConfig
 def _draw_arguments(config: AugmentConfig) -> tuple:
     """The AugmentConfig fields `draw_parameters` takes after (seed, indices), in order."""
     jitter = config.p_jitter if config.jitter_enabled else 0.0
-    return (config.pad, config.flip, config.cutout_size, config.cutout_count, jitter,
-            config.brightness, config.contrast, config.saturation, config.hue, config.p_gray)
+    return (config.pad, config.flip, config.flip_alternate, config.cutout_size,
+            config.cutout_count, jitter, config.brightness, config.contrast, config.saturation,
+            config.hue, config.p_gray)
 
 
-def make_fused_augment(config: AugmentConfig, seed: int, fill: np.ndarray):
+@intrinsic
+def _load_int64(typing_context, address):
+    """Read the int64 at a raw `address`: the live value, where a captured array is frozen."""
+    def codegen(context, builder, signature, arguments):
+        pointer = builder.inttoptr(arguments[0], ir.IntType(64).as_pointer())
+        return builder.load_atomic(pointer, "acquire", 8)
+
+    return types.int64(types.intp), codegen
+
+
+class EpochCell:
+    """The epoch the loader is in, readable from inside the compiled FFCV pipeline.
+
+    FFCV gives an operation only the batch and its sample indices, and numba freezes any array
+    a kernel captures; so the pipeline reads this cell's memory by address on every batch.
+    The loop sets it before it starts an epoch's iterator (`Loaders.train_epoch`).
+    """
+
+    def __init__(self) -> None:
+        self._value = np.zeros(1, dtype=np.int64)  # kept alive with the cell
+
+    @property
+    def address(self) -> int:
+        return self._value.ctypes.data
+
+    @property
+    def epoch(self) -> int:
+        return int(self._value[0])
+
+    def set(self, epoch: int) -> None:
+        self._value[0] = epoch
+
+
+def make_fused_augment(config: AugmentConfig, seed: int, fill: np.ndarray,
+                       epoch_cell: EpochCell | None = None):
     """The FFCV Operation running the fused kernel on decoded (N, 32, 32, 3) uint8 batches."""
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.operation import Operation
@@ -270,14 +323,20 @@ def make_fused_augment(config: AugmentConfig, seed: int, fill: np.ndarray):
     class FusedAugment(Operation):
         """pad-crop, flip, cutout, colour jitter and grayscale in one pass (see module doc)."""
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch_cell = epoch_cell or EpochCell()  # kept alive with the operation
+
         def generate_code(self) -> Callable:
             draw_args = _draw_arguments(config)
             pad, reflect = config.pad, config.pad_mode == PadMode.reflect
             size, holes = config.cutout_size, config.cutout_count
             fill_rgb = _read_only_fill(fill)
+            address = self.epoch_cell.address
 
             def fused_augment(images, out, indices):
-                geometry, colour = draw_parameters(seed, indices, *draw_args)
+                epoch = _load_int64(address)
+                geometry, colour = draw_parameters(seed, indices, epoch, *draw_args)
                 return apply_augmentation(images, out, geometry, colour, pad, reflect, size,
                                           holes, fill_rgb)
 

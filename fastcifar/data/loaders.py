@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcifar.config import AugmentConfig, LoaderConfig
-from fastcifar.data.augment import fill_colour, make_fused_augment
+from fastcifar.data.augment import EpochCell, fill_colour, make_fused_augment
 from fastcifar.data.convert import FORMAT_VERSION, METADATA
 from fastcifar.errors import FastCifarError
 
@@ -80,13 +80,14 @@ def _check_beton_fields(path: Path, expected_count: int) -> None:
                              f"{expected_count}: rerun `fastcifar convert --force`")
 
 
-def train_pipeline(augment: AugmentConfig | None, seed: int, mean: list[float]) -> list:
+def train_pipeline(augment: AugmentConfig | None, seed: int, mean: list[float],
+                   epoch_cell: EpochCell | None = None) -> list:
     """decode -> fused augmentation (crop/flip/cutout/jitter/gray, uint8) -> NCHW tensor view."""
     from ffcv.fields.decoders import SimpleRGBImageDecoder
     from ffcv.transforms import ToTensor, ToTorchImage
 
     augmentation = [] if augment is None else [make_fused_augment(augment, seed,
-                                                                 fill_colour(mean))]
+                                                                 fill_colour(mean), epoch_cell)]
     return [SimpleRGBImageDecoder(), *augmentation, ToTensor(),
             ToTorchImage(channels_last=True, convert_back_int16=False)]
 
@@ -165,30 +166,82 @@ def make_loader(path: Path, image_pipeline: list, config: LoaderConfig, train: b
     )
 
 
+def read_labels(path: Path) -> np.ndarray:
+    """Every record's label, read from the beton's index (no image is decoded)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    label_field = list(reader.handlers).index("label")
+    return np.asarray(reader.metadata[f"f{label_field}"], dtype=np.int64)
+
+
+def split_holdout(labels: np.ndarray, count: int, candidates: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, holdout indices): `count` held-out images, as equal per class as can be.
+
+    The choice uses a fixed generator, not the run's seed, so every run of a sweep is scored
+    on the same held-out images.
+    """
+    candidates = np.arange(len(labels)) if candidates is None else np.asarray(candidates)
+    if not 0 < count < len(candidates):
+        raise FastCifarError(f"--holdout {count} must leave train images: there are "
+                             f"{len(candidates)}")
+    shuffled = np.random.default_rng(20261126).permutation(candidates)
+    classes = labels[shuffled]
+    # Rank of each image within its class in the shuffled order; take ranks round-robin.
+    rank = np.zeros(len(shuffled), dtype=np.int64)
+    for label in np.unique(classes):
+        members = classes == label
+        rank[members] = np.arange(members.sum())
+    held = shuffled[np.lexsort((np.arange(len(shuffled)), rank))[:count]]
+    return np.setdiff1d(candidates, held), np.sort(held)
+
+
 @dataclass
 class Loaders:
-    """The train and test loaders with the metadata they were built from."""
+    """The train, test and (optional) held-out loaders with the metadata they were built from."""
 
     train: object
     test: object
     metadata: DatasetMetadata
     train_count: int
     test_count: int
+    holdout: object | None = None  # train images never trained on, in the test pipeline
+    holdout_count: int = 0
+    epoch_cell: EpochCell | None = None  # the epoch the augmentation kernel sees
+
+    def train_epoch(self, epoch: int):
+        """An iterator over train epoch `epoch` (0-based): FFCV's order for it and the kernel's
+        epoch-dependent draws (alternating flip) both follow `epoch`, also after a resume."""
+        self.train.next_epoch = epoch
+        if self.epoch_cell is not None:
+            self.epoch_cell.set(epoch)
+        return iter(self.train)
 
 
 def build_loaders(config: LoaderConfig, augment: AugmentConfig | None, seed: int) -> Loaders:
-    """Train (random order, drop_last, fused augmentation) and test (sequential) loaders."""
+    """Train (random order, drop_last, fused augmentation), test (sequential) and held-out
+    (sequential, from the train file) loaders."""
     metadata = read_metadata(config.data_dir)
     train_subset = _subset(config.train_subset, metadata.train_count, "train")
     test_subset = _subset(config.test_subset, metadata.test_count, "test")
+    holdout_indices = None
+    if config.holdout:
+        train_subset, holdout_indices = split_holdout(read_labels(metadata.train_path),
+                                                      config.holdout, train_subset)
     train_count = len(train_subset) if train_subset is not None else metadata.train_count
     test_count = len(test_subset) if test_subset is not None else metadata.test_count
     if config.batch_size > train_count:
         raise FastCifarError(f"batch size {config.batch_size} is larger than the {train_count} "
                              "train images: no full batch to train on")
-    train = make_loader(metadata.train_path, train_pipeline(augment, seed, metadata.mean),
+    epoch_cell = EpochCell()
+    train = make_loader(metadata.train_path,
+                        train_pipeline(augment, seed, metadata.mean, epoch_cell),
                         config, True, train_subset, seed)
     # Every rank evaluates the whole test set: metrics need no gathering and stay exact.
-    test = make_loader(metadata.test_path, test_pipeline(), replace(config, distributed=False),
-                       False, test_subset, seed)
-    return Loaders(train, test, metadata, train_count, test_count)
+    whole = replace(config, distributed=False)
+    test = make_loader(metadata.test_path, test_pipeline(), whole, False, test_subset, seed)
+    holdout = (make_loader(metadata.train_path, test_pipeline(), whole, False, holdout_indices,
+                           seed) if holdout_indices is not None else None)
+    return Loaders(train, test, metadata, train_count, test_count, holdout,
+                   len(holdout_indices) if holdout_indices is not None else 0, epoch_cell)
