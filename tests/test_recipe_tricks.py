@@ -18,7 +18,6 @@ from fastcifar.config import EXPRESS, LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import build_loaders, read_labels, split_holdout
 from fastcifar.model import (
     CustResNet,
-    WhitenedConv2d,
     dirac_init_,
     plain_state_dict,
     whiten_prep_,
