@@ -315,20 +315,20 @@ class TableCallbacks:
         console.print(f"{evaluation.epochs:>5.2f} {'':>9} {'':>10} {'':>9} "
                       f"{evaluation.test_loss:>9.4f} {evaluation.test_accuracy:>8.2%}")
 
-
 @app.command()
 @with_train_options
 def train(
     train_config: TrainConfig,
-    weights: Annotated[Path, typer.Option(help="Folder for the best weights.",
-                                          rich_help_panel=SYSTEM)] = Path("weights"),
+    weights: Annotated[Path, typer.Option(help="Folder for the run's best and final weights "
+                                          "(.safetensors).", rich_help_panel=SYSTEM)
+                       ] = Path("weights"),
     resume: Annotated[str | None, typer.Option(help="Checkpoint to continue, or 'auto' for "
                       "the newest under --out.", rich_help_panel=SYSTEM)] = None,
     stop_at_accuracy: Annotated[float | None, typer.Option(help="End the run once test "
                                 "accuracy reaches this (e.g. 0.90).",
                                 rich_help_panel=OPTIMISATION)] = None,
 ) -> None:
-    """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, best weights saved."""
+    """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, final and best weights saved."""
     from fastcifar.train import find_latest_checkpoint
     from fastcifar.train import train as run_training
 
@@ -469,7 +469,8 @@ def summary(
 
 @app.command()
 def evaluate(
-    weights: Annotated[Path, typer.Argument(help="A *-best.pt file written by train.")],
+    weights: Annotated[Path, typer.Argument(help="A .safetensors weights file written by "
+                                               "train.")],
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average each image's logits "
                    "with its mirror's.")] = False,
     data: DataOption = Path("datasets"),

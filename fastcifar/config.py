@@ -268,7 +268,7 @@ class LrFindConfig:
 class EvaluateConfig:
     """Settings of `fastcifar evaluate`: score saved best weights on the test set."""
 
-    weights: Path  # a best-weights file written by training
+    weights: Path  # a weights file (.safetensors) written by training
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # data_dir, batch size, test_subset
     tta: bool = False  # average the logits of each image and its mirror
     out_dir: Path | None = None  # None: a `<weights name>-eval` folder beside the weights

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastcifar.atomic import write_json
+from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EvaluateConfig
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.errors import FastCifarError
@@ -21,13 +22,10 @@ from fastcifar.train import (
     DeviceStep,
     PrecisionPlan,
     autocast,
-    load_checkpoint,
     plan_precision,
     predict_logits,
     select_device,
 )
-
-_WEIGHTS_KEYS = ("model", "class_names", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -63,20 +61,21 @@ class TestPredictions:
 
 
 def load_weights(path: Path) -> dict:
-    """A best-weights file from training, checked for the keys evaluation needs."""
-    checkpoint = load_checkpoint(Path(path))
-    if not isinstance(checkpoint, dict):
-        checkpoint = {}
-    missing = [key for key in _WEIGHTS_KEYS if key not in checkpoint]
-    if missing:
-        raise FastCifarError(f"{path} is not a fastcifar weights file (missing "
-                             f"{', '.join(missing)}); pass a *-best.pt file from `fastcifar train`")
-    return checkpoint
+    """A weights file (safetensors) as one dict: its metadata plus the state dict as "model".
+
+    Files that are not fastcifar weights files get a one-line error; none is unpickled.
+    """
+    state_dict, metadata = read_weights_file(Path(path))
+    return {**metadata, "model": state_dict}
 
 
 def model_from_weights(checkpoint: dict, device: torch.device, channels_last: bool) -> nn.Module:
-    """CustResNet with the saved weights and logit scale, in eval mode on `device`."""
-    logit_scale = float((checkpoint.get("config") or {}).get("logit_scale", 1.0))
+    """CustResNet with the saved weights and logit scale, in eval mode on `device`.
+
+    `checkpoint` is `load_weights`'s dict, or a resume checkpoint's with class names added.
+    """
+    logit_scale = float(checkpoint.get("logit_scale",
+                                       (checkpoint.get("config") or {}).get("logit_scale", 1.0)))
     model = CustResNet(num_classes=len(checkpoint["class_names"]), logit_scale=logit_scale)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -177,7 +176,7 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
                                     strict=True)),
         confusion_matrix=matrix.tolist(), class_names=class_names, count=len(result.labels),
         tta=config.tta, trained_accuracy=checkpoint.get("accuracy"),
-        epoch=checkpoint.get("epoch"), misclassified=misclassified,
+        epoch=checkpoint.get("epochs"), misclassified=misclassified,
         misclassified_total=misclassified_total, confusion_plot=confusion_plot,
         misclassified_plot=misclassified_plot, json_path=out_dir / "evaluation.json",
         device=str(device), precision=plan.name, seconds=time.perf_counter() - started)

@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from fastcifar.atomic import atomic_path, write_json
+from fastcifar.atomic import write_json
+from fastcifar.checkpoint import (
+    load_checkpoint,
+    read_weights_file,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    save_weights_file,
+)
 from fastcifar.config import Device, Precision, TrainConfig
 from fastcifar.data.loaders import Loaders, build_loaders
 from fastcifar.errors import FastCifarError
@@ -151,13 +159,19 @@ class TrainResult:
 
     history: list[EpochStats]
     run_dir: Path
-    best_weights: Path | None
+    best_weights: Path | None  # the best test pass's weights (chosen on the test set)
     best_accuracy: float
     warmup_seconds: float  # one-off: loader JIT, torch.compile, cudnn autotune (all sittings)
     lr_per_step: list[float] = field(default_factory=list)
     reached_target: bool = False
     final_model: nn.Module | None = None  # the evaluated model (EMA when kept) after the run
     evaluations: list[Evaluation] = field(default_factory=list)  # every test pass, in order
+    final_weights: Path | None = None  # the weights at the end of the run
+
+    @property
+    def final_accuracy(self) -> float:
+        """Test accuracy at the end of the run (the last epoch's evaluation)."""
+        return self.history[-1].test_accuracy
 
 
 class TrainCallbacks:
@@ -211,7 +225,8 @@ def run_record(config: TrainConfig, device: torch.device, precision: str) -> dic
         commit = ""
     return {
         "config": config_to_dict(config),
-        "versions": {"torch": torch.__version__, "ffcv": importlib.metadata.version("ffcv"),
+        # str(): torch.__version__ is a str subclass that torch.load(weights_only) refuses.
+        "versions": {"torch": str(torch.__version__), "ffcv": importlib.metadata.version("ffcv"),
                      "numba": numba.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "hardware": machine_description(device),
@@ -254,6 +269,35 @@ def config_to_dict(config: TrainConfig) -> dict:
         return value
 
     return plain(asdict(config))
+
+
+def weights_metadata(config: TrainConfig, record: dict, loaders: Loaders,
+                     evaluation: Evaluation, which: str) -> dict:
+    """The metadata header of a weights file train writes (`which`: "best" or "final").
+
+    What predict/evaluate need (classes, mean/std, logit scale, TTA mode) and what a person
+    needs to trust the file: recipe, the accuracy and when it was measured, data, commit.
+    """
+    metadata = loaders.metadata
+    source = metadata.source
+    data_variant = f"{Path(str(source.get('path') or '?')).name} ({source.get('kind', '?')})"
+    if loaders.train_count != metadata.train_count:
+        data_variant += f", first {loaders.train_count:,} of {metadata.train_count:,} train images"
+    return {
+        "class_names": list(metadata.class_names), "mean": list(metadata.mean),
+        "std": list(metadata.std), "logit_scale": config.logit_scale,
+        "tta": "flip" if config.tta else "none",
+        "weights": which,
+        "recipe": config.recipe,
+        "accuracy": evaluation.test_accuracy,  # on the test set, with the TTA mode above
+        "accuracy_note": ("the best test pass of the run: chosen on the test set" if which == "best"
+                          else "the test pass at the end of the run"),
+        "test_images": loaders.test_count,
+        "epochs": evaluation.epochs, "steps": evaluation.steps,
+        "data_variant": data_variant, "data_source": source,
+        "git_commit": record["git_commit"], "precision": record["precision"],
+        "config": record["config"], "versions": record["versions"], "hardware": record["hardware"],
+    }
 
 
 # ---------------------------------------------------------------- model, step, evaluation
@@ -324,26 +368,9 @@ def _checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, steps, hi
         "steps": steps,
         "history": [asdict(stats) for stats in history],
         "best_accuracy": best_accuracy,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state()},
+        "rng": rng_state(),  # tensors and plain values: loadable with weights_only
         **record,
     }
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save through a temporary file, fsync and rename."""
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint, turning unreadable files into one clear error."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError as error:
-        raise FastCifarError(f"checkpoint not found: {path}") from error
-    except Exception as error:  # pickle/zip errors of a damaged file
-        raise FastCifarError(f"corrupt or unreadable checkpoint {path}: {error}") from error
 
 
 # Settings that may differ between a run and its resumption (they do not change the maths).
@@ -570,9 +597,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         evaluations = ([Evaluation(**row) for row in resume_state["evaluations"]]
                        if "evaluations" in resume_state  # older checkpoints lack them
                        else epoch_end_evaluations(history))
-        random.setstate(resume_state["rng"]["python"])
-        np.random.set_state(resume_state["rng"]["numpy"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
+        restore_rng_state(resume_state["rng"])
         run_dir = Path(config.resume).parent
         # FFCV draws epoch e's order from seed + e: continue the same sequence of orders.
         loaders.train.next_epoch = start_epoch
@@ -593,11 +618,13 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         write_json(run_dir / "run.json", record)
     callbacks.on_train_start(config, steps_per_epoch, device, plan.name, run_dir)
 
-    best_weights = Path(config.weights_dir) / f"{run_dir.name}-best.pt"
+    best_weights = Path(config.weights_dir) / f"{run_dir.name}-best.safetensors"
+    final_weights = Path(config.weights_dir) / f"{run_dir.name}-final.safetensors"
     if resume_state is not None and best_weights.exists():
         # An in-epoch pass may have saved better weights after the checkpoint we resume from
         # (a hard crash loses that checkpoint's update): never replace them with worse ones.
-        best_accuracy = max(best_accuracy, load_checkpoint(best_weights).get("accuracy", -1.0))
+        best_accuracy = max(best_accuracy,
+                            read_weights_file(best_weights)[1].get("accuracy", -1.0))
     lr_per_step: list[float] = []
     reached = False
     last_checkpoint = run_dir / "last.pt"
@@ -610,11 +637,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         best_accuracy = evaluation.test_accuracy
         if distributed.is_main:
             best_model = ema.module if ema is not None else model
-            save_checkpoint(best_weights, {
-                "model": best_model.state_dict(), "accuracy": evaluation.test_accuracy,
-                "epoch": evaluation.epochs, "steps": evaluation.steps,
-                "class_names": loaders.metadata.class_names, "mean": loaders.metadata.mean,
-                "std": loaders.metadata.std, **record})
+            save_weights_file(best_weights, best_model.state_dict(), weights_metadata(
+                config, record, loaders, evaluation, "best"))
 
     partial = resume_state.get("partial") if resume_state is not None else None
     with _stop_on_signals(handle_signals and distributed.is_main) as stop:
@@ -753,9 +777,12 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             write_json(metrics_path, {**json.loads(metrics_path.read_text()),
                                       "world_size": distributed.world_size,
                                       "ranks_agree": agree})
+    if distributed.is_main and evaluations:
+        save_weights_file(final_weights, (ema.module if ema is not None else model).state_dict(),
+                          weights_metadata(config, record, loaders, evaluations[-1], "final"))
     result = TrainResult(history, run_dir, best_weights if best_accuracy >= 0 else None,
                          best_accuracy, warmup_seconds, lr_per_step, reached, eval_model,
-                         evaluations)
+                         evaluations, final_weights if evaluations else None)
     if config.make_plots and distributed.is_main:
         from fastcifar.plots import plot_training_curves
 

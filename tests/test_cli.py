@@ -22,7 +22,8 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
         "--weights", str(tmp_path / "weights"), "--cutout", "4"])
     assert result.exit_code == 0, result.output
     assert "test acc" in result.output and "best test accuracy" in result.output
-    assert list((tmp_path / "weights").glob("*-best.pt"))
+    assert list((tmp_path / "weights").glob("*-best.safetensors"))
+    assert list((tmp_path / "weights").glob("*-final.safetensors"))
 
 
 def test_train_without_betons_says_run_convert_first(tmp_path):

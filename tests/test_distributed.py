@@ -40,7 +40,8 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
     assert metrics["epochs"][-1]["steps"] == 10
     # in-epoch passes in the last epoch: every rank evaluates, rank 0 alone keeps the best
     assert [row["epochs"] for row in metrics["evaluations"]] == pytest.approx([1, 1.4, 1.8, 2])
-    assert len(list((tmp_path / "ddp-weights").glob("*-best.pt"))) == 1
+    assert len(list((tmp_path / "ddp-weights").glob("*-best.safetensors"))) == 1
+    assert len(list((tmp_path / "ddp-weights").glob("*-final.safetensors"))) == 1
 
     single = subprocess.run(
         [sys.executable, "-m", "fastcifar", "train", *TRAIN_ARGS, "--batch-size", "24",

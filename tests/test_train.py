@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from fastcifar.checkpoint import load_checkpoint, read_weights_file
 from fastcifar.config import (
     NO_AUGMENT,
     AugmentConfig,
@@ -24,7 +25,6 @@ from fastcifar.errors import FastCifarError
 from fastcifar.train import (
     TrainCallbacks,
     TrainingInterrupted,
-    load_checkpoint,
     plan_precision,
     select_device,
     train,
@@ -47,10 +47,20 @@ def test_short_cpu_run_lowers_loss_and_beats_chance(tiny_dataset, tmp_path):
     assert history[-1].test_accuracy >= 0.8  # chance is 1/3
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3]
-    best = torch.load(result.best_weights, weights_only=False)
+    best_state, best = read_weights_file(result.best_weights)
+    assert result.best_weights.name.endswith("-best.safetensors")
     assert best["accuracy"] == max(row.test_accuracy for row in history)
+    assert best["weights"] == "best" and "chosen on the test set" in best["accuracy_note"]
     assert best["config"]["recipe"] == "fast" and "versions" in best and "hardware" in best
-    assert best["model"]["fc.weight"].shape[0] == 3  # one output per class of the data
+    assert best["class_names"] == ["apple", "berry", "cherry"] and best["tta"] == "none"
+    assert best["recipe"] == "fast" and best["logit_scale"] == 0.125 and best["data_variant"]
+    assert best_state["fc.weight"].shape[0] == 3  # one output per class of the data
+    final_state, final = read_weights_file(result.final_weights)
+    assert result.final_weights.name.endswith("-final.safetensors")
+    assert final["accuracy"] == result.final_accuracy == history[-1].test_accuracy
+    assert final["epochs"] == 3 and final["weights"] == "final"
+    model_state = result.final_model.state_dict()
+    assert all(torch.equal(final_state[name], model_state[name].float()) for name in final_state)
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["precision"] == "bf16"
 
@@ -132,7 +142,7 @@ def test_resume_refuses_weights_of_another_class_count(tiny_dataset, tmp_path):
 def test_resume_reports_a_corrupt_checkpoint(tiny_dataset, tmp_path):
     broken = tmp_path / "last.pt"
     broken.write_bytes(b"\x00garbage")
-    with pytest.raises(FastCifarError, match="corrupt or unreadable checkpoint"):
+    with pytest.raises(FastCifarError, match="cannot resume from .*last.pt.*damaged"):
         train(tiny_config(tiny_dataset, tmp_path, resume=broken))
 
 
