@@ -471,8 +471,9 @@ def summary(
 def evaluate(
     weights: Annotated[Path, typer.Argument(help="A .safetensors weights file written by "
                                                "train.")],
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average each image's logits "
-                   "with its mirror's.")] = False,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Average each image's "
+                   "logits with its mirror's (default: the mode stored with the weights).",
+                   show_default=False)] = None,
     data: DataOption = Path("datasets"),
     test_subset: TestSubsetOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.",
@@ -496,8 +497,9 @@ def evaluate(
     for name, accuracy in report.per_class_accuracy.items():
         table.add_row(name, f"{accuracy:.2%}")
     console.print(table)
+    tta_source = "stored with the weights" if report.tta_from_weights else "as asked"
     console.print(f"test accuracy {report.accuracy:.2%} on {report.count:,} images "
-                  f"({'flip TTA' if report.tta else 'no TTA'}, {report.device} "
+                  f"({'flip TTA' if report.tta else 'no TTA'} {tta_source}, {report.device} "
                   f"{report.precision}; {report.misclassified_total:,} wrong); figures and JSON "
                   f"in {report.json_path.parent}", soft_wrap=True)
 

@@ -270,7 +270,7 @@ class EvaluateConfig:
 
     weights: Path  # a weights file (.safetensors) written by training
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # data_dir, batch size, test_subset
-    tta: bool = False  # average the logits of each image and its mirror
+    tta: bool | None = None  # average the logits of each image and its mirror; None: as stored
     out_dir: Path | None = None  # None: a `<weights name>-eval` folder beside the weights
     device: Device = Device.auto
     precision: Precision = Precision.auto

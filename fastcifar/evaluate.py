@@ -39,6 +39,7 @@ class EvaluationReport:
     class_names: list[str]
     count: int  # test images scored
     tta: bool
+    tta_from_weights: bool  # the TTA mode stored with the weights (no --tta/--no-tta given)
     trained_accuracy: float | None  # what training recorded for these weights
     epoch: float | None  # fractional when the best pass fell inside an epoch
     misclassified: list[dict]  # the shown ones: test index, true and predicted class
@@ -146,12 +147,14 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
     device = select_device(config.device)
     plan = plan_precision(config.precision, device)
     model = model_from_weights(checkpoint, device, config.channels_last)
+    # The TTA mode the weights were trained and reported with, unless the user chose one.
+    tta = checkpoint["tta"] == "flip" if config.tta is None else config.tta
     # The normalisation the weights were trained with, as saved beside them.
     device_step = DeviceStep(checkpoint["mean"], checkpoint["std"], device, config.channels_last)
     loader = make_loader(metadata.test_path, test_pipeline(), config.loader, train=False,
                          subset=_test_subset(config.loader.test_subset, metadata.test_count),
                          seed=0)
-    result = predict_test_set(model, loader, device_step, plan, config.tta)
+    result = predict_test_set(model, loader, device_step, plan, tta)
 
     matrix = confusion_matrix(result.labels, result.predictions, len(class_names))
     accuracy = float(np.trace(matrix) / matrix.sum())
@@ -161,7 +164,7 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
     misclassified_total = int((result.predictions != result.labels).sum())
 
     out_dir = config.output_dir
-    tta_note = " with flip TTA" if config.tta else ""
+    tta_note = " with flip TTA" if tta else ""
     confusion_plot = plot_confusion_matrix(
         matrix, class_names, out_dir / "confusion_matrix.png",
         title=f"test accuracy {accuracy:.2%}{tta_note} ({len(result.labels):,} images)")
@@ -175,7 +178,7 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
         per_class_accuracy=dict(zip(class_names, map(float, per_class_accuracy(matrix)),
                                     strict=True)),
         confusion_matrix=matrix.tolist(), class_names=class_names, count=len(result.labels),
-        tta=config.tta, trained_accuracy=checkpoint.get("accuracy"),
+        tta=tta, tta_from_weights=config.tta is None, trained_accuracy=checkpoint.get("accuracy"),
         epoch=checkpoint.get("epochs"), misclassified=misclassified,
         misclassified_total=misclassified_total, confusion_plot=confusion_plot,
         misclassified_plot=misclassified_plot, json_path=out_dir / "evaluation.json",

@@ -98,6 +98,19 @@ def test_outputs_are_figures_and_a_json_of_the_same_figures(tiny_weights, tiny_d
     assert saved["trained_accuracy"] == 0.5 and saved["epoch"] == 2
 
 
+@pytest.mark.parametrize("stored", ["none", "flip"])
+def test_tta_mode_stored_with_the_weights_is_the_default(tiny_dataset, tiny_imagefolder,
+                                                         tmp_path, stored):
+    weights = write_tiny_weights(tmp_path / f"{stored}.safetensors", tiny_dataset, tta=stored)
+    report = evaluate_weights(evaluate_config(weights, tiny_dataset, tmp_path / "a"))
+    assert report.tta is (stored == "flip") and report.tta_from_weights
+    test = read_source(tiny_imagefolder).test
+    expected = direct_predictions(weights, test.images, tta=stored == "flip")
+    assert report.accuracy == pytest.approx(float((expected == test.labels).mean()))
+    overridden = evaluate_weights(evaluate_config(weights, tiny_dataset, tmp_path / "b",
+                                                  tta=stored != "flip"))
+    assert overridden.tta is (stored != "flip") and not overridden.tta_from_weights
+
 
 def test_selection_keeps_only_images_whose_prediction_is_wrong():
     predictions = np.array([0, 1, 2, 1, 0, 2, 2])
@@ -147,7 +160,7 @@ def test_evaluate_command_prints_accuracy_and_writes_beside_the_weights(tiny_wei
                                       "--device", "cpu", "--batch-size", "32", "--workers", "1",
                                       "--tta"])
     assert result.exit_code == 0, result.output
-    assert "test accuracy" in result.output and "flip TTA" in result.output
+    assert "test accuracy" in result.output and "flip TTA as asked" in result.output
     assert (tiny_weights.parent / "tiny-best-eval" / "evaluation.json").is_file()
     missing = CliRunner().invoke(app, ["evaluate", "nowhere.pt"])
     assert missing.exit_code == 1 and "weights file not found" in missing.output
