@@ -339,8 +339,10 @@ def train(
     rank_is_main = int(os.environ.get("RANK", "0")) == 0
     result = run_command(run_training, config, TableCallbacks(quiet=not rank_is_main))
     if rank_is_main:
-        console.print(f"best test accuracy {result.best_accuracy:.2%}; weights "
-                      f"{result.best_weights}; run folder {result.run_dir}")
+        console.print(f"final test accuracy {result.final_accuracy:.2%} (weights "
+                      f"{result.final_weights}); best test pass {result.best_accuracy:.2%} "
+                      f"(chosen on the test set; weights {result.best_weights}); run folder "
+                      f"{result.run_dir}", soft_wrap=True)
 
 
 def _parse_float(text: str, option: str) -> float:
