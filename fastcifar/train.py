@@ -11,7 +11,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,12 +67,14 @@ class PrecisionPlan:
 
 
 def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
-    """auto: bf16 on CPU and bf16-capable CUDA, fp16 + scaler on older CUDA, fp32 elsewhere."""
+    """auto: bf16 on bf16-capable CUDA, fp16 + scaler on older CUDA, fp32 elsewhere.
+
+    On the CPU bf16 is faster on some machines and slower on others, so `train` replaces
+    auto's fp32 there with the faster of the two, measured (`measure_precision`).
+    """
     if choice == Precision.auto:
-        if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-            choice = Precision.bf16
-        elif device.type == "cuda":
-            choice = Precision.fp16
+        if device.type == "cuda":
+            choice = Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
         else:
             choice = Precision.fp32
     if choice == Precision.fp16 and device.type == "cpu":
@@ -80,6 +82,75 @@ def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
     dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16,
              Precision.fp32: None}[choice]
     return PrecisionPlan(dtype, dtype == torch.float16)
+
+
+def measures_precision(choice: Precision, device: torch.device) -> bool:
+    """Whether `train` picks the precision by timing (auto on the CPU)."""
+    return choice == Precision.auto and device.type == "cpu"
+
+
+# What auto chooses between on the CPU.
+CPU_PRECISIONS = (PrecisionPlan(None, False), PrecisionPlan(torch.bfloat16, False))
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision `--precision auto` measured as fastest, and the rates it measured."""
+
+    plan: PrecisionPlan
+    images_per_second: dict[str, float]  # training images per second, per precision name
+
+    def describe(self) -> str:
+        """e.g. 'bf16 (bf16 272 images/s, fp32 120 images/s)'."""
+        rates = ", ".join(f"{name} {rate:,.0f} images/s"
+                          for name, rate in sorted(self.images_per_second.items(),
+                                                   key=lambda item: -item[1]))
+        return f"{self.plan.name} ({rates})"
+
+
+def measure_precision(train_step: Callable[[PrecisionPlan], None], images_per_step: int,
+                      candidates: tuple[PrecisionPlan, ...] = CPU_PRECISIONS,
+                      timed_steps: int = 3,
+                      timer: Callable[[], float] = time.perf_counter) -> PrecisionChoice:
+    """Time `timed_steps` calls of `train_step(plan)` per candidate, after one untimed call.
+
+    The untimed call takes first-use costs (allocations, oneDNN kernel choice) off the timing.
+    Returns the candidate with the most images per second (the first one on a tie).
+    """
+    rates: dict[str, float] = {}
+    for plan in candidates:
+        train_step(plan)
+        started = timer()
+        for _ in range(timed_steps):
+            train_step(plan)
+        rates[plan.name] = images_per_step * timed_steps / max(timer() - started, 1e-9)
+    fastest = max(candidates, key=lambda plan: rates[plan.name])
+    return PrecisionChoice(fastest, rates)
+
+
+def _measure_cpu_precision(model: nn.Module, device_step: DeviceStep,
+                           sample: tuple[torch.Tensor, torch.Tensor]) -> PrecisionChoice:
+    """Forward/backward steps of the real model on the real first batch, fp32 against bf16.
+
+    No optimiser step; the weights, BN statistics, gradients, train mode and torch RNG are put
+    back, so the run is the same as with that precision chosen by hand.
+    """
+    images, labels = device_step(*sample)
+    snapshot = copy.deepcopy(model.state_dict())
+    was_training = model.training
+    model.train()
+
+    def train_step(plan: PrecisionPlan) -> None:
+        with autocast(images.device, plan):
+            loss = functional.cross_entropy(model(images), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    with torch.random.fork_rng(devices=[]):  # dropout draws would shift the run's RNG
+        choice = measure_precision(train_step, len(labels))
+    model.load_state_dict(snapshot)
+    model.train(was_training)
+    return choice
 
 
 def autocast(device: torch.device, plan: PrecisionPlan):
@@ -167,6 +238,8 @@ class TrainResult:
     final_model: nn.Module | None = None  # the evaluated model (EMA when kept) after the run
     evaluations: list[Evaluation] = field(default_factory=list)  # every test pass, in order
     final_weights: Path | None = None  # the weights at the end of the run
+    plan: PrecisionPlan | None = None  # the precision trained in (measured when auto on CPU)
+    precision_images_per_second: dict[str, float] = field(default_factory=dict)  # when measured
 
     @property
     def final_accuracy(self) -> float:
@@ -189,6 +262,9 @@ class TrainCallbacks:
 
     def on_evaluation(self, evaluation: Evaluation) -> None:
         """Called after each evaluation inside an epoch (see `TrainConfig.eval_every_steps`)."""
+
+    def on_precision(self, choice: PrecisionChoice) -> None:
+        """Called once `--precision auto` on the CPU has timed fp32 and bf16 (first batch)."""
 
 
 class TrainingInterrupted(FastCifarError):
@@ -464,13 +540,18 @@ def _ranks_agree(model: nn.Module, distributed: _Distributed) -> bool:
 
 def _share_run_dir(run_dir: Path, distributed: _Distributed) -> Path:
     """Rank 0 names the run folder; the other ranks learn it."""
+    return Path(_broadcast_from_main(str(run_dir), distributed))
+
+
+def _broadcast_from_main(value, distributed: _Distributed):
+    """Rank 0's `value` on every rank (pickled by torch.distributed between our own processes)."""
     if distributed.world_size == 1:
-        return run_dir
+        return value
     import torch.distributed as dist
 
-    holder = [str(run_dir)]
+    holder = [value]
     dist.broadcast_object_list(holder, src=0)
-    return Path(holder[0])
+    return holder[0]
 
 
 def _all_reduce_sum(values: torch.Tensor, distributed: _Distributed) -> torch.Tensor:
@@ -574,7 +655,15 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
         use_buffers=True) if config.ema_decay > 0 else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    record = run_record(config, device, plan.name)
+    # auto on the CPU: fp32 or bf16, whichever trains faster on the first batch (timed there,
+    # off the clock); a resumed run keeps the precision its checkpoint was trained in.
+    measure = measures_precision(config.precision, device) and resume_state is None
+    if measures_precision(config.precision, device) and resume_state is not None:
+        plan = plan_precision(Precision(resume_state.get("precision", "fp32")), device)
+    record = run_record(config, device, "auto (timed at the first batch)" if measure
+                        else plan.name)
+    if resume_state is not None and "precision_images_per_second" in resume_state:
+        record["precision_images_per_second"] = resume_state["precision_images_per_second"]
 
     history: list[EpochStats] = []
     evaluations: list[Evaluation] = []
@@ -616,7 +705,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
 
     if distributed.is_main:
         write_json(run_dir / "run.json", record)
-    callbacks.on_train_start(config, steps_per_epoch, device, plan.name, run_dir)
+    callbacks.on_train_start(config, steps_per_epoch, device, record["precision"], run_dir)
 
     best_weights = Path(config.weights_dir) / f"{run_dir.name}-best.safetensors"
     final_weights = Path(config.weights_dir) / f"{run_dir.name}-final.safetensors"
@@ -667,6 +756,16 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                     # The first batch compiles the loader pipeline: a one-off, off the clock.
                     fetch_started = time.perf_counter()
                     images, labels = next(batches)
+                    if measure:
+                        choice = _broadcast_from_main(
+                            _measure_cpu_precision(model, device_step, (images, labels))
+                            if distributed.is_main else None, distributed)
+                        plan = choice.plan
+                        record.update(precision=plan.name,
+                                      precision_images_per_second=choice.images_per_second)
+                        if distributed.is_main:
+                            write_json(run_dir / "run.json", record)
+                        callbacks.on_precision(choice)
                     _warm_up(model, trained_model, config, device, plan, device_step,
                              (images, labels))
                     warmup_seconds += time.perf_counter() - fetch_started
@@ -782,7 +881,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                           weights_metadata(config, record, loaders, evaluations[-1], "final"))
     result = TrainResult(history, run_dir, best_weights if best_accuracy >= 0 else None,
                          best_accuracy, warmup_seconds, lr_per_step, reached, eval_model,
-                         evaluations, final_weights if evaluations else None)
+                         evaluations, final_weights if evaluations else None, plan,
+                         record.get("precision_images_per_second", {}))
     if config.make_plots and distributed.is_main:
         from fastcifar.plots import plot_training_curves
 

@@ -25,6 +25,7 @@ from fastcifar.errors import FastCifarError
 from fastcifar.train import (
     TrainCallbacks,
     TrainingInterrupted,
+    measure_precision,
     plan_precision,
     select_device,
     train,
@@ -156,12 +157,56 @@ def test_stop_at_accuracy_ends_the_run_early(tiny_dataset, tmp_path):
     assert result.reached_target and len(result.history) < 6
 
 
-def test_precision_auto_is_bf16_on_cpu_and_fp16_is_refused():
+def test_precision_auto_outside_train_is_fp32_on_cpu_and_fp16_is_refused():
     cpu = torch.device("cpu")
-    assert plan_precision(Precision.auto, cpu).name == "bf16"
+    assert plan_precision(Precision.auto, cpu).name == "fp32"  # train measures instead
     assert plan_precision(Precision.fp32, cpu).autocast_dtype is None
+    assert plan_precision(Precision.bf16, cpu).name == "bf16"
     with pytest.raises(FastCifarError, match="fp16"):
         plan_precision(Precision.fp16, cpu)
+
+
+@pytest.mark.parametrize(("fp32_seconds", "bf16_seconds", "expected"),
+                         [(2.0, 1.0, "bf16"), (1.0, 2.0, "fp32")])
+def test_measure_precision_picks_the_faster_and_reports_both_rates(fp32_seconds, bf16_seconds,
+                                                                   expected):
+    clock = [0.0]
+    calls = []
+
+    def train_step(plan):  # a step "takes" its precision's seconds on a fake clock
+        calls.append(plan.name)
+        clock[0] += {"fp32": fp32_seconds, "bf16": bf16_seconds}[plan.name]
+
+    choice = measure_precision(train_step, images_per_step=100, timed_steps=3,
+                               timer=lambda: clock[0])
+    assert choice.plan.name == expected
+    assert choice.images_per_second == pytest.approx({"fp32": 100 / fp32_seconds,
+                                                      "bf16": 100 / bf16_seconds})
+    assert calls == ["fp32"] * 4 + ["bf16"] * 4  # one untimed step before three timed ones
+    assert expected in choice.describe() and "images/s" in choice.describe()
+
+
+def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_dataset, tmp_path):
+    class Record(TrainCallbacks):
+        choices = []
+
+        def on_precision(self, choice):
+            self.choices.append(choice)
+
+    callbacks = Record()
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, precision=Precision.auto,
+                               device=Device.cpu), callbacks=callbacks)
+    (choice,) = callbacks.choices
+    rates = json.loads((result.run_dir / "run.json").read_text())["precision_images_per_second"]
+    assert set(rates) == {"fp32", "bf16"} and all(rate > 0 for rate in rates.values())
+    faster = max(rates, key=rates.get)
+    assert choice.plan.name == result.plan.name == faster
+    assert json.loads((result.run_dir / "run.json").read_text())["precision"] == faster
+    assert load_checkpoint(result.run_dir / "last.pt")["precision"] == faster  # kept on resume
+    # The timing steps leave no trace: the same run with that precision chosen by hand.
+    by_hand = train(tiny_config(tiny_dataset, tmp_path / "by-hand", epochs=1,
+                                precision=Precision(faster), device=Device.cpu))
+    assert [row.train_loss for row in by_hand.history] == [row.train_loss for row in result.history]
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_is_checked():
