@@ -364,14 +364,7 @@ def _with_found_lr(config: TrainConfig) -> TrainConfig:
     from fastcifar.config import LrFindConfig
     from fastcifar.lr_find import lr_find
 
-    finder = LrFindConfig(loader=config.loader, augment=config.augment,
-                          optimizer=config.optimizer, weight_decay=config.weight_decay,
-                          momentum=config.momentum, nesterov=config.nesterov,
-                          decay_norm=config.decay_norm, label_smoothing=config.label_smoothing,
-                          logit_scale=config.logit_scale,
-                          device=config.device, precision=config.precision,
-                          channels_last=config.channels_last, seed=config.seed,
-                          out_dir=Path(config.out_dir) / "lr-find")
+    finder = LrFindConfig(train=config, out_dir=Path(config.out_dir) / "lr-find")
     found = lr_find(finder)
     console.print(f"LR range test suggests max LR {found.suggested_lr:.3g} ({found.plot_path})")
     return config.with_max_lr(found.suggested_lr)
@@ -387,6 +380,10 @@ class SweepMode(StrEnum):
 
 @app.command()
 def lr_find(
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="The training recipe the "
+                           "LR is for: its optimiser, weight decay, label smoothing, logit "
+                           "scale, model and augmentation.", rich_help_panel=OPTIMISATION)
+                           ] = RecipeName.fast,
     iters: Annotated[int, typer.Option(help="Steps of the sweep, one batch each.",
                                        rich_help_panel=OPTIMISATION)] = 200,
     start_lr: Annotated[float, typer.Option(help="LR of the first step.",
@@ -395,15 +392,15 @@ def lr_find(
                                           rich_help_panel=OPTIMISATION)] = 10.0,
     mode: Annotated[SweepMode, typer.Option(help="How the LR grows per step.",
                                             rich_help_panel=OPTIMISATION)] = SweepMode.exp,
-    optimizer: Annotated[OptimizerName, typer.Option(help="adam or sgd (Nesterov, momentum 0.9).",
-                         rich_help_panel=OPTIMISATION)] = OptimizerName.adam,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.",
-                            rich_help_panel=OPTIMISATION)] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="Images per step; the suggestion is for this "
-                          "batch size.", rich_help_panel=OPTIMISATION)] = 512,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Default train "
-                       "augmentation (pad-crop, flip, cutout) on/off.",
-                       rich_help_panel=AUGMENTATION)] = True,
+    optimizer: Annotated[OptimizerName | None, typer.Option(help="adam or sgd (default: the "
+                         "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
+                            "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step; the suggestion is for "
+                          "this batch size (default 512).", rich_help_panel=OPTIMISATION)
+                          ] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="The recipe's train "
+                       "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
     data: DataOption = Path("datasets"),
     train_subset: TrainSubsetOption = None,
     device: DeviceOption = Device.auto,
@@ -416,27 +413,32 @@ def lr_find(
     out: Annotated[Path, typer.Option(help="Folder for lr_find.png, .csv and .json.",
                                       rich_help_panel=SYSTEM)] = Path("runs/lr-find"),
 ) -> None:
-    """LR range test on the real train loader: loss per LR, a suggested max LR, plot and history."""
+    """LR range test on the real train loader for a recipe: loss per LR, a suggested max LR."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from fastcifar.config import AugmentConfig, LrFindConfig
+    from fastcifar.config import LrFindConfig
     from fastcifar.lr_find import lr_find as run_range_test
 
-    loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,
-                         train_subset=train_subset)
-    config = run_command(LrFindConfig, loader=loader, augment=AugmentConfig() if augment
-                         else NO_AUGMENT, optimizer=optimizer, start_lr=start_lr, end_lr=end_lr,
-                         iterations=iters, mode=mode.value, weight_decay=weight_decay,
-                         device=device, precision=precision, channels_last=channels_last,
-                         seed=seed, out_dir=out)
+    base = run_command(recipe, recipe_name.value)
+    loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size or
+                         base.loader.batch_size, workers=workers, train_subset=train_subset)
+    changes = {key: value for key, value in {"optimizer": optimizer,
+               "weight_decay": weight_decay}.items() if value is not None}
+    train_config = run_command(dataclasses.replace, base, loader=loader, augment=base.augment
+                               if augment else NO_AUGMENT, device=device, precision=precision,
+                               channels_last=channels_last, seed=seed, **changes)
+    config = run_command(LrFindConfig, train=train_config, start_lr=start_lr, end_lr=end_lr,
+                         iterations=iters, mode=mode.value, out_dir=out)
     with Progress("range test", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("", total=iters)
         found = run_command(run_range_test, config,
                             lambda done, total: bar.update(task, completed=done))
     diverged = ", stopped early as the loss diverged" if found.stopped_early else ""
-    console.print(f"{len(found.lrs)} steps at batch {batch_size} on {found.device} "
-                  f"{found.precision} in {found.seconds:.0f} s{diverged}")
+    console.print(f"{recipe_name.value} recipe ({train_config.optimizer.value}, weight decay "
+                  f"{train_config.weight_decay:g}): {len(found.lrs)} steps at batch "
+                  f"{loader.batch_size} on {found.device} {found.precision} in "
+                  f"{found.seconds:.0f} s{diverged}", soft_wrap=True)
     console.print(f"suggested max LR {found.suggested_lr:.3g} (steepest descent); min-loss LR / "
                   f"10: {found.min_loss_lr_over_10:.3g}; plot {found.plot_path}, history "
                   f"{found.history_path}", soft_wrap=True)

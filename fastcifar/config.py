@@ -236,26 +236,18 @@ def replace_nested(config: TrainConfig, **changes: object) -> TrainConfig:
 
 @dataclass(frozen=True)
 class LrFindConfig:
-    """Settings of `fastcifar lr-find` (the range test)."""
+    """Settings of `fastcifar lr-find` (the range test) for the training run in `train`.
 
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optimizer: OptimizerName = OptimizerName.adam
+    `train` is the run the LR is found for, usually `recipe(name)` with the user's changes: its
+    model settings, optimiser, weight decay and parameter groups, label smoothing, logit scale,
+    augmentation, loader, device, precision and seed are used as they are; only the LR is swept.
+    """
+
+    train: TrainConfig = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])
     start_lr: float = 1e-7
     end_lr: float = 10.0
     iterations: int = 200
     mode: str = "exp"  # exp | linear
-    weight_decay: float = 1e-4
-    # The model and loss the LR is found for: set these as the training run will.
-    momentum: float = 0.9
-    nesterov: bool = True
-    decay_norm: bool = True
-    label_smoothing: float = 0.0
-    logit_scale: float = 1.0
-    device: Device = Device.auto
-    precision: Precision = Precision.auto
-    channels_last: bool = True
-    seed: int = 0
     out_dir: Path = Path("runs/lr-find")
 
     def __post_init__(self) -> None:
