@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fastcifar.config import (
@@ -36,6 +37,7 @@ benchmark_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=
                             help="Loader throughput and time-to-accuracy.")
 app.add_typer(benchmark_app, name="benchmark")
 console = Console(stderr=False, highlight=False)
+warnings_console = Console(stderr=True, highlight=False)  # kept off stdout, e.g. under --json
 _state = {"debug": False}
 
 DATA, OPTIMISATION, AUGMENTATION, SYSTEM = "Data", "Optimisation", "Augmentation", "System"
@@ -513,6 +515,48 @@ def evaluate(
                   f"({'flip TTA' if report.tta else 'no TTA'} {tta_source}, {report.device} "
                   f"{report.precision}; {report.misclassified_total:,} wrong); figures and JSON "
                   f"in {report.json_path.parent}", soft_wrap=True)
+
+
+# ---------------------------------------------------------------- predict
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...) or "
+                     "folders of them.", show_default=False)],
+    weights: Annotated[Path | None, typer.Option(help="A .safetensors weights file from train "
+                       "(default: the shipped weights/custresnet-cifar10.safetensors).",
+                       show_default=False)] = None,
+    top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    keep_going: Annotated[bool, typer.Option(help="Report unreadable inputs and predict the "
+                          "others (the exit status is still 1).")] = False,
+    device: DeviceOption = Device.auto,
+) -> None:
+    """The most likely classes of your images; other sizes than 32x32 are resized (a warning)."""
+    import json
+
+    from fastcifar.config import PredictConfig
+    from fastcifar.predict import predict as run_predict
+
+    config = run_command(PredictConfig, paths=tuple(paths), top_k=top_k, keep_going=keep_going,
+                         device=device, **({"weights": weights} if weights else {}))
+    report = run_command(run_predict, config)
+    for row in report.predictions:
+        if row.resized_from:
+            warnings_console.print(f"[yellow]warning:[/yellow] {escape(str(row.path))}: resized "
+                                   f"from {row.resized_from[0]}x{row.resized_from[1]} to 32x32",
+                                   soft_wrap=True)
+    if json_output:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for row in report.predictions:
+            typer.echo(f"{row.path}: " + ", ".join(f"{name} {probability:.1%}"
+                                                   for name, probability in row.top))
+    for problem in report.problems:
+        warnings_console.print(f"[red]error:[/red] {escape(str(problem))}", soft_wrap=True)
+    if report.problems:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------- show-augment

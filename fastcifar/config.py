@@ -281,6 +281,31 @@ class EvaluateConfig:
             weights.parent / f"{weights.stem}-eval")
 
 
+# The weights `fastcifar predict` uses unless given others: the repository's weights/ folder.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "custresnet-cifar10.safetensors"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of `fastcifar predict`: the most likely classes of a user's images."""
+
+    paths: tuple[Path, ...]  # image files and folders (a folder: the image files directly in it)
+    weights: Path = SHIPPED_WEIGHTS  # a weights file (.safetensors) written by training
+    top_k: int = 3  # classes reported per image
+    keep_going: bool = False  # report unreadable inputs and predict the rest (still a failure)
+    device: Device = Device.auto
+    batch_size: int = 256  # images per forward pass
+
+    def __post_init__(self) -> None:
+        _require(len(self.paths) > 0, "give at least one image file or folder")
+        _require(self.top_k >= 1, f"top-k must be at least 1, got {self.top_k}")
+        _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
+        if Path(self.weights) == SHIPPED_WEIGHTS and not SHIPPED_WEIGHTS.is_file():
+            raise FastCifarError(f"no shipped weights at {SHIPPED_WEIGHTS} (this copy of fastcifar "
+                                 "has none): pass --weights FILE.safetensors from `fastcifar train`")
+        _require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
+
+
 @dataclass(frozen=True)
 class TimeToAccuracyConfig:
     """Settings of `fastcifar benchmark time-to-accuracy`."""

@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -166,7 +167,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_a_code_running_pickle_is_refused_by_evaluate_and_resume(tiny_dataset, tmp_path):
+def test_a_code_running_pickle_is_refused_by_evaluate_predict_and_resume(tiny_dataset, tmp_path):
     marker = tmp_path / "payload-ran"
     raw = tmp_path / "evil.pkl"
     raw.write_bytes(pickle.dumps({"model": _Payload(marker)}))
@@ -175,11 +176,14 @@ def test_a_code_running_pickle_is_refused_by_evaluate_and_resume(tiny_dataset, t
     proof = tmp_path / "proof"  # the payload is live: plain pickle runs it
     pickle.loads(pickle.dumps(_Payload(proof)))
     assert proof.exists()
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
 
     runner = CliRunner()
     for evil in (raw, zipped):
         commands = {
             "evaluate": ["evaluate", str(evil), "--data", str(tiny_dataset), "--device", "cpu"],
+            "predict": ["predict", str(image), "--weights", str(evil), "--device", "cpu"],
             "resume": ["train", "--resume", str(evil), "--data", str(tiny_dataset), "--out",
                        str(tmp_path / "runs"), "--weights", str(tmp_path / "weights")],
         }
