@@ -1,4 +1,4 @@
-"""Score saved best weights on the test set: accuracy, per-class accuracy, confusion matrix and
+"""Score a weights file on the test set: accuracy, per-class accuracy, confusion matrix and
 the misclassified images, written as figures and a JSON (the library side of `fastcifar evaluate`).
 """
 
