@@ -3,7 +3,7 @@
     python benchmarks/tta_variants.py CHECKPOINT [CHECKPOINT ...] [--data datasets] [--json PATH]
 
 CHECKPOINT is a finished run's `last.pt` (its final weights, the EMA ones when kept) or a
-`*-best.pt`. The variants:
+weights file (`*-final.safetensors`, `*-best.safetensors`). The variants:
 - none: the image alone (1 forward pass);
 - flip: mean logits of the image and its mirror (2 passes, what `--tta` does);
 - flip+translate: half the flip logits plus a quarter each of the flip logits of the image
@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch.nn import functional
 
+from fastcifar.checkpoint import load_checkpoint
 from fastcifar.config import LoaderConfig, Precision
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
-from fastcifar.evaluate import model_from_weights
-from fastcifar.train import DeviceStep, autocast, load_checkpoint, plan_precision
+from fastcifar.evaluate import load_weights, model_from_weights
+from fastcifar.train import DeviceStep, autocast, plan_precision
 
 VARIANTS = ("none", "flip", "flip+translate")
 
@@ -50,7 +51,8 @@ def shifted(images: torch.Tensor, down_right: bool, reflect: bool) -> torch.Tens
 @torch.no_grad()
 def score_variants(checkpoint_path: Path, data_dir: Path, precision: Precision) -> dict:
     """Accuracy of one checkpoint's weights under each variant, and the pass's seconds."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = (load_weights(checkpoint_path) if checkpoint_path.suffix == ".safetensors"
+                  else load_checkpoint(checkpoint_path))
     if checkpoint.get("partial"):
         raise SystemExit(f"{checkpoint_path} is from inside an interrupted epoch: finish the run")
     if checkpoint.get("ema"):  # a run with --ema evaluated its averaged weights

@@ -44,6 +44,7 @@ from fastcifar.train import (
     TrainingInterrupted,
     evaluate,
     machine_description,
+    measures_precision,
     plan_precision,
     run_record,
     select_device,
@@ -84,7 +85,7 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
     result = train(dataclasses.replace(train_config, stop_at_accuracy=stop_at, make_plots=False,
                                        resume=config.resume), callbacks, loaders=loaders)
     device = select_device(train_config.device, train_config.local_rank)
-    plan = plan_precision(train_config.precision, device)
+    plan = result.plan  # auto on the CPU: what the run measured as faster
     step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
                       train_config.channels_last)
     final = {}
@@ -98,6 +99,8 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
         "warmup_seconds": result.warmup_seconds,  # every sitting of a resumed run
         "resumed_from": str(config.resume) if config.resume else None,
         "epochs_run": len(result.history),
+        "precision": plan.name,
+        "precision_images_per_second": result.precision_images_per_second,  # when measured
         "final_accuracy": result.history[-1].test_accuracy,
         "final_accuracy_no_tta": final[False],
         "final_accuracy_tta": final[True],
@@ -142,7 +145,9 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
     }
     # Taken before the runs: the code that runs is the code checked out when they start.
     device = select_device(config.train.device)
-    precision = plan_precision(config.train.precision, device).name  # "auto" resolved
+    precision = ("auto (fp32 or bf16, timed by each run)"
+                 if measures_precision(config.train.precision, device)
+                 else plan_precision(config.train.precision, device).name)
     record = run_record(config.train, device, precision)
     report.update(versions=record["versions"], commit=record["git_commit"],
                   config=record["config"], precision=precision)
@@ -172,6 +177,8 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
             if config.budgets:
                 break  # shortest-budget mode: longer budgets need not run
     report["runs"] = [run for runs in all_runs.values() for run in runs]
+    if measures_precision(config.train.precision, device):
+        report["precision"] = "/".join(sorted({run["precision"] for run in report["runs"]}))
     report["median"] = {budget: _median_summary(runs, config.targets)
                         for budget, runs in all_runs.items()}
     if config.budgets:

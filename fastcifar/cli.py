@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fastcifar.config import (
@@ -36,6 +37,7 @@ benchmark_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=
                             help="Loader throughput and time-to-accuracy.")
 app.add_typer(benchmark_app, name="benchmark")
 console = Console(stderr=False, highlight=False)
+warnings_console = Console(stderr=True, highlight=False)  # kept off stdout, e.g. under --json
 _state = {"debug": False}
 
 DATA, OPTIMISATION, AUGMENTATION, SYSTEM = "Data", "Optimisation", "Augmentation", "System"
@@ -50,7 +52,8 @@ TestSubsetOption = Annotated[int | None, typer.Option(help="Use the first N test
 DeviceOption = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
                                               rich_help_panel=SYSTEM)]
 PrecisionOption = Annotated[Precision, typer.Option(
-    help="auto: bf16 on CPU and bf16-capable CUDA, else fp16 with a grad scaler.",
+    help="auto: bf16 on bf16-capable CUDA, else fp16 with a grad scaler; on the CPU train times "
+    "fp32 and bf16 on its first batch and keeps the faster (other commands: fp32).",
     rich_help_panel=SYSTEM)]
 WorkersOption = Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
                                             rich_help_panel=SYSTEM)]
@@ -365,20 +368,26 @@ class TableCallbacks:
         console.print(f"{evaluation.epochs:>5.2f} {'':>9} {'':>10} {'':>9} "
                       f"{evaluation.test_loss:>9.4f} {evaluation.test_accuracy:>8.2%}")
 
+    def on_precision(self, choice) -> None:
+        """The precision --precision auto chose on the CPU and the rates it measured."""
+        if not self.quiet:
+            console.print(f"precision auto: {choice.describe()} on the first batch")
+
 
 @app.command()
 @with_train_options
 def train(
     train_config: TrainConfig,
-    weights: Annotated[Path, typer.Option(help="Folder for the best weights.",
-                                          rich_help_panel=SYSTEM)] = Path("weights"),
+    weights: Annotated[Path, typer.Option(help="Folder for the run's best and final weights "
+                                          "(.safetensors).", rich_help_panel=SYSTEM)
+                       ] = Path("weights"),
     resume: Annotated[str | None, typer.Option(help="Checkpoint to continue, or 'auto' for "
                       "the newest under --out.", rich_help_panel=SYSTEM)] = None,
     stop_at_accuracy: Annotated[float | None, typer.Option(help="End the run once test "
                                 "accuracy reaches this (e.g. 0.90).",
                                 rich_help_panel=OPTIMISATION)] = None,
 ) -> None:
-    """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, best weights saved."""
+    """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, final and best weights saved."""
     from fastcifar.train import find_latest_checkpoint
     from fastcifar.train import train as run_training
 
@@ -389,8 +398,10 @@ def train(
     rank_is_main = int(os.environ.get("RANK", "0")) == 0
     result = run_command(run_training, config, TableCallbacks(quiet=not rank_is_main))
     if rank_is_main:
-        console.print(f"best test accuracy {result.best_accuracy:.2%}; weights "
-                      f"{result.best_weights}; run folder {result.run_dir}")
+        console.print(f"final test accuracy {result.final_accuracy:.2%} (weights "
+                      f"{result.final_weights}); best test pass {result.best_accuracy:.2%} "
+                      f"(chosen on the test set; weights {result.best_weights}); run folder "
+                      f"{result.run_dir}", soft_wrap=True)
 
 
 def _parse_float(text: str, option: str) -> float:
@@ -405,14 +416,7 @@ def _with_found_lr(config: TrainConfig) -> TrainConfig:
     from fastcifar.config import LrFindConfig
     from fastcifar.lr_find import lr_find
 
-    finder = LrFindConfig(loader=config.loader, augment=config.augment,
-                          optimizer=config.optimizer, weight_decay=config.weight_decay,
-                          momentum=config.momentum, nesterov=config.nesterov,
-                          decay_norm=config.decay_norm, label_smoothing=config.label_smoothing,
-                          logit_scale=config.logit_scale,
-                          device=config.device, precision=config.precision,
-                          channels_last=config.channels_last, seed=config.seed,
-                          out_dir=Path(config.out_dir) / "lr-find")
+    finder = LrFindConfig(train=config, out_dir=Path(config.out_dir) / "lr-find")
     found = lr_find(finder)
     console.print(f"LR range test suggests max LR {found.suggested_lr:.3g} ({found.plot_path})")
     return config.with_max_lr(found.suggested_lr)
@@ -428,6 +432,10 @@ class SweepMode(StrEnum):
 
 @app.command()
 def lr_find(
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="The training recipe the "
+                           "LR is for: its optimiser, weight decay, label smoothing, logit "
+                           "scale, model and augmentation.", rich_help_panel=OPTIMISATION)
+                           ] = RecipeName.fast,
     iters: Annotated[int, typer.Option(help="Steps of the sweep, one batch each.",
                                        rich_help_panel=OPTIMISATION)] = 200,
     start_lr: Annotated[float, typer.Option(help="LR of the first step.",
@@ -436,15 +444,15 @@ def lr_find(
                                           rich_help_panel=OPTIMISATION)] = 10.0,
     mode: Annotated[SweepMode, typer.Option(help="How the LR grows per step.",
                                             rich_help_panel=OPTIMISATION)] = SweepMode.exp,
-    optimizer: Annotated[OptimizerName, typer.Option(help="adam or sgd (Nesterov, momentum 0.9).",
-                         rich_help_panel=OPTIMISATION)] = OptimizerName.adam,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.",
-                            rich_help_panel=OPTIMISATION)] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="Images per step; the suggestion is for this "
-                          "batch size.", rich_help_panel=OPTIMISATION)] = 512,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Default train "
-                       "augmentation (pad-crop, flip, cutout) on/off.",
-                       rich_help_panel=AUGMENTATION)] = True,
+    optimizer: Annotated[OptimizerName | None, typer.Option(help="adam or sgd (default: the "
+                         "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
+                            "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step; the suggestion is for "
+                          "this batch size (default 512).", rich_help_panel=OPTIMISATION)
+                          ] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="The recipe's train "
+                       "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
     data: DataOption = Path("datasets"),
     train_subset: TrainSubsetOption = None,
     device: DeviceOption = Device.auto,
@@ -457,27 +465,32 @@ def lr_find(
     out: Annotated[Path, typer.Option(help="Folder for lr_find.png, .csv and .json.",
                                       rich_help_panel=SYSTEM)] = Path("runs/lr-find"),
 ) -> None:
-    """LR range test on the real train loader: loss per LR, a suggested max LR, plot and history."""
+    """LR range test on the real train loader for a recipe: loss per LR, a suggested max LR."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from fastcifar.config import AugmentConfig, LrFindConfig
+    from fastcifar.config import LrFindConfig
     from fastcifar.lr_find import lr_find as run_range_test
 
-    loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,
-                         train_subset=train_subset)
-    config = run_command(LrFindConfig, loader=loader, augment=AugmentConfig() if augment
-                         else NO_AUGMENT, optimizer=optimizer, start_lr=start_lr, end_lr=end_lr,
-                         iterations=iters, mode=mode.value, weight_decay=weight_decay,
-                         device=device, precision=precision, channels_last=channels_last,
-                         seed=seed, out_dir=out)
+    base = run_command(recipe, recipe_name.value)
+    loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size or
+                         base.loader.batch_size, workers=workers, train_subset=train_subset)
+    changes = {key: value for key, value in {"optimizer": optimizer,
+               "weight_decay": weight_decay}.items() if value is not None}
+    train_config = run_command(dataclasses.replace, base, loader=loader, augment=base.augment
+                               if augment else NO_AUGMENT, device=device, precision=precision,
+                               channels_last=channels_last, seed=seed, **changes)
+    config = run_command(LrFindConfig, train=train_config, start_lr=start_lr, end_lr=end_lr,
+                         iterations=iters, mode=mode.value, out_dir=out)
     with Progress("range test", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("", total=iters)
         found = run_command(run_range_test, config,
                             lambda done, total: bar.update(task, completed=done))
     diverged = ", stopped early as the loss diverged" if found.stopped_early else ""
-    console.print(f"{len(found.lrs)} steps at batch {batch_size} on {found.device} "
-                  f"{found.precision} in {found.seconds:.0f} s{diverged}")
+    console.print(f"{recipe_name.value} recipe ({train_config.optimizer.value}, weight decay "
+                  f"{train_config.weight_decay:g}): {len(found.lrs)} steps at batch "
+                  f"{loader.batch_size} on {found.device} {found.precision} in "
+                  f"{found.seconds:.0f} s{diverged}", soft_wrap=True)
     console.print(f"suggested max LR {found.suggested_lr:.3g} (steepest descent); min-loss LR / "
                   f"10: {found.min_loss_lr_over_10:.3g}; plot {found.plot_path}, history "
                   f"{found.history_path}", soft_wrap=True)
@@ -519,9 +532,11 @@ def summary(
 
 @app.command()
 def evaluate(
-    weights: Annotated[Path, typer.Argument(help="A *-best.pt file written by train.")],
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average each image's logits "
-                   "with its mirror's.")] = False,
+    weights: Annotated[Path, typer.Argument(help="A .safetensors weights file written by "
+                                               "train.")],
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Average each image's "
+                   "logits with its mirror's (default: the mode stored with the weights).",
+                   show_default=False)] = None,
     data: DataOption = Path("datasets"),
     test_subset: TestSubsetOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.",
@@ -545,10 +560,53 @@ def evaluate(
     for name, accuracy in report.per_class_accuracy.items():
         table.add_row(name, f"{accuracy:.2%}")
     console.print(table)
+    tta_source = "stored with the weights" if report.tta_from_weights else "as asked"
     console.print(f"test accuracy {report.accuracy:.2%} on {report.count:,} images "
-                  f"({'flip TTA' if report.tta else 'no TTA'}, {report.device} "
+                  f"({report.tta_mode} TTA {tta_source}, {report.device} "
                   f"{report.precision}; {report.misclassified_total:,} wrong); figures and JSON "
                   f"in {report.json_path.parent}", soft_wrap=True)
+
+
+# ---------------------------------------------------------------- predict
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...) or "
+                     "folders of them.", show_default=False)],
+    weights: Annotated[Path | None, typer.Option(help="A .safetensors weights file from train "
+                       "(default: the shipped weights/custresnet-cifar10.safetensors).",
+                       show_default=False)] = None,
+    top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    keep_going: Annotated[bool, typer.Option(help="Report unreadable inputs and predict the "
+                          "others (the exit status is still 1).")] = False,
+    device: DeviceOption = Device.auto,
+) -> None:
+    """The most likely classes of your images; other sizes than 32x32 are resized (a warning)."""
+    import json
+
+    from fastcifar.config import PredictConfig
+    from fastcifar.predict import predict as run_predict
+
+    config = run_command(PredictConfig, paths=tuple(paths), top_k=top_k, keep_going=keep_going,
+                         device=device, **({"weights": weights} if weights else {}))
+    report = run_command(run_predict, config)
+    for row in report.predictions:
+        if row.resized_from:
+            warnings_console.print(f"[yellow]warning:[/yellow] {escape(str(row.path))}: resized "
+                                   f"from {row.resized_from[0]}x{row.resized_from[1]} to 32x32",
+                                   soft_wrap=True)
+    if json_output:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for row in report.predictions:
+            typer.echo(f"{row.path}: " + ", ".join(f"{name} {probability:.1%}"
+                                                   for name, probability in row.top))
+    for problem in report.problems:
+        warnings_console.print(f"[red]error:[/red] {escape(str(problem))}", soft_wrap=True)
+    if report.problems:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------- show-augment

@@ -295,26 +295,18 @@ def replace_nested(config: TrainConfig, **changes: object) -> TrainConfig:
 
 @dataclass(frozen=True)
 class LrFindConfig:
-    """Settings of `fastcifar lr-find` (the range test)."""
+    """Settings of `fastcifar lr-find` (the range test) for the training run in `train`.
 
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optimizer: OptimizerName = OptimizerName.adam
+    `train` is the run the LR is found for, usually `recipe(name)` with the user's changes: its
+    model settings, optimiser, weight decay and parameter groups, label smoothing, logit scale,
+    augmentation, loader, device, precision and seed are used as they are; only the LR is swept.
+    """
+
+    train: TrainConfig = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])
     start_lr: float = 1e-7
     end_lr: float = 10.0
     iterations: int = 200
     mode: str = "exp"  # exp | linear
-    weight_decay: float = 1e-4
-    # The model and loss the LR is found for: set these as the training run will.
-    momentum: float = 0.9
-    nesterov: bool = True
-    decay_norm: bool = True
-    label_smoothing: float = 0.0
-    logit_scale: float = 1.0
-    device: Device = Device.auto
-    precision: Precision = Precision.auto
-    channels_last: bool = True
-    seed: int = 0
     out_dir: Path = Path("runs/lr-find")
 
     def __post_init__(self) -> None:
@@ -327,9 +319,9 @@ class LrFindConfig:
 class EvaluateConfig:
     """Settings of `fastcifar evaluate`: score saved best weights on the test set."""
 
-    weights: Path  # a best-weights file written by training
+    weights: Path  # a weights file (.safetensors) written by training
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # data_dir, batch size, test_subset
-    tta: bool = False  # average the logits of each image and its mirror
+    tta: bool | None = None  # average the logits of each image and its mirror; None: as stored
     out_dir: Path | None = None  # None: a `<weights name>-eval` folder beside the weights
     device: Device = Device.auto
     precision: Precision = Precision.auto
@@ -346,6 +338,31 @@ class EvaluateConfig:
         weights = Path(self.weights)
         return Path(self.out_dir) if self.out_dir is not None else (
             weights.parent / f"{weights.stem}-eval")
+
+
+# The weights `fastcifar predict` uses unless given others: the repository's weights/ folder.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "custresnet-cifar10.safetensors"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of `fastcifar predict`: the most likely classes of a user's images."""
+
+    paths: tuple[Path, ...]  # image files and folders (a folder: the image files directly in it)
+    weights: Path = SHIPPED_WEIGHTS  # a weights file (.safetensors) written by training
+    top_k: int = 3  # classes reported per image
+    keep_going: bool = False  # report unreadable inputs and predict the rest (still a failure)
+    device: Device = Device.auto
+    batch_size: int = 256  # images per forward pass
+
+    def __post_init__(self) -> None:
+        _require(len(self.paths) > 0, "give at least one image file or folder")
+        _require(self.top_k >= 1, f"top-k must be at least 1, got {self.top_k}")
+        _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
+        if Path(self.weights) == SHIPPED_WEIGHTS and not SHIPPED_WEIGHTS.is_file():
+            raise FastCifarError(f"no shipped weights at {SHIPPED_WEIGHTS} (this copy of fastcifar "
+                                 "has none): pass --weights FILE.safetensors from `fastcifar train`")
+        _require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
 
 
 @dataclass(frozen=True)

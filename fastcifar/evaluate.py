@@ -1,4 +1,4 @@
-"""Score saved best weights on the test set: accuracy, per-class accuracy, confusion matrix and
+"""Score a weights file on the test set: accuracy, per-class accuracy, confusion matrix and
 the misclassified images, written as figures and a JSON (the library side of `fastcifar evaluate`).
 """
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastcifar.atomic import write_json
+from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EvaluateConfig
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.errors import FastCifarError
@@ -21,13 +22,12 @@ from fastcifar.train import (
     DeviceStep,
     PrecisionPlan,
     autocast,
-    load_checkpoint,
     plan_precision,
     predict_logits,
     select_device,
+    tta_flags,
+    tta_mode,
 )
-
-_WEIGHTS_KEYS = ("model", "class_names", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class EvaluationReport:
     class_names: list[str]
     count: int  # test images scored
     tta: bool
+    tta_mode: str  # none, flip or multicrop
+    tta_from_weights: bool  # the TTA mode stored with the weights (no --tta/--no-tta given)
     trained_accuracy: float | None  # what training recorded for these weights
     epoch: float | None  # fractional when the best pass fell inside an epoch
     misclassified: list[dict]  # the shown ones: test index, true and predicted class
@@ -63,20 +65,21 @@ class TestPredictions:
 
 
 def load_weights(path: Path) -> dict:
-    """A best-weights file from training, checked for the keys evaluation needs."""
-    checkpoint = load_checkpoint(Path(path))
-    if not isinstance(checkpoint, dict):
-        checkpoint = {}
-    missing = [key for key in _WEIGHTS_KEYS if key not in checkpoint]
-    if missing:
-        raise FastCifarError(f"{path} is not a fastcifar weights file (missing "
-                             f"{', '.join(missing)}); pass a *-best.pt file from `fastcifar train`")
-    return checkpoint
+    """A weights file (safetensors) as one dict: its metadata plus the state dict as "model".
+
+    Files that are not fastcifar weights files get a one-line error; none is unpickled.
+    """
+    state_dict, metadata = read_weights_file(Path(path))
+    return {**metadata, "model": state_dict}
 
 
 def model_from_weights(checkpoint: dict, device: torch.device, channels_last: bool) -> nn.Module:
-    """CustResNet with the saved weights and logit scale, in eval mode on `device`."""
-    logit_scale = float((checkpoint.get("config") or {}).get("logit_scale", 1.0))
+    """CustResNet with the saved weights and logit scale, in eval mode on `device`.
+
+    `checkpoint` is `load_weights`'s dict, or a resume checkpoint's with class names added.
+    """
+    logit_scale = float(checkpoint.get("logit_scale",
+                                       (checkpoint.get("config") or {}).get("logit_scale", 1.0)))
     model = CustResNet(num_classes=len(checkpoint["class_names"]), logit_scale=logit_scale)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -89,7 +92,7 @@ def model_from_weights(checkpoint: dict, device: torch.device, channels_last: bo
 
 @torch.no_grad()
 def predict_test_set(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionPlan,
-                     tta: bool) -> TestPredictions:
+                     tta: bool, shifts: bool = False) -> TestPredictions:
     """Predictions over the whole loader; images are copied to the host for the figures."""
     model.eval()
     predictions, labels, images = [], [], []
@@ -99,7 +102,7 @@ def predict_test_set(model: nn.Module, loader, device_step: DeviceStep, plan: Pr
         labels.append(batch_labels.numpy().copy())
         device_images, _ = device_step(batch_images, batch_labels)
         with autocast(device_step.device, plan):
-            predictions.append(predict_logits(model, device_images, tta).argmax(1))
+            predictions.append(predict_logits(model, device_images, tta, shifts).argmax(1))
     if not predictions:
         raise FastCifarError("the test loader yielded no images")
     # One host-device sync for the whole pass.
@@ -147,12 +150,14 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
     device = select_device(config.device)
     plan = plan_precision(config.precision, device)
     model = model_from_weights(checkpoint, device, config.channels_last)
+    # The TTA mode the weights were trained and reported with, unless the user chose one.
+    tta, shifts = tta_flags(checkpoint["tta"]) if config.tta is None else (config.tta, False)
     # The normalisation the weights were trained with, as saved beside them.
     device_step = DeviceStep(checkpoint["mean"], checkpoint["std"], device, config.channels_last)
     loader = make_loader(metadata.test_path, test_pipeline(), config.loader, train=False,
                          subset=_test_subset(config.loader.test_subset, metadata.test_count),
                          seed=0)
-    result = predict_test_set(model, loader, device_step, plan, config.tta)
+    result = predict_test_set(model, loader, device_step, plan, tta, shifts)
 
     matrix = confusion_matrix(result.labels, result.predictions, len(class_names))
     accuracy = float(np.trace(matrix) / matrix.sum())
@@ -162,7 +167,8 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
     misclassified_total = int((result.predictions != result.labels).sum())
 
     out_dir = config.output_dir
-    tta_note = " with flip TTA" if config.tta else ""
+    tta_note = {"none": "", "flip": " with flip TTA", "multicrop": " with multi-crop TTA"}[
+        tta_mode(tta, shifts)]
     confusion_plot = plot_confusion_matrix(
         matrix, class_names, out_dir / "confusion_matrix.png",
         title=f"test accuracy {accuracy:.2%}{tta_note} ({len(result.labels):,} images)")
@@ -176,8 +182,9 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
         per_class_accuracy=dict(zip(class_names, map(float, per_class_accuracy(matrix)),
                                     strict=True)),
         confusion_matrix=matrix.tolist(), class_names=class_names, count=len(result.labels),
-        tta=config.tta, trained_accuracy=checkpoint.get("accuracy"),
-        epoch=checkpoint.get("epoch"), misclassified=misclassified,
+        tta=tta, tta_mode=tta_mode(tta, shifts), tta_from_weights=config.tta is None,
+        trained_accuracy=checkpoint.get("accuracy"),
+        epoch=checkpoint.get("epochs"), misclassified=misclassified,
         misclassified_total=misclassified_total, confusion_plot=confusion_plot,
         misclassified_plot=misclassified_plot, json_path=out_dir / "evaluation.json",
         device=str(device), precision=plan.name, seconds=time.perf_counter() - started)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import time
@@ -125,8 +126,8 @@ def run_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: I
             "amp_config": {"device_type": device.type, "dtype": plan.autocast_dtype},
             "grad_scaler": torch.amp.GradScaler(device.type, enabled=plan.use_grad_scaler)}
            if plan.autocast_dtype is not None else {})
-    finder = LRFinder(model, optimizer, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
-                       device=device, **amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
+    finder = LRFinder(model, optimizer, criterion, device=device, **amp)
     batches = DeviceBatches(loader, device_step, config.iterations, progress)
     try:
         # torch-lr-finder draws a tqdm bar and prints; the caller reports through `progress`.
@@ -141,15 +142,10 @@ def run_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: I
     return [float(lr) for lr in finder.history["lr"]], [float(x) for x in finder.history["loss"]]
 
 
-def _train_settings(config: LrFindConfig) -> TrainConfig:
-    """The TrainConfig whose model and optimiser the range test uses (LR set per step)."""
-    return TrainConfig(loader=config.loader, augment=config.augment, optimizer=config.optimizer,
-                       max_lr=config.start_lr, min_lr=config.start_lr,
-                       weight_decay=config.weight_decay, momentum=config.momentum,
-                       nesterov=config.nesterov, decay_norm=config.decay_norm,
-                       logit_scale=config.logit_scale, device=config.device,
-                       precision=config.precision, channels_last=config.channels_last,
-                       seed=config.seed, make_plots=False)
+def train_settings(config: LrFindConfig) -> TrainConfig:
+    """The training run's config with the LR at the sweep's start (the test sets it per step)."""
+    return dataclasses.replace(config.train, max_lr=config.start_lr, min_lr=config.start_lr,
+                               make_plots=False)
 
 
 def _write_history(out_dir: Path, lrs: list[float], losses: list[float]) -> Path:
@@ -167,15 +163,15 @@ def lr_find(config: LrFindConfig, progress: StepProgress | None = None) -> LrFin
     from fastcifar.plots import plot_lr_finder
 
     started = time.perf_counter()
-    settings = _train_settings(config)
-    device = select_device(config.device)
-    plan = plan_precision(config.precision, device)
-    seed_everything(config.seed)
-    loaders = build_loaders(config.loader, config.augment, config.seed)
+    settings = train_settings(config)
+    device = select_device(settings.device)
+    plan = plan_precision(settings.precision, device)
+    seed_everything(settings.seed)
+    loaders = build_loaders(settings.loader, settings.augment, settings.seed)
     model = build_model(settings, device, num_classes=len(loaders.metadata.class_names))
     optimizer = make_optimizer(model, settings)
     device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
-                             config.channels_last)
+                             settings.channels_last)
     lrs, losses = run_range_test(model, optimizer, loaders.train, device_step, plan, config,
                                  progress)
     if not lrs or not math.isfinite(losses[0]):
@@ -192,7 +188,8 @@ def lr_find(config: LrFindConfig, progress: StepProgress | None = None) -> LrFin
     seconds = time.perf_counter() - started
     write_json(json_path, {
         "suggested_lr": suggested, "min_loss_lr_over_10": second_opinion,
-        "stopped_early": stopped_early, "batch_size": config.loader.batch_size,
+        "stopped_early": stopped_early, "batch_size": settings.loader.batch_size,
+        "recipe": settings.recipe,
         "lrs": lrs, "losses": losses, "config": config_to_dict(config),
         "device": str(device), "precision": plan.name, "seconds": seconds,
         "hardware": machine_description(device),

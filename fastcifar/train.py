@@ -11,7 +11,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from fastcifar.atomic import atomic_path, write_json
+from fastcifar.atomic import write_json
+from fastcifar.checkpoint import (
+    load_checkpoint,
+    read_weights_file,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    save_weights_file,
+)
 from fastcifar.config import Device, Precision, TrainConfig
 from fastcifar.data.loaders import Loaders, build_loaders
 from fastcifar.errors import FastCifarError
@@ -66,12 +74,14 @@ class PrecisionPlan:
 
 
 def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
-    """auto: bf16 on CPU and bf16-capable CUDA, fp16 + scaler on older CUDA, fp32 elsewhere."""
+    """auto: bf16 on bf16-capable CUDA, fp16 + scaler on older CUDA, fp32 elsewhere.
+
+    On the CPU bf16 is faster on some machines and slower on others, so `train` replaces
+    auto's fp32 there with the faster of the two, measured (`measure_precision`).
+    """
     if choice == Precision.auto:
-        if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-            choice = Precision.bf16
-        elif device.type == "cuda":
-            choice = Precision.fp16
+        if device.type == "cuda":
+            choice = Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
         else:
             choice = Precision.fp32
     if choice == Precision.fp16 and device.type == "cpu":
@@ -79,6 +89,75 @@ def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
     dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16,
              Precision.fp32: None}[choice]
     return PrecisionPlan(dtype, dtype == torch.float16)
+
+
+def measures_precision(choice: Precision, device: torch.device) -> bool:
+    """Whether `train` picks the precision by timing (auto on the CPU)."""
+    return choice == Precision.auto and device.type == "cpu"
+
+
+# What auto chooses between on the CPU.
+CPU_PRECISIONS = (PrecisionPlan(None, False), PrecisionPlan(torch.bfloat16, False))
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision `--precision auto` measured as fastest, and the rates it measured."""
+
+    plan: PrecisionPlan
+    images_per_second: dict[str, float]  # training images per second, per precision name
+
+    def describe(self) -> str:
+        """e.g. 'bf16 (bf16 272 images/s, fp32 120 images/s)'."""
+        rates = ", ".join(f"{name} {rate:,.0f} images/s"
+                          for name, rate in sorted(self.images_per_second.items(),
+                                                   key=lambda item: -item[1]))
+        return f"{self.plan.name} ({rates})"
+
+
+def measure_precision(train_step: Callable[[PrecisionPlan], None], images_per_step: int,
+                      candidates: tuple[PrecisionPlan, ...] = CPU_PRECISIONS,
+                      timed_steps: int = 3,
+                      timer: Callable[[], float] = time.perf_counter) -> PrecisionChoice:
+    """Time `timed_steps` calls of `train_step(plan)` per candidate, after one untimed call.
+
+    The untimed call takes first-use costs (allocations, oneDNN kernel choice) off the timing.
+    Returns the candidate with the most images per second (the first one on a tie).
+    """
+    rates: dict[str, float] = {}
+    for plan in candidates:
+        train_step(plan)
+        started = timer()
+        for _ in range(timed_steps):
+            train_step(plan)
+        rates[plan.name] = images_per_step * timed_steps / max(timer() - started, 1e-9)
+    fastest = max(candidates, key=lambda plan: rates[plan.name])
+    return PrecisionChoice(fastest, rates)
+
+
+def _measure_cpu_precision(model: nn.Module, device_step: DeviceStep,
+                           sample: tuple[torch.Tensor, torch.Tensor]) -> PrecisionChoice:
+    """Forward/backward steps of the real model on the real first batch, fp32 against bf16.
+
+    No optimiser step; the weights, BN statistics, gradients, train mode and torch RNG are put
+    back, so the run is the same as with that precision chosen by hand.
+    """
+    images, labels = device_step(*sample)
+    snapshot = copy.deepcopy(model.state_dict())
+    was_training = model.training
+    model.train()
+
+    def train_step(plan: PrecisionPlan) -> None:
+        with autocast(images.device, plan):
+            loss = functional.cross_entropy(model(images), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    with torch.random.fork_rng(devices=[]):  # dropout draws would shift the run's RNG
+        choice = measure_precision(train_step, len(labels))
+    model.load_state_dict(snapshot)
+    model.train(was_training)
+    return choice
 
 
 def autocast(device: torch.device, plan: PrecisionPlan):
@@ -160,13 +239,21 @@ class TrainResult:
 
     history: list[EpochStats]
     run_dir: Path
-    best_weights: Path | None
+    best_weights: Path | None  # the best test pass's weights (chosen on the test set)
     best_accuracy: float
     warmup_seconds: float  # one-off: loader JIT, torch.compile, cudnn autotune (all sittings)
     lr_per_step: list[float] = field(default_factory=list)
     reached_target: bool = False
     final_model: nn.Module | None = None  # the evaluated model (EMA when kept) after the run
     evaluations: list[Evaluation] = field(default_factory=list)  # every test pass, in order
+    final_weights: Path | None = None  # the weights at the end of the run
+    plan: PrecisionPlan | None = None  # the precision trained in (measured when auto on CPU)
+    precision_images_per_second: dict[str, float] = field(default_factory=dict)  # when measured
+
+    @property
+    def final_accuracy(self) -> float:
+        """Test accuracy at the end of the run (the last epoch's evaluation)."""
+        return self.history[-1].test_accuracy
 
 
 class TrainCallbacks:
@@ -184,6 +271,9 @@ class TrainCallbacks:
 
     def on_evaluation(self, evaluation: Evaluation) -> None:
         """Called after each evaluation inside an epoch (see `TrainConfig.eval_every_steps`)."""
+
+    def on_precision(self, choice: PrecisionChoice) -> None:
+        """Called once `--precision auto` on the CPU has timed fp32 and bf16 (first batch)."""
 
 
 class TrainingInterrupted(FastCifarError):
@@ -220,7 +310,8 @@ def run_record(config: TrainConfig, device: torch.device, precision: str) -> dic
         commit = ""
     return {
         "config": config_to_dict(config),
-        "versions": {"torch": torch.__version__, "ffcv": importlib.metadata.version("ffcv"),
+        # str(): torch.__version__ is a str subclass that torch.load(weights_only) refuses.
+        "versions": {"torch": str(torch.__version__), "ffcv": importlib.metadata.version("ffcv"),
                      "numba": numba.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "hardware": machine_description(device),
@@ -265,6 +356,35 @@ def config_to_dict(config: TrainConfig) -> dict:
     return plain(asdict(config))
 
 
+def weights_metadata(config: TrainConfig, record: dict, loaders: Loaders,
+                     evaluation: Evaluation, which: str) -> dict:
+    """The metadata header of a weights file train writes (`which`: "best" or "final").
+
+    What predict/evaluate need (classes, mean/std, logit scale, TTA mode) and what a person
+    needs to trust the file: recipe, the accuracy and when it was measured, data, commit.
+    """
+    metadata = loaders.metadata
+    source = metadata.source
+    data_variant = f"{Path(str(source.get('path') or '?')).name} ({source.get('kind', '?')})"
+    if loaders.train_count != metadata.train_count:
+        data_variant += f", first {loaders.train_count:,} of {metadata.train_count:,} train images"
+    return {
+        "class_names": list(metadata.class_names), "mean": list(metadata.mean),
+        "std": list(metadata.std), "logit_scale": config.logit_scale,
+        "tta": tta_mode(config.tta, config.tta_shifts),
+        "weights": which,
+        "recipe": config.recipe,
+        "accuracy": evaluation.test_accuracy,  # on the test set, with the TTA mode above
+        "accuracy_note": ("the best test pass of the run: chosen on the test set" if which == "best"
+                          else "the test pass at the end of the run"),
+        "test_images": loaders.test_count,
+        "epochs": evaluation.epochs, "steps": evaluation.steps,
+        "data_variant": data_variant, "data_source": source,
+        "git_commit": record["git_commit"], "precision": record["precision"],
+        "config": record["config"], "versions": record["versions"], "hardware": record["hardware"],
+    }
+
+
 # ---------------------------------------------------------------- model, step, evaluation
 
 
@@ -299,6 +419,16 @@ def build_model(config: TrainConfig, device: torch.device,
 def _flip_averaged(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
     logits = model(images)
     return (logits + model(torch.flip(images, dims=[3]))) / 2 if tta else logits
+
+
+def tta_mode(tta: bool, shifts: bool) -> str:
+    """The TTA mode's name, as weights files store it: none, flip or multicrop."""
+    return "multicrop" if tta and shifts else "flip" if tta else "none"
+
+
+def tta_flags(mode: str) -> tuple[bool, bool]:
+    """(tta, shifts) for `predict_logits` from a stored TTA mode's name."""
+    return mode in ("flip", "multicrop"), mode == "multicrop"
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, tta: bool,
@@ -356,26 +486,9 @@ def _checkpoint_state(model, optimizers: Optimizers, scaler, ema, lookahead, epo
         "steps": steps,
         "history": [asdict(stats) for stats in history],
         "best_accuracy": best_accuracy,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state()},
+        "rng": rng_state(),  # tensors and plain values: loadable with weights_only
         **record,
     }
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save through a temporary file, fsync and rename."""
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint, turning unreadable files into one clear error."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError as error:
-        raise FastCifarError(f"checkpoint not found: {path}") from error
-    except Exception as error:  # pickle/zip errors of a damaged file
-        raise FastCifarError(f"corrupt or unreadable checkpoint {path}: {error}") from error
 
 
 # Settings that may differ between a run and its resumption (they do not change the maths).
@@ -469,13 +582,18 @@ def _ranks_agree(model: nn.Module, distributed: _Distributed) -> bool:
 
 def _share_run_dir(run_dir: Path, distributed: _Distributed) -> Path:
     """Rank 0 names the run folder; the other ranks learn it."""
+    return Path(_broadcast_from_main(str(run_dir), distributed))
+
+
+def _broadcast_from_main(value, distributed: _Distributed):
+    """Rank 0's `value` on every rank (pickled by torch.distributed between our own processes)."""
     if distributed.world_size == 1:
-        return run_dir
+        return value
     import torch.distributed as dist
 
-    holder = [str(run_dir)]
+    holder = [value]
     dist.broadcast_object_list(holder, src=0)
-    return Path(holder[0])
+    return holder[0]
 
 
 def _all_reduce_sum(values: torch.Tensor, distributed: _Distributed) -> torch.Tensor:
@@ -580,7 +698,15 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     lookahead = (Lookahead(model, config.lookahead_every, config.epochs * steps_per_epoch)
                  if config.lookahead_every else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    record = run_record(config, device, plan.name)
+    # auto on the CPU: fp32 or bf16, whichever trains faster on the first batch (timed there,
+    # off the clock); a resumed run keeps the precision its checkpoint was trained in.
+    measure = measures_precision(config.precision, device) and resume_state is None
+    if measures_precision(config.precision, device) and resume_state is not None:
+        plan = plan_precision(Precision(resume_state.get("precision", "fp32")), device)
+    record = run_record(config, device, "auto (timed at the first batch)" if measure
+                        else plan.name)
+    if resume_state is not None and "precision_images_per_second" in resume_state:
+        record["precision_images_per_second"] = resume_state["precision_images_per_second"]
 
     history: list[EpochStats] = []
     evaluations: list[Evaluation] = []
@@ -604,9 +730,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         evaluations = ([Evaluation(**row) for row in resume_state["evaluations"]]
                        if "evaluations" in resume_state  # older checkpoints lack them
                        else epoch_end_evaluations(history))
-        random.setstate(resume_state["rng"]["python"])
-        np.random.set_state(resume_state["rng"]["numpy"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
+        restore_rng_state(resume_state["rng"])
         run_dir = Path(config.resume).parent
     else:
         run_dir = _share_run_dir(
@@ -623,13 +747,15 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
 
     if distributed.is_main:
         write_json(run_dir / "run.json", record)
-    callbacks.on_train_start(config, steps_per_epoch, device, plan.name, run_dir)
+    callbacks.on_train_start(config, steps_per_epoch, device, record["precision"], run_dir)
 
-    best_weights = Path(config.weights_dir) / f"{run_dir.name}-best.pt"
+    best_weights = Path(config.weights_dir) / f"{run_dir.name}-best.safetensors"
+    final_weights = Path(config.weights_dir) / f"{run_dir.name}-final.safetensors"
     if resume_state is not None and best_weights.exists():
         # An in-epoch pass may have saved better weights after the checkpoint we resume from
         # (a hard crash loses that checkpoint's update): never replace them with worse ones.
-        best_accuracy = max(best_accuracy, load_checkpoint(best_weights).get("accuracy", -1.0))
+        best_accuracy = max(best_accuracy,
+                            read_weights_file(best_weights)[1].get("accuracy", -1.0))
     lr_per_step: list[float] = []
     reached = False
     last_checkpoint = run_dir / "last.pt"
@@ -642,11 +768,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         best_accuracy = evaluation.test_accuracy
         if distributed.is_main:
             best_model = ema.module if ema is not None else model
-            save_checkpoint(best_weights, {
-                "model": plain_state_dict(best_model), "accuracy": evaluation.test_accuracy,
-                "epoch": evaluation.epochs, "steps": evaluation.steps,
-                "class_names": loaders.metadata.class_names, "mean": loaders.metadata.mean,
-                "std": loaders.metadata.std, **record})
+            save_weights_file(best_weights, plain_state_dict(best_model), weights_metadata(
+                config, record, loaders, evaluation, "best"))
 
     def score_holdout() -> float | None:
         """Accuracy on the held-out train images (off the clock: a tuning aid, not a cost)."""
@@ -683,6 +806,16 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                     # The first batch compiles the loader pipeline: a one-off, off the clock.
                     fetch_started = time.perf_counter()
                     images, labels = next(batches)
+                    if measure:
+                        choice = _broadcast_from_main(
+                            _measure_cpu_precision(model, device_step, (images, labels))
+                            if distributed.is_main else None, distributed)
+                        plan = choice.plan
+                        record.update(precision=plan.name,
+                                      precision_images_per_second=choice.images_per_second)
+                        if distributed.is_main:
+                            write_json(run_dir / "run.json", record)
+                        callbacks.on_precision(choice)
                     _warm_up(model, trained_model, config, device, plan, device_step,
                              (images, labels))
                     warmup_seconds += time.perf_counter() - fetch_started
@@ -796,9 +929,13 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             write_json(metrics_path, {**json.loads(metrics_path.read_text()),
                                       "world_size": distributed.world_size,
                                       "ranks_agree": agree})
+    if distributed.is_main and evaluations:
+        save_weights_file(final_weights, plain_state_dict(ema.module if ema is not None else model),
+                          weights_metadata(config, record, loaders, evaluations[-1], "final"))
     result = TrainResult(history, run_dir, best_weights if best_accuracy >= 0 else None,
                          best_accuracy, warmup_seconds, lr_per_step, reached, eval_model,
-                         evaluations)
+                         evaluations, final_weights if evaluations else None, plan,
+                         record.get("precision_images_per_second", {}))
     if config.make_plots and distributed.is_main:
         from fastcifar.plots import plot_training_curves
 

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from fastcifar.benchmark import TargetHit, benchmark_time_to_accuracy, first_hits
+from fastcifar.checkpoint import load_checkpoint, read_weights_file
 from fastcifar.config import (
     LoaderBenchmarkConfig,
     LoaderConfig,
@@ -28,7 +29,6 @@ from fastcifar.train import (
     TrainCallbacks,
     TrainingInterrupted,
     epoch_end_evaluations,
-    load_checkpoint,
 )
 
 PIPELINES = ["fastcifar", "ffcv_builtin", "torchvision_dataloader"]
@@ -180,9 +180,9 @@ def test_evaluations_inside_the_last_epochs_time_the_target_between_epoch_ends(
     assert seconds == sorted(seconds)
     assert "| 2.8 ep, " in config.json_path.with_suffix(".md").read_text()
     # the best pass (0.95) fell inside epoch 3: its weights are the ones kept
-    [best_weights] = (tmp_path / "weights").glob("*-best.pt")
-    best = load_checkpoint(best_weights)
-    assert (best["accuracy"], best["epoch"], best["steps"]) == (0.95, pytest.approx(2.8), 14)
+    [best_weights] = (tmp_path / "weights").glob("*-best.safetensors")
+    _, best = read_weights_file(best_weights)
+    assert (best["accuracy"], best["epochs"], best["steps"]) == (0.95, pytest.approx(2.8), 14)
 
 
 def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path):
@@ -409,9 +409,9 @@ def test_resume_never_replaces_best_weights_saved_after_its_checkpoint(tiny_data
     saved = load_checkpoint(interrupted.value.checkpoint)
     torch.save({**saved, "best_accuracy": 0.5}, interrupted.value.checkpoint)
     benchmark_time_to_accuracy(dataclasses.replace(config, resume=interrupted.value.checkpoint))
-    [best_weights] = (tmp_path / "weights").glob("*-best.pt")
-    best = load_checkpoint(best_weights)
-    assert (best["accuracy"], best["epoch"]) == (0.6, pytest.approx(1.4))
+    [best_weights] = (tmp_path / "weights").glob("*-best.safetensors")
+    _, best = read_weights_file(best_weights)
+    assert (best["accuracy"], best["epochs"]) == (0.6, pytest.approx(1.4))
 
 
 def test_evaluating_every_epoch_length_or_more_steps_is_refused(tiny_dataset, tmp_path):

@@ -21,8 +21,13 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
         "--precision", "fp32", "--workers", "1", "--out", str(tmp_path / "runs"),
         "--weights", str(tmp_path / "weights"), "--cutout", "4"])
     assert result.exit_code == 0, result.output
-    assert "test acc" in result.output and "best test accuracy" in result.output
-    assert list((tmp_path / "weights").glob("*-best.pt"))
+    assert "test acc" in result.output
+    closing = result.output.strip().splitlines()[-1]  # the final figure first, then the best
+    assert closing.startswith("final test accuracy ")
+    assert closing.index("final test accuracy") < closing.index("best test pass")
+    assert "(chosen on the test set" in closing
+    assert list((tmp_path / "weights").glob("*-best.safetensors"))
+    assert list((tmp_path / "weights").glob("*-final.safetensors"))
 
 
 def test_train_without_betons_says_run_convert_first(tmp_path):

@@ -32,7 +32,7 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     # only rank 0 prints the table and writes files
-    assert finished.stdout.count("best test accuracy") == 1
+    assert finished.stdout.count("final test accuracy") == 1
     (run_dir,) = (tmp_path / "ddp").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ranks_agree"] is True
@@ -40,7 +40,8 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
     assert metrics["epochs"][-1]["steps"] == 10
     # in-epoch passes in the last epoch: every rank evaluates, rank 0 alone keeps the best
     assert [row["epochs"] for row in metrics["evaluations"]] == pytest.approx([1, 1.4, 1.8, 2])
-    assert len(list((tmp_path / "ddp-weights").glob("*-best.pt"))) == 1
+    assert len(list((tmp_path / "ddp-weights").glob("*-best.safetensors"))) == 1
+    assert len(list((tmp_path / "ddp-weights").glob("*-final.safetensors"))) == 1
 
     single = subprocess.run(
         [sys.executable, "-m", "fastcifar", "train", *TRAIN_ARGS, "--batch-size", "24",

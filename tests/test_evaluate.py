@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fastcifar.checkpoint import read_weights_file, save_weights_file
 from fastcifar.cli import app
 from fastcifar.config import Device, EvaluateConfig, LoaderConfig, Precision
 from fastcifar.data.loaders import read_metadata
@@ -25,24 +26,28 @@ from fastcifar.model import CustResNet
 LOGIT_SCALE = 0.5
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tiny_dataset, tmp_path_factory):
-    """A best-weights file as training writes it, for an untrained 3-class CustResNet."""
+def write_tiny_weights(path, data_dir, tta: str = "none"):
+    """A weights file as training writes it, for an untrained 3-class CustResNet."""
     torch.manual_seed(3)
     model = CustResNet(num_classes=3, logit_scale=LOGIT_SCALE)
-    metadata = read_metadata(tiny_dataset)
-    path = tmp_path_factory.mktemp("weights") / "tiny-best.pt"
-    torch.save({"model": model.state_dict(), "accuracy": 0.5, "epoch": 2,
-                "class_names": metadata.class_names, "mean": metadata.mean, "std": metadata.std,
-                "config": {"logit_scale": LOGIT_SCALE}}, path)
+    metadata = read_metadata(data_dir)
+    save_weights_file(path, model.state_dict(), {
+        "accuracy": 0.5, "epochs": 2, "class_names": metadata.class_names,
+        "mean": metadata.mean, "std": metadata.std, "logit_scale": LOGIT_SCALE, "tta": tta})
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny_dataset, tmp_path_factory):
+    return write_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny-best.safetensors",
+                              tiny_dataset)
 
 
 def direct_predictions(weights_path, images: np.ndarray, tta: bool) -> np.ndarray:
     """Predictions straight from the model on the source arrays: no loader, no channels-last."""
-    saved = torch.load(weights_path, weights_only=False)
+    state, saved = read_weights_file(weights_path)
     model = CustResNet(num_classes=3, logit_scale=LOGIT_SCALE)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(state)
     model.eval()
     mean = torch.tensor(saved["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(saved["std"]).view(1, 3, 1, 1)
@@ -93,6 +98,20 @@ def test_outputs_are_figures_and_a_json_of_the_same_figures(tiny_weights, tiny_d
     assert saved["trained_accuracy"] == 0.5 and saved["epoch"] == 2
 
 
+@pytest.mark.parametrize("stored", ["none", "flip"])
+def test_tta_mode_stored_with_the_weights_is_the_default(tiny_dataset, tiny_imagefolder,
+                                                         tmp_path, stored):
+    weights = write_tiny_weights(tmp_path / f"{stored}.safetensors", tiny_dataset, tta=stored)
+    report = evaluate_weights(evaluate_config(weights, tiny_dataset, tmp_path / "a"))
+    assert report.tta is (stored == "flip") and report.tta_from_weights
+    test = read_source(tiny_imagefolder).test
+    expected = direct_predictions(weights, test.images, tta=stored == "flip")
+    assert report.accuracy == pytest.approx(float((expected == test.labels).mean()))
+    overridden = evaluate_weights(evaluate_config(weights, tiny_dataset, tmp_path / "b",
+                                                  tta=stored != "flip"))
+    assert overridden.tta is (stored != "flip") and not overridden.tta_from_weights
+
+
 def test_selection_keeps_only_images_whose_prediction_is_wrong():
     predictions = np.array([0, 1, 2, 1, 0, 2, 2])
     labels = np.array([0, 2, 2, 0, 0, 1, 2])
@@ -116,22 +135,21 @@ def test_default_output_folder_is_beside_the_weights(tiny_weights):
 
 def test_files_that_are_not_weights_are_refused_in_one_line(tiny_dataset, tmp_path):
     with pytest.raises(FastCifarError, match="weights file not found"):
-        EvaluateConfig(weights=tmp_path / "missing.pt")
+        EvaluateConfig(weights=tmp_path / "missing.safetensors")
     other = tmp_path / "other.pt"
     torch.save({"something": 1}, other)
-    with pytest.raises(FastCifarError, match="not a fastcifar weights file"):
+    with pytest.raises(FastCifarError, match="other.pt is not a fastcifar weights file"):
         evaluate_weights(evaluate_config(other, tiny_dataset, tmp_path))
-    garbage = tmp_path / "garbage.pt"
+    garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(FastCifarError, match="corrupt or unreadable"):
+    with pytest.raises(FastCifarError, match="garbage.safetensors is not a fastcifar weights"):
         evaluate_weights(evaluate_config(garbage, tiny_dataset, tmp_path))
 
 
 def test_weights_of_other_classes_are_refused(tiny_weights, tiny_dataset, tmp_path):
-    saved = torch.load(tiny_weights, weights_only=False)
-    saved["class_names"] = ["cat", "dog", "frog"]
-    renamed = tmp_path / "renamed.pt"
-    torch.save(saved, renamed)
+    state, metadata = read_weights_file(tiny_weights)
+    renamed = tmp_path / "renamed.safetensors"
+    save_weights_file(renamed, state, {**metadata, "class_names": ["cat", "dog", "frog"]})
     with pytest.raises(FastCifarError, match="trained on classes"):
         evaluate_weights(evaluate_config(renamed, tiny_dataset, tmp_path))
 
@@ -142,7 +160,7 @@ def test_evaluate_command_prints_accuracy_and_writes_beside_the_weights(tiny_wei
                                       "--device", "cpu", "--batch-size", "32", "--workers", "1",
                                       "--tta"])
     assert result.exit_code == 0, result.output
-    assert "test accuracy" in result.output and "flip TTA" in result.output
+    assert "test accuracy" in result.output and "flip TTA as asked" in result.output
     assert (tiny_weights.parent / "tiny-best-eval" / "evaluation.json").is_file()
     missing = CliRunner().invoke(app, ["evaluate", "nowhere.pt"])
     assert missing.exit_code == 1 and "weights file not found" in missing.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 
@@ -12,9 +13,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import fastcifar.lr_find
 from conftest import synthetic_images
 from fastcifar.cli import app
-from fastcifar.config import NO_AUGMENT, Device, LoaderConfig, LrFindConfig, Precision
+from fastcifar.config import (
+    DEFAULT_RECIPE,
+    NO_AUGMENT,
+    Device,
+    LoaderConfig,
+    LrFindConfig,
+    Precision,
+    recipe,
+)
 from fastcifar.errors import FastCifarError
 from fastcifar.lr_find import lr_find, run_range_test, suggest_lrs
 from fastcifar.model import CustResNet
@@ -51,7 +61,7 @@ def test_range_test_leaves_weights_and_optimizer_as_they_were():
     batches = [(images[i:i + 4], torch.from_numpy(labels[i:i + 4])) for i in range(0, 12, 4)]
     device = torch.device("cpu")
     step = DeviceStep([128.0] * 3, [64.0] * 3, device, channels_last=True)
-    config = LrFindConfig(start_lr=1e-5, end_lr=1.0, iterations=10, precision=Precision.bf16)
+    config = LrFindConfig(start_lr=1e-5, end_lr=1.0, iterations=10)
     lrs, losses = run_range_test(model, optimizer, batches, step,
                                  plan_precision(Precision.bf16, device), config)
 
@@ -65,9 +75,8 @@ def test_range_test_leaves_weights_and_optimizer_as_they_were():
 
 
 def test_lr_find_on_the_real_loader_writes_plot_and_history(tiny_dataset, tmp_path, check_png):
-    config = LrFindConfig(loader=LoaderConfig(data_dir=tiny_dataset, batch_size=8, workers=1),
-                          augment=NO_AUGMENT, start_lr=1e-5, end_lr=1.0, iterations=12,
-                          device=Device.cpu, precision=Precision.bf16, out_dir=tmp_path / "lr")
+    config = LrFindConfig(train=tiny_train(tiny_dataset, "seed", precision=Precision.bf16),
+                          start_lr=1e-5, end_lr=1.0, iterations=12, out_dir=tmp_path / "lr")
     steps = []
     result = lr_find(config, progress=lambda done, total: steps.append((done, total)))
 
@@ -87,6 +96,43 @@ def test_lr_find_on_the_real_loader_writes_plot_and_history(tiny_dataset, tmp_pa
     assert saved["losses"] == result.losses and saved["config"]["iterations"] == 12
 
 
+def tiny_train(data_dir, recipe_name: str, **changes):
+    return dataclasses.replace(recipe(recipe_name), loader=LoaderConfig(
+        data_dir=data_dir, batch_size=8, workers=1), augment=NO_AUGMENT, device=Device.cpu,
+        **changes)
+
+
+@pytest.mark.parametrize("recipe_name", ["fast", "seed"])
+def test_range_test_uses_the_recipes_optimizer_loss_and_model(tiny_dataset, tmp_path,
+                                                             monkeypatch, recipe_name):
+    seen = {}
+
+    class SpyFinder(fastcifar.lr_find.LRFinder):
+        def __init__(self, model, optimizer, criterion, **kwargs):
+            seen.update(model=model, optimizer=optimizer, criterion=criterion)
+            super().__init__(model, optimizer, criterion, **kwargs)
+
+    monkeypatch.setattr(fastcifar.lr_find, "LRFinder", SpyFinder)
+    lr_find(LrFindConfig(train=tiny_train(tiny_dataset, recipe_name), start_lr=1e-5, end_lr=1e-2,
+                         iterations=10, out_dir=tmp_path))
+    expected = recipe(recipe_name)
+    optimizer = seen["optimizer"]
+    assert type(optimizer).__name__.lower() == expected.optimizer.value
+    decays = sorted({group["weight_decay"] for group in optimizer.param_groups})
+    assert decays == ([expected.weight_decay] if expected.decay_norm
+                      else [0.0, expected.weight_decay])  # BN scales/shifts undecayed
+    if expected.optimizer.value == "sgd":
+        assert optimizer.param_groups[0]["momentum"] == expected.momentum
+        assert optimizer.param_groups[0]["nesterov"] == expected.nesterov
+    assert seen["criterion"].label_smoothing == expected.label_smoothing
+    assert seen["model"].logit_scale == expected.logit_scale
+
+
+def test_lr_find_default_is_the_default_training_recipe():
+    assert LrFindConfig().train == recipe(DEFAULT_RECIPE)
+    assert LrFindConfig().train.optimizer.value == "sgd"  # not the old Adam / wd 1e-4 setup
+
+
 def test_lr_find_config_rejects_a_backwards_range():
     with pytest.raises(FastCifarError, match="start LR"):
         LrFindConfig(start_lr=1.0, end_lr=1e-3)
@@ -99,5 +145,32 @@ def test_lr_find_command_prints_the_suggestion(tiny_dataset, tmp_path):
         "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "suggested max LR" in result.output and (tmp_path / "lr_find.png").is_file()
+    assert "fast recipe (sgd, weight decay 0.0005)" in result.output
+    assert json.loads((tmp_path / "lr_find.json").read_text())["recipe"] == "fast"
+    seed = CliRunner().invoke(app, [
+        "lr-find", "--recipe", "seed", "--iters", "10", "--batch-size", "8", "--start-lr", "1e-5",
+        "--end-lr", "1", "--data", str(tiny_dataset), "--workers", "1", "--device", "cpu",
+        "--out", str(tmp_path / "seed")])
+    assert seed.exit_code == 0, seed.output
+    assert "seed recipe (adam, weight decay 0.0001)" in seed.output
     too_few = CliRunner().invoke(app, ["lr-find", "--iters", "3", "--data", str(tiny_dataset)])
     assert too_few.exit_code == 1 and "at least 10 iterations" in too_few.output
+
+
+def test_train_max_lr_auto_runs_the_range_test_for_the_same_training_config(tmp_path,
+                                                                            monkeypatch):
+    from types import SimpleNamespace
+
+    from fastcifar.cli import _with_found_lr
+
+    seen = []
+
+    def fake_lr_find(config):
+        seen.append(config)
+        return SimpleNamespace(suggested_lr=0.123, plot_path=tmp_path / "lr_find.png")
+
+    monkeypatch.setattr(fastcifar.lr_find, "lr_find", fake_lr_find)
+    config = dataclasses.replace(recipe("seed"), out_dir=tmp_path)
+    found = _with_found_lr(config)
+    assert seen[0].train == config and seen[0].out_dir == tmp_path / "lr-find"
+    assert found.max_lr == 0.123 and found.optimizer == config.optimizer

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from fastcifar.checkpoint import load_checkpoint, read_weights_file
 from fastcifar.config import (
     NO_AUGMENT,
     AugmentConfig,
@@ -24,7 +25,7 @@ from fastcifar.errors import FastCifarError
 from fastcifar.train import (
     TrainCallbacks,
     TrainingInterrupted,
-    load_checkpoint,
+    measure_precision,
     plan_precision,
     select_device,
     train,
@@ -47,10 +48,20 @@ def test_short_cpu_run_lowers_loss_and_beats_chance(tiny_dataset, tmp_path):
     assert history[-1].test_accuracy >= 0.8  # chance is 1/3
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3]
-    best = torch.load(result.best_weights, weights_only=False)
+    best_state, best = read_weights_file(result.best_weights)
+    assert result.best_weights.name.endswith("-best.safetensors")
     assert best["accuracy"] == max(row.test_accuracy for row in history)
+    assert best["weights"] == "best" and "chosen on the test set" in best["accuracy_note"]
     assert best["config"]["recipe"] == "fast" and "versions" in best and "hardware" in best
-    assert best["model"]["fc.weight"].shape[0] == 3  # one output per class of the data
+    assert best["class_names"] == ["apple", "berry", "cherry"] and best["tta"] == "none"
+    assert best["recipe"] == "fast" and best["logit_scale"] == 0.125 and best["data_variant"]
+    assert best_state["fc.weight"].shape[0] == 3  # one output per class of the data
+    final_state, final = read_weights_file(result.final_weights)
+    assert result.final_weights.name.endswith("-final.safetensors")
+    assert final["accuracy"] == result.final_accuracy == history[-1].test_accuracy
+    assert final["epochs"] == 3 and final["weights"] == "final"
+    model_state = result.final_model.state_dict()
+    assert all(torch.equal(final_state[name], model_state[name].float()) for name in final_state)
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["precision"] == "bf16"
 
@@ -132,7 +143,7 @@ def test_resume_refuses_weights_of_another_class_count(tiny_dataset, tmp_path):
 def test_resume_reports_a_corrupt_checkpoint(tiny_dataset, tmp_path):
     broken = tmp_path / "last.pt"
     broken.write_bytes(b"\x00garbage")
-    with pytest.raises(FastCifarError, match="corrupt or unreadable checkpoint"):
+    with pytest.raises(FastCifarError, match="cannot resume from .*last.pt.*damaged"):
         train(tiny_config(tiny_dataset, tmp_path, resume=broken))
 
 
@@ -146,12 +157,56 @@ def test_stop_at_accuracy_ends_the_run_early(tiny_dataset, tmp_path):
     assert result.reached_target and len(result.history) < 6
 
 
-def test_precision_auto_is_bf16_on_cpu_and_fp16_is_refused():
+def test_precision_auto_outside_train_is_fp32_on_cpu_and_fp16_is_refused():
     cpu = torch.device("cpu")
-    assert plan_precision(Precision.auto, cpu).name == "bf16"
+    assert plan_precision(Precision.auto, cpu).name == "fp32"  # train measures instead
     assert plan_precision(Precision.fp32, cpu).autocast_dtype is None
+    assert plan_precision(Precision.bf16, cpu).name == "bf16"
     with pytest.raises(FastCifarError, match="fp16"):
         plan_precision(Precision.fp16, cpu)
+
+
+@pytest.mark.parametrize(("fp32_seconds", "bf16_seconds", "expected"),
+                         [(2.0, 1.0, "bf16"), (1.0, 2.0, "fp32")])
+def test_measure_precision_picks_the_faster_and_reports_both_rates(fp32_seconds, bf16_seconds,
+                                                                   expected):
+    clock = [0.0]
+    calls = []
+
+    def train_step(plan):  # a step "takes" its precision's seconds on a fake clock
+        calls.append(plan.name)
+        clock[0] += {"fp32": fp32_seconds, "bf16": bf16_seconds}[plan.name]
+
+    choice = measure_precision(train_step, images_per_step=100, timed_steps=3,
+                               timer=lambda: clock[0])
+    assert choice.plan.name == expected
+    assert choice.images_per_second == pytest.approx({"fp32": 100 / fp32_seconds,
+                                                      "bf16": 100 / bf16_seconds})
+    assert calls == ["fp32"] * 4 + ["bf16"] * 4  # one untimed step before three timed ones
+    assert expected in choice.describe() and "images/s" in choice.describe()
+
+
+def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_dataset, tmp_path):
+    class Record(TrainCallbacks):
+        choices = []
+
+        def on_precision(self, choice):
+            self.choices.append(choice)
+
+    callbacks = Record()
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, precision=Precision.auto,
+                               device=Device.cpu), callbacks=callbacks)
+    (choice,) = callbacks.choices
+    rates = json.loads((result.run_dir / "run.json").read_text())["precision_images_per_second"]
+    assert set(rates) == {"fp32", "bf16"} and all(rate > 0 for rate in rates.values())
+    faster = max(rates, key=rates.get)
+    assert choice.plan.name == result.plan.name == faster
+    assert json.loads((result.run_dir / "run.json").read_text())["precision"] == faster
+    assert load_checkpoint(result.run_dir / "last.pt")["precision"] == faster  # kept on resume
+    # The timing steps leave no trace: the same run with that precision chosen by hand.
+    by_hand = train(tiny_config(tiny_dataset, tmp_path / "by-hand", epochs=1,
+                                precision=Precision(faster), device=Device.cpu))
+    assert [row.train_loss for row in by_hand.history] == [row.train_loss for row in result.history]
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_is_checked():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ class DatasetMetadata:
     std: list[float]
     train_path: Path
     test_path: Path
+    source: dict = field(default_factory=dict)  # what was converted: path, kind, sha256
 
 
 def read_metadata(data_dir: Path) -> DatasetMetadata:
@@ -60,7 +61,7 @@ def read_metadata(data_dir: Path) -> DatasetMetadata:
         _check_beton_fields(path, counts[split])
         paths[split] = path
     return DatasetMetadata(names, counts["train"], counts["test"], mean, std,
-                           paths["train"], paths["test"])
+                           paths["train"], paths["test"], metadata.get("source") or {})
 
 
 def _check_beton_fields(path: Path, expected_count: int) -> None:

@@ -1,0 +1,200 @@
+"""Run state and weights files: resumable checkpoints (torch, loaded with weights_only) and
+weights files (safetensors with a JSON metadata header). A file a user hands in is never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcifar.atomic import atomic_path
+from fastcifar.errors import FastCifarError
+
+# ---------------------------------------------------------------- resumable checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save through a temporary file, fsync and rename.
+
+    `state` must hold only tensors and plain values (dict, list, tuple, str, number, bool,
+    None), so that `load_checkpoint` can read it back with `weights_only=True`.
+    """
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `save_checkpoint`, read with torch's weights-only unpickler.
+
+    That unpickler builds only tensors and plain values and refuses any other object, so a
+    crafted file (a `__reduce__` payload) cannot run code: it gets a one-line error instead, as
+    do damaged files and checkpoints from before RNG states were stored as plain values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FastCifarError(f"checkpoint not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the load is refused or fine.
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors of a file not ours
+        raise FastCifarError(
+            f"cannot resume from {path}: not a checkpoint that loads as tensors and plain values "
+            f"(damaged, written by an older fastcifar, or not a checkpoint: "
+            f"{_unpickler_reason(error)}); nothing in it was run") from None
+    if not isinstance(state, dict):
+        raise FastCifarError(f"{path} is not a fastcifar checkpoint (it holds a "
+                             f"{type(state).__name__}, not a dict)")
+    return state
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """What torch.load's weights-only unpickler refused, without torch's advice around it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if not reason and index + 1 < len(lines):
+                reason = lines[index + 1]
+            return reason.split(". ")[0].rstrip(".")
+        if line.startswith("Trying to load unsupported"):
+            return line.rstrip(".")
+    return _first_line(error)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors and plain values (weights-only loadable)."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back the RNG states `rng_state` returned."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32),
+                         numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+
+
+# ---------------------------------------------------------------- weights files
+
+METADATA_KEY = "fastcifar"  # the safetensors header key holding the metadata as one JSON string
+WEIGHTS_FORMAT_VERSION = 1
+TTA_MODES = ("none", "flip", "multicrop")  # flip: image + mirror; multicrop: also 1-px shifts
+# What a reader needs to use the weights; everything else in the metadata is for people
+# (recipe, accuracy, epochs, data variant, commit, config, versions, hardware).
+REQUIRED_METADATA = ("class_names", "mean", "std", "logit_scale", "tta")
+
+
+def save_weights_file(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict,
+                      dtype: torch.dtype | None = None) -> None:
+    """Write a model's state dict as a safetensors file with `metadata` in its header, atomically.
+
+    The metadata is stored as one JSON string under the header key "fastcifar" and must hold
+    REQUIRED_METADATA (mean/std on the 0-255 scale, `tta` one of TTA_MODES). `dtype` (e.g.
+    torch.float16 for the shipped file) casts the floating-point tensors; integer buffers such as
+    BatchNorm's `num_batches_tracked` stay integers.
+    """
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise FastCifarError(f"cannot write weights file {path}: metadata {problem}")
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.contiguous()
+    header = json.dumps({"format_version": WEIGHTS_FORMAT_VERSION, **metadata}, default=str,
+                        allow_nan=False)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: header})
+
+
+def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(float32 state dict, metadata) of a file `save_weights_file` wrote.
+
+    Anything else (a pickle or zip checkpoint, a truncated or damaged file, a safetensors file
+    without fastcifar's metadata) gets a one-line error naming the file. safetensors reads a
+    JSON header and raw tensor bytes only, so nothing in the file is ever executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FastCifarError(f"weights file not found: {path}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors' errors for files not its own
+        raise _not_weights(path, f"not a safetensors file: {_first_line(error)}") from None
+    if METADATA_KEY not in header:
+        raise _not_weights(path, "a safetensors file without fastcifar's metadata")
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except ValueError:
+        raise _not_weights(path, "its metadata is not valid JSON") from None
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise _not_weights(path, f"metadata {problem}")
+    if metadata.get("format_version") != WEIGHTS_FORMAT_VERSION:
+        raise _not_weights(path, f"format {metadata.get('format_version')}, this fastcifar reads "
+                                 f"{WEIGHTS_FORMAT_VERSION}")
+    return {name: tensor.float() if tensor.is_floating_point() else tensor
+            for name, tensor in tensors.items()}, metadata
+
+
+def _metadata_problem(metadata: object) -> str | None:
+    """What is wrong with weights metadata, or None: the keys and types a reader relies on."""
+    if not isinstance(metadata, dict):
+        return "is not a JSON object"
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    names = metadata["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        return "class_names is not a list of names"
+    for key in ("mean", "std"):
+        values = metadata[key]
+        if not (isinstance(values, list) and len(values) == 3
+                and all(_is_finite_number(v) for v in values)):
+            return f"{key} is not 3 numbers (one per channel)"
+    if not all(v > 0 for v in metadata["std"]):
+        return "std is not positive"
+    if not (_is_finite_number(metadata["logit_scale"]) and metadata["logit_scale"] > 0):
+        return "logit_scale is not a positive number"
+    if metadata["tta"] not in TTA_MODES:
+        return f"tta is {metadata['tta']!r}, not one of {', '.join(TTA_MODES)}"
+    return None
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _not_weights(path: Path, reason: str) -> FastCifarError:
+    return FastCifarError(f"{path} is not a fastcifar weights file ({reason}); pass a "
+                          ".safetensors file written by `fastcifar train`")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

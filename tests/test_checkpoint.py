@@ -1,0 +1,196 @@
+"""Weights files and resume checkpoints: exact round trips, one-line refusals, nothing executed."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from fastcifar.checkpoint import (
+    load_checkpoint,
+    read_weights_file,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    save_weights_file,
+)
+from fastcifar.cli import app
+from fastcifar.errors import FastCifarError
+from fastcifar.model import CustResNet
+
+METADATA = {"class_names": ["apple", "berry", "cherry"], "mean": [125.3, 123.0, 113.9],
+            "std": [63.0, 62.1, 66.7], "logit_scale": 0.125, "tta": "flip", "recipe": "fast",
+            "accuracy": 0.9137, "epochs": 24, "data_variant": "tiny", "git_commit": "abc1234"}
+
+
+def trained_looking_model() -> CustResNet:
+    """A CustResNet whose BN buffers are not at their defaults (as after training)."""
+    torch.manual_seed(0)
+    model = CustResNet(num_classes=3)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    return model
+
+
+def test_weights_file_round_trips_tensors_and_metadata_exactly(tmp_path):
+    model = trained_looking_model()
+    path = tmp_path / "run-best.safetensors"
+    save_weights_file(path, model.state_dict(), METADATA)
+    state, metadata = read_weights_file(path)
+    assert state.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    assert state["prep.layers.1.num_batches_tracked"].dtype == torch.int64
+    assert {key: metadata[key] for key in METADATA} == METADATA
+    with safe_open(str(path), framework="pt") as handle:  # one JSON string under "fastcifar"
+        assert json.loads(handle.metadata()["fastcifar"])["recipe"] == "fast"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_fp16_weights_file_is_half_the_size_and_reads_back_as_float32(tmp_path):
+    model = trained_looking_model()
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_weights_file(full, model.state_dict(), METADATA)
+    save_weights_file(half, model.state_dict(), METADATA, dtype=torch.float16)
+    with safe_open(str(half), framework="pt") as handle:
+        assert handle.get_tensor("fc.weight").dtype == torch.float16
+        assert handle.get_tensor("layer1.conv.layers.2.num_batches_tracked").dtype == torch.int64
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    state, _ = read_weights_file(half)
+    assert state["fc.weight"].dtype == torch.float32
+    torch.testing.assert_close(state["fc.weight"], model.state_dict()["fc.weight"],
+                               rtol=1e-3, atol=1e-4)
+    reloaded = CustResNet(num_classes=3)
+    reloaded.load_state_dict(state)  # every key and shape fits
+
+
+def test_weights_file_without_required_metadata_is_not_written(tmp_path):
+    path = tmp_path / "w.safetensors"
+    for key in ("class_names", "mean", "std", "logit_scale", "tta"):
+        incomplete = {name: value for name, value in METADATA.items() if name != key}
+        with pytest.raises(FastCifarError, match=f"lacks {key}"):
+            save_weights_file(path, CustResNet(num_classes=3).state_dict(), incomplete)
+    with pytest.raises(FastCifarError, match="tta is 'sometimes'"):
+        save_weights_file(path, {}, {**METADATA, "tta": "sometimes"})
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def _assert_one_line_refusal(path, pattern: str) -> None:
+    with pytest.raises(FastCifarError, match=pattern) as refused:
+        read_weights_file(path)
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message
+    assert "not a fastcifar weights file" in message
+
+
+def test_files_that_are_not_weights_files_are_refused_in_one_line(tmp_path):
+    state = CustResNet(num_classes=3).state_dict()
+    pickled = tmp_path / "model.pt"
+    torch.save({"model": state, **METADATA}, pickled)  # zip + pickle
+    _assert_one_line_refusal(pickled, "not a safetensors file")
+    raw_pickle = tmp_path / "raw.pkl"
+    raw_pickle.write_bytes(pickle.dumps({"model": 1}))
+    _assert_one_line_refusal(raw_pickle, "not a safetensors file")
+    good = tmp_path / "good.safetensors"
+    save_weights_file(good, state, METADATA)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    _assert_one_line_refusal(truncated, "not a safetensors file")
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    _assert_one_line_refusal(empty, "not a safetensors file")
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
+    _assert_one_line_refusal(foreign, "without fastcifar's metadata")
+    for key in ("mean", "tta"):
+        lacking = tmp_path / f"lacking-{key}.safetensors"
+        save_file({"weight": torch.zeros(2)}, str(lacking), metadata={"fastcifar": json.dumps(
+            {name: value for name, value in METADATA.items() if name != key})})
+        _assert_one_line_refusal(lacking, f"lacks {key}")
+    not_json = tmp_path / "not-json.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(not_json), metadata={"fastcifar": "{oops"})
+    _assert_one_line_refusal(not_json, "not valid JSON")
+    with pytest.raises(FastCifarError, match="weights file not found"):
+        read_weights_file(tmp_path / "missing.safetensors")
+
+
+def test_a_header_claiming_a_huge_length_is_refused(tmp_path):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    _assert_one_line_refusal(bogus, "not a safetensors file")
+
+
+def test_checkpoint_round_trips_with_weights_only_and_restores_rng_states(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = {"model": trained_looking_model().state_dict(), "rng": rng_state(),
+             "history": [{"epoch": 1, "test_accuracy": 0.5}], "config": {"recipe": "fast"}}
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng_state(loaded["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert loaded["history"] == state["history"]
+    assert torch.equal(loaded["model"]["fc.weight"], state["model"]["fc.weight"])
+
+
+def test_old_format_checkpoint_with_numpy_rng_state_is_refused_in_one_line(tmp_path):
+    old = tmp_path / "last.pt"
+    torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, old)
+    with pytest.raises(FastCifarError, match="cannot resume from .*older fastcifar") as refused:
+        load_checkpoint(old)
+    assert "\n" not in str(refused.value)
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): the file appears if anything unpickles it."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_code_running_pickle_is_refused_by_evaluate_predict_and_resume(tiny_dataset, tmp_path):
+    marker = tmp_path / "payload-ran"
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    zipped = tmp_path / "evil.pt"
+    torch.save({"model": _Payload(marker)}, zipped)
+    proof = tmp_path / "proof"  # the payload is live: plain pickle runs it
+    pickle.loads(pickle.dumps(_Payload(proof)))
+    assert proof.exists()
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+
+    runner = CliRunner()
+    for evil in (raw, zipped):
+        commands = {
+            "evaluate": ["evaluate", str(evil), "--data", str(tiny_dataset), "--device", "cpu"],
+            "predict": ["predict", str(image), "--weights", str(evil), "--device", "cpu"],
+            "resume": ["train", "--resume", str(evil), "--data", str(tiny_dataset), "--out",
+                       str(tmp_path / "runs"), "--weights", str(tmp_path / "weights")],
+        }
+        for name, arguments in commands.items():
+            result = runner.invoke(app, arguments)
+            assert result.exit_code == 1, (name, result.output)
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert len(lines) == 1 and lines[0].startswith("error:"), (name, result.output)
+            assert evil.name in lines[0] and "Traceback" not in result.output
+            assert not marker.exists(), f"{name} ran the payload of {evil.name}"
