@@ -46,3 +46,33 @@ def test_device_step_copies_to_cuda_channels_last():
 def test_compiled_cuda_training_runs(tiny_dataset, tmp_path):
     result = train(gpu_config(tiny_dataset, tmp_path, epochs=1, compile=True))
     assert result.history[0].train_loss > 0 and result.warmup_seconds > 0
+
+
+def test_device_step_matches_a_cpu_reference_from_a_pinned_buffer():
+    # The real CIFAR-10 mean/std and a pinned source, as FFCV hands batches over on CUDA.
+    mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
+    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8).pin_memory()
+    expected = (images.float() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1)
+    step = DeviceStep(mean, std, torch.device("cuda"), True)
+    result, _ = step(images, torch.zeros(512, dtype=torch.long).pin_memory())
+    images.zero_()  # what the loader thread does to the buffer next: the copy must be done
+    torch.testing.assert_close(result.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_two_evaluations_through_the_real_test_loader_give_identical_logits(tiny_dataset):
+    from fastcifar.data.loaders import build_loaders
+    from fastcifar.model import CustResNet
+
+    # Batches of 8: several batches ahead in FFCV's pinned, reused buffers.
+    loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=8, workers=4), None, 0)
+    step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, torch.device("cuda"), True)
+    model = CustResNet(num_classes=3).cuda().to(memory_format=torch.channels_last).eval()
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(step(images, labels)[0]) for images, labels in loaders.test])
+
+    first, second = logits(), logits()
+    assert first.shape[0] == loaders.test_count
+    assert torch.equal(first, second)

@@ -27,17 +27,21 @@ class ClonedBatches:
     def __iter__(self):
         for images, labels in self.loader:
             yield images.clone(), labels.clone()
-            if self.sync:
+            if self.sync and torch.cuda.is_available():
                 torch.cuda.synchronize()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path("datasets"))
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument("--test-subset", type=int, default=None)
     arguments = parser.parse_args()
     config = recipe("fast", epochs=arguments.epochs, seed=2, make_plots=False,
-                    loader=LoaderConfig(data_dir=arguments.data),
+                    loader=LoaderConfig(data_dir=arguments.data,
+                                        train_subset=arguments.train_subset,
+                                        test_subset=arguments.test_subset),
                     out_dir=Path("/tmp/repeat-runs"), weights_dir=Path("/tmp/repeat-weights"))
     loaders = build_loaders(config.loader, config.augment, config.seed)
     result = train(config, loaders=loaders)
@@ -45,6 +49,7 @@ def main() -> None:
     plan = plan_precision(config.precision, device)
     step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device, True)
     print("history final", result.history[-1].test_accuracy)
+    repeatable = True
     for tta in (False, True):
         plain = [evaluate(result.final_model, loaders.test, step, plan, tta)[1] for _ in range(4)]
         cloned = [evaluate(result.final_model, ClonedBatches(loaders.test, False), step, plan,
@@ -52,7 +57,10 @@ def main() -> None:
         synced = [evaluate(result.final_model, ClonedBatches(loaders.test, True), step, plan,
                            tta)[1] for _ in range(2)]
         print(f"tta={tta} plain={plain} cloned={cloned} cloned+sync={synced}", flush=True)
+        repeatable &= len(set(plain + cloned + synced)) == 1
+    print("repeatable" if repeatable else "NOT repeatable: evaluations of one model differ")
+    return 0 if repeatable else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, on a fresh GPU machine without internet, from the repo root with
+# .device carried (bash benchmarks/gpu/prepare_device.sh makes it here):
+#   set-up -> pytest -m gpu + repeatability -> throughput decomposition -> ablation sweep on
+#   held-out images -> time-to-accuracy (the sweep's choice of express: 6-epoch budget and 24
+#   epochs, 3 seeds; seed recipe, 1 run) -> fp16 weights of a 24-epoch run (benchmarks/ship_weights.py).
+# Results go to benchmarks/results/gpu/DATE/ and, packed, to $OUT. Each phase is skipped when
+# too little of BUDGET_SECONDS (default 560) is left for it, so the call ends inside its limit.
+# Rehearse here with DRY_RUN=1 (the converted ./datasets, small subsets, the CPU):
+#   DRY_RUN=1 bash benchmarks/gpu/check.sh
+set -uo pipefail
+started=$(date +%s)
+budget=${BUDGET_SECONDS:-560}
+elapsed() { echo $(( $(date +%s) - started )); }
+left() { echo $(( budget - $(elapsed) )); }
+phase() { echo "== $1 at $(elapsed) s ($(left) s left)"; }
+fits() {  # fits SECONDS NAME: run the phase only when SECONDS are left
+  if [ "$(left)" -lt "$1" ]; then echo "== skipped $2: $(left) s left, needs $1"; return 1; fi
+}
+
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  python=.venv/bin/python
+  data=datasets
+  small=(--train-subset 2560 --test-subset 512)
+  decomposition_subset=(--train-subset 2560)
+  sweep_small=(--train-subset 3072 --holdout 512 --seeds 0 --only fast "+ knobs = express" "express + muon")
+  epochs_short=2; epochs_long=3; runs=1; decomposition_epochs=1; eval_every=2
+  OUT=${OUT:-/tmp/check-out}
+  mkdir -p "$OUT"
+else
+  phase "set-up"
+  source benchmarks/gpu/device_setup.sh || exit 1
+  set +e
+  python=python3
+  data=/tmp/datasets
+  small=()
+  decomposition_subset=()
+  sweep_small=(--holdout 5000 --seeds 0 1)
+  epochs_short=6; epochs_long=24; runs=3; decomposition_epochs=2; eval_every=20
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+fi
+export PYTHONUNBUFFERED=1
+results=benchmarks/results/gpu/$(date -u +%Y-%m-%d)
+[ "${DRY_RUN:-0}" = 1 ] && results=/tmp/check-results
+mkdir -p "$results"
+fastcifar() { $python -m fastcifar "$@"; }
+
+phase "gpu tests"
+$python -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$results/pytest-gpu.log" | tail -5
+
+phase "repeatability"
+fits 420 repeatability && $python benchmarks/gpu/eval_repeatability.py --data $data --epochs 2 \
+  "${small[@]}" 2>&1 | tee "$results/eval-repeatability.log" | tail -4
+
+phase "throughput decomposition"
+fits 400 decomposition && $python benchmarks/throughput_decomposition.py --data $data \
+  --epochs $decomposition_epochs "${decomposition_subset[@]}" \
+  --json "$results/throughput-decomposition.json" 2>&1 | tail -5
+
+phase "ablation sweep (held-out images)"
+# Leave ~230 s for the time-to-accuracy runs and the export.
+sweep_seconds=$(( $(left) - 230 ))
+fits 250 sweep && $python benchmarks/recipe_sweep.py --data $data --epochs $epochs_short \
+  "${sweep_small[@]}" --seconds $sweep_seconds --json "$results/sweep-${epochs_short}ep.json" \
+  2>&1 | tee "$results/sweep-${epochs_short}ep.log" | grep -v "^\s*$" | tail -30
+choice=()
+if grep -q '"best": "express + muon"' "$results/sweep-${epochs_short}ep.json" 2>/dev/null; then
+  choice=(--muon-lr 0.24)
+fi
+echo "chosen on held-out images: express ${choice[*]}"
+
+pack() { tar -czf "$OUT/results.tar.gz" "$results" /tmp/tta-runs/*/metrics.json 2>/dev/null; }
+pack
+
+phase "time to accuracy: express, ${epochs_short}-epoch budget"
+short_started=$(date +%s)
+fits 60 tta-short && timeout $(( $(left) - 10 )) $python -m fastcifar benchmark time-to-accuracy \
+  --recipe express "${choice[@]}" --epochs $epochs_short --runs $runs --target 0.90 --target 0.93 \
+  --eval-every-steps $eval_every --eval-steps-epochs 2 --data $data "${small[@]}" \
+  --out /tmp/tta-runs --json "$results/time-to-accuracy-express-${epochs_short}ep.json" 2>&1 \
+  | grep -v "^\s*$" | tail -4
+# Seconds per epoch (training, evaluations, set-up) measured just now: size what follows.
+per_epoch=$(( ($(date +%s) - short_started) / (epochs_short * runs) + 1 ))
+runs_long=$(( ($(left) - 40) / (epochs_long * per_epoch) ))
+[ $runs_long -gt $runs ] && runs_long=$runs
+echo "about $per_epoch s per epoch: $runs_long run(s) of $epochs_long epochs fit"
+pack
+
+phase "time to accuracy: express, ${epochs_long} epochs"
+[ $runs_long -ge 1 ] && timeout $(( $(left) - 10 )) $python -m fastcifar benchmark \
+  time-to-accuracy --recipe express "${choice[@]}" --epochs $epochs_long --runs $runs_long \
+  --target 0.90 --target 0.925 --target 0.93 --target 0.94 --data $data "${small[@]}" \
+  --out /tmp/tta-runs --json "$results/time-to-accuracy-express-${epochs_long}ep.json" 2>&1 \
+  | grep -v "^\s*$" | tail -4
+
+phase "export weights"
+long_run=$($python -c "import json,sys; print(json.load(open(sys.argv[1]))['runs'][0]['run_dir'])" \
+  "$results/time-to-accuracy-express-${epochs_long}ep.json" 2>/dev/null)
+[ -n "$long_run" ] && $python benchmarks/ship_weights.py \
+  "weights/$(basename "$long_run")-final.safetensors" "$OUT/custresnet-cifar10.safetensors"
+pack
+
+phase "time to accuracy: seed, ${epochs_long} epochs"
+[ "$(left)" -gt $(( epochs_long * per_epoch + 20 )) ] && timeout $(( $(left) - 10 )) \
+  $python -m fastcifar benchmark time-to-accuracy --recipe seed --epochs $epochs_long --runs 1 \
+  --target 0.90 --data $data "${small[@]}" --out /tmp/tta-runs \
+  --json "$results/time-to-accuracy-seed-${epochs_long}ep.json" 2>&1 | grep -v "^\s*$" | tail -3
+
+phase "pack"
+pack
+ls -la "$OUT"
+echo "done in $(elapsed) s"
