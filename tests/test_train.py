@@ -140,6 +140,8 @@ def test_resumed_run_matches_uninterrupted_run(tiny_dataset, tmp_path):
     expected = [{k: v for k, v in dataclasses.asdict(r).items() if k not in strip}
                 for r in full.history]
     assert rows == expected  # bit-identical on the CPU
+    # the LR of every step, both sittings', so the resumed run's LR plot is whole
+    assert resumed.lr_per_step == full.lr_per_step and len(full.lr_per_step) == 15
 
 
 class _StopAfterEpoch(TrainCallbacks):
@@ -173,6 +175,7 @@ def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tiny_dataset, t
                                 resume=interrupted.value.checkpoint))
     assert [r.test_accuracy for r in resumed.history] == [r.test_accuracy for r in full.history]
     assert [r.train_loss for r in resumed.history] == [r.train_loss for r in full.history]
+    assert resumed.lr_per_step == full.lr_per_step  # the steps before the interrupt included
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_dataset, tmp_path):
