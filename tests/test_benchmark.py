@@ -446,6 +446,7 @@ def test_time_to_accuracy_resume_is_for_one_run(tmp_path):
     (["--max-lr", "auto", "--resume", "runs/x/last.pt"], "--max-lr auto with --resume"),
     (["--eval-every-steps", "-1"], "eval-every-steps must be >= 0"),
     (["--eval-steps-epochs", "0"], "eval-steps-epochs must be >= 1"),
+    (["--pct-start", "0.6"], "pct_start must be in (0, 0.5], got 0.6"),
 ])
 def test_train_options_reject_bad_values(tmp_path, arguments, message):
     from fastcifar.cli import app
