@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fastcifar.config import (
     NO_AUGMENT,
+    AugmentConfig,
     ConvertConfig,
     Device,
     LoaderConfig,
@@ -166,12 +167,16 @@ def build_train_config(
                    "test-time augmentation (default: the recipe's).",
                    rich_help_panel=OPTIMISATION)] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
-                       "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
+                       "augmentation on/off (--no-augment takes no other augmentation "
+                       "option).", rich_help_panel=AUGMENTATION)] = True,
     cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
                       rich_help_panel=AUGMENTATION)] = None,
     jitter: Annotated[float | None, typer.Option(help="Brightness/contrast/saturation "
-                      "jitter magnitude.", rich_help_panel=AUGMENTATION)] = None,
-    hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn).",
+                      "jitter magnitude, applied to half the images (either recipe); 0 turns "
+                      "colour jitter off, the recipe's hue jitter too unless --hue is given.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn), applied "
+                   "to half the images with the other colour jitter (either recipe).",
                    rich_help_panel=AUGMENTATION)] = None,
     p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
                       rich_help_panel=AUGMENTATION)] = None,
@@ -211,17 +216,10 @@ def build_train_config(
     }
     if max_lr is not None:
         base = base.with_max_lr(max_lr)
-    augment_changes = {key: value for key, value in {
-        "cutout_size": cutout, "p_gray": p_gray, "hue": hue,
-    }.items() if value is not None}
-    if jitter is not None:
-        augment_changes.update(brightness=jitter, contrast=jitter, saturation=jitter,
-                               p_jitter=base.augment.p_jitter or (1.0 if jitter else 0.0))
-    if hue and not base.augment.p_jitter and "p_jitter" not in augment_changes:
-        augment_changes["p_jitter"] = 1.0
-    augment_config = (dataclasses.replace(base.augment, **augment_changes) if augment
-                      else NO_AUGMENT)
-    loader = LoaderConfig(data_dir=data, batch_size=batch_size or base.loader.batch_size,
+    augment_config = (_augment_with_options(base.augment, cutout, jitter, hue, p_gray)
+                      if augment else _no_augment(cutout, jitter, hue, p_gray))
+    loader = LoaderConfig(data_dir=data,
+                          batch_size=base.loader.batch_size if batch_size is None else batch_size,
                           workers=workers, train_subset=train_subset, test_subset=test_subset,
                           distributed=distributed)
     return dataclasses.replace(
@@ -229,6 +227,37 @@ def build_train_config(
         channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
         local_rank=local_rank, eval_every_steps=eval_every_steps,
         eval_steps_epochs=eval_steps_epochs, **changes)
+
+
+# Per image, once --jitter or --hue turns colour jitter on: the seed recipe's probability,
+# whichever recipe it is added to, so the same options give the same augmentation.
+JITTER_PROBABILITY = 0.5
+
+
+def _augment_with_options(base: AugmentConfig, cutout: int | None, jitter: float | None,
+                          hue: float | None, p_gray: float | None) -> AugmentConfig:
+    """The recipe's augmentation with the augmentation options replacing its settings."""
+    changes: dict[str, object] = {key: value for key, value in {
+        "cutout_size": cutout, "p_gray": p_gray, "hue": hue}.items() if value is not None}
+    if jitter is not None:
+        changes.update(brightness=jitter, contrast=jitter, saturation=jitter)
+        if not jitter and hue is None:  # --jitter 0: no colour jitter at all
+            changes["hue"] = 0.0
+    if jitter is not None or hue is not None:
+        changes["p_jitter"] = JITTER_PROBABILITY
+    return dataclasses.replace(base, **changes)
+
+
+def _no_augment(cutout: int | None, jitter: float | None, hue: float | None,
+                p_gray: float | None) -> AugmentConfig:
+    """NO_AUGMENT, refusing augmentation options it would silently ignore."""
+    given = [f"--{name}" for name, value in (("cutout", cutout), ("jitter", jitter),
+                                             ("hue", hue), ("p-gray", p_gray))
+             if value is not None]
+    if given:
+        raise FastCifarError(f"--no-augment turns all augmentation off: drop it or "
+                             f"{', '.join(given)}")
+    return NO_AUGMENT
 
 
 def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -410,7 +439,7 @@ def lr_find(
     """LR range test on the real train loader: loss per LR, a suggested max LR, plot and history."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from fastcifar.config import AugmentConfig, LrFindConfig
+    from fastcifar.config import LrFindConfig
     from fastcifar.lr_find import lr_find as run_range_test
 
     loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,

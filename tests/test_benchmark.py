@@ -447,6 +447,9 @@ def test_time_to_accuracy_resume_is_for_one_run(tmp_path):
     (["--eval-every-steps", "-1"], "eval-every-steps must be >= 0"),
     (["--eval-steps-epochs", "0"], "eval-steps-epochs must be >= 1"),
     (["--pct-start", "0.6"], "pct_start must be in (0, 0.5], got 0.6"),
+    (["--batch-size", "0"], "batch size must be positive, got 0"),  # not the default 512
+    (["--no-augment", "--cutout", "4", "--hue", "0.1"],
+     "--no-augment turns all augmentation off: drop it or --cutout, --hue"),
 ])
 def test_train_options_reject_bad_values(tmp_path, arguments, message):
     from fastcifar.cli import app

@@ -46,3 +46,51 @@ def test_nonsense_options_exit_non_zero(tiny_dataset, tmp_path):
     batch = runner.invoke(app, ["train", "--batch-size", "4096", "--data", str(tiny_dataset),
                                 "--out", str(tmp_path)])
     assert batch.exit_code == 1 and "batch size 4096" in batch.output
+
+
+def built_train_config(monkeypatch, *arguments: str):
+    """The TrainConfig `fastcifar train ARGUMENTS` hands the library (training is stubbed)."""
+    import fastcifar.train
+    from fastcifar.errors import FastCifarError
+
+    seen = {}
+
+    def stop(config, callbacks=None):
+        seen["config"] = config
+        raise FastCifarError("stopped by the test")
+
+    monkeypatch.setattr(fastcifar.train, "train", stop)
+    result = runner.invoke(app, ["train", *arguments])
+    assert "stopped by the test" in result.output, result.output
+    return seen["config"]
+
+
+def test_jitter_options_give_the_same_augmentation_on_either_recipe(monkeypatch):
+    for recipe_name in ("fast", "seed"):
+        augment = built_train_config(monkeypatch, "--recipe", recipe_name, "--jitter", "0.2",
+                                     "--hue", "0.1").augment
+        assert (augment.p_jitter, augment.brightness, augment.contrast, augment.saturation,
+                augment.hue) == (0.5, 0.2, 0.2, 0.2, 0.1), recipe_name
+        hue_only = built_train_config(monkeypatch, "--recipe", recipe_name, "--hue", "0.1")
+        assert (hue_only.augment.p_jitter, hue_only.augment.hue) == (0.5, 0.1), recipe_name
+
+
+def test_jitter_zero_turns_all_colour_jitter_off_unless_hue_is_given(monkeypatch):
+    seed_default = built_train_config(monkeypatch, "--recipe", "seed").augment
+    assert seed_default.jitter_enabled and seed_default.hue == 0.05
+    off = built_train_config(monkeypatch, "--recipe", "seed", "--jitter", "0").augment
+    assert not off.jitter_enabled and off.hue == 0
+    hue_kept = built_train_config(monkeypatch, "--recipe", "seed", "--jitter", "0",
+                                  "--hue", "0.05").augment
+    assert hue_kept.jitter_enabled and (hue_kept.brightness, hue_kept.hue) == (0, 0.05)
+
+
+def test_jitter_options_say_how_they_apply():
+    import typer.main
+
+    options = {parameter.name: parameter.help
+               for parameter in typer.main.get_command(app).commands["train"].params}
+    assert "half the images (either recipe)" in options["jitter"]
+    assert "hue jitter too unless --hue" in options["jitter"]
+    assert "half the images" in options["hue"]
+    assert "takes no other augmentation option" in options["augment"]
