@@ -20,6 +20,7 @@ from rich.table import Table
 
 from fastcifar.config import (
     NO_AUGMENT,
+    AugmentConfig,
     ConvertConfig,
     Device,
     LoaderConfig,
@@ -203,12 +204,16 @@ def build_train_config(
     min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
                       rich_help_panel=OPTIMISATION)] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
-                       "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
+                       "augmentation on/off (--no-augment takes no other augmentation "
+                       "option).", rich_help_panel=AUGMENTATION)] = True,
     cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
                       rich_help_panel=AUGMENTATION)] = None,
     jitter: Annotated[float | None, typer.Option(help="Brightness/contrast/saturation "
-                      "jitter magnitude.", rich_help_panel=AUGMENTATION)] = None,
-    hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn).",
+                      "jitter magnitude, applied to half the images (either recipe); 0 turns "
+                      "colour jitter off, the recipe's hue jitter too unless --hue is given.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn), applied "
+                   "to half the images with the other colour jitter (either recipe).",
                    rich_help_panel=AUGMENTATION)] = None,
     p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
                       rich_help_panel=AUGMENTATION)] = None,
@@ -263,18 +268,12 @@ def build_train_config(
         base = base.with_max_lr(max_lr)
     if min_lr is not None:
         changes["min_lr"] = min_lr
-    augment_changes = {key: value for key, value in {
-        "cutout_size": cutout, "p_gray": p_gray, "hue": hue, "pad": pad,
-        "flip_alternate": flip_alternate,
-    }.items() if value is not None}
-    if jitter is not None:
-        augment_changes.update(brightness=jitter, contrast=jitter, saturation=jitter,
-                               p_jitter=base.augment.p_jitter or (1.0 if jitter else 0.0))
-    if hue and not base.augment.p_jitter and "p_jitter" not in augment_changes:
-        augment_changes["p_jitter"] = 1.0
-    augment_config = (dataclasses.replace(base.augment, **augment_changes) if augment
-                      else NO_AUGMENT)
-    loader = LoaderConfig(data_dir=data, batch_size=batch_size or base.loader.batch_size,
+    augment_config = (_augment_with_options(base.augment, cutout, jitter, hue, p_gray, pad,
+                                            flip_alternate)
+                      if augment else _no_augment(cutout, jitter, hue, p_gray, pad,
+                                                  flip_alternate))
+    loader = LoaderConfig(data_dir=data,
+                          batch_size=base.loader.batch_size if batch_size is None else batch_size,
                           workers=workers, train_subset=train_subset, test_subset=test_subset,
                           distributed=distributed, holdout=holdout)
     return dataclasses.replace(
@@ -282,6 +281,41 @@ def build_train_config(
         channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
         local_rank=local_rank, eval_every_steps=eval_every_steps,
         eval_steps_epochs=eval_steps_epochs, **changes)
+
+
+# Per image, once --jitter or --hue turns colour jitter on: the seed recipe's probability,
+# whichever recipe it is added to, so the same options give the same augmentation.
+JITTER_PROBABILITY = 0.5
+
+
+def _augment_with_options(base: AugmentConfig, cutout: int | None, jitter: float | None,
+                          hue: float | None, p_gray: float | None, pad: int | None = None,
+                          flip_alternate: bool | None = None) -> AugmentConfig:
+    """The recipe's augmentation with the augmentation options replacing its settings."""
+    changes: dict[str, object] = {key: value for key, value in {
+        "cutout_size": cutout, "p_gray": p_gray, "hue": hue, "pad": pad,
+        "flip_alternate": flip_alternate}.items() if value is not None}
+    if jitter is not None:
+        changes.update(brightness=jitter, contrast=jitter, saturation=jitter)
+        if not jitter and hue is None:  # --jitter 0: no colour jitter at all
+            changes["hue"] = 0.0
+    if jitter is not None or hue is not None:
+        changes["p_jitter"] = JITTER_PROBABILITY
+    return dataclasses.replace(base, **changes)
+
+
+def _no_augment(cutout: int | None, jitter: float | None, hue: float | None,
+                p_gray: float | None, pad: int | None = None,
+                flip_alternate: bool | None = None) -> AugmentConfig:
+    """NO_AUGMENT, refusing augmentation options it would silently ignore."""
+    given = [f"--{name}" for name, value in (("cutout", cutout), ("jitter", jitter),
+                                             ("hue", hue), ("p-gray", p_gray), ("pad", pad),
+                                             ("flip-alternate", flip_alternate))
+             if value is not None]
+    if given:
+        raise FastCifarError(f"--no-augment turns all augmentation off: drop it or "
+                             f"{', '.join(given)}")
+    return NO_AUGMENT
 
 
 def with_train_options(command: Callable[..., None]) -> Callable[..., None]:

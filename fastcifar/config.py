@@ -34,6 +34,10 @@ class PadMode(StrEnum):
     reflect = "reflect"
 
 
+# Holes per image: the kernel's parameter table has one (top, left) column pair per hole.
+MAX_CUTOUTS = 8
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise FastCifarError(message)
@@ -76,7 +80,8 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         _require(0 <= self.pad <= 16, f"pad must be in 0..16, got {self.pad}")
         _require(0 <= self.cutout_size <= 32, f"cutout size must be in 0..32, got {self.cutout_size}")
-        _require(0 <= self.cutout_count <= 8, f"cutout count must be in 0..8, got {self.cutout_count}")
+        _require(0 <= self.cutout_count <= MAX_CUTOUTS,
+                 f"cutout count must be in 0..{MAX_CUTOUTS}, got {self.cutout_count}")
         for name in ("p_jitter", "p_gray"):
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, f"{name} must be a probability, got {value}")
@@ -125,10 +130,10 @@ class TrainConfig:
     recipe: str = "custom"
     epochs: int = 24
     optimizer: OptimizerName = OptimizerName.sgd
-    max_lr: float = 0.4  # peak LR for a batch of 512 (see `effective_max_lr`)
+    max_lr: float = 0.4  # peak LR of the schedule, as given: not rescaled for other batch sizes
     min_lr: float = 1e-6  # LR at the end of the schedule (> 0)
     initial_lr_fraction: float = 0.1  # the schedule starts at max_lr * this
-    pct_start: float = 5 / 24  # fraction of steps spent warming up to the peak
+    pct_start: float = 5 / 24  # fraction of steps spent warming up to the peak (at most 0.5)
     momentum: float = 0.9
     nesterov: bool = True
     cycle_momentum: bool = False  # OneCycle also cycles momentum / Adam's beta1 (0.85-0.95)
@@ -179,7 +184,8 @@ class TrainConfig:
         _require(self.max_lr > 0, f"max LR must be positive, got {self.max_lr}")
         _require(0 < self.min_lr <= self.max_lr, "min LR must be in (0, max LR]")
         _require(0 < self.initial_lr_fraction <= 1, "initial LR fraction must be in (0, 1]")
-        _require(0 < self.pct_start < 1, f"pct_start must be in (0, 1), got {self.pct_start}")
+        # OneCycle warms up for at most half the run (make_scheduler): refuse more, never clamp.
+        _require(0 < self.pct_start <= 0.5, f"pct_start must be in (0, 0.5], got {self.pct_start}")
         _require(self.weight_decay >= 0, "weight decay must be >= 0")
         _require(0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)")
         _require(0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)")

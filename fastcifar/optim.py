@@ -100,7 +100,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
         raise FastCifarError(f"only {total_steps} training steps: OneCycle needs at least 4 "
                              "(more epochs, more data or a smaller --batch-size)")
     # torch needs at least two warm-up steps; only tiny smoke runs ever hit this floor.
-    pct_start = min(max(config.pct_start, 2.0 / total_steps), 0.5)
+    pct_start = max(config.pct_start, 2.0 / total_steps)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=[peak * group.get("lr_scale", 1.0) for group in optimizer.param_groups],

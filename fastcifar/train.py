@@ -472,9 +472,10 @@ def evaluate(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionP
 
 def _checkpoint_state(model, optimizers: Optimizers, scaler, ema, lookahead, epoch, steps,
                       history, evaluations, record, best_accuracy, warmup_seconds: float,
-                      partial: dict | None = None) -> dict:
+                      lr_per_step: list[float], partial: dict | None = None) -> dict:
     return {
         "partial": partial,  # progress inside an interrupted epoch
+        "lr_per_step": list(lr_per_step),  # of every sitting: a resumed run plots them all
         "warmup_seconds": warmup_seconds,  # of every sitting so far
         "evaluations": [asdict(evaluation) for evaluation in evaluations],
         "model": model.state_dict(),
@@ -756,7 +757,9 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         # (a hard crash loses that checkpoint's update): never replace them with worse ones.
         best_accuracy = max(best_accuracy,
                             read_weights_file(best_weights)[1].get("accuracy", -1.0))
-    lr_per_step: list[float] = []
+    # The LR of each step trained so far, earlier sittings included (older checkpoints lack it).
+    lr_per_step: list[float] = list(resume_state.get("lr_per_step", [])
+                                    if resume_state is not None else [])
     reached = False
     last_checkpoint = run_dir / "last.pt"
 
@@ -870,7 +873,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 if distributed.is_main:
                     save_checkpoint(last_checkpoint, _checkpoint_state(
                         model, optimizers, scaler, ema, lookahead, epoch, steps, history,
-                        evaluations, record, best_accuracy, warmup_seconds, partial={
+                        evaluations, record, best_accuracy, warmup_seconds, lr_per_step,
+                        partial={
                             "step": step_in_epoch, "loss_sum": loss_sum.item(),
                             "correct": int(correct.item()), "seen": seen,
                             "train_seconds": seconds_before + time.perf_counter() - epoch_started,
@@ -907,7 +911,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             if distributed.is_main:
                 save_checkpoint(last_checkpoint, _checkpoint_state(
                     model, optimizers, scaler, ema, lookahead, epoch + 1, steps, history,
-                    evaluations, record, best_accuracy, warmup_seconds))
+                    evaluations, record, best_accuracy, warmup_seconds, lr_per_step))
             if distributed.is_main:
                 write_json(run_dir / "metrics.json",
                            {"epochs": [asdict(row) for row in history],

@@ -101,3 +101,20 @@ def check_png():
             return image.size
 
     return check
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """The matplotlib figures `fastcifar.plots` saves during a test, in order, still readable:
+    tests check what a figure shows (its data, marks, scales), not only that a PNG exists."""
+    import fastcifar.plots
+
+    figures = []
+    real_save = fastcifar.plots._save
+
+    def save(figure, path: Path) -> Path:
+        figures.append(figure)
+        return real_save(figure, path)
+
+    monkeypatch.setattr(fastcifar.plots, "_save", save)
+    return figures

@@ -387,3 +387,74 @@ def _beton_records(data_dir) -> tuple[np.ndarray, np.ndarray]:
     images, labels = images.reshape(-1, 32, 32, 3), labels.reshape(-1)
     assert len({image.tobytes() for image in images}) == len(images)  # records are distinct
     return images, labels
+
+
+# ---------------------------------------------------------------- rates and colour ops, measured
+
+
+def test_jitter_gray_and_cutout_rates_measured_on_the_outputs():
+    config = AugmentConfig(pad=0, flip=False, cutout_size=8, cutout_count=1, p_jitter=0.3,
+                           brightness=0.4, p_gray=0.2)
+    images = np.clip(smooth_images(MANY, seed=13), 1, 255)  # never the (0, 0, 0) fill
+    out = augment_batch(images, np.arange(MANY), config, 7, np.zeros(3, np.uint8))
+    hole = (out == 0).all(axis=3)
+    assert hole.any(axis=(1, 2)).all()  # cutout: every image gets its hole
+    kept = ~hole[..., None].repeat(3, axis=3)
+    equal_channels = ((out[..., 0] == out[..., 1]) & (out[..., 1] == out[..., 2])) | hole
+    gray = equal_channels.all(axis=(1, 2))
+    assert abs(gray.mean() - 0.2) < 0.025
+    # jittered: further than rounding from the image (or its grey version) outside the hole
+    grey_source = np.floor(reference_grey(images.astype(np.float64)) + 0.5)
+    unjittered = np.where(gray[:, None, None, None], grey_source[..., None], images)
+    distance = np.where(kept, np.abs(out.astype(np.int16) - unjittered), 0).max(axis=(1, 2, 3))
+    assert abs((distance >= 2).mean() - 0.3) < 0.03
+
+
+def test_same_image_is_augmented_differently_each_epoch_through_the_loader(tiny_dataset):
+    from fastcifar.data.loaders import build_loaders
+
+    config = LoaderConfig(data_dir=tiny_dataset, batch_size=24, workers=2)
+    augment = dataclasses.replace(FULL, flip=False)  # crop, cutout, jitter and gray
+    augmented_loader = build_loaders(config, augment, seed=3).train
+    plain_loader = build_loaders(config, None, seed=3).train  # shows each epoch's order
+    records, _ = _beton_records(tiny_dataset)
+    lookup = {record.tobytes(): index for index, record in enumerate(records)}
+    by_epoch = []
+    for _ in range(2):
+        augmented, _ = _epoch(augmented_loader)
+        plain, _ = _epoch(plain_loader)
+        indices = [lookup[image.tobytes()] for image in plain.reshape(-1, 32, 32, 3)]
+        by_epoch.append(dict(zip(indices, augmented.reshape(-1, 32, 32, 3), strict=True)))
+    first, second = by_epoch
+    assert set(first) == set(second) and len(first) == 120  # the same records, reordered
+    assert all((first[index] != second[index]).any() for index in first)
+
+
+@pytest.mark.parametrize("part, factor", [
+    ("brightness", 0.6), ("brightness", 1.4), ("contrast", 0.6), ("contrast", 1.4),
+    ("saturation", 0.5), ("saturation", 1.5), ("hue", 0.1), ("hue", -0.3), ("grayscale", None)])
+def test_each_colour_op_matches_torchvision_within_one_grey_level(part, factor):
+    import torch
+    from torchvision.transforms.v2 import functional
+
+    images = smooth_images(16, seed=14)
+    geometry = np.zeros((16, 4 + 2 * MAX_CUTOUTS), np.int32)  # no crop offset, flip or hole
+    colour = np.array([[1, 1, 1, 1, 0]] * 16, np.float32)  # jitter on, every factor neutral
+    column = {"brightness": 1, "contrast": 2, "saturation": 3, "hue": 4}.get(part)
+    if column is None:
+        colour[:, 0], geometry[:, 3] = 0, 1  # grayscale alone
+    else:
+        colour[:, column] = factor
+    out = apply_augmentation(images, np.empty_like(images), geometry, colour, 0, False, 0, 0,
+                             FILL)
+    tensors = torch.from_numpy(images).permute(0, 3, 1, 2)
+    expected = {
+        "brightness": lambda: functional.adjust_brightness(tensors, factor),
+        "contrast": lambda: functional.adjust_contrast(tensors, factor),
+        "saturation": lambda: functional.adjust_saturation(tensors, factor),
+        "hue": lambda: functional.adjust_hue(tensors, factor),
+        "grayscale": lambda: functional.rgb_to_grayscale(tensors, num_output_channels=3),
+    }[part]().permute(0, 2, 3, 1).numpy()
+    difference = np.abs(out.astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 1, part
+    assert (out != images).mean() > 0.3  # the op did change the images

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,9 +57,11 @@ def test_benchmark_loader_json_has_the_documented_shape(loader_report):
     assert report["command"] == "test" and report["train_images"] == 120
     assert [row["name"] for row in report["results"]] == PIPELINES
     for row in report["results"]:
-        assert row["images_per_s"] > 0 and row["first_batch_seconds"] > 0
+        # the rate is the timed pass's images over its seconds (the warm-up pass apart)
         assert row["images"] == 5 * 24  # drop_last: whole batches, counted at the consumer
-        assert len(row["pass_images_per_s"]) == 1 and row["pass_images_per_s"][0] > 0
+        assert row["images_per_s"] == pytest.approx(row["images"] / row["seconds"])
+        assert row["pass_images_per_s"] == [pytest.approx(row["images_per_s"])]
+        assert 0 < row["first_batch_seconds"] <= row["warmup_pass_seconds"]
         # all three hand the consumer the same kind of batch: normalised float32 channels-last
         assert row["output"]["dtype"] == "torch.float32" and row["output"]["channels_last"]
         assert row["output"]["shape"] == [24, 3, 32, 32]
@@ -69,12 +72,54 @@ def test_benchmark_loader_json_has_the_documented_shape(loader_report):
         assert row["jit_seconds"] == row["build_seconds"] + row["first_batch_seconds"]
     assert jit["torchvision_dataloader"] is None
     assert set(report["results"][1]["lacks"]) == {"hue", "grayscale"}
-    assert report["ratios"]["fastcifar_vs_ffcv_builtin"] > 0
-    assert report["ratios"]["fastcifar_vs_torchvision_dataloader"] > 0
+    speed = {row["name"]: row["images_per_s"] for row in report["results"]}
+    assert report["ratios"] == {
+        "fastcifar_vs_ffcv_builtin": speed["fastcifar"] / speed["ffcv_builtin"],
+        "fastcifar_vs_torchvision_dataloader": speed["fastcifar"]
+        / speed["torchvision_dataloader"]}
     # progress between passes: warm-up + 1 timed pass per pipeline
     assert {("fastcifar", 2, 2), ("torchvision_dataloader", 0, 2)} <= stages
     table = json_path.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in PIPELINES)
+
+
+class PacedLoader:
+    """A loader of 5 batches of 24 that takes `batch_seconds` per batch, and `first_seconds`
+    more for the very first batch it ever gives (a JIT compile)."""
+
+    def __init__(self, batch_seconds: float, first_seconds: float) -> None:
+        self.batch_seconds, self.first_seconds = batch_seconds, first_seconds
+
+    def __iter__(self):
+        for _ in range(5):
+            time.sleep(self.batch_seconds + self.first_seconds)
+            self.first_seconds = 0.0
+            yield torch.zeros(24, 3, 32, 32), torch.zeros(24, dtype=torch.long)
+
+
+def test_loader_timing_counts_timed_passes_at_their_real_rate():
+    from fastcifar.benchmark import _time_loader_passes
+
+    progress = []
+    row = _time_loader_passes("fastcifar", lambda: PacedLoader(0.1, 1.0),
+                              lambda images, labels: (images, labels), passes=2,
+                              batches_per_pass=5, max_batches=None, compiles=True,
+                              progress=lambda *stage: progress.append(stage))
+    # 24 images per 0.1 s: 240 images/s at most (a busy machine wakes sleepers late); with
+    # the warm-up's slow first batch counted a pass would reach 120 / 1.5 s = 80 images/s
+    assert row["images"] == 2 * 5 * 24
+    assert 120 < row["images_per_s"] <= 240 and len(row["pass_images_per_s"]) == 2
+    assert all(120 < rate <= 240 for rate in row["pass_images_per_s"])
+    assert row["first_batch_seconds"] >= 1.1 and row["warmup_pass_seconds"] >= 1.5
+    assert row["jit_seconds"] == row["build_seconds"] + row["first_batch_seconds"]
+    assert progress == [("fastcifar", 0, 3), ("fastcifar", 1, 3), ("fastcifar", 2, 3),
+                        ("fastcifar", 3, 3)]
+    limited = _time_loader_passes("fastcifar", lambda: PacedLoader(0.01, 0.0),
+                                  lambda images, labels: (images, labels), passes=1,
+                                  batches_per_pass=5, max_batches=2, compiles=False,
+                                  progress=None)
+    assert limited["images"] == 2 * 24 and limited["jit_seconds"] is None
+    assert limited["measured_over"] == "the first 2 batches of each pass"
 
 
 def test_benchmark_loader_cli_builds_the_config(monkeypatch, tmp_path):
@@ -185,7 +230,46 @@ def test_evaluations_inside_the_last_epochs_time_the_target_between_epoch_ends(
     assert (best["accuracy"], best["epochs"], best["steps"]) == (0.95, pytest.approx(2.8), 14)
 
 
-def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path):
+@torch.no_grad()
+def saved_weights_accuracy(checkpoint: Path, data_dir: Path, tta: bool) -> float:
+    """Test accuracy of a checkpoint's weights, computed directly (mirror logits averaged
+    when `tta`), not through the library's evaluation."""
+    from fastcifar.data.loaders import make_loader, read_metadata
+    from fastcifar.data.loaders import test_pipeline as unaugmented_pipeline
+    from fastcifar.evaluate import model_from_weights
+    from fastcifar.train import DeviceStep
+
+    metadata = read_metadata(data_dir)
+    cpu = torch.device("cpu")
+    model = model_from_weights({**load_checkpoint(checkpoint),
+                                "class_names": metadata.class_names}, cpu, True)
+    loader = make_loader(metadata.test_path, unaugmented_pipeline(),
+                         LoaderConfig(data_dir=data_dir, batch_size=60, workers=1),
+                         train=False, subset=None, seed=0)
+    step = DeviceStep(metadata.mean, metadata.std, cpu, True)
+    correct = 0
+    for images, labels in loader:
+        images, labels = step(images, labels)
+        logits = model(images)
+        if tta:
+            logits = (logits + model(torch.flip(images, dims=[3]))) / 2
+        correct += int((logits.argmax(1) == labels).sum())
+    return correct / metadata.test_count
+
+
+def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path,
+                                                                     monkeypatch):
+    import fastcifar.benchmark
+    import fastcifar.train
+
+    final_passes = []  # (tta, batches, accuracy) of the benchmark's own test passes
+
+    def evaluate(model, loader, device_step, plan, tta):
+        loss, accuracy = fastcifar.train.evaluate(model, loader, device_step, plan, tta)
+        final_passes.append((tta, len(loader), accuracy))
+        return loss, accuracy
+
+    monkeypatch.setattr(fastcifar.benchmark, "evaluate", evaluate)
     config = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.6,), stop_at_target=True)
     report = benchmark_time_to_accuracy(config)
     assert json.loads(config.json_path.read_text()) == json.loads(json.dumps(report))
@@ -205,7 +289,14 @@ def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_datas
     assert hit["seconds"] == pytest.approx(hit["train_seconds"] + hit["eval_seconds"])
     assert hit["train_seconds"] == pytest.approx(sum(row["train_seconds"]
                                                      for row in run["per_epoch"]))
-    assert 0 <= run["final_accuracy_no_tta"] <= 1 and 0 <= run["final_accuracy_tta"] <= 1
+    # the final accuracies are those of the run's last weights on the whole test set (3
+    # batches), without and with flip TTA, as scored here on their own
+    checkpoint = Path(run["run_dir"]) / "last.pt"
+    no_tta = saved_weights_accuracy(checkpoint, tiny_dataset, False)
+    tta = saved_weights_accuracy(checkpoint, tiny_dataset, True)
+    assert final_passes == [(False, 3, no_tta), (True, 3, tta)]
+    assert (run["final_accuracy_no_tta"], run["final_accuracy_tta"]) == (no_tta, tta)
+    assert run["final_accuracy_no_tta"] == run["final_accuracy"]  # trained without TTA
     assert report["median"]["6"]["0.6"]["reached"] == "1/1"
     assert run["budget_epochs"] == 6
     table = config.json_path.with_suffix(".md").read_text()
@@ -446,6 +537,10 @@ def test_time_to_accuracy_resume_is_for_one_run(tmp_path):
     (["--max-lr", "auto", "--resume", "runs/x/last.pt"], "--max-lr auto with --resume"),
     (["--eval-every-steps", "-1"], "eval-every-steps must be >= 0"),
     (["--eval-steps-epochs", "0"], "eval-steps-epochs must be >= 1"),
+    (["--pct-start", "0.6"], "pct_start must be in (0, 0.5], got 0.6"),
+    (["--batch-size", "0"], "batch size must be positive, got 0"),  # not the default 512
+    (["--no-augment", "--cutout", "4", "--hue", "0.1"],
+     "--no-augment turns all augmentation off: drop it or --cutout, --hue"),
 ])
 def test_train_options_reject_bad_values(tmp_path, arguments, message):
     from fastcifar.cli import app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from fastcifar.cli import app
@@ -51,3 +52,105 @@ def test_nonsense_options_exit_non_zero(tiny_dataset, tmp_path):
     batch = runner.invoke(app, ["train", "--batch-size", "4096", "--data", str(tiny_dataset),
                                 "--out", str(tmp_path)])
     assert batch.exit_code == 1 and "batch size 4096" in batch.output
+
+
+def built_train_config(monkeypatch, *arguments: str):
+    """The TrainConfig `fastcifar train ARGUMENTS` hands the library (training is stubbed)."""
+    import fastcifar.train
+    from fastcifar.errors import FastCifarError
+
+    seen = {}
+
+    def stop(config, callbacks=None):
+        seen["config"] = config
+        raise FastCifarError("stopped by the test")
+
+    monkeypatch.setattr(fastcifar.train, "train", stop)
+    result = runner.invoke(app, ["train", *arguments])
+    assert "stopped by the test" in result.output, result.output
+    return seen["config"]
+
+
+def test_jitter_options_give_the_same_augmentation_on_either_recipe(monkeypatch):
+    for recipe_name in ("fast", "seed"):
+        augment = built_train_config(monkeypatch, "--recipe", recipe_name, "--jitter", "0.2",
+                                     "--hue", "0.1").augment
+        assert (augment.p_jitter, augment.brightness, augment.contrast, augment.saturation,
+                augment.hue) == (0.5, 0.2, 0.2, 0.2, 0.1), recipe_name
+        hue_only = built_train_config(monkeypatch, "--recipe", recipe_name, "--hue", "0.1")
+        assert (hue_only.augment.p_jitter, hue_only.augment.hue) == (0.5, 0.1), recipe_name
+
+
+def test_jitter_zero_turns_all_colour_jitter_off_unless_hue_is_given(monkeypatch):
+    seed_default = built_train_config(monkeypatch, "--recipe", "seed").augment
+    assert seed_default.jitter_enabled and seed_default.hue == 0.05
+    off = built_train_config(monkeypatch, "--recipe", "seed", "--jitter", "0").augment
+    assert not off.jitter_enabled and off.hue == 0
+    hue_kept = built_train_config(monkeypatch, "--recipe", "seed", "--jitter", "0",
+                                  "--hue", "0.05").augment
+    assert hue_kept.jitter_enabled and (hue_kept.brightness, hue_kept.hue) == (0, 0.05)
+
+
+def test_jitter_options_say_how_they_apply():
+    import typer.main
+
+    options = {parameter.name: parameter.help
+               for parameter in typer.main.get_command(app).commands["train"].params}
+    assert "half the images (either recipe)" in options["jitter"]
+    assert "hue jitter too unless --hue" in options["jitter"]
+    assert "half the images" in options["hue"]
+    assert "takes no other augmentation option" in options["augment"]
+
+
+def tiny_train_arguments(data, tmp_path, epochs: int = 1) -> list[str]:
+    return ["train", "--epochs", str(epochs), "--batch-size", "24", "--data", str(data),
+            "--precision", "fp32", "--device", "cpu", "--workers", "1", "--no-tta",
+            "--cutout", "4", "--out", str(tmp_path / "runs"), "--weights", str(tmp_path / "w")]
+
+
+def test_max_lr_auto_trains_at_the_range_tests_suggestion(tiny_dataset, tmp_path, monkeypatch):
+    import functools
+    import json
+
+    import fastcifar.config
+    from fastcifar.train import load_checkpoint
+
+    # the range test as `--max-lr auto` runs it, shortened to 12 steps for the test
+    monkeypatch.setattr(fastcifar.config, "LrFindConfig", functools.partial(
+        fastcifar.config.LrFindConfig, iterations=12, start_lr=1e-4, end_lr=1.0))
+    result = runner.invoke(app, [*tiny_train_arguments(tiny_dataset, tmp_path),
+                                 "--max-lr", "auto"])
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "runs" / "lr-find" / "lr_find.json").read_text())
+    assert found["batch_size"] == 24 and len(found["lrs"]) >= 2
+    assert f"suggests max LR {found['suggested_lr']:.3g}" in result.output
+    [checkpoint] = (tmp_path / "runs").glob("*/last.pt")
+    saved = load_checkpoint(checkpoint)
+    assert saved["config"]["max_lr"] == found["suggested_lr"]
+    assert max(saved["lr_per_step"]) == pytest.approx(found["suggested_lr"])  # the peak
+
+
+def test_resume_auto_finishes_the_newest_interrupted_run(tiny_dataset, tmp_path, monkeypatch):
+    import json
+
+    from fastcifar.cli import TableCallbacks
+    from fastcifar.errors import FastCifarError
+
+    arguments = tiny_train_arguments(tiny_dataset, tmp_path, epochs=2)
+    real_on_epoch = TableCallbacks.on_epoch
+
+    def stop_after_epoch_one(self, stats):  # a crash once epoch 1's checkpoint is saved
+        real_on_epoch(self, stats)
+        raise FastCifarError("stopped by the test")
+
+    monkeypatch.setattr(TableCallbacks, "on_epoch", stop_after_epoch_one)
+    stopped = runner.invoke(app, arguments)
+    assert stopped.exit_code == 1 and "stopped by the test" in stopped.output
+    [run_dir] = (tmp_path / "runs").iterdir()
+    monkeypatch.setattr(TableCallbacks, "on_epoch", real_on_epoch)
+    resumed = runner.invoke(app, [*arguments, "--resume", "auto"])
+    assert resumed.exit_code == 0, resumed.output
+    assert list((tmp_path / "runs").iterdir()) == [run_dir]  # continued, not a new run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
+    assert "final test accuracy" in resumed.output

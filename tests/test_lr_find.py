@@ -41,10 +41,12 @@ def test_suggestion_is_the_steepest_descent_before_the_lowest_loss():
     assert second_opinion == pytest.approx(lowest / 10) and 1e-3 < lowest <= 0.2
 
 
-def test_suggestion_of_a_loss_that_never_falls_stays_in_the_range():
+def test_suggestion_of_a_loss_that_never_falls_is_its_flattest_point():
     lrs = np.logspace(-5, 0, 20)
-    suggested, second_opinion = suggest_lrs(lrs.tolist(), np.linspace(2, 3, 20).tolist())
-    assert lrs[0] <= suggested <= lrs[-1] and second_opinion == pytest.approx(lrs[0] / 10)
+    # rises all the way, most slowly at step 7 (a cubic's flat point)
+    losses = 2 + ((np.arange(20) - 7) / 10) ** 3
+    suggested, second_opinion = suggest_lrs(lrs.tolist(), losses.tolist())
+    assert suggested == lrs[7] and second_opinion == pytest.approx(lrs[0] / 10)
     with pytest.raises(FastCifarError, match="finite"):
         suggest_lrs([1e-3, 1e-2, 1e-1], [1.0, math.nan, math.inf])
 
@@ -83,8 +85,13 @@ def test_lr_find_on_the_real_loader_writes_plot_and_history(tiny_dataset, tmp_pa
     assert len(result.lrs) == len(result.losses) and 2 <= len(result.lrs) <= 12
     assert all(b > a for a, b in zip(result.lrs, result.lrs[1:], strict=False))
     assert all(math.isfinite(loss) for loss in result.losses)
-    assert result.lrs[0] <= result.suggested_lr <= result.lrs[-1]
-    assert result.lrs[0] / 10 <= result.min_loss_lr_over_10 <= result.lrs[-1] / 10
+    # the exponential sweep from 1e-5 to 1 over the 12 steps, as far as it went
+    expected_lrs = 1e-5 * 1e5 ** (np.arange(len(result.lrs)) / 11)
+    assert result.lrs == pytest.approx(expected_lrs.tolist(), rel=1e-9)
+    # the suggestions are those of the recorded history
+    assert (result.suggested_lr, result.min_loss_lr_over_10) == suggest_lrs(result.lrs,
+                                                                            result.losses)
+    assert result.min_loss_lr_over_10 == result.lrs[int(np.argmin(result.losses))] / 10
     assert steps[0] == (1, 12) and steps[-1][0] == len(result.lrs)
     assert result.precision == "bf16" and result.device == "cpu"
     check_png(result.plot_path)

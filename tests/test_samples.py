@@ -7,7 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fastcifar.cli import app
-from fastcifar.config import NO_AUGMENT, AugmentConfig
+from fastcifar.config import NO_AUGMENT, AugmentConfig, recipe
+from fastcifar.data.augment import augment_batch, fill_colour
+from fastcifar.data.loaders import read_metadata
 from fastcifar.data.sources import read_source
 from fastcifar.errors import FastCifarError
 from fastcifar.samples import read_train_samples, show_augment
@@ -38,8 +40,24 @@ def test_show_augment_refuses_more_images_than_the_train_set(tiny_dataset, tmp_p
         show_augment(tiny_dataset, AugmentConfig(), 10_000, 0, tmp_path)
 
 
-def test_show_augment_command_uses_the_recipe_augmentation(tiny_dataset, tmp_path):
+def grid_images(figure) -> np.ndarray:
+    """The images an image-grid figure shows, in grid order."""
+    return np.stack([axis.get_images()[0].get_array() for axis in figure.axes
+                     if axis.get_images()])
+
+
+def test_show_augment_command_uses_the_recipe_augmentation(tiny_dataset, tmp_path,
+                                                           saved_figures):
     result = CliRunner().invoke(app, ["show-augment", "--recipe", "seed", "--count", "8",
-                                      "--data", str(tiny_dataset), "--out", str(tmp_path)])
+                                      "--seed", "3", "--data", str(tiny_dataset),
+                                      "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "samples.png").is_file() and (tmp_path / "augmented.png").is_file()
+    samples, augmented = (grid_images(figure) for figure in saved_figures)
+    images, _ = read_train_samples(tiny_dataset, 8)
+    np.testing.assert_array_equal(samples, images)
+    fill = fill_colour(read_metadata(tiny_dataset).mean)
+    expected = augment_batch(images, np.arange(8), recipe("seed").augment, 3, fill)
+    np.testing.assert_array_equal(augmented, expected)
+    # the seed recipe's colour jitter and grayscale: the fast recipe's grid would differ
+    fast = augment_batch(images, np.arange(8), recipe("fast").augment, 3, fill)
+    assert (fast != expected).any()

@@ -22,6 +22,7 @@ from fastcifar.config import (
     recipe,
 )
 from fastcifar.errors import FastCifarError
+from fastcifar.model import CustResNet
 from fastcifar.train import (
     TrainCallbacks,
     TrainingInterrupted,
@@ -66,9 +67,73 @@ def test_short_cpu_run_lowers_loss_and_beats_chance(tiny_dataset, tmp_path):
     assert run["precision"] == "bf16"
 
 
-def test_training_curves_are_plotted(tiny_dataset, tmp_path):
-    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, make_plots=True))
-    assert (result.run_dir / "training_curves.png").stat().st_size > 10_000
+@dataclasses.dataclass
+class PlottedRun:
+    """A 2-epoch tiny run (10 steps, peak LR at step 4), with what it plotted and the losses
+    its training steps computed."""
+
+    config: TrainConfig
+    result: object
+    figures: list
+    loss_calls: list[tuple[float, float]]  # (label_smoothing, loss) per loss with gradients
+
+
+@pytest.fixture(scope="module")
+def plotted_run(tiny_dataset, tmp_path_factory) -> PlottedRun:
+    import fastcifar.plots
+
+    tmp_path = tmp_path_factory.mktemp("plotted")
+    config = tiny_config(tiny_dataset, tmp_path, epochs=2, pct_start=0.4, make_plots=True)
+    figures, loss_calls = [], []
+    real_save, real_cross_entropy = fastcifar.plots._save, torch.nn.functional.cross_entropy
+
+    def save(figure, path):
+        figures.append(figure)
+        return real_save(figure, path)
+
+    def cross_entropy(*args, label_smoothing=0.0, **kwargs):  # nn.CrossEntropyLoss calls this
+        loss = real_cross_entropy(*args, label_smoothing=label_smoothing, **kwargs)
+        if loss.requires_grad:  # a training step's (evaluation runs without gradients)
+            loss_calls.append((label_smoothing, float(loss.detach())))
+        return loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastcifar.plots, "_save", save)
+        patch.setattr(torch.nn.modules.loss.F, "cross_entropy", cross_entropy)
+        result = train(config)
+    return PlottedRun(config, result, figures, loss_calls)
+
+
+def test_training_curves_plot_the_runs_history_and_every_steps_lr(plotted_run, check_png):
+    result = plotted_run.result
+    check_png(result.run_dir / "training_curves.png")
+    loss_axis, accuracy_axis, lr_axis = plotted_run.figures[-1].axes
+    train_loss, test_loss = loss_axis.get_lines()
+    assert list(train_loss.get_ydata()) == [row.train_loss for row in result.history]
+    assert list(test_loss.get_ydata()) == [row.test_loss for row in result.history]
+    _, test_accuracy = accuracy_axis.get_lines()
+    assert list(test_accuracy.get_ydata()) == [100 * row.test_accuracy for row in result.history]
+    [lr_line] = lr_axis.get_lines()
+    assert list(lr_line.get_ydata()) == result.lr_per_step and len(result.lr_per_step) == 10
+
+
+def test_lr_schedule_steps_every_batch_from_start_to_peak_to_end(plotted_run):
+    config = plotted_run.config  # 10 steps; warm-up over 0.4 of them: the peak is at step 4
+    start, peak, end = config.max_lr * config.initial_lr_fraction, config.max_lr, config.min_lr
+    expected = [start + (peak - start) * step / 3 for step in range(4)] + [
+        peak + (end - peak) * step / 6 for step in range(1, 7)]
+    assert plotted_run.result.lr_per_step == pytest.approx(expected, rel=1e-6)
+    assert [row.lr for row in plotted_run.result.history] == pytest.approx([expected[4], end])
+
+
+def test_label_smoothing_reaches_the_training_loss(plotted_run):
+    assert plotted_run.config.label_smoothing == 0.2
+    # one loss per training step, each with smoothed targets
+    assert [smoothing for smoothing, _ in plotted_run.loss_calls] == [0.2] * 10
+    losses = [loss for _, loss in plotted_run.loss_calls]
+    history = plotted_run.result.history
+    assert history[0].train_loss == pytest.approx(sum(losses[:5]) / 5, rel=1e-5)
+    assert history[1].train_loss == pytest.approx(sum(losses[5:]) / 5, rel=1e-5)
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_dataset, tmp_path):
@@ -86,6 +151,8 @@ def test_resumed_run_matches_uninterrupted_run(tiny_dataset, tmp_path):
     expected = [{k: v for k, v in dataclasses.asdict(r).items() if k not in strip}
                 for r in full.history]
     assert rows == expected  # bit-identical on the CPU
+    # the LR of every step, both sittings', so the resumed run's LR plot is whole
+    assert resumed.lr_per_step == full.lr_per_step and len(full.lr_per_step) == 15
 
 
 class _StopAfterEpoch(TrainCallbacks):
@@ -119,6 +186,7 @@ def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tiny_dataset, t
                                 resume=interrupted.value.checkpoint))
     assert [r.test_accuracy for r in resumed.history] == [r.test_accuracy for r in full.history]
     assert [r.train_loss for r in resumed.history] == [r.train_loss for r in full.history]
+    assert resumed.lr_per_step == full.lr_per_step  # the steps before the interrupt included
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_dataset, tmp_path):
@@ -231,12 +299,16 @@ def test_compile_path_trains_on_cpu(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, compile=True,
                                augment=NO_AUGMENT))
     assert len(result.history) == 1 and result.history[0].train_loss > 0
-    # the compiled forward computes what the eager module computes with the same weights
+    # the compiled model computes what a separately built eager model with the saved weights
+    # computes: the compiled path trains, evaluates and saves the same model
     compiled = result.final_model.eval()
+    config = tiny_config(tiny_dataset, tmp_path)
+    eager = CustResNet(num_classes=3, logit_scale=config.logit_scale)
+    eager.load_state_dict(load_checkpoint(result.run_dir / "last.pt")["model"])
+    eager = eager.to(memory_format=torch.channels_last).eval()
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(images), compiled._orig_mod(images),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-4)
 
 
 def test_threaded_sigterm_exit_code_is_143(tiny_dataset, tmp_path):

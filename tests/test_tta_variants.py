@@ -1,5 +1,6 @@
-"""benchmarks/tta_variants.py: the shifts move the image, and its plain and flip scores agree
-with the train loop's own evaluation of the same weights."""
+"""benchmarks/tta_variants.py: the shifts move the image, its plain and flip scores agree
+with the train loop's own evaluation of the same weights, and flip+translate combines the
+shifted mirror pairs with the right weights."""
 
 from __future__ import annotations
 
@@ -59,4 +60,51 @@ def test_plain_and_flip_scores_match_the_train_loop(tta_variants, tiny_dataset, 
     assert row["accuracy"]["none"] == pytest.approx(evaluate(model, loader, step, plan, False)[1])
     assert row["accuracy"]["flip"] == pytest.approx(evaluate(model, loader, step, plan, True)[1])
     assert row["accuracy"]["flip"] == pytest.approx(result.history[-1].test_accuracy)
-    assert 0 <= row["accuracy"]["flip+translate"] <= 1 and row["trained_epochs"] == 2
+    assert row["trained_epochs"] == 2
+
+
+def moved(images: torch.Tensor, down_right: bool) -> torch.Tensor:
+    """Images moved one pixel down-right or up-left; the uncovered edge is 0 (the mean)."""
+    out = torch.zeros_like(images)
+    if down_right:
+        out[..., 1:, 1:] = images[..., :-1, :-1]
+    else:
+        out[..., :-1, :-1] = images[..., 1:, 1:]
+    return out
+
+
+def test_flip_translate_weighs_the_mirror_pair_half_and_each_shifted_pair_a_quarter(
+        tta_variants, tiny_dataset, tmp_path, monkeypatch):
+    # A linear model: every pixel moves its logits, so the variants predict differently.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3)).eval()
+    metadata = read_metadata(tiny_dataset)
+    loader = make_loader(metadata.test_path, image_pipeline_for_testing(),
+                         LoaderConfig(data_dir=tiny_dataset, batch_size=60, workers=1),
+                         train=False, subset=None, seed=0)
+    [stored] = [images.clone() for images, _ in loader]  # FFCV reuses its buffers
+    mean = torch.tensor(metadata.mean).view(1, 3, 1, 1)
+    images = (stored.float() - mean) / torch.tensor(metadata.std).view(1, 3, 1, 1)
+
+    def pair(batch: torch.Tensor) -> torch.Tensor:
+        return (model(batch) + model(torch.flip(batch, dims=[3]))) / 2
+
+    with torch.no_grad():
+        logits = {"none": model(images), "flip": pair(images),
+                  "flip+translate": pair(images) / 2 + pair(moved(images, True)) / 4
+                  + pair(moved(images, False)) / 4}
+    predictions = {name: value.argmax(1) for name, value in logits.items()}
+    # Label each image with the prediction expected of flip+translate: that variant must
+    # then score exactly 1, and any other arithmetic that changes one prediction scores less.
+    labels = predictions["flip+translate"]
+    monkeypatch.setattr(tta_variants, "model_from_weights", lambda *_, **__: model)
+    monkeypatch.setattr(tta_variants, "make_loader", lambda *_, **__: [(stored, labels)])
+    checkpoint = tmp_path / "linear.pt"
+    torch.save({"model": {}, "epoch": 1, "config": {"augment": {"pad_mode": "constant"}}},
+               checkpoint)
+    row = tta_variants.score_variants(checkpoint, tiny_dataset, Precision.fp32)
+
+    assert row["accuracy"]["flip+translate"] == 1.0
+    for name in ("none", "flip"):
+        assert row["accuracy"][name] == int((predictions[name] == labels).sum()) / 60, name
+    assert row["accuracy"]["flip"] < 1  # the shifted pairs change predictions: the test can tell

@@ -97,7 +97,8 @@ phase "export weights"
 long_run=$($python -c "import json,sys; print(json.load(open(sys.argv[1]))['runs'][0]['run_dir'])" \
   "$results/time-to-accuracy-express-${epochs_long}ep.json" 2>/dev/null)
 [ -n "$long_run" ] && $python benchmarks/ship_weights.py \
-  "weights/$(basename "$long_run")-final.safetensors" "$OUT/custresnet-cifar10.safetensors"
+  "/tmp/tta-runs/weights/$(basename "$long_run")-final.safetensors" \
+  "$OUT/custresnet-cifar10.safetensors"
 pack
 
 phase "time to accuracy: seed, ${epochs_long} epochs"

@@ -17,9 +17,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from fastcifar.config import AugmentConfig, PadMode
+from fastcifar.config import MAX_CUTOUTS, AugmentConfig, PadMode
 
-MAX_CUTOUTS = 8
 # geometry columns: crop offset y, crop offset x, flip, gray, then (top, left) per cutout hole
 GEOMETRY_COLUMNS = 4 + 2 * MAX_CUTOUTS
 # colour columns: jitter on (0/1), brightness, contrast, saturation factors, hue shift (turns)

@@ -1,0 +1,27 @@
+"""config: settings are refused when out of range, never silently changed later."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastcifar.config import MAX_CUTOUTS, AugmentConfig, recipe
+from fastcifar.data.augment import augment_batch, fill_colour
+from fastcifar.errors import FastCifarError
+
+
+def test_pct_start_above_half_is_refused_not_clamped():
+    assert recipe("fast", pct_start=0.5).pct_start == 0.5
+    with pytest.raises(FastCifarError, match=r"pct_start must be in \(0, 0.5\], got 0.6"):
+        recipe("fast", pct_start=0.6)
+
+
+def test_cutout_count_limit_is_the_kernels():
+    images = np.full((4, 32, 32, 3), 200, np.uint8)
+    config = AugmentConfig(pad=0, flip=False, cutout_size=1, cutout_count=MAX_CUTOUTS)
+    out = augment_batch(images, np.arange(4), config, 0, fill_colour([0, 0, 0]))
+    holes = (out == 0).all(axis=3).sum(axis=(1, 2))
+    # every allowed hole is drawn (1-pixel holes; two may land on the same pixel)
+    assert holes.max() == MAX_CUTOUTS and holes.min() >= MAX_CUTOUTS - 2
+    with pytest.raises(FastCifarError, match=f"cutout count must be in 0..{MAX_CUTOUTS}"):
+        AugmentConfig(cutout_count=MAX_CUTOUTS + 1)
