@@ -43,6 +43,23 @@ TRICKS: dict[str, tuple[dict, dict]] = {
 }
 MUON = {"muon_lr": 0.24}
 
+# Second round, on the ablation's lead (lookahead did not help at this budget): settings as
+# config changes and as the train options that make them, so a chosen cell can be rerun.
+NO_LOOKAHEAD = ({"lookahead_every": 0, "bn_momentum": 0.1, "bn_eps": 1e-5},
+                ["--lookahead-every", "0", "--bn-momentum", "0.1", "--bn-eps", "1e-5"])
+TUNING: dict[str, tuple[dict, list[str]]] = {
+    "express": ({}, []),
+    "express - lookahead": NO_LOOKAHEAD,
+    "- lookahead - dirac": ({**NO_LOOKAHEAD[0], "dirac_init": False},
+                           NO_LOOKAHEAD[1] + ["--no-dirac-init"]),
+    "- lookahead, max LR 1.2": ({**NO_LOOKAHEAD[0], "max_lr": 1.2, "min_lr": 1.2e-4},
+                                NO_LOOKAHEAD[1] + ["--max-lr", "1.2", "--min-lr", "1.2e-4"]),
+    "- lookahead, decay 5e-4": ({**NO_LOOKAHEAD[0], "weight_decay": 5e-4},
+                                NO_LOOKAHEAD[1] + ["--weight-decay", "5e-4"]),
+    "- lookahead, pad 4": ({**NO_LOOKAHEAD[0], "augment__pad": 4},
+                           NO_LOOKAHEAD[1] + ["--pad", "4"]),
+}
+
 
 def variants() -> dict[str, tuple[TrainConfig, dict]]:
     """Table order: cascade from fast to express (+ Muon), then express less each trick."""
@@ -58,6 +75,10 @@ def variants() -> dict[str, tuple[TrainConfig, dict]]:
         table[f"express - {name}"] = (EXPRESS, dict(off))
     # "express - knobs" is the cascade's "+ dirac" cell: the same settings, not run twice.
     return table
+
+
+def tuning_variants() -> dict[str, tuple[TrainConfig, dict]]:
+    return {name: (EXPRESS, changes) for name, (changes, _) in TUNING.items()}
 
 
 def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
@@ -90,7 +111,8 @@ def summarise(runs: list[dict]) -> dict:
 
 def write_markdown(path: Path, report: dict) -> None:
     machine = report["machine"].get("gpu") or report["machine"]["cpu"]
-    lines = [f"# Ablation at a {report['epochs']}-epoch budget ({machine})",
+    title = "Ablation" if report["plan"] == "ablation" else "Tuning round"
+    lines = [f"# {title} at a {report['epochs']}-epoch budget ({machine})",
              "", f"Median final accuracy on {report['holdout']} held-out train images (never "
              "trained on; not the test set), seeds " + ", ".join(map(str, report["seeds"]))
              + f". Command: `{report['command']}`", "",
@@ -103,6 +125,8 @@ def write_markdown(path: Path, report: dict) -> None:
     if report["skipped"]:
         lines += ["", "Not run (time budget): " + ", ".join(report["skipped"])]
     lines += ["", f"Best of {', '.join(report['candidates'])}: **{report['best']}**"]
+    if report.get("best_train_options") is not None:
+        lines.append(f"(train options: `{' '.join(report['best_train_options'])}`)")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -114,15 +138,20 @@ def main() -> int:
     parser.add_argument("--holdout", type=int, default=5000)
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="run these variants only")
-    parser.add_argument("--candidates", nargs="+", default=["+ knobs = express", "express + muon"])
+    parser.add_argument("--plan", choices=["ablation", "tuning"], default="ablation")
+    parser.add_argument("--candidates", nargs="+", default=None,
+                        help="variants the best is chosen from (default: the plan's)")
     parser.add_argument("--seconds", type=float, default=float("inf"), help="wall-time budget")
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
     # The test set is not used for any choice: a small slice keeps the per-epoch pass cheap.
     loader = LoaderConfig(data_dir=arguments.data, holdout=arguments.holdout,
                           train_subset=arguments.train_subset, test_subset=512)
-    table = {name: cell for name, cell in variants().items()
+    plan = variants() if arguments.plan == "ablation" else tuning_variants()
+    table = {name: cell for name, cell in plan.items()
              if arguments.only is None or name in arguments.only}
+    candidates = arguments.candidates or (["+ knobs = express", "express + muon"]
+                                          if arguments.plan == "ablation" else list(TUNING))
     cells = {name: {"changes": {key: str(value) for key, value in changes.items()},
                     "recipe": base.recipe, "runs": []} for name, (base, changes) in table.items()}
     started, skipped = time.perf_counter(), []
@@ -138,7 +167,7 @@ def main() -> int:
                 + f"  ({run['wall_seconds']:.1f} s)", flush=True)
     for cell in cells.values():
         cell["median"] = summarise(cell["runs"]) if cell["runs"] else None
-    ranked = [name for name in arguments.candidates if cells.get(name, {}).get("median")]
+    ranked = [name for name in candidates if cells.get(name, {}).get("median")]
     best = max(ranked, key=lambda name: cells[name]["median"]["multicrop"]) if ranked else None
     device = select_device(EXPRESS.device)
     report = {"benchmark": "recipe_sweep", "epochs": arguments.epochs, "seeds": arguments.seeds,
@@ -146,7 +175,8 @@ def main() -> int:
               "data": "CIFAR-10 (JPEG-75 copy)", "machine": machine_description(device),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python " + " ".join(sys.argv), "cells": cells, "skipped": skipped,
-              "candidates": arguments.candidates, "best": best}
+              "plan": arguments.plan, "candidates": candidates, "best": best,
+              "best_train_options": TUNING[best][1] if best in TUNING else None}
     arguments.json.parent.mkdir(parents=True, exist_ok=True)
     arguments.json.write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(arguments.json.with_suffix(".md"), report)

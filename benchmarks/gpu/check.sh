@@ -9,15 +9,7 @@
 # Rehearse here with DRY_RUN=1 (the converted ./datasets, small subsets, the CPU):
 #   DRY_RUN=1 bash benchmarks/gpu/check.sh
 set -uo pipefail
-started=$(date +%s)
-budget=${BUDGET_SECONDS:-570}
-elapsed() { echo $(( $(date +%s) - started )); }
-left() { echo $(( budget - $(elapsed) )); }
-phase() { echo "== $1 at $(elapsed) s ($(left) s left)"; }
-fits() {  # fits SECONDS NAME: run the phase only when SECONDS are left
-  if [ "$(left)" -lt "$1" ]; then echo "== skipped $2: $(left) s left, needs $1"; return 1; fi
-}
-
+source benchmarks/gpu/budget.sh
 if [ "${DRY_RUN:-0}" = 1 ]; then
   python=.venv/bin/python
   data=datasets
@@ -69,7 +61,6 @@ if grep -q '"best": "express + muon"' "$results/sweep-${epochs_short}ep.json" 2>
 fi
 echo "chosen on held-out images: express ${choice[*]}"
 
-pack() { tar -czf "$OUT/results.tar.gz" "$results" /tmp/tta-runs/*/metrics.json 2>/dev/null; }
 pack
 
 phase "time to accuracy: express, ${epochs_short}-epoch budget"
