@@ -458,3 +458,56 @@ def test_each_colour_op_matches_torchvision_within_one_grey_level(part, factor):
     difference = np.abs(out.astype(np.int16) - expected.astype(np.int16))
     assert difference.max() <= 1, part
     assert (out != images).mean() > 0.3  # the op did change the images
+
+
+# ---------------------------------------------------------------- alternating flip
+
+
+ALTERNATE = AugmentConfig(pad=0, flip=True, flip_alternate=True, cutout_size=0, cutout_count=0)
+
+
+def _flipped(out: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Which outputs are their image mirrored (asserting each is the image or its mirror)."""
+    mirrored = (out == images[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert (mirrored | (out == images).all(axis=(1, 2, 3))).all()
+    return mirrored
+
+
+def test_alternating_flip_mirrors_half_then_flips_each_image_every_epoch():
+    images = random_images(MANY, seed=21)
+    indices = np.arange(MANY) * 7 + 3  # any sample indices
+    flips = [_flipped(augment_batch(images, indices, ALTERNATE, 4, FILL, epoch=epoch), images)
+             for epoch in range(3)]
+    assert abs(flips[0].mean() - 0.5) < 0.05
+    np.testing.assert_array_equal(flips[1], ~flips[0])  # every image the other way
+    np.testing.assert_array_equal(flips[2], flips[0])
+    # A sample's flip depends on the sample and the epoch, not on its batch or position.
+    order = np.random.default_rng(0).permutation(MANY)[:100]
+    shuffled = augment_batch(images[order], indices[order], ALTERNATE, 4, FILL, epoch=1)
+    np.testing.assert_array_equal(_flipped(shuffled, images[order]), flips[1][order])
+
+
+def test_alternating_flip_follows_the_epoch_through_the_loader_and_a_resume(tiny_dataset):
+    from fastcifar.data.loaders import build_loaders
+
+    config = LoaderConfig(data_dir=tiny_dataset, batch_size=24, workers=2)
+    records, _ = _beton_records(tiny_dataset)
+    lookup = {record.tobytes(): index for index, record in enumerate(records)}
+
+    def flips(loaders, epoch: int) -> dict[int, bool]:
+        images, _ = _epoch(loaders.train_epoch(epoch))
+        seen = {}
+        for image in images.reshape(-1, 32, 32, 3):
+            if image.tobytes() in lookup:
+                seen[lookup[image.tobytes()]] = False
+            else:
+                seen[lookup[image[:, ::-1].tobytes()]] = True
+        return seen
+
+    loaders = build_loaders(config, ALTERNATE, seed=3)
+    first, second = flips(loaders, 0), flips(loaders, 1)
+    assert len(first) == len(second) == 120
+    assert 0.3 < np.mean(list(first.values())) < 0.7
+    assert all(second[index] != first[index] for index in first)
+    resumed = build_loaders(config, ALTERNATE, seed=3)  # a new process resuming at epoch 2
+    assert flips(resumed, 2) == first
