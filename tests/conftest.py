@@ -118,3 +118,13 @@ def saved_figures(monkeypatch) -> list:
 
     monkeypatch.setattr(fastcifar.plots, "_save", save)
     return figures
+
+
+@pytest.fixture(scope="session")
+def real_dataset(tmp_path_factory) -> Path:
+    """The real CIFAR-10 JPEG copy converted to betons (skips without it)."""
+    if not REAL_DATA.exists():
+        pytest.skip("real CIFAR-10 JPEG copy not present")
+    out_dir = tmp_path_factory.mktemp("real-data")
+    convert(ConvertConfig(source=REAL_DATA, out_dir=out_dir))
+    return out_dir

@@ -164,3 +164,17 @@ def test_evaluate_command_prints_accuracy_and_writes_beside_the_weights(tiny_wei
     assert (tiny_weights.parent / "tiny-best-eval" / "evaluation.json").is_file()
     missing = CliRunner().invoke(app, ["evaluate", "nowhere.pt"])
     assert missing.exit_code == 1 and "weights file not found" in missing.output
+
+
+@pytest.mark.realdata
+def test_shipped_weights_score_their_recorded_accuracy_on_the_real_test_set(real_dataset,
+                                                                           tmp_path):
+    from fastcifar.config import SHIPPED_WEIGHTS
+
+    if not SHIPPED_WEIGHTS.exists():
+        pytest.skip("no shipped weights file in this checkout")
+    _, metadata = read_weights_file(SHIPPED_WEIGHTS)
+    report = evaluate_weights(EvaluateConfig(weights=SHIPPED_WEIGHTS, out_dir=tmp_path,
+                                             loader=LoaderConfig(data_dir=real_dataset)))
+    assert report.count == 10_000 and report.tta_mode == metadata["tta"] == "multicrop"
+    assert abs(report.accuracy - metadata["accuracy"]) <= 0.001  # recorded on the GPU, bf16
