@@ -24,14 +24,8 @@ from pathlib import Path
 
 from fastcifar.config import EXPRESS, FAST, LoaderConfig, TrainConfig, replace_nested
 from fastcifar.data.loaders import build_loaders
-from fastcifar.train import (
-    DeviceStep,
-    evaluate,
-    machine_description,
-    plan_precision,
-    select_device,
-    train,
-)
+from fastcifar.device import DeviceStep, plan_precision, select_device
+from fastcifar.train import evaluate, machine_description, train
 
 # Each trick as the settings that turn it on (from `fast`) and off again (from `express`).
 TRICKS: dict[str, tuple[dict, dict]] = {

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from fastcifar.config import Device, Precision
+from fastcifar.device import autocast, plan_precision, select_device
 from fastcifar.model import CustResNet
-from fastcifar.train import autocast, machine_description, plan_precision, select_device
+from fastcifar.train import machine_description
 
 
 def images_per_second(device: torch.device, precision: Precision, channels_last: bool,

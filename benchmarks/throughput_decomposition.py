@@ -20,15 +20,9 @@ import torch
 
 from fastcifar.config import LoaderConfig, recipe
 from fastcifar.data.loaders import build_loaders
+from fastcifar.device import DeviceStep, autocast, plan_precision, select_device
 from fastcifar.optim import Optimizers
-from fastcifar.train import (
-    DeviceStep,
-    autocast,
-    build_model,
-    machine_description,
-    plan_precision,
-    select_device,
-)
+from fastcifar.train import build_model, machine_description
 
 
 def _synchronize(device: torch.device) -> None:

@@ -36,18 +36,15 @@ from fastcifar.data.loaders import (
     test_pipeline,
     train_pipeline,
 )
+from fastcifar.device import DeviceStep, measures_precision, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.train import (
-    DeviceStep,
     Evaluation,
     TrainCallbacks,
     TrainingInterrupted,
     evaluate,
     machine_description,
-    measures_precision,
-    plan_precision,
     run_record,
-    select_device,
     train,
 )
 

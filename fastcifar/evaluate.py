@@ -16,18 +16,10 @@ from fastcifar.atomic import write_json
 from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EvaluateConfig
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+from fastcifar.device import DeviceStep, PrecisionPlan, autocast, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
-from fastcifar.train import (
-    DeviceStep,
-    PrecisionPlan,
-    autocast,
-    plan_precision,
-    predict_logits,
-    select_device,
-    tta_flags,
-    tta_mode,
-)
+from fastcifar.train import predict_logits, tta_flags, tta_mode
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,10 @@ from torch_lr_finder import LRFinder, TrainDataLoaderIter
 from fastcifar.atomic import atomic_path, write_json
 from fastcifar.config import LrFindConfig, TrainConfig
 from fastcifar.data.loaders import build_loaders
+from fastcifar.device import DeviceStep, PrecisionPlan, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.optim import make_optimizer
-from fastcifar.train import (
-    DeviceStep,
-    PrecisionPlan,
-    build_model,
-    config_to_dict,
-    machine_description,
-    plan_precision,
-    seed_everything,
-    select_device,
-)
+from fastcifar.train import build_model, config_to_dict, machine_description, seed_everything
 
 StepProgress = Callable[[int, int], None]  # (steps done, total steps)
 

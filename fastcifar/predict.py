@@ -14,9 +14,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fastcifar.config import PredictConfig
+from fastcifar.device import DeviceStep, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluate import load_weights, model_from_weights
-from fastcifar.train import DeviceStep, predict_logits, select_device, tta_flags
+from fastcifar.train import predict_logits, tta_flags
 
 IMAGE_SIZE = 32  # the side CustResNet was trained on
 

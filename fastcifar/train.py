@@ -1,4 +1,4 @@
-"""The training loop: device step, train step, evaluation, checkpoints/resume, per-epoch stats."""
+"""The training loop: train step, evaluation, checkpoints/resume, per-epoch stats."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +30,25 @@ from fastcifar.checkpoint import (
     save_checkpoint,
     save_weights_file,
 )
-from fastcifar.config import Device, Precision, TrainConfig
+from fastcifar.config import Precision, TrainConfig
 from fastcifar.data.loaders import Loaders, build_loaders
+from fastcifar.device import (
+    DeviceStep,
+    PrecisionChoice,
+    PrecisionPlan,
+    autocast,
+    measure_cpu_precision,
+    measures_precision,
+    plan_precision,
+    select_device,
+)
+from fastcifar.distributed import (
+    all_reduce_sum,
+    broadcast_from_main,
+    init_distributed,
+    ranks_agree,
+    share_run_dir,
+)
 from fastcifar.errors import FastCifarError
 from fastcifar.model import (
     CustResNet,
@@ -42,152 +59,6 @@ from fastcifar.model import (
     zero_init_residuals_,
 )
 from fastcifar.optim import Lookahead, Optimizers
-
-# ---------------------------------------------------------------- device and precision
-
-
-def select_device(choice: Device, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; an explicit choice must be available."""
-    if choice == Device.auto:
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if choice == Device.cuda and not torch.cuda.is_available():
-        raise FastCifarError("--device cuda asked for, but no CUDA device is available")
-    if choice == Device.mps and not torch.backends.mps.is_available():
-        raise FastCifarError("--device mps asked for, but MPS is not available")
-    return torch.device("cuda", local_rank) if choice == Device.cuda else torch.device(choice.value)
-
-
-@dataclass(frozen=True)
-class PrecisionPlan:
-    """The autocast dtype (None: fp32) and whether fp16 needs a gradient scaler."""
-
-    autocast_dtype: torch.dtype | None
-    use_grad_scaler: bool
-
-    @property
-    def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
-
-
-def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
-    """auto: bf16 on bf16-capable CUDA, fp16 + scaler on older CUDA, fp32 elsewhere.
-
-    On the CPU bf16 is faster on some machines and slower on others, so `train` replaces
-    auto's fp32 there with the faster of the two, measured (`measure_precision`).
-    """
-    if choice == Precision.auto:
-        if device.type == "cuda":
-            choice = Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
-        else:
-            choice = Precision.fp32
-    if choice == Precision.fp16 and device.type == "cpu":
-        raise FastCifarError("fp16 autocast is for CUDA; use --precision bf16 or fp32 on the CPU")
-    dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16,
-             Precision.fp32: None}[choice]
-    return PrecisionPlan(dtype, dtype == torch.float16)
-
-
-def measures_precision(choice: Precision, device: torch.device) -> bool:
-    """Whether `train` picks the precision by timing (auto on the CPU)."""
-    return choice == Precision.auto and device.type == "cpu"
-
-
-# What auto chooses between on the CPU.
-CPU_PRECISIONS = (PrecisionPlan(None, False), PrecisionPlan(torch.bfloat16, False))
-
-
-@dataclass(frozen=True)
-class PrecisionChoice:
-    """The precision `--precision auto` measured as fastest, and the rates it measured."""
-
-    plan: PrecisionPlan
-    images_per_second: dict[str, float]  # training images per second, per precision name
-
-    def describe(self) -> str:
-        """e.g. 'bf16 (bf16 272 images/s, fp32 120 images/s)'."""
-        rates = ", ".join(f"{name} {rate:,.0f} images/s"
-                          for name, rate in sorted(self.images_per_second.items(),
-                                                   key=lambda item: -item[1]))
-        return f"{self.plan.name} ({rates})"
-
-
-def measure_precision(train_step: Callable[[PrecisionPlan], None], images_per_step: int,
-                      candidates: tuple[PrecisionPlan, ...] = CPU_PRECISIONS,
-                      timed_steps: int = 3,
-                      timer: Callable[[], float] = time.perf_counter) -> PrecisionChoice:
-    """Time `timed_steps` calls of `train_step(plan)` per candidate, after one untimed call.
-
-    The untimed call takes first-use costs (allocations, oneDNN kernel choice) off the timing.
-    Returns the candidate with the most images per second (the first one on a tie).
-    """
-    rates: dict[str, float] = {}
-    for plan in candidates:
-        train_step(plan)
-        started = timer()
-        for _ in range(timed_steps):
-            train_step(plan)
-        rates[plan.name] = images_per_step * timed_steps / max(timer() - started, 1e-9)
-    fastest = max(candidates, key=lambda plan: rates[plan.name])
-    return PrecisionChoice(fastest, rates)
-
-
-def _measure_cpu_precision(model: nn.Module, device_step: DeviceStep,
-                           sample: tuple[torch.Tensor, torch.Tensor]) -> PrecisionChoice:
-    """Forward/backward steps of the real model on the real first batch, fp32 against bf16.
-
-    No optimiser step; the weights, BN statistics, gradients, train mode and torch RNG are put
-    back, so the run is the same as with that precision chosen by hand.
-    """
-    images, labels = device_step(*sample)
-    snapshot = copy.deepcopy(model.state_dict())
-    was_training = model.training
-    model.train()
-
-    def train_step(plan: PrecisionPlan) -> None:
-        with autocast(images.device, plan):
-            loss = functional.cross_entropy(model(images), labels)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    with torch.random.fork_rng(devices=[]):  # dropout draws would shift the run's RNG
-        choice = measure_precision(train_step, len(labels))
-    model.load_state_dict(snapshot)
-    model.train(was_training)
-    return choice
-
-
-def autocast(device: torch.device, plan: PrecisionPlan):
-    """The autocast context for the forward pass (a no-op in fp32)."""
-    return torch.autocast(device.type, dtype=plan.autocast_dtype or torch.float32,
-                          enabled=plan.autocast_dtype is not None)
-
-
-class DeviceStep:
-    """uint8 NCHW batch -> normalised float on the device, channels-last; labels alongside."""
-
-    def __init__(self, mean: list[float], std: list[float], device: torch.device,
-                 channels_last: bool) -> None:
-        self.device = device
-        # (x - mean) / std as one fused x * (1 / std) + (-mean / std): one pass, one output.
-        self.inverse_std = (1.0 / torch.tensor(std, device=device)).view(1, 3, 1, 1)
-        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * self.inverse_std
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Always a blocking copy: FFCV reuses its batch buffers (pinned on CUDA machines) and
-        # its loader thread refills a slot without waiting for the GPU, so an asynchronous copy
-        # could read the next batch's pixels (seen on an H100: repeated evaluations of one
-        # model differed). A 512-image uint8 batch is 1.5 MB: the wait is about 0.1 ms.
-        images = images.to(self.device, non_blocking=False)
-        labels = labels.to(self.device, non_blocking=False)
-        images = torch.addcmul(self.shift, images.float(), self.inverse_std)
-        return images.contiguous(memory_format=self.memory_format), labels
-
 
 # ---------------------------------------------------------------- stats and callbacks
 
@@ -544,67 +415,6 @@ def _stop_on_signals(enabled: bool) -> Iterator[_StopRequest]:
             signal.signal(number, handler)
 
 
-# ---------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class _Distributed:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(config: TrainConfig, device: torch.device) -> _Distributed:
-    if not config.loader.distributed:
-        return _Distributed()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # torchrun provides the rendezvous through env://
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _Distributed(dist.get_rank(), dist.get_world_size())
-
-
-def _ranks_agree(model: nn.Module, distributed: _Distributed) -> bool:
-    """Whether every rank holds the same weights (a float64 fingerprint, all-gathered)."""
-    if distributed.world_size == 1:
-        return True
-    import torch.distributed as dist
-
-    parameters = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    weights = torch.arange(1, len(parameters) + 1, dtype=torch.float64, device=parameters.device)
-    fingerprint = torch.stack([parameters.sum(), (parameters * weights).sum()])
-    gathered = [torch.zeros_like(fingerprint) for _ in range(distributed.world_size)]
-    dist.all_gather(gathered, fingerprint)
-    return all(torch.allclose(g, gathered[0], rtol=1e-9, atol=0) for g in gathered)
-
-
-def _share_run_dir(run_dir: Path, distributed: _Distributed) -> Path:
-    """Rank 0 names the run folder; the other ranks learn it."""
-    return Path(_broadcast_from_main(str(run_dir), distributed))
-
-
-def _broadcast_from_main(value, distributed: _Distributed):
-    """Rank 0's `value` on every rank (pickled by torch.distributed between our own processes)."""
-    if distributed.world_size == 1:
-        return value
-    import torch.distributed as dist
-
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def _all_reduce_sum(values: torch.Tensor, distributed: _Distributed) -> torch.Tensor:
-    if distributed.world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(values)
-    return values
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -666,7 +476,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     callbacks = callbacks or TrainCallbacks()
     device = select_device(config.device, config.local_rank)
     plan = plan_precision(config.precision, device)
-    distributed = _init_distributed(config, device)
+    distributed = init_distributed(config, device)
     seed_everything(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cudnn pick the fastest kernels
@@ -734,7 +544,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         restore_rng_state(resume_state["rng"])
         run_dir = Path(config.resume).parent
     else:
-        run_dir = _share_run_dir(
+        run_dir = share_run_dir(
             _make_run_dir(config) if distributed.is_main else Path(config.out_dir), distributed)
 
     trained_model: nn.Module = model
@@ -810,8 +620,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                     fetch_started = time.perf_counter()
                     images, labels = next(batches)
                     if measure:
-                        choice = _broadcast_from_main(
-                            _measure_cpu_precision(model, device_step, (images, labels))
+                        choice = broadcast_from_main(
+                            measure_cpu_precision(model, device_step, (images, labels))
                             if distributed.is_main else None, distributed)
                         plan = choice.plan
                         record.update(precision=plan.name,
@@ -883,7 +693,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds = seconds_before + time.perf_counter() - epoch_started
-            totals = _all_reduce_sum(torch.stack([loss_sum, correct.float(),
+            totals = all_reduce_sum(torch.stack([loss_sum, correct.float(),
                                                   torch.tensor(float(seen), device=device)]),
                                      distributed)
             train_loss_sum, train_correct, train_seen = totals.tolist()  # one sync per epoch
@@ -927,7 +737,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 break
 
     if distributed.world_size > 1:
-        agree = _ranks_agree(model, distributed)
+        agree = ranks_agree(model, distributed)
         if distributed.is_main:
             metrics_path = run_dir / "metrics.json"
             write_json(metrics_path, {**json.loads(metrics_path.read_text()),

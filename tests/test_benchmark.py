@@ -236,8 +236,8 @@ def saved_weights_accuracy(checkpoint: Path, data_dir: Path, tta: bool) -> float
     when `tta`), not through the library's evaluation."""
     from fastcifar.data.loaders import make_loader, read_metadata
     from fastcifar.data.loaders import test_pipeline as unaugmented_pipeline
+    from fastcifar.device import DeviceStep
     from fastcifar.evaluate import model_from_weights
-    from fastcifar.train import DeviceStep
 
     metadata = read_metadata(data_dir)
     cpu = torch.device("cpu")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastcifar.config import AugmentConfig, Device, LoaderConfig, Precision, recipe
-from fastcifar.train import DeviceStep, plan_precision, train
+from fastcifar.device import DeviceStep, plan_precision
+from fastcifar.train import train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -12,8 +12,8 @@ import torch
 from fastcifar.config import NO_AUGMENT, AugmentConfig, LoaderConfig
 from fastcifar.data.convert import METADATA, TRAIN_BETON
 from fastcifar.data.loaders import build_loaders, read_metadata
+from fastcifar.device import DeviceStep
 from fastcifar.errors import FastCifarError
-from fastcifar.train import DeviceStep
 
 
 def test_train_and_test_batches_are_uint8_nchw_channels_last(tiny_dataset):

@@ -25,10 +25,10 @@ from fastcifar.config import (
     Precision,
     recipe,
 )
+from fastcifar.device import DeviceStep, plan_precision
 from fastcifar.errors import FastCifarError
 from fastcifar.lr_find import lr_find, run_range_test, suggest_lrs
 from fastcifar.model import CustResNet
-from fastcifar.train import DeviceStep, plan_precision
 
 
 def test_suggestion_is_the_steepest_descent_before_the_lowest_loss():

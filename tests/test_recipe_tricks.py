@@ -16,6 +16,7 @@ from torch import nn
 
 from fastcifar.config import EXPRESS, LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import build_loaders, read_labels, split_holdout
+from fastcifar.device import DeviceStep
 from fastcifar.model import (
     CustResNet,
     dirac_init_,
@@ -24,7 +25,7 @@ from fastcifar.model import (
     whitening_filters,
 )
 from fastcifar.optim import FilterMuon, Lookahead, Optimizers
-from fastcifar.train import DeviceStep, build_model, predict_logits, train
+from fastcifar.train import build_model, predict_logits, train
 
 
 def smooth_batch(count: int = 64, seed: int = 0) -> torch.Tensor:
@@ -84,7 +85,8 @@ def test_dirac_init_makes_each_conv_pass_its_inputs_through():
 
 
 def test_build_model_freezes_bn_scales_and_sets_bn_eps_and_momentum():
-    config = dataclasses.replace(EXPRESS, whiten=False, channels_last=False)
+    config = dataclasses.replace(EXPRESS, whiten=False, channels_last=False, bn_eps=1e-12,
+                                 bn_momentum=0.6)
     model = build_model(config, torch.device("cpu"))
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(not m.weight.requires_grad and m.eps == 1e-12 and m.momentum == 0.6
@@ -231,7 +233,7 @@ def express_config(data_dir, tmp_path, **changes):
 
 
 def test_express_with_every_trick_learns_and_saves_plain_weights(tiny_dataset, tmp_path):
-    result = train(express_config(tiny_dataset, tmp_path, muon_lr=0.05))
+    result = train(express_config(tiny_dataset, tmp_path, muon_lr=0.05, lookahead_every=2))
     history = result.history
     assert history[-1].train_loss < history[0].train_loss
     assert history[-1].test_accuracy >= 0.8 and history[-1].holdout_accuracy >= 0.8
@@ -249,13 +251,13 @@ def test_express_resumes_bit_for_bit(tiny_dataset, tmp_path):
         def on_epoch(self, stats) -> None:
             raise Stop
 
-    full = train(express_config(tiny_dataset, tmp_path / "a", muon_lr=0.05))
+    tricks = {"muon_lr": 0.05, "lookahead_every": 2}  # express plus the two it leaves off
+    full = train(express_config(tiny_dataset, tmp_path / "a", **tricks))
     with pytest.raises(Stop):
-        train(express_config(tiny_dataset, tmp_path / "b", muon_lr=0.05),
+        train(express_config(tiny_dataset, tmp_path / "b", **tricks),
               callbacks=StopAfterFirstEpoch())
     (checkpoint,) = (tmp_path / "b" / "runs").glob("*/last.pt")
-    resumed = train(express_config(tiny_dataset, tmp_path / "b", muon_lr=0.05,
-                                   resume=checkpoint))
+    resumed = train(express_config(tiny_dataset, tmp_path / "b", **tricks, resume=checkpoint))
     assert [r.train_loss for r in resumed.history] == [r.train_loss for r in full.history]
     assert [r.holdout_accuracy for r in resumed.history] == [
         r.holdout_accuracy for r in full.history]

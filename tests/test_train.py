@@ -21,16 +21,10 @@ from fastcifar.config import (
     TrainConfig,
     recipe,
 )
+from fastcifar.device import measure_precision, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
-from fastcifar.train import (
-    TrainCallbacks,
-    TrainingInterrupted,
-    measure_precision,
-    plan_precision,
-    select_device,
-    train,
-)
+from fastcifar.train import TrainCallbacks, TrainingInterrupted, train
 
 
 def tiny_config(data_dir, tmp_path, **changes) -> TrainConfig:
@@ -323,7 +317,8 @@ def test_threaded_sigterm_exit_code_is_143(tiny_dataset, tmp_path):
 
 
 def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
-    from fastcifar.train import DeviceStep, _warm_up, build_model
+    from fastcifar.device import DeviceStep
+    from fastcifar.train import _warm_up, build_model
 
     config = tiny_config(tmp_path, tmp_path, compile=True)  # compile: the warm-up runs on CPU
     model = build_model(config, torch.device("cpu"))

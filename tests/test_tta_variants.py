@@ -14,8 +14,9 @@ from fastcifar.checkpoint import load_checkpoint
 from fastcifar.config import LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import make_loader, read_metadata
 from fastcifar.data.loaders import test_pipeline as image_pipeline_for_testing
+from fastcifar.device import DeviceStep, plan_precision
 from fastcifar.evaluate import model_from_weights
-from fastcifar.train import DeviceStep, evaluate, plan_precision, train
+from fastcifar.train import evaluate, train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tta_variants.py"
 

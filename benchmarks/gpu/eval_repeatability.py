@@ -15,7 +15,8 @@ import torch
 
 from fastcifar.config import LoaderConfig, recipe
 from fastcifar.data.loaders import build_loaders
-from fastcifar.train import DeviceStep, evaluate, plan_precision, select_device, train
+from fastcifar.device import DeviceStep, plan_precision, select_device
+from fastcifar.train import evaluate, train
 
 
 class ClonedBatches:

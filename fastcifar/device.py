@@ -1,0 +1,159 @@
+"""Where and in what precision the model runs: device choice, the precision plan (timed on the
+CPU), autocast, and the device step that turns loader batches into normalised device tensors."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as functional
+from torch import nn
+
+from fastcifar.config import Device, Precision
+from fastcifar.errors import FastCifarError
+
+
+def select_device(choice: Device, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit choice must be available."""
+    if choice == Device.auto:
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice == Device.cuda and not torch.cuda.is_available():
+        raise FastCifarError("--device cuda asked for, but no CUDA device is available")
+    if choice == Device.mps and not torch.backends.mps.is_available():
+        raise FastCifarError("--device mps asked for, but MPS is not available")
+    return torch.device("cuda", local_rank) if choice == Device.cuda else torch.device(choice.value)
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The autocast dtype (None: fp32) and whether fp16 needs a gradient scaler."""
+
+    autocast_dtype: torch.dtype | None
+    use_grad_scaler: bool
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+
+
+def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
+    """auto: bf16 on bf16-capable CUDA, fp16 + scaler on older CUDA, fp32 elsewhere.
+
+    On the CPU bf16 is faster on some machines and slower on others, so `train` replaces
+    auto's fp32 there with the faster of the two, measured (`measure_precision`).
+    """
+    if choice == Precision.auto:
+        if device.type == "cuda":
+            choice = Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
+        else:
+            choice = Precision.fp32
+    if choice == Precision.fp16 and device.type == "cpu":
+        raise FastCifarError("fp16 autocast is for CUDA; use --precision bf16 or fp32 on the CPU")
+    dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16,
+             Precision.fp32: None}[choice]
+    return PrecisionPlan(dtype, dtype == torch.float16)
+
+
+def measures_precision(choice: Precision, device: torch.device) -> bool:
+    """Whether `train` picks the precision by timing (auto on the CPU)."""
+    return choice == Precision.auto and device.type == "cpu"
+
+
+# What auto chooses between on the CPU.
+CPU_PRECISIONS = (PrecisionPlan(None, False), PrecisionPlan(torch.bfloat16, False))
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision `--precision auto` measured as fastest, and the rates it measured."""
+
+    plan: PrecisionPlan
+    images_per_second: dict[str, float]  # training images per second, per precision name
+
+    def describe(self) -> str:
+        """e.g. 'bf16 (bf16 272 images/s, fp32 120 images/s)'."""
+        rates = ", ".join(f"{name} {rate:,.0f} images/s"
+                          for name, rate in sorted(self.images_per_second.items(),
+                                                   key=lambda item: -item[1]))
+        return f"{self.plan.name} ({rates})"
+
+
+def measure_precision(train_step: Callable[[PrecisionPlan], None], images_per_step: int,
+                      candidates: tuple[PrecisionPlan, ...] = CPU_PRECISIONS,
+                      timed_steps: int = 3,
+                      timer: Callable[[], float] = time.perf_counter) -> PrecisionChoice:
+    """Time `timed_steps` calls of `train_step(plan)` per candidate, after one untimed call.
+
+    The untimed call takes first-use costs (allocations, oneDNN kernel choice) off the timing.
+    Returns the candidate with the most images per second (the first one on a tie).
+    """
+    rates: dict[str, float] = {}
+    for plan in candidates:
+        train_step(plan)
+        started = timer()
+        for _ in range(timed_steps):
+            train_step(plan)
+        rates[plan.name] = images_per_step * timed_steps / max(timer() - started, 1e-9)
+    fastest = max(candidates, key=lambda plan: rates[plan.name])
+    return PrecisionChoice(fastest, rates)
+
+
+def measure_cpu_precision(model: nn.Module, device_step: DeviceStep,
+                           sample: tuple[torch.Tensor, torch.Tensor]) -> PrecisionChoice:
+    """Forward/backward steps of the real model on the real first batch, fp32 against bf16.
+
+    No optimiser step; the weights, BN statistics, gradients, train mode and torch RNG are put
+    back, so the run is the same as with that precision chosen by hand.
+    """
+    images, labels = device_step(*sample)
+    snapshot = copy.deepcopy(model.state_dict())
+    was_training = model.training
+    model.train()
+
+    def train_step(plan: PrecisionPlan) -> None:
+        with autocast(images.device, plan):
+            loss = functional.cross_entropy(model(images), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    with torch.random.fork_rng(devices=[]):  # dropout draws would shift the run's RNG
+        choice = measure_precision(train_step, len(labels))
+    model.load_state_dict(snapshot)
+    model.train(was_training)
+    return choice
+
+
+def autocast(device: torch.device, plan: PrecisionPlan):
+    """The autocast context for the forward pass (a no-op in fp32)."""
+    return torch.autocast(device.type, dtype=plan.autocast_dtype or torch.float32,
+                          enabled=plan.autocast_dtype is not None)
+
+
+class DeviceStep:
+    """uint8 NCHW batch -> normalised float on the device, channels-last; labels alongside."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device,
+                 channels_last: bool) -> None:
+        self.device = device
+        # (x - mean) / std as one fused x * (1 / std) + (-mean / std): one pass, one output.
+        self.inverse_std = (1.0 / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * self.inverse_std
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Always a blocking copy: FFCV reuses its batch buffers (pinned on CUDA machines) and
+        # its loader thread refills a slot without waiting for the GPU, so an asynchronous copy
+        # could read the next batch's pixels (seen on an H100: repeated evaluations of one
+        # model differed). A 512-image uint8 batch is 1.5 MB: the wait is about 0.1 ms.
+        images = images.to(self.device, non_blocking=False)
+        labels = labels.to(self.device, non_blocking=False)
+        images = torch.addcmul(self.shift, images.float(), self.inverse_std)
+        return images.contiguous(memory_format=self.memory_format), labels

@@ -1,0 +1,72 @@
+"""torchrun scale-out: the process group, rank 0's choices shared with the other ranks, sums
+over ranks and a check that every rank holds the same weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastcifar.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's rank and the number of processes (1: not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(config: TrainConfig, device: torch.device) -> Distributed:
+    if not config.loader.distributed:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # torchrun provides the rendezvous through env://
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def ranks_agree(model: nn.Module, distributed: Distributed) -> bool:
+    """Whether every rank holds the same weights (a float64 fingerprint, all-gathered)."""
+    if distributed.world_size == 1:
+        return True
+    import torch.distributed as dist
+
+    parameters = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    weights = torch.arange(1, len(parameters) + 1, dtype=torch.float64, device=parameters.device)
+    fingerprint = torch.stack([parameters.sum(), (parameters * weights).sum()])
+    gathered = [torch.zeros_like(fingerprint) for _ in range(distributed.world_size)]
+    dist.all_gather(gathered, fingerprint)
+    return all(torch.allclose(g, gathered[0], rtol=1e-9, atol=0) for g in gathered)
+
+
+def share_run_dir(run_dir: Path, distributed: Distributed) -> Path:
+    """Rank 0 names the run folder; the other ranks learn it."""
+    return Path(broadcast_from_main(str(run_dir), distributed))
+
+
+def broadcast_from_main(value, distributed: Distributed):
+    """Rank 0's `value` on every rank (pickled by torch.distributed between our own processes)."""
+    if distributed.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_reduce_sum(values: torch.Tensor, distributed: Distributed) -> torch.Tensor:
+    if distributed.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(values)
+    return values
