@@ -31,3 +31,16 @@ def test_logit_scale_multiplies_the_logits():
     scaled.load_state_dict(plain.state_dict())
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(scaled(images), plain(images) * 0.125)
+
+
+def test_zero_init_residuals_makes_each_residual_block_its_pooled_conv():
+    from fastcifar.model import zero_init_residuals_
+
+    model = CustResNet()
+    zero_init_residuals_(model)
+    x = torch.randn(4, 64, 16, 16)
+    for block in (model.layer1, model.layer3):
+        inputs = x if block is model.layer1 else torch.randn(4, 256, 8, 8)
+        torch.testing.assert_close(block(inputs), block.conv(inputs), rtol=0, atol=0)
+    x2 = torch.randn(4, 128, 8, 8)
+    assert not torch.equal(model.layer2(x2), torch.zeros_like(model.layer2(x2)))

@@ -350,3 +350,12 @@ def test_second_signal_stops_at_once():
     assert request.signal_number == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         request.handle(signal.SIGINT, None)
+
+
+def test_ema_weights_are_the_ones_evaluated_and_saved(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=2, ema_decay=0.9))
+    averaged = result.final_model.module.state_dict()  # the AveragedModel's copy
+    final, _ = read_weights_file(result.final_weights)
+    live = load_checkpoint(result.run_dir / "last.pt")["model"]
+    assert all(torch.equal(final[name], averaged[name].float()) for name in final)
+    assert not torch.equal(final["fc.weight"], live["fc.weight"].float())  # not the live weights
