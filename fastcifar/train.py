@@ -456,6 +456,15 @@ def _first_train_images(loaders: Loaders, config: TrainConfig, device_step: Devi
     return torch.cat([device_step(images, labels)[0].float().cpu() for images, labels in loader])
 
 
+DIVERGENCE_CHECK_STEPS = 16
+
+
+def _diverged(epoch: int, last_checkpoint: Path) -> FastCifarError:
+    return FastCifarError(
+        f"training diverged (non-finite loss) in epoch {epoch + 1}; the last good checkpoint "
+        f"is {last_checkpoint}: lower --max-lr or use bf16/fp32")
+
+
 def _make_run_dir(config: TrainConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.out_dir) / f"{stamp}-{config.recipe}-s{config.seed}"
@@ -659,6 +668,10 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 correct += (logits.detach().argmax(1) == labels).sum()
                 seen += len(labels)
                 callbacks.on_step(epoch + 1, step_in_epoch, steps_per_epoch)
+                # One host sync every DIVERGENCE_CHECK_STEPS steps (not per step): a run whose
+                # loss went non-finite stops within that many steps, its last checkpoint intact.
+                if steps % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum).item():
+                    raise _diverged(epoch, last_checkpoint)
                 if stop.signal_number is not None:
                     break
                 if (evaluate_inside and step_in_epoch % config.eval_every_steps == 0
@@ -698,9 +711,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                                      distributed)
             train_loss_sum, train_correct, train_seen = totals.tolist()  # one sync per epoch
             if not math.isfinite(train_loss_sum):
-                raise FastCifarError(
-                    f"training diverged (non-finite loss) in epoch {epoch + 1}; the last good "
-                    f"checkpoint is {last_checkpoint}: lower --max-lr or use bf16/fp32")
+                raise _diverged(epoch, last_checkpoint)
 
             eval_started = time.perf_counter()
             test_loss, test_accuracy = evaluate(eval_model, loaders.test, device_step, plan,

@@ -214,6 +214,23 @@ def test_diverging_run_stops_with_a_clear_message(tiny_dataset, tmp_path):
         train(tiny_config(tiny_dataset, tmp_path, epochs=1, max_lr=1e12, logit_scale=1e6))
 
 
+def test_diverging_run_stops_within_the_check_interval_not_at_the_epoch_end(
+        tiny_dataset, tmp_path, monkeypatch):
+    import fastcifar.train
+
+    monkeypatch.setattr(fastcifar.train, "DIVERGENCE_CHECK_STEPS", 2)
+    seen_steps = []
+
+    class RecordSteps(TrainCallbacks):
+        def on_step(self, epoch, step, steps_per_epoch):
+            seen_steps.append(step)
+
+    config = tiny_config(tiny_dataset, tmp_path, epochs=1, max_lr=1e12, logit_scale=1e6)
+    with pytest.raises(FastCifarError, match=r"non-finite loss\) in epoch 1;"):
+        train(config, callbacks=RecordSteps())
+    assert seen_steps and max(seen_steps) < 5  # 120 images / 24: the epoch has 5 steps
+
+
 def test_stop_at_accuracy_ends_the_run_early(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path, epochs=6, stop_at_accuracy=0.5))
     assert result.reached_target and len(result.history) < 6
