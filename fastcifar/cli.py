@@ -344,6 +344,10 @@ def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
         numeric_lr = None if max_lr in (None, "auto") else run_command(_parse_float, max_lr,
                                                                        "max-lr")
         config = run_command(build_train_config, **options, max_lr=numeric_lr)
+        if max_lr == "auto" and config.loader.distributed:
+            # Each rank would run its own range test on its own shard and pick its own LR.
+            _fail(FastCifarError("--max-lr auto is not supported under torchrun: run "
+                                 "`fastcifar lr-find` once and pass its suggestion as --max-lr"))
         if max_lr == "auto":
             config = run_command(_with_found_lr, config)
         command(train_config=config, **values)

@@ -742,9 +742,12 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             # An in-epoch evaluation at the target stops the run at this epoch's end; its
             # time on the clock is that evaluation's.
             epoch_accuracies = [row.test_accuracy for row in evaluations if row.epochs > epoch]
-            if (config.stop_at_accuracy is not None
-                    and max(epoch_accuracies) >= config.stop_at_accuracy):
-                reached = True
+            reached = (config.stop_at_accuracy is not None
+                       and max(epoch_accuracies) >= config.stop_at_accuracy)
+            # Rank 0 decides for all: ranks that disagreed would wait for each other forever.
+            if distributed.world_size > 1:
+                reached = broadcast_from_main(reached, distributed)
+            if reached:
                 break
 
     if distributed.world_size > 1:

@@ -154,3 +154,13 @@ def test_resume_auto_finishes_the_newest_interrupted_run(tiny_dataset, tmp_path,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
     assert "final test accuracy" in resumed.output
+
+
+def test_max_lr_auto_is_refused_under_torchrun(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    result = CliRunner().invoke(app, ["train", "--max-lr", "auto", "--data", str(tiny_dataset),
+                                      "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 1
+    assert "--max-lr auto is not supported under torchrun" in result.output
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
