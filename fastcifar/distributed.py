@@ -70,3 +70,14 @@ def all_reduce_sum(values: torch.Tensor, distributed: Distributed) -> torch.Tens
 
         dist.all_reduce(values)
     return values
+
+
+def all_reduce_max(value: int, distributed: Distributed, device: torch.device) -> int:
+    """The largest of every rank's `value` (a host sync: call it every few steps, not each)."""
+    if distributed.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    holder = torch.tensor([value], device=device, dtype=torch.long)
+    dist.all_reduce(holder, op=dist.ReduceOp.MAX)
+    return int(holder.item())

@@ -43,6 +43,8 @@ from fastcifar.device import (
     select_device,
 )
 from fastcifar.distributed import (
+    Distributed,
+    all_reduce_max,
     all_reduce_sum,
     broadcast_from_main,
     init_distributed,
@@ -456,7 +458,21 @@ def _first_train_images(loaders: Loaders, config: TrainConfig, device_step: Devi
     return torch.cat([device_step(images, labels)[0].float().cpu() for images, labels in loader])
 
 
-DIVERGENCE_CHECK_STEPS = 16
+DIVERGENCE_CHECK_STEPS = 16  # also how often torchrun's ranks agree on a stop
+
+
+def _stop_agreed(stop: _StopRequest, steps: int, distributed: Distributed,
+                 device: torch.device) -> bool:
+    """Whether to stop after this step: on a signal to this process or, under torchrun, to any
+    rank; ranks compare every DIVERGENCE_CHECK_STEPS steps, so they stop at the same step."""
+    if distributed.world_size == 1:
+        return stop.signal_number is not None
+    if steps % DIVERGENCE_CHECK_STEPS:
+        return False
+    agreed = all_reduce_max(stop.signal_number or 0, distributed, device)
+    if agreed and stop.signal_number is None:
+        stop.signal_number = agreed  # another rank's signal stops this one too
+    return bool(agreed)
 
 
 def _diverged(epoch: int, last_checkpoint: Path) -> FastCifarError:
@@ -601,7 +617,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                         config.tta_shifts)[1]
 
     partial = resume_state.get("partial") if resume_state is not None else None
-    with _stop_on_signals(handle_signals and distributed.is_main) as stop:
+    # Every rank traps the signals; under torchrun they agree on the step to stop at.
+    with _stop_on_signals(handle_signals) as stop:
         for epoch in range(start_epoch, config.epochs):
             trained_model.train()
             loss_sum = torch.zeros((), device=device)
@@ -610,9 +627,11 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             # for in-epoch evaluations and restarts after an interrupt)
             seen, done_before, seconds_before, epoch_eval_seconds = 0, 0, 0.0, 0.0
             if partial is not None:  # resuming inside this epoch: its first steps are done
-                loss_sum += partial["loss_sum"]
-                correct += partial["correct"]
-                seen, done_before = partial["seen"], partial["step"]
+                if distributed.is_main:  # the saved sums are all ranks' together
+                    loss_sum += partial["loss_sum"]
+                    correct += partial["correct"]
+                    seen = partial["seen"]
+                done_before = partial["step"]
                 seconds_before = partial["train_seconds"]
                 epoch_eval_seconds, partial = partial.get("eval_seconds", 0.0), None
             trained_before = sum(row.train_seconds for row in history)
@@ -672,7 +691,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                 # loss went non-finite stops within that many steps, its last checkpoint intact.
                 if steps % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum).item():
                     raise _diverged(epoch, last_checkpoint)
-                if stop.signal_number is not None:
+                if _stop_agreed(stop, steps, distributed, device):
                     break
                 if (evaluate_inside and step_in_epoch % config.eval_every_steps == 0
                         and step_in_epoch < steps_per_epoch):  # the epoch end evaluates anyway
@@ -693,13 +712,16 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
                     epoch_started = time.perf_counter()
             if stop.signal_number is not None:
                 del batches  # FFCV's worker thread stops with its iterator
-                if distributed.is_main:
+                partial_sums = all_reduce_sum(torch.stack([
+                    loss_sum, correct.float(), torch.tensor(float(seen), device=device)]),
+                    distributed).tolist()
+                if distributed.is_main:  # one checkpoint, with every rank's sums so far
                     save_checkpoint(last_checkpoint, _checkpoint_state(
                         model, optimizers, scaler, ema, lookahead, epoch, steps, history,
                         evaluations, record, best_accuracy, warmup_seconds, lr_per_step,
                         partial={
-                            "step": step_in_epoch, "loss_sum": loss_sum.item(),
-                            "correct": int(correct.item()), "seen": seen,
+                            "step": step_in_epoch, "loss_sum": partial_sums[0],
+                            "correct": int(partial_sums[1]), "seen": int(partial_sums[2]),
                             "train_seconds": seconds_before + time.perf_counter() - epoch_started,
                             "eval_seconds": epoch_eval_seconds}))
                 raise TrainingInterrupted(stop.signal_number, last_checkpoint)

@@ -56,3 +56,49 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
     ddp_last, single_last = metrics["epochs"][-1], single_metrics["epochs"][-1]
     assert ddp_last["test_accuracy"] >= 0.8 and single_last["test_accuracy"] >= 0.8
     assert abs(ddp_last["train_loss"] - single_last["train_loss"]) <= 0.25 * single_last["train_loss"]
+
+
+def _torchrun(tiny_dataset, tmp_path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fastcifar",
+            "train", "--epochs", "4", "--max-lr", "0.05", "--precision", "fp32", "--workers",
+            "1", "--cutout", "4", "--no-tta", "--batch-size", "6", "--data", str(tiny_dataset),
+            "--out", str(tmp_path / name), "--weights", str(tmp_path / f"{name}-weights"),
+            *extra]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_that_resumes(tiny_dataset,
+                                                                              tmp_path):
+    import signal
+    import time
+
+    from fastcifar.checkpoint import load_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(_torchrun(tiny_dataset, tmp_path, "stopped"), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "stopped").glob("*/last.pt")):  # epoch 1 is done (step 10)
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0, output
+    (checkpoint,) = (tmp_path / "stopped").glob("*/last.pt")  # one run, one checkpoint
+    state = load_checkpoint(checkpoint)
+    # 10 steps an epoch; ranks compare their stop flags every 16 steps: both stop at step 16
+    assert state["epoch"] == 1 and state["partial"]["step"] == 6 and state["steps"] == 16, output
+    resumed = subprocess.run(_torchrun(tiny_dataset, tmp_path, "stopped", "--resume",
+                                       str(checkpoint)),
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    whole = subprocess.run(_torchrun(tiny_dataset, tmp_path, "whole"), capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert whole.returncode == 0, whole.stdout[-3000:]
+    (whole_dir,) = (tmp_path / "whole").iterdir()
+    expected = json.loads((whole_dir / "metrics.json").read_text())["epochs"]
+    got = json.loads((checkpoint.parent / "metrics.json").read_text())["epochs"]
+    assert [row["test_accuracy"] for row in got] == [row["test_accuracy"] for row in expected]
+    assert [row["train_loss"] for row in got] == pytest.approx(
+        [row["train_loss"] for row in expected], rel=1e-6)
