@@ -697,7 +697,7 @@ def benchmark_time_to_accuracy(
     their weights to --out/weights. Ctrl-C saves a checkpoint; a one-run benchmark continues
     with the same options plus --resume.
     """
-    from fastcifar.benchmark import benchmark_time_to_accuracy as run_benchmark
+    from fastcifar.benchmark.time_to_accuracy import benchmark_time_to_accuracy as run_benchmark
     from fastcifar.config import TimeToAccuracyConfig
 
     train_config = dataclasses.replace(train_config, weights_dir=train_config.out_dir / "weights",
@@ -747,7 +747,7 @@ def benchmark_loader(
     """Train-set images/s: fastcifar's fused loader vs FFCV's built-in ops vs a torchvision DataLoader."""
     import time
 
-    from fastcifar.benchmark import benchmark_loader as run_benchmark
+    from fastcifar.benchmark.loader import benchmark_loader as run_benchmark
     from fastcifar.config import LoaderBenchmarkConfig
 
     json_path = json_path or Path(f"benchmarks/results/loader-{time.strftime('%Y-%m-%d')}.json")

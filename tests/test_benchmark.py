@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastcifar.benchmark import TargetHit, benchmark_time_to_accuracy, first_hits
+from fastcifar.benchmark.time_to_accuracy import TargetHit, benchmark_time_to_accuracy, first_hits
 from fastcifar.checkpoint import load_checkpoint, read_weights_file
 from fastcifar.config import (
     LoaderBenchmarkConfig,
@@ -38,7 +38,7 @@ PIPELINES = ["fastcifar", "ffcv_builtin", "torchvision_dataloader"]
 @pytest.fixture(scope="module")
 def loader_report(tiny_dataset, tmp_path_factory) -> tuple[dict, object]:
     """One real benchmark run: 1 pass, batches of 24 over the 120 tiny train images."""
-    from fastcifar.benchmark import benchmark_loader
+    from fastcifar.benchmark.loader import benchmark_loader
 
     json_path = tmp_path_factory.mktemp("benchmark") / "loader.json"
     config = LoaderBenchmarkConfig(data_dir=tiny_dataset, workers=2, batch_size=24, passes=1,
@@ -98,7 +98,7 @@ class PacedLoader:
 
 
 def test_loader_timing_counts_timed_passes_at_their_real_rate():
-    from fastcifar.benchmark import _time_loader_passes
+    from fastcifar.benchmark.loader import _time_loader_passes
 
     progress = []
     row = _time_loader_passes("fastcifar", lambda: PacedLoader(0.1, 1.0),
@@ -123,7 +123,7 @@ def test_loader_timing_counts_timed_passes_at_their_real_rate():
 
 
 def test_benchmark_loader_cli_builds_the_config(monkeypatch, tmp_path):
-    import fastcifar.benchmark
+    import fastcifar.benchmark.loader
     from fastcifar.cli import app
 
     seen = {}
@@ -133,7 +133,7 @@ def test_benchmark_loader_cli_builds_the_config(monkeypatch, tmp_path):
         return {"results": [{"name": name, "images_per_s": 1.0, "build_seconds": 0.1,
                              "first_batch_seconds": 0.5} for name in PIPELINES]}
 
-    monkeypatch.setattr(fastcifar.benchmark, "benchmark_loader", fake_benchmark)
+    monkeypatch.setattr(fastcifar.benchmark.loader, "benchmark_loader", fake_benchmark)
     result = CliRunner().invoke(app, ["benchmark", "loader", "--data", str(tmp_path),
                                       "--workers", "3", "--batch-size", "64", "--passes", "2",
                                       "--no-jit-startup", "--json", str(tmp_path / "l.json")])
@@ -190,7 +190,7 @@ class ScriptedAccuracy:
     def __init__(self, accuracies: list[float]) -> None:
         self.accuracies = list(accuracies)
 
-    def __call__(self, model, loader, device_step, plan, tta) -> tuple[float, float]:
+    def __call__(self, model, loader, device_step, plan, tta, shifts=False) -> tuple[float, float]:
         time.sleep(0.01)  # an evaluation takes time on the clock
         return 1.0, self.accuracies.pop(0)
 
@@ -259,17 +259,17 @@ def saved_weights_accuracy(checkpoint: Path, data_dir: Path, tta: bool) -> float
 
 def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path,
                                                                      monkeypatch):
-    import fastcifar.benchmark
+    import fastcifar.benchmark.time_to_accuracy
     import fastcifar.train
 
     final_passes = []  # (tta, batches, accuracy) of the benchmark's own test passes
 
-    def evaluate(model, loader, device_step, plan, tta):
+    def evaluate(model, loader, device_step, plan, tta, shifts=False):
         loss, accuracy = fastcifar.train.evaluate(model, loader, device_step, plan, tta)
         final_passes.append((tta, len(loader), accuracy))
         return loss, accuracy
 
-    monkeypatch.setattr(fastcifar.benchmark, "evaluate", evaluate)
+    monkeypatch.setattr(fastcifar.benchmark.time_to_accuracy, "evaluate", evaluate)
     config = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.6,), stop_at_target=True)
     report = benchmark_time_to_accuracy(config)
     assert json.loads(config.json_path.read_text()) == json.loads(json.dumps(report))
@@ -334,7 +334,7 @@ def test_shortest_budget_mode_stops_at_the_first_budget_that_reaches_the_target(
 
 
 def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
-    import fastcifar.benchmark
+    import fastcifar.benchmark.time_to_accuracy
     from fastcifar.cli import app
 
     seen = {}
@@ -343,7 +343,8 @@ def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
         seen["config"] = config
         return {"median": {}}
 
-    monkeypatch.setattr(fastcifar.benchmark, "benchmark_time_to_accuracy", fake_benchmark)
+    monkeypatch.setattr(fastcifar.benchmark.time_to_accuracy, "benchmark_time_to_accuracy",
+                        fake_benchmark)
     result = CliRunner().invoke(app, [
         "benchmark", "time-to-accuracy", "--recipe", "seed", "--epochs", "8", "--runs", "3",
         "--target", "0.9", "--target", "0.94", "--budget", "8", "--budget", "12", "--seed", "5",
