@@ -68,9 +68,12 @@ class FilterMuon(torch.optim.Muon):
 
     torch.optim.Muon takes 2-D parameters only: it steps matrix views of the filters, whose
     gradients are set (as views too) as soon as each filter's gradient is accumulated.
+    `zero_grad` clears the filters' own gradients too: left alone, autograd would add each
+    step's gradient to the last and Muon would orthogonalise their running sum.
     """
 
     def __init__(self, filters: list[nn.Parameter], lr: float, momentum: float) -> None:
+        self.filters = list(filters)
         self.matrices = [nn.Parameter(_matrix_view(filter_.data)) for filter_ in filters]
         for filter_, matrix in zip(filters, self.matrices, strict=True):
             filter_.register_post_accumulate_grad_hook(self._gradient_setter(matrix))
@@ -80,12 +83,21 @@ class FilterMuon(torch.optim.Muon):
     @staticmethod
     def _gradient_setter(matrix: nn.Parameter):
         def set_gradient(filter_: torch.Tensor) -> None:
+            # The gradient's columns in the order of the filter's matrix view (a view when
+            # the layouts agree, else a copy: Muon only reads it).
             gradient = filter_.grad
-            try:
-                matrix.grad = _matrix_view(gradient)
-            except FastCifarError:  # an odd gradient layout: a copy serves, Muon only reads it
-                matrix.grad = gradient.reshape(gradient.shape[0], -1)
+            if not filter_.is_contiguous():  # channels-last filters: (out, k, k, in) order
+                gradient = gradient.permute(0, 2, 3, 1)
+            matrix.grad = gradient.reshape(gradient.shape[0], -1)
         return set_gradient
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for filter_ in self.filters:
+            if set_to_none:
+                filter_.grad = None
+            elif filter_.grad is not None:
+                filter_.grad.zero_()
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EXPRESS, LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import build_loaders, read_labels, split_holdout
 from fastcifar.device import DeviceStep
@@ -154,6 +155,26 @@ def test_filter_muon_shares_storage_with_the_filters():
                        muon.matrices[0].detach())
 
 
+def test_filter_muon_steps_like_muon_on_the_filter_matrices_step_after_step():
+    # Each step must see that step's gradient only, in the matrix view's column order.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, bias=False).to(memory_format=torch.channels_last)
+    reference = nn.Parameter(conv.weight.detach().permute(0, 2, 3, 1).reshape(8, -1).clone())
+    muon = FilterMuon([conv.weight], lr=0.1, momentum=0.5)
+    plain = torch.optim.Muon([reference], lr=0.1, momentum=0.5, nesterov=True, weight_decay=0.0)
+    for _ in range(3):
+        images = torch.randn(2, 4, 6, 6)
+        muon.zero_grad()
+        plain.zero_grad()
+        conv(images).square().mean().backward()
+        filters = reference.view(8, 3, 3, 4).permute(0, 3, 1, 2)
+        nn.functional.conv2d(images, filters).square().mean().backward()
+        muon.step()
+        plain.step()
+        torch.testing.assert_close(conv.weight.detach().permute(0, 2, 3, 1).reshape(8, -1),
+                                   reference.detach())
+
+
 def test_lookahead_moves_the_average_and_resets_the_live_weights():
     model = nn.Linear(3, 2)
     start = model.weight.detach().clone()
@@ -237,8 +258,8 @@ def test_express_with_every_trick_learns_and_saves_plain_weights(tiny_dataset, t
     history = result.history
     assert history[-1].train_loss < history[0].train_loss
     assert history[-1].test_accuracy >= 0.8 and history[-1].holdout_accuracy >= 0.8
-    best = torch.load(result.best_weights, weights_only=False)
-    CustResNet(num_classes=3, logit_scale=0.125).load_state_dict(best["model"])  # folded
+    state_dict, metadata = read_weights_file(result.best_weights)
+    CustResNet(num_classes=3, logit_scale=0.125).load_state_dict(state_dict)  # folded, strict
 
 
 def test_express_resumes_bit_for_bit(tiny_dataset, tmp_path):
