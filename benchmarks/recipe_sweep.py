@@ -22,10 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+from fastcifar.checkpoint import machine_description
 from fastcifar.config import EXPRESS, FAST, LoaderConfig, TrainConfig, replace_nested
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, plan_precision, select_device
-from fastcifar.train import evaluate, machine_description, train
+from fastcifar.evaluate import evaluate_loader
+from fastcifar.train import train
 
 # Each trick as the settings that turn it on (from `fast`) and off again (from `express`).
 TRICKS: dict[str, tuple[dict, dict]] = {
@@ -95,7 +97,7 @@ def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
     device = next(model.parameters()).device
     step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device, config.channels_last)
     plan = plan_precision(config.precision, device)
-    final = {mode: evaluate(model, loaders.holdout, step, plan, tta, shifts)[1]
+    final = {mode: evaluate_loader(model, loaders.holdout, step, plan, tta, shifts)[1]
              for mode, tta, shifts in (("none", False, False), ("flip", True, False),
                                        ("multicrop", True, True))}
     return {"seed": seed, "holdout_per_epoch": [row.holdout_accuracy for row in result.history],

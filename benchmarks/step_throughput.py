@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from fastcifar.checkpoint import machine_description
 from fastcifar.config import Device, Precision
 from fastcifar.device import autocast, plan_precision, select_device
 from fastcifar.model import CustResNet
-from fastcifar.train import machine_description
 
 
 def images_per_second(device: torch.device, precision: Precision, channels_last: bool,

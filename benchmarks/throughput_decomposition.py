@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from fastcifar.checkpoint import machine_description
 from fastcifar.config import LoaderConfig, recipe
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, autocast, plan_precision, select_device
+from fastcifar.model import build_model
 from fastcifar.optim import Optimizers
-from fastcifar.train import build_model, machine_description
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,20 +1,32 @@
-"""Run state and weights files: resumable checkpoints (torch, loaded with weights_only) and
-weights files (safetensors with a JSON metadata header). A file a user hands in is never unpickled.
+"""Run state and weights files: seeds and the run record, resumable checkpoints (torch, loaded
+with weights_only) and weights files (safetensors with a JSON metadata header). A file a user
+hands in is never unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import random
+import subprocess
 import warnings
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fastcifar.atomic import atomic_path
+from fastcifar.config import TrainConfig
 from fastcifar.errors import FastCifarError
+
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    from fastcifar.data.loaders import Loaders
+    from fastcifar.optim import Optimizers
+    from fastcifar.train import Evaluation
 
 # ---------------------------------------------------------------- resumable checkpoints
 
@@ -100,6 +112,16 @@ TTA_MODES = ("none", "flip", "multicrop")  # flip: image + mirror; multicrop: al
 # What a reader needs to use the weights; everything else in the metadata is for people
 # (recipe, accuracy, epochs, data variant, commit, config, versions, hardware).
 REQUIRED_METADATA = ("class_names", "mean", "std", "logit_scale", "tta")
+
+
+def tta_mode(tta: bool, shifts: bool) -> str:
+    """The TTA mode's name, as weights files store it: none, flip or multicrop."""
+    return "multicrop" if tta and shifts else "flip" if tta else "none"
+
+
+def tta_flags(mode: str) -> tuple[bool, bool]:
+    """(tta, shifts) for `predict_logits` from a stored TTA mode's name."""
+    return mode in ("flip", "multicrop"), mode == "multicrop"
 
 
 def save_weights_file(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict,
@@ -198,3 +220,143 @@ def _not_weights(path: Path, reason: str) -> FastCifarError:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs; the loader order and augmentation take the seed directly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_record(config: TrainConfig, device: torch.device, precision: str) -> dict:
+    """Config, versions, hardware and git commit: stored with every run and checkpoint."""
+    import importlib.metadata
+
+    import numba
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "config": config_to_dict(config),
+        # str(): torch.__version__ is a str subclass that torch.load(weights_only) refuses.
+        "versions": {"torch": str(torch.__version__), "ffcv": importlib.metadata.version("ffcv"),
+                     "numba": numba.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "hardware": machine_description(device),
+        "precision": precision,
+        "git_commit": commit or None,
+    }
+
+
+def machine_description(device: torch.device | None = None) -> dict:
+    """CPU model and core count, memory, and the GPU name when one is used."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    description = {"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)),
+                   "platform": platform.platform()}
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        description["memory_gib"] = round(pages / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if device is not None and device.type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
+    return description
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """JSON-friendly `asdict` (paths and enums as strings)."""
+    def plain(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        if hasattr(value, "value"):
+            return value.value
+        return value
+
+    return plain(asdict(config))
+
+
+def weights_metadata(config: TrainConfig, record: dict, loaders: Loaders,
+                     evaluation: Evaluation, which: str) -> dict:
+    """The metadata header of a weights file train writes (`which`: "best" or "final").
+
+    What predict/evaluate need (classes, mean/std, logit scale, TTA mode) and what a person
+    needs to trust the file: recipe, the accuracy and when it was measured, data, commit.
+    """
+    metadata = loaders.metadata
+    source = metadata.source
+    data_variant = f"{Path(str(source.get('path') or '?')).name} ({source.get('kind', '?')})"
+    if loaders.train_count != metadata.train_count:
+        data_variant += f", first {loaders.train_count:,} of {metadata.train_count:,} train images"
+    return {
+        "class_names": list(metadata.class_names), "mean": list(metadata.mean),
+        "std": list(metadata.std), "logit_scale": config.logit_scale,
+        "tta": tta_mode(config.tta, config.tta_shifts),
+        "weights": which,
+        "recipe": config.recipe,
+        "accuracy": evaluation.test_accuracy,  # on the test set, with the TTA mode above
+        "accuracy_note": ("the best test pass of the run: chosen on the test set" if which == "best"
+                          else "the test pass at the end of the run"),
+        "test_images": loaders.test_count,
+        "epochs": evaluation.epochs, "steps": evaluation.steps,
+        "data_variant": data_variant, "data_source": source,
+        "git_commit": record["git_commit"], "precision": record["precision"],
+        "config": record["config"], "versions": record["versions"], "hardware": record["hardware"],
+    }
+
+
+def run_state(model, optimizers: Optimizers, scaler, ema, lookahead, epoch, steps,
+              history, evaluations, record, best_accuracy, warmup_seconds: float,
+              lr_per_step: list[float], partial: dict | None = None) -> dict:
+    """Everything a resumed run needs, as tensors and plain values (loadable weights_only)."""
+    return {
+        "partial": partial,  # progress inside an interrupted epoch
+        "lr_per_step": list(lr_per_step),  # of every sitting: a resumed run plots them all
+        "warmup_seconds": warmup_seconds,  # of every sitting so far
+        "evaluations": [asdict(evaluation) for evaluation in evaluations],
+        "model": model.state_dict(),
+        **optimizers.state_dict(),  # optimizer, scheduler (+ muon, muon_scheduler)
+        "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "lookahead": lookahead.state_dict() if lookahead is not None else None,
+        "epoch": epoch,  # completed epochs
+        "steps": steps,
+        "history": [asdict(stats) for stats in history],
+        "best_accuracy": best_accuracy,
+        "rng": rng_state(),  # tensors and plain values: loadable with weights_only
+        **record,
+    }
+
+
+# Settings that may differ between a run and its resumption (they do not change the maths).
+_RESUMABLE_DIFFERENCES = {"resume", "out_dir", "weights_dir", "make_plots", "stop_at_accuracy",
+                          "local_rank", "device", "eval_every_steps", "eval_steps_epochs"}
+
+
+def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
+    current = config_to_dict(config)
+    differing = sorted(key for key in current if key not in _RESUMABLE_DIFFERENCES
+                       and saved.get(key) != current[key])
+    if differing:
+        raise FastCifarError("checkpoint was made with other settings (" + ", ".join(differing)
+                             + "): resume with the same options or start a new run")
+
+
+def find_latest_checkpoint(out_dir: Path) -> Path:
+    """`--resume auto`: the newest `last.pt` of any run folder in `out_dir`."""
+    candidates = sorted(Path(out_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FastCifarError(f"--resume auto: no checkpoint (*/last.pt) under {out_dir}")
+    return candidates[-1]

@@ -426,7 +426,7 @@ def train(
                                 rich_help_panel=OPTIMISATION)] = None,
 ) -> None:
     """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, final and best weights saved."""
-    from fastcifar.train import find_latest_checkpoint
+    from fastcifar.checkpoint import find_latest_checkpoint
     from fastcifar.train import train as run_training
 
     resume_path = (run_command(find_latest_checkpoint, train_config.out_dir) if resume == "auto"

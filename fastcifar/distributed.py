@@ -1,8 +1,11 @@
 """torchrun scale-out: the process group, rank 0's choices shared with the other ranks, sums
-over ranks and a check that every rank holds the same weights."""
+over ranks, a check that every rank holds the same weights, and stop signals all ranks obey."""
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +84,44 @@ def all_reduce_max(value: int, distributed: Distributed, device: torch.device) -
     holder = torch.tensor([value], device=device, dtype=torch.long)
     dist.all_reduce(holder, op=dist.ReduceOp.MAX)
     return int(holder.item())
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag checked at step boundaries; a second SIGINT exits at once."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+
+    def handle(self, signal_number: int, frame) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt  # second signal: stop now; checkpoints are atomic
+        self.signal_number = signal_number
+
+
+@contextmanager
+def stop_on_signals(enabled: bool) -> Iterator[StopRequest]:
+    request = StopRequest()
+    if not enabled:
+        yield request
+        return
+    previous = {number: signal.signal(number, request.handle)
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def stop_agreed(stop: StopRequest, steps: int, distributed: Distributed,
+                device: torch.device, every: int) -> bool:
+    """Whether to stop after this step: on a signal to this process or, under torchrun, to any
+    rank; ranks compare every `every` steps (one all-reduce), so they stop at the same step."""
+    if distributed.world_size == 1:
+        return stop.signal_number is not None
+    if steps % every:
+        return False
+    agreed = all_reduce_max(stop.signal_number or 0, distributed, device)
+    if agreed and stop.signal_number is None:
+        stop.signal_number = agreed  # another rank's signal stops this one too
+    return bool(agreed)

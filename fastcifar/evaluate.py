@@ -1,5 +1,6 @@
-"""Score a weights file on the test set: accuracy, per-class accuracy, confusion matrix and
-the misclassified images, written as figures and a JSON (the library side of `fastcifar evaluate`).
+"""Test passes (the TTA modes) and scoring a weights file on the test set: accuracy, per-class
+accuracy, confusion matrix and the misclassified images, written as figures and a JSON (the
+library side of `fastcifar evaluate`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,57 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as functional
 from torch import nn
 
 from fastcifar.atomic import write_json
-from fastcifar.checkpoint import read_weights_file
+from fastcifar.checkpoint import read_weights_file, tta_flags, tta_mode
 from fastcifar.config import EvaluateConfig
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.device import DeviceStep, PrecisionPlan, autocast, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
-from fastcifar.train import predict_logits, tta_flags, tta_mode
+
+
+def _flip_averaged(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
+    logits = model(images)
+    return (logits + model(torch.flip(images, dims=[3]))) / 2 if tta else logits
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: bool,
+                   shifts: bool = False) -> torch.Tensor:
+    """Logits, averaged with those of the mirrored images when `tta` is set.
+
+    `shifts` (multi-crop) adds the flip-averaged logits of the image moved 1 px up-left and
+    1 px down-right (reflected border), weighted 0.5 / 0.25 / 0.25: 6 forward passes.
+    """
+    logits = _flip_averaged(model, images, tta)
+    if not shifts:
+        return logits
+    padded = functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    height, width = images.shape[2], images.shape[3]
+    up_left = _flip_averaged(model, padded[:, :, 2:height + 2, 2:width + 2], tta)
+    down_right = _flip_averaged(model, padded[:, :, :height, :width], tta)
+    return 0.5 * logits + 0.25 * up_left + 0.25 * down_right
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionPlan,
+             tta: bool, shifts: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over the loader (eval mode, no gradients)."""
+    model.eval()
+    total_loss = torch.zeros((), device=device_step.device)
+    correct = torch.zeros((), device=device_step.device, dtype=torch.long)
+    count = 0
+    for images, labels in loader:
+        images, labels = device_step(images, labels)
+        with autocast(device_step.device, plan):
+            logits = predict_logits(model, images, tta, shifts)
+        total_loss += functional.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+    # One host-device sync for the whole pass.
+    return total_loss.item() / max(count, 1), correct.item() / max(count, 1)
 
 
 @dataclass(frozen=True)

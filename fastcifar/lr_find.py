@@ -23,12 +23,13 @@ from torch import nn
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
 from fastcifar.atomic import atomic_path, write_json
+from fastcifar.checkpoint import config_to_dict, machine_description, seed_everything
 from fastcifar.config import LrFindConfig, TrainConfig
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, PrecisionPlan, plan_precision, select_device
 from fastcifar.errors import FastCifarError
+from fastcifar.model import build_model
 from fastcifar.optim import make_optimizer
-from fastcifar.train import build_model, config_to_dict, machine_description, seed_everything
 
 StepProgress = Callable[[int, int], None]  # (steps done, total steps)
 

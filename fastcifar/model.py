@@ -1,4 +1,5 @@
-"""CustResNet, the 6,573,130-parameter residual network, with its summary and receptive field."""
+"""CustResNet, the 6,573,130-parameter residual network: how a run builds and initialises it,
+its summary and its receptive field."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fastcifar.config import TrainConfig
+from fastcifar.errors import FastCifarError
 
 
 class ConvLayer(nn.Module):
@@ -179,6 +183,34 @@ def zero_init_residuals_(model: CustResNet) -> None:
         if block.residual is not None:
             batch_norm = [m for m in block.residual.modules() if isinstance(m, nn.BatchNorm2d)][-1]
             nn.init.zeros_(batch_norm.weight)
+
+
+def build_model(config: TrainConfig, device: torch.device,
+                whitening_images: torch.Tensor | None = None, num_classes: int = 10) -> nn.Module:
+    """CustResNet on the device, channels-last when asked, BN settings and initialisation set.
+
+    `num_classes` is the data's (its metadata's class names), so the saved weights fit it.
+    `whitening_images` (normalised train images) fit `whiten` / `whiten_init`.
+    """
+    model = CustResNet(num_classes=num_classes, dropout=config.dropout,
+                       logit_scale=config.logit_scale)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum, module.eps = config.bn_momentum, config.bn_eps
+            module.weight.requires_grad_(not config.bn_frozen_scale)  # stays a parameter at 1
+    if config.dirac_init:
+        dirac_init_(model)
+    needs_images = config.whiten or config.whiten_init
+    if needs_images and whitening_images is None:
+        raise FastCifarError("whitening needs train images to fit")
+    if config.whiten_init:
+        whitening_init_(model.prep.layers[0], whitening_images)
+    if config.whiten:
+        whiten_prep_(model, whitening_images, config.whiten_eps)
+    if config.zero_init_residual:
+        zero_init_residuals_(model)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    return model.to(device=device, memory_format=memory_format)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -16,8 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from fastcifar.config import PredictConfig
 from fastcifar.device import DeviceStep, select_device
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluate import load_weights, model_from_weights
-from fastcifar.train import predict_logits, tta_flags
+from fastcifar.evaluate import load_weights, model_from_weights, predict_logits, tta_flags
 
 IMAGE_SIZE = 32  # the side CustResNet was trained on
 

@@ -201,7 +201,7 @@ def test_evaluations_inside_the_last_epochs_time_the_target_between_epoch_ends(
 
     # 5 steps per epoch; every 2 steps in the last 2 of 4 epochs: epochs 1, 2, 2.4, 2.8, 3, ...
     accuracies = [0.3, 0.5, 0.6, 0.95, 0.93, 0.96, 0.97, 0.98]
-    monkeypatch.setattr(fastcifar.train, "evaluate", ScriptedAccuracy(accuracies))
+    monkeypatch.setattr(fastcifar.train, "evaluate_loader", ScriptedAccuracy(accuracies))
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.9,), stop_at_target=True)
     config = dataclasses.replace(base, train=dataclasses.replace(
         base.train, epochs=4, eval_every_steps=2, eval_steps_epochs=2))
@@ -260,16 +260,17 @@ def saved_weights_accuracy(checkpoint: Path, data_dir: Path, tta: bool) -> float
 def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path,
                                                                      monkeypatch):
     import fastcifar.benchmark.time_to_accuracy
-    import fastcifar.train
+    import fastcifar.evaluate
 
     final_passes = []  # (tta, batches, accuracy) of the benchmark's own test passes
 
-    def evaluate(model, loader, device_step, plan, tta, shifts=False):
-        loss, accuracy = fastcifar.train.evaluate(model, loader, device_step, plan, tta)
+    def recording_evaluate(model, loader, device_step, plan, tta, shifts=False):
+        loss, accuracy = fastcifar.evaluate.evaluate_loader(model, loader, device_step, plan, tta)
         final_passes.append((tta, len(loader), accuracy))
         return loss, accuracy
 
-    monkeypatch.setattr(fastcifar.benchmark.time_to_accuracy, "evaluate", evaluate)
+    monkeypatch.setattr(fastcifar.benchmark.time_to_accuracy, "evaluate_loader",
+                        recording_evaluate)
     config = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.6,), stop_at_target=True)
     report = benchmark_time_to_accuracy(config)
     assert json.loads(config.json_path.read_text()) == json.loads(json.dumps(report))
@@ -465,7 +466,7 @@ def test_evaluations_inside_an_interrupted_epoch_are_kept_on_resume(tiny_dataset
     import fastcifar.train
 
     scripted = ScriptedAccuracy([0.5, 0.6, 0.8, 0.7])  # epochs 1, 1.4 | interrupt | 1.8, 2
-    monkeypatch.setattr(fastcifar.train, "evaluate", scripted)
+    monkeypatch.setattr(fastcifar.train, "evaluate_loader", scripted)
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.75,))
     config = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=2,
                                                                  eval_every_steps=2))
@@ -491,7 +492,7 @@ def test_resume_never_replaces_best_weights_saved_after_its_checkpoint(tiny_data
     import fastcifar.train
 
     # epochs 1, 1.4 (best) | interrupt | 1.8, 2: both later passes are worse than 1.4's
-    monkeypatch.setattr(fastcifar.train, "evaluate", ScriptedAccuracy([0.5, 0.6, 0.55, 0.58]))
+    monkeypatch.setattr(fastcifar.train, "evaluate_loader", ScriptedAccuracy([0.5, 0.6, 0.55, 0.58]))
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     config = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=2,
                                                                  eval_every_steps=2))

@@ -18,15 +18,17 @@ from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EXPRESS, LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import build_loaders, read_labels, split_holdout
 from fastcifar.device import DeviceStep
+from fastcifar.evaluate import predict_logits
 from fastcifar.model import (
     CustResNet,
+    build_model,
     dirac_init_,
     plain_state_dict,
     whiten_prep_,
     whitening_filters,
 )
 from fastcifar.optim import FilterMuon, Lookahead, Optimizers
-from fastcifar.train import build_model, predict_logits, train
+from fastcifar.train import train
 
 
 def smooth_batch(count: int = 64, seed: int = 0) -> torch.Tensor:

@@ -105,7 +105,7 @@ def test_atomic_writer_gives_the_file_the_usual_mode(tmp_path):
 
 
 def test_resume_auto_finds_the_newest_checkpoint(tmp_path):
-    from fastcifar.train import find_latest_checkpoint
+    from fastcifar.checkpoint import find_latest_checkpoint
 
     for name in ("old", "new"):
         (tmp_path / name).mkdir()

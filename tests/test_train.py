@@ -335,7 +335,8 @@ def test_threaded_sigterm_exit_code_is_143(tiny_dataset, tmp_path):
 
 def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
     from fastcifar.device import DeviceStep
-    from fastcifar.train import _warm_up, build_model
+    from fastcifar.model import build_model
+    from fastcifar.train import _warm_up
 
     config = tiny_config(tmp_path, tmp_path, compile=True)  # compile: the warm-up runs on CPU
     model = build_model(config, torch.device("cpu"))
@@ -360,9 +361,9 @@ def test_replace_nested_reaches_loader_and_augment_settings():
 
 
 def test_second_signal_stops_at_once():
-    from fastcifar.train import _StopRequest
+    from fastcifar.distributed import StopRequest
 
-    request = _StopRequest()
+    request = StopRequest()
     request.handle(signal.SIGINT, None)
     assert request.signal_number == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):

@@ -15,8 +15,8 @@ from fastcifar.config import LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import make_loader, read_metadata
 from fastcifar.data.loaders import test_pipeline as image_pipeline_for_testing
 from fastcifar.device import DeviceStep, plan_precision
-from fastcifar.evaluate import model_from_weights
-from fastcifar.train import evaluate, train
+from fastcifar.evaluate import evaluate_loader, model_from_weights
+from fastcifar.train import train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tta_variants.py"
 
@@ -58,8 +58,8 @@ def test_plain_and_flip_scores_match_the_train_loop(tta_variants, tiny_dataset, 
     step = DeviceStep(metadata.mean, metadata.std, device, True)
     plan = plan_precision(Precision.fp32, device)
     assert row["test_images"] == metadata.test_count
-    assert row["accuracy"]["none"] == pytest.approx(evaluate(model, loader, step, plan, False)[1])
-    assert row["accuracy"]["flip"] == pytest.approx(evaluate(model, loader, step, plan, True)[1])
+    assert row["accuracy"]["none"] == pytest.approx(evaluate_loader(model, loader, step, plan, False)[1])
+    assert row["accuracy"]["flip"] == pytest.approx(evaluate_loader(model, loader, step, plan, True)[1])
     assert row["accuracy"]["flip"] == pytest.approx(result.history[-1].test_accuracy)
     assert row["trained_epochs"] == 2
 

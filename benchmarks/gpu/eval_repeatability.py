@@ -16,7 +16,8 @@ import torch
 from fastcifar.config import LoaderConfig, recipe
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, plan_precision, select_device
-from fastcifar.train import evaluate, train
+from fastcifar.evaluate import evaluate_loader
+from fastcifar.train import train
 
 
 class ClonedBatches:
@@ -52,10 +53,10 @@ def main() -> int:
     print("history final", result.history[-1].test_accuracy)
     repeatable = True
     for tta in (False, True):
-        plain = [evaluate(result.final_model, loaders.test, step, plan, tta)[1] for _ in range(4)]
-        cloned = [evaluate(result.final_model, ClonedBatches(loaders.test, False), step, plan,
+        plain = [evaluate_loader(result.final_model, loaders.test, step, plan, tta)[1] for _ in range(4)]
+        cloned = [evaluate_loader(result.final_model, ClonedBatches(loaders.test, False), step, plan,
                            tta)[1] for _ in range(2)]
-        synced = [evaluate(result.final_model, ClonedBatches(loaders.test, True), step, plan,
+        synced = [evaluate_loader(result.final_model, ClonedBatches(loaders.test, True), step, plan,
                            tta)[1] for _ in range(2)]
         print(f"tta={tta} plain={plain} cloned={cloned} cloned+sync={synced}", flush=True)
         repeatable &= len(set(plain + cloned + synced)) == 1

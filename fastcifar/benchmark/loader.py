@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fastcifar.atomic import atomic_path, write_json
+from fastcifar.checkpoint import machine_description
 from fastcifar.config import (
     AugmentConfig,
     LoaderBenchmarkConfig,
@@ -33,9 +34,6 @@ from fastcifar.data.loaders import (
 )
 from fastcifar.device import DeviceStep
 from fastcifar.errors import FastCifarError
-from fastcifar.train import (
-    machine_description,
-)
 
 LoaderProgress = Callable[[str, int, int], None]  # (pipeline, passes done, passes in all)
 
@@ -44,7 +42,7 @@ LoaderProgress = Callable[[str, int, int], None]  # (pipeline, passes done, pass
 # channels-last tensors at the consumer).
 LOADER_PIPELINE_NOTES = {
     "fastcifar": {"lacks": [], "notes": "fused numba kernel (uint8) in the FFCV loader, then "
-                  "fastcifar.train.DeviceStep normalising on the CPU"},
+                  "fastcifar.device.DeviceStep normalising on the CPU"},
     "ffcv_builtin": {"lacks": ["hue", "grayscale"], "notes": "FFCV's own RandomTranslate, "
                      "RandomHorizontalFlip, Cutout, RandomBrightness/Contrast/Saturation (each "
                      "drawn on its own with the jitter p) and NormalizeImage"},

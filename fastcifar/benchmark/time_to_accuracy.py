@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastcifar.atomic import atomic_path, write_json
+from fastcifar.checkpoint import machine_description, run_record
 from fastcifar.config import (
     TimeToAccuracyConfig,
     TrainConfig,
@@ -19,15 +20,8 @@ from fastcifar.data.loaders import (
     build_loaders,
 )
 from fastcifar.device import DeviceStep, measures_precision, plan_precision, select_device
-from fastcifar.train import (
-    Evaluation,
-    TrainCallbacks,
-    TrainingInterrupted,
-    evaluate,
-    machine_description,
-    run_record,
-    train,
-)
+from fastcifar.evaluate import evaluate_loader
+from fastcifar.train import Evaluation, TrainCallbacks, TrainingInterrupted, train
 
 
 @dataclass(frozen=True)
@@ -66,7 +60,7 @@ def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
                       train_config.channels_last)
     final = {}
     for tta in (False, True):
-        final[tta] = evaluate(result.final_model, loaders.test, step, plan, tta)[1]
+        final[tta] = evaluate_loader(result.final_model, loaders.test, step, plan, tta)[1]
     return {
         "seed": train_config.seed,
         "budget_epochs": train_config.epochs,
