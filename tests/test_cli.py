@@ -133,8 +133,8 @@ def test_max_lr_auto_trains_at_the_range_tests_suggestion(tiny_dataset, tmp_path
 def test_resume_auto_finishes_the_newest_interrupted_run(tiny_dataset, tmp_path, monkeypatch):
     import json
 
-    from fastcifar.cli import TableCallbacks
     from fastcifar.errors import FastCifarError
+    from fastcifar.progress import TableCallbacks
 
     arguments = tiny_train_arguments(tiny_dataset, tmp_path, epochs=2)
     real_on_epoch = TableCallbacks.on_epoch

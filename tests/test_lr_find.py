@@ -168,7 +168,7 @@ def test_train_max_lr_auto_runs_the_range_test_for_the_same_training_config(tmp_
                                                                             monkeypatch):
     from types import SimpleNamespace
 
-    from fastcifar.cli import _with_found_lr
+    from fastcifar.train_options import _with_found_lr
 
     seen = []
 

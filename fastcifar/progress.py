@@ -1,0 +1,140 @@
+"""How runs and reports look in a terminal: a Rich progress bar per epoch and one table row
+after it, the range test's bar, and each command's closing lines."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from fastcifar.terminal import console, warnings_console
+
+
+class TableCallbacks:
+    """Draws a progress bar per epoch and one table row after it (rank 0 only)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.progress = Progress("epoch {task.fields[epoch]}", BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=console, transient=True,
+                                 disable=quiet)
+        self.task = None
+
+    def on_train_start(self, config, steps_per_epoch, device, precision, run_dir) -> None:
+        if self.quiet:
+            return
+        console.print(f"recipe {config.recipe} | {config.epochs} epochs x {steps_per_epoch} "
+                      f"steps | batch {config.loader.batch_size} | {config.optimizer.value} "
+                      f"max LR {config.max_lr:g} | {device} {precision} | run folder {run_dir}")
+        console.print(f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} "
+                      f"{'test loss':>9} {'test acc':>8} {'seconds':>8} {'images/s':>9}")
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        if self.quiet:
+            return
+        if step == 1 or self.task is None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.progress.start()
+            self.task = self.progress.add_task("", total=steps_per_epoch, epoch=epoch)
+        self.progress.update(self.task, completed=step)
+
+    def on_epoch(self, stats) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+            self.progress.stop()
+        if self.quiet:
+            return
+        console.print(f"{stats.epoch:>5} {stats.lr:>9.2e} {stats.train_loss:>10.4f} "
+                      f"{stats.train_accuracy:>9.2%} {stats.test_loss:>9.4f} "
+                      f"{stats.test_accuracy:>8.2%} {stats.train_seconds:>8.1f} "
+                      f"{stats.images_per_second:>9.0f}")
+
+    def on_evaluation(self, evaluation) -> None:
+        """A row for an evaluation inside an epoch: its fractional epoch and test columns."""
+        if self.quiet:
+            return
+        console.print(f"{evaluation.epochs:>5.2f} {'':>9} {'':>10} {'':>9} "
+                      f"{evaluation.test_loss:>9.4f} {evaluation.test_accuracy:>8.2%}")
+
+    def on_precision(self, choice) -> None:
+        """The precision --precision auto chose on the CPU and the rates it measured."""
+        if not self.quiet:
+            console.print(f"precision auto: {choice.describe()} on the first batch")
+
+
+@contextmanager
+def step_bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A transient bar; yields the `(done, total)` callback that moves it."""
+    with Progress(label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("", total=total)
+        yield lambda done, _total: bar.update(task, completed=done)
+
+
+def print_range_test(recipe_name: str, train_config, found) -> None:
+    """What the LR range test ran on and what it suggests."""
+    diverged = ", stopped early as the loss diverged" if found.stopped_early else ""
+    console.print(f"{recipe_name} recipe ({train_config.optimizer.value}, weight decay "
+                  f"{train_config.weight_decay:g}): {len(found.lrs)} steps at batch "
+                  f"{train_config.loader.batch_size} on {found.device} {found.precision} in "
+                  f"{found.seconds:.0f} s{diverged}", soft_wrap=True)
+    console.print(f"suggested max LR {found.suggested_lr:.3g} (steepest descent); min-loss LR / "
+                  f"10: {found.min_loss_lr_over_10:.3g}; plot {found.plot_path}, history "
+                  f"{found.history_path}", soft_wrap=True)
+
+
+def print_evaluation(report) -> None:
+    """Per-class accuracy as a table, then the overall line."""
+    table = Table("class", "accuracy", title="per class")
+    for name, accuracy in report.per_class_accuracy.items():
+        table.add_row(name, f"{accuracy:.2%}")
+    console.print(table)
+    tta_source = "stored with the weights" if report.tta_from_weights else "as asked"
+    console.print(f"test accuracy {report.accuracy:.2%} on {report.count:,} images "
+                  f"({report.tta_mode} TTA {tta_source}, {report.device} "
+                  f"{report.precision}; {report.misclassified_total:,} wrong); figures and JSON "
+                  f"in {report.json_path.parent}", soft_wrap=True)
+
+
+def print_predictions(report, json_output: bool) -> None:
+    """Top classes per image on stdout (or one JSON object); warnings and errors on stderr."""
+    for row in report.predictions:
+        if row.resized_from:
+            warnings_console.print(f"[yellow]warning:[/yellow] {escape(str(row.path))}: resized "
+                                   f"from {row.resized_from[0]}x{row.resized_from[1]} to 32x32",
+                                   soft_wrap=True)
+    if json_output:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for row in report.predictions:
+            typer.echo(f"{row.path}: " + ", ".join(f"{name} {probability:.1%}"
+                                                   for name, probability in row.top))
+    for problem in report.problems:
+        warnings_console.print(f"[red]error:[/red] {escape(str(problem))}", soft_wrap=True)
+
+
+def print_time_to_accuracy(report: dict, json_path: Path) -> None:
+    for budget, summary in report["median"].items():
+        console.print(f"{budget} epochs: median " + ", ".join(
+            f"{key}: {value}" for key, value in summary.items()))
+    console.print(f"results: {json_path}")
+
+
+def show_pass(stage: str, done: int, total: int) -> None:
+    """The loader benchmark's progress, on one line."""
+    console.print(f"  {stage}: pass {done}/{total} (the first warms up)   ", end="\r")
+
+
+def print_loader_benchmark(report: dict, json_path: Path) -> None:
+    for row in report["results"]:
+        console.print(f"{row['name']:<24} {row['images_per_s']:>10,.0f} images/s  build + "
+                      f"first batch {row['build_seconds'] + row['first_batch_seconds']:.1f} s")
+    console.print(f"results: {json_path} and {json_path.with_suffix('.md')}")

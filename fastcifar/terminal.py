@@ -1,0 +1,44 @@
+"""The terminal the commands print to, and how an error ends a command: one red line and a
+non-zero exit (a traceback only with --debug)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+
+from fastcifar.errors import FastCifarError
+
+console = Console(stderr=False, highlight=False)
+warnings_console = Console(stderr=True, highlight=False)  # kept off stdout, e.g. under --json
+_debug = {"on": False}
+
+Result = TypeVar("Result")
+
+
+def show_tracebacks(on: bool) -> None:
+    """--debug: let errors raise with their traceback instead of the one-line exit."""
+    _debug["on"] = on
+
+
+def fail(error: FastCifarError) -> None:
+    """Print the one-line message (a traceback only with --debug) and exit non-zero."""
+    if _debug["on"]:
+        raise error
+    console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+    raise typer.Exit(getattr(error, "exit_code", 1))
+
+
+def run_command(function: Callable[..., Result], *args, **kwargs) -> Result:
+    """Call a library function, turning FastCifarError into the one-line exit."""
+    try:
+        return function(*args, **kwargs)
+    except FastCifarError as error:
+        fail(error)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; checkpoints are written atomically
+        if _debug["on"]:
+            raise
+        console.print("[red]interrupted:[/red] stopped at once; the last saved checkpoint is intact")
+        raise typer.Exit(130) from None

@@ -1,0 +1,297 @@
+"""The train options, declared once: `build_train_config` turns them into a TrainConfig, and
+`with_train_options` gives them to `train` and `benchmark time-to-accuracy`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fastcifar.config import (
+    NO_AUGMENT,
+    AugmentConfig,
+    Device,
+    LoaderConfig,
+    OptimizerName,
+    Precision,
+    TrainConfig,
+    recipe,
+)
+from fastcifar.errors import FastCifarError
+from fastcifar.terminal import console, fail, run_command
+
+DATA, OPTIMISATION, AUGMENTATION, SYSTEM = "Data", "Optimisation", "Augmentation", "System"
+
+# Options several commands share, declared once.
+DataOption = Annotated[Path, typer.Option(help="Folder with the converted betons.",
+                                          rich_help_panel=DATA)]
+TrainSubsetOption = Annotated[int | None, typer.Option(help="Use the first N train images.",
+                                                       rich_help_panel=DATA)]
+TestSubsetOption = Annotated[int | None, typer.Option(help="Use the first N test images.",
+                                                      rich_help_panel=DATA)]
+DeviceOption = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
+                                              rich_help_panel=SYSTEM)]
+PrecisionOption = Annotated[Precision, typer.Option(
+    help="auto: bf16 on bf16-capable CUDA, else fp16 with a grad scaler; on the CPU train times "
+    "fp32 and bf16 on its first batch and keeps the faster (other commands: fp32).",
+    rich_help_panel=SYSTEM)]
+WorkersOption = Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
+                                            rich_help_panel=SYSTEM)]
+
+
+class RecipeName(StrEnum):
+    express = "express"
+    fast = "fast"
+    seed = "seed"
+
+
+def _torchrun_environment() -> tuple[bool, int]:
+    """(distributed?, local rank) from the variables torchrun sets."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return world_size > 1, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def build_train_config(
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: fast "
+                           "(SGD-Nesterov, label smoothing, TTA) or seed (the original Adam "
+                           "recipe).", rich_help_panel=OPTIMISATION)] = RecipeName.fast,
+    epochs: Annotated[int | None, typer.Option(help="Epochs; the OneCycle schedule is planned "
+                      "for this budget (recipe default: 24).", rich_help_panel=OPTIMISATION)
+                      ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (default 512).",
+                          rich_help_panel=OPTIMISATION)] = None,
+    optimizer: Annotated[OptimizerName | None, typer.Option(help="adam or sgd (default: the "
+                         "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    max_lr: Annotated[float | None, typer.Option(help="Peak LR of OneCycle, or 'auto' to run the "
+                      "LR range test first (default: the recipe's).",
+                      rich_help_panel=OPTIMISATION)] = None,
+    pct_start: Annotated[float | None, typer.Option(help="Fraction of the steps spent warming "
+                         "up to the peak LR.", rich_help_panel=OPTIMISATION)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
+                            "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the "
+                               "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    logit_scale: Annotated[float | None, typer.Option(help="Constant multiplier of the logits "
+                           "(fast: 0.125).", rich_help_panel=OPTIMISATION)] = None,
+    ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
+                   "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    bn_momentum: Annotated[float | None, typer.Option(help="BatchNorm running-stat momentum "
+                           "(torch default 0.1).", rich_help_panel=OPTIMISATION)] = None,
+    whiten_init: Annotated[bool | None, typer.Option("--whiten-init/--no-whiten-init",
+                           help="Start the prep conv as a whitening of 3x3 train patches.",
+                           rich_help_panel=OPTIMISATION)] = None,
+    zero_init_residual: Annotated[bool | None, typer.Option(
+        "--zero-init-residual/--no-zero-init-residual", help="Start each residual branch's "
+        "last BatchNorm scale at zero.", rich_help_panel=OPTIMISATION)] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
+                   "test-time augmentation (default: the recipe's).",
+                   rich_help_panel=OPTIMISATION)] = None,
+    tta_shifts: Annotated[bool | None, typer.Option(
+        "--tta-shifts/--no-tta-shifts", help="Multi-crop TTA: also the 1-px up-left and "
+        "down-right shifts, weighted 0.5/0.25/0.25 (6 passes; needs --tta).",
+        rich_help_panel=OPTIMISATION)] = None,
+    lookahead_every: Annotated[int | None, typer.Option(help="Lookahead weight average every "
+                               "N steps, copied back into the live weights; 0 = off.",
+                               rich_help_panel=OPTIMISATION)] = None,
+    bn_eps: Annotated[float | None, typer.Option(help="BatchNorm epsilon (torch: 1e-5).",
+                      rich_help_panel=OPTIMISATION)] = None,
+    bn_frozen_scale: Annotated[bool | None, typer.Option(
+        "--bn-frozen-scale/--no-bn-frozen-scale", help="Keep BatchNorm scales at 1 (not "
+        "trained).", rich_help_panel=OPTIMISATION)] = None,
+    bn_bias_lr_scale: Annotated[float | None, typer.Option(help="BatchNorm shifts train at LR x "
+                                "this and weight decay / this.",
+                                rich_help_panel=OPTIMISATION)] = None,
+    decay_norm: Annotated[bool | None, typer.Option(
+        "--decay-norm/--no-decay-norm", help="Weight decay on BatchNorm parameters too.",
+        rich_help_panel=OPTIMISATION)] = None,
+    whiten: Annotated[bool | None, typer.Option(
+        "--whiten/--no-whiten", help="Prep conv as a fixed 3x3 PCA whitening of train patches "
+        "plus a trained 1x1 conv (folds back into the 3x3 conv in saved weights).",
+        rich_help_panel=OPTIMISATION)] = None,
+    dirac_init: Annotated[bool | None, typer.Option(
+        "--dirac-init/--no-dirac-init", help="Each 3x3 conv's first in-channel filters start "
+        "as the identity.", rich_help_panel=OPTIMISATION)] = None,
+    muon_lr: Annotated[float | None, typer.Option(help="Peak LR of Muon for the conv filters "
+                       "(SGD keeps the rest); 0 = off.", rich_help_panel=OPTIMISATION)] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's).",
+                        rich_help_panel=OPTIMISATION)] = None,
+    initial_lr_fraction: Annotated[float | None, typer.Option(
+        help="The schedule starts at max LR x this.", rich_help_panel=OPTIMISATION)] = None,
+    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
+                      rich_help_panel=OPTIMISATION)] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
+                       "augmentation on/off (--no-augment takes no other augmentation "
+                       "option).", rich_help_panel=AUGMENTATION)] = True,
+    cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    jitter: Annotated[float | None, typer.Option(help="Brightness/contrast/saturation "
+                      "jitter magnitude, applied to half the images (either recipe); 0 turns "
+                      "colour jitter off, the recipe's hue jitter too unless --hue is given.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn), applied "
+                   "to half the images with the other colour jitter (either recipe).",
+                   rich_help_panel=AUGMENTATION)] = None,
+    p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
+                      rich_help_panel=AUGMENTATION)] = None,
+    pad: Annotated[int | None, typer.Option(help="Padding (pixels) before the random crop.",
+                   rich_help_panel=AUGMENTATION)] = None,
+    flip_alternate: Annotated[bool | None, typer.Option(
+        "--flip-alternate/--no-flip-alternate", help="Flip a random half in epoch 0, then each "
+        "image the other way every epoch.", rich_help_panel=AUGMENTATION)] = None,
+    holdout: Annotated[int, typer.Option(help="Hold out N train images (stratified, the same "
+                       "for every seed) and report accuracy on them at each evaluation.",
+                       rich_help_panel=DATA)] = 0,
+    data: DataOption = Path("datasets"),
+    train_subset: TrainSubsetOption = None,
+    test_subset: TestSubsetOption = None,
+    device: DeviceOption = Device.auto,
+    precision: PrecisionOption = Precision.auto,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
+                             rich_help_panel=SYSTEM)] = True,
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile "
+                             "the model.", rich_help_panel=SYSTEM)] = False,
+    workers: WorkersOption = 0,
+    eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
+                                "inside the last --eval-steps-epochs epochs (below the steps of an "
+                                "epoch); 0 = at epoch ends only.", rich_help_panel=SYSTEM)] = 0,
+    eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
+                                 "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
+    seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation (the "
+                                      "first seed of a benchmark).", rich_help_panel=SYSTEM)] = 0,
+    out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
+                                      rich_help_panel=SYSTEM)] = Path("runs"),
+) -> TrainConfig:
+    """The recipe with every train option the user gave replacing its default.
+
+    Its parameters are also the train options of `train` and `benchmark time-to-accuracy`
+    (see `with_train_options`), so they are declared once."""
+    base = recipe(recipe_name.value)
+    distributed, local_rank = _torchrun_environment()
+    changes: dict[str, object] = {
+        key: value for key, value in {
+            "epochs": epochs, "optimizer": optimizer, "pct_start": pct_start,
+            "weight_decay": weight_decay, "label_smoothing": label_smoothing,
+            "logit_scale": logit_scale, "ema_decay": ema, "bn_momentum": bn_momentum,
+            "whiten_init": whiten_init, "zero_init_residual": zero_init_residual, "tta": tta,
+            "tta_shifts": tta_shifts, "lookahead_every": lookahead_every, "bn_eps": bn_eps,
+            "bn_frozen_scale": bn_frozen_scale, "bn_bias_lr_scale": bn_bias_lr_scale,
+            "decay_norm": decay_norm, "whiten": whiten, "dirac_init": dirac_init,
+            "muon_lr": muon_lr, "momentum": momentum,
+            "initial_lr_fraction": initial_lr_fraction,
+        }.items() if value is not None
+    }
+    if max_lr is not None:
+        base = base.with_max_lr(max_lr)
+    if min_lr is not None:
+        changes["min_lr"] = min_lr
+    augment_config = (_augment_with_options(base.augment, cutout, jitter, hue, p_gray, pad,
+                                            flip_alternate)
+                      if augment else _no_augment(cutout, jitter, hue, p_gray, pad,
+                                                  flip_alternate))
+    loader = LoaderConfig(data_dir=data,
+                          batch_size=base.loader.batch_size if batch_size is None else batch_size,
+                          workers=workers, train_subset=train_subset, test_subset=test_subset,
+                          distributed=distributed, holdout=holdout)
+    return dataclasses.replace(
+        base, loader=loader, augment=augment_config, device=device, precision=precision,
+        channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
+        local_rank=local_rank, eval_every_steps=eval_every_steps,
+        eval_steps_epochs=eval_steps_epochs, **changes)
+
+
+# Per image, once --jitter or --hue turns colour jitter on: the seed recipe's probability,
+# whichever recipe it is added to, so the same options give the same augmentation.
+JITTER_PROBABILITY = 0.5
+
+
+def _augment_with_options(base: AugmentConfig, cutout: int | None, jitter: float | None,
+                          hue: float | None, p_gray: float | None, pad: int | None = None,
+                          flip_alternate: bool | None = None) -> AugmentConfig:
+    """The recipe's augmentation with the augmentation options replacing its settings."""
+    changes: dict[str, object] = {key: value for key, value in {
+        "cutout_size": cutout, "p_gray": p_gray, "hue": hue, "pad": pad,
+        "flip_alternate": flip_alternate}.items() if value is not None}
+    if jitter is not None:
+        changes.update(brightness=jitter, contrast=jitter, saturation=jitter)
+        if not jitter and hue is None:  # --jitter 0: no colour jitter at all
+            changes["hue"] = 0.0
+    if jitter is not None or hue is not None:
+        changes["p_jitter"] = JITTER_PROBABILITY
+    return dataclasses.replace(base, **changes)
+
+
+def _no_augment(cutout: int | None, jitter: float | None, hue: float | None,
+                p_gray: float | None, pad: int | None = None,
+                flip_alternate: bool | None = None) -> AugmentConfig:
+    """NO_AUGMENT, refusing augmentation options it would silently ignore."""
+    given = [f"--{name}" for name, value in (("cutout", cutout), ("jitter", jitter),
+                                             ("hue", hue), ("p-gray", p_gray), ("pad", pad),
+                                             ("flip-alternate", flip_alternate))
+             if value is not None]
+    if given:
+        raise FastCifarError(f"--no-augment turns all augmentation off: drop it or "
+                             f"{', '.join(given)}")
+    return NO_AUGMENT
+
+
+def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` every train option (build_train_config's parameters) after its own.
+
+    The command is called with its own options plus `train_config`, the config the train
+    options build; `--max-lr auto` runs the LR range test first.
+    """
+    shared = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in
+              inspect.signature(build_train_config, eval_str=True).parameters.values()]
+    own = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in
+           inspect.signature(command, eval_str=True).parameters.values()
+           if parameter.name != "train_config"]
+    shared_names = [parameter.name for parameter in shared]
+    lr_parameter = next(index for index, parameter in enumerate(shared) if parameter.name == "max_lr")
+    shared[lr_parameter] = shared[lr_parameter].replace(annotation=Annotated[
+        str | None, *shared[lr_parameter].annotation.__metadata__])  # a number or 'auto'
+
+    @functools.wraps(command)
+    def command_with_train_options(**values: object) -> None:
+        options = {name: values.pop(name) for name in shared_names}
+        max_lr = options.pop("max_lr")
+        if max_lr == "auto" and values.get("resume"):
+            fail(FastCifarError("--max-lr auto with --resume: the checkpoint already holds its "
+                                 "LR; drop --max-lr"))
+        numeric_lr = None if max_lr in (None, "auto") else run_command(_parse_float, max_lr,
+                                                                       "max-lr")
+        config = run_command(build_train_config, **options, max_lr=numeric_lr)
+        if max_lr == "auto" and config.loader.distributed:
+            # Each rank would run its own range test on its own shard and pick its own LR.
+            fail(FastCifarError("--max-lr auto is not supported under torchrun: run "
+                                 "`fastcifar lr-find` once and pass its suggestion as --max-lr"))
+        if max_lr == "auto":
+            config = run_command(_with_found_lr, config)
+        command(train_config=config, **values)
+
+    command_with_train_options.__signature__ = inspect.Signature(own + shared)
+    return command_with_train_options
+
+
+def _parse_float(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError as error:
+        raise FastCifarError(f"--{option} takes a number or 'auto', got {text!r}") from error
+
+
+def _with_found_lr(config: TrainConfig) -> TrainConfig:
+    """Run the LR range test with the train settings and use its suggestion as max LR."""
+    from fastcifar.config import LrFindConfig
+    from fastcifar.lr_find import lr_find
+
+    finder = LrFindConfig(train=config, out_dir=Path(config.out_dir) / "lr-find")
+    found = lr_find(finder)
+    console.print(f"LR range test suggests max LR {found.suggested_lr:.3g} ({found.plot_path})")
+    return config.with_max_lr(found.suggested_lr)
