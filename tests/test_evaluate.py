@@ -174,7 +174,12 @@ def test_shipped_weights_score_their_recorded_accuracy_on_the_real_test_set(real
     if not SHIPPED_WEIGHTS.exists():
         pytest.skip("no shipped weights file in this checkout")
     _, metadata = read_weights_file(SHIPPED_WEIGHTS)
-    report = evaluate_weights(EvaluateConfig(weights=SHIPPED_WEIGHTS, out_dir=tmp_path,
-                                             loader=LoaderConfig(data_dir=real_dataset)))
-    assert report.count == 10_000 and report.tta_mode == metadata["tta"] == "multicrop"
-    assert abs(report.accuracy - metadata["accuracy"]) <= 0.001  # recorded on the GPU, bf16
+    # The first 1,000 test images, not all 10,000: multi-crop TTA is 6 passes, which on the
+    # 2 CI cores would take minutes. At ~92% the sample's standard error is 0.86 points, so
+    # 3 points is 3.5 standard errors: broken weights, normalisation or TTA land far outside.
+    # (`fastcifar evaluate weights/custresnet-cifar10.safetensors` scores all 10,000.)
+    report = evaluate_weights(EvaluateConfig(
+        weights=SHIPPED_WEIGHTS, out_dir=tmp_path,
+        loader=LoaderConfig(data_dir=real_dataset, test_subset=1000)))
+    assert report.count == 1000 and report.tta_mode == metadata["tta"] == "multicrop"
+    assert abs(report.accuracy - metadata["accuracy"]) <= 0.03, report.accuracy
