@@ -6,7 +6,8 @@
 Every cell is a run at a fixed budget scored on held-out train images (`--holdout`), never on
 the test set, with each TTA mode (none / flip / multi-crop) on the final weights. The cascade
 starts from `fast` and ends at `express` as first set (FIRST_EXPRESS), then adds Muon;
-leave-one-out removes each trick from it; `--plan tuning` tries the second round of settings.
+leave-one-out removes each trick from it; `--plan tuning` tries the second round of settings,
+`--plan muon` the (fixed) Muon optimiser on today's express.
 `--seconds` bounds the wall time: cells run seed by seed in table order, and what
 did not fit is listed as skipped. The JSON names the variant with the best median multi-crop
 holdout accuracy among `--candidates`, which a follow-up run can use.
@@ -63,6 +64,18 @@ TUNING: dict[str, tuple[dict, list[str]]] = {
 }
 
 
+# Third round, after the Muon fix: until commit 17ac295 FilterMuon let autograd sum every
+# step's filter gradient, so the ablation's "express + muon" cell measured a broken optimiser.
+# Relative to today's express (lookahead off, weight decay 5e-4).
+MUON_ROUND: dict[str, tuple[dict, list[str]]] = {
+    "express": ({}, []),
+    **{f"express + muon {lr:g}": ({"muon_lr": lr}, ["--muon-lr", f"{lr:g}"])
+       for lr in (0.1, 0.24, 0.5)},
+}
+# The rounds that choose train options: their base recipe and their cells.
+ROUNDS = {"tuning": (FIRST_EXPRESS, TUNING), "muon": (EXPRESS, MUON_ROUND)}
+
+
 def variants() -> dict[str, tuple[TrainConfig, dict]]:
     """Table order: cascade from fast to express (+ Muon), then express less each trick."""
     table: dict[str, tuple[TrainConfig, dict]] = {}
@@ -79,8 +92,9 @@ def variants() -> dict[str, tuple[TrainConfig, dict]]:
     return table
 
 
-def tuning_variants() -> dict[str, tuple[TrainConfig, dict]]:
-    return {name: (FIRST_EXPRESS, changes) for name, (changes, _) in TUNING.items()}
+def round_variants(plan: str) -> dict[str, tuple[TrainConfig, dict]]:
+    base, cells = ROUNDS[plan]
+    return {name: (base, changes) for name, (changes, _) in cells.items()}
 
 
 def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
@@ -113,7 +127,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def write_markdown(path: Path, report: dict) -> None:
     machine = report["machine"].get("gpu") or report["machine"]["cpu"]
-    title = "Ablation" if report["plan"] == "ablation" else "Tuning round"
+    title = {"ablation": "Ablation", "tuning": "Tuning round"}.get(report["plan"], "Muon round")
     lines = [f"# {title} at a {report['epochs']}-epoch budget ({machine})",
              "", f"Median final accuracy on {report['holdout']} held-out train images (never "
              "trained on; not the test set), seeds " + ", ".join(map(str, report["seeds"]))
@@ -140,7 +154,7 @@ def main() -> int:
     parser.add_argument("--holdout", type=int, default=5000)
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="run these variants only")
-    parser.add_argument("--plan", choices=["ablation", "tuning"], default="ablation")
+    parser.add_argument("--plan", choices=["ablation", *ROUNDS], default="ablation")
     parser.add_argument("--candidates", nargs="+", default=None,
                         help="variants the best is chosen from (default: the plan's)")
     parser.add_argument("--seconds", type=float, default=float("inf"), help="wall-time budget")
@@ -149,11 +163,12 @@ def main() -> int:
     # The test set is not used for any choice: a small slice keeps the per-epoch pass cheap.
     loader = LoaderConfig(data_dir=arguments.data, holdout=arguments.holdout,
                           train_subset=arguments.train_subset, test_subset=512)
-    plan = variants() if arguments.plan == "ablation" else tuning_variants()
+    plan = variants() if arguments.plan == "ablation" else round_variants(arguments.plan)
+    options = ROUNDS[arguments.plan][1] if arguments.plan in ROUNDS else {}
     table = {name: cell for name, cell in plan.items()
              if arguments.only is None or name in arguments.only}
     candidates = arguments.candidates or (["+ knobs = express", "express + muon"]
-                                          if arguments.plan == "ablation" else list(TUNING))
+                                          if arguments.plan == "ablation" else list(options))
     cells = {name: {"changes": {key: str(value) for key, value in changes.items()},
                     "recipe": base.recipe, "runs": []} for name, (base, changes) in table.items()}
     started, skipped = time.perf_counter(), []
@@ -178,7 +193,7 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python " + " ".join(sys.argv), "cells": cells, "skipped": skipped,
               "plan": arguments.plan, "candidates": candidates, "best": best,
-              "best_train_options": TUNING[best][1] if best in TUNING else None}
+              "best_train_options": options[best][1] if best in options else None}
     arguments.json.parent.mkdir(parents=True, exist_ok=True)
     arguments.json.write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(arguments.json.with_suffix(".md"), report)

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The tuning round, a second short device call after check.sh: the express settings of
-# recipe_sweep.py's TUNING table on held-out train images (2 seeds, 6 epochs), then the best of
+# A tuning round, a second short device call after check.sh: the express settings of
+# recipe_sweep.py's round PLAN (default muon: the MUON_ROUND table; tuning: TUNING) on held-out train images (2 seeds, 6 epochs), then the best of
 # them (chosen on the held-out images) on the test set: 6-epoch budget x 3 seeds, then as many
-# 24-epoch runs as fit. Results go to benchmarks/results/gpu/DATE/tuning-* and to $OUT.
+# 24-epoch runs as fit. Results go to benchmarks/results/gpu/DATE/$PLAN-* and to $OUT.
 # Rehearse here with DRY_RUN=1 (./datasets, small subsets, the CPU).
 set -uo pipefail
 source benchmarks/gpu/budget.sh
 if [ "${DRY_RUN:-0}" = 1 ]; then
   python=.venv/bin/python; data=datasets
   small=(--train-subset 2560 --test-subset 512)
-  sweep_small=(--train-subset 3072 --holdout 512 --seeds 0 --only express "express - lookahead")
+  sweep_small=(--train-subset 3072 --holdout 512 --seeds 0 --only express "express - lookahead" "express + muon 0.24")
   epochs_short=2; epochs_long=3; runs=1; eval_every=2
   OUT=${OUT:-/tmp/tune-out}; mkdir -p "$OUT"
   results=/tmp/tune-results
@@ -25,13 +25,14 @@ fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$results"
 
-phase "tuning sweep (held-out images)"
-$python benchmarks/recipe_sweep.py --plan tuning --data $data --epochs $epochs_short \
+plan=${PLAN:-muon}
+phase "$plan sweep (held-out images)"
+$python benchmarks/recipe_sweep.py --plan $plan --data $data --epochs $epochs_short \
   "${sweep_small[@]}" --seconds $(( $(left) - 130 )) \
-  --json "$results/tuning-${epochs_short}ep.json" 2>&1 | tee "$results/tuning-${epochs_short}ep.log" \
+  --json "$results/$plan-${epochs_short}ep.json" 2>&1 | tee "$results/$plan-${epochs_short}ep.log" \
   | grep -v "^\s*$" | tail -16
 read -r -a chosen < <($python -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['best_train_options'] or []))" \
-  "$results/tuning-${epochs_short}ep.json")
+  "$results/$plan-${epochs_short}ep.json")
 echo "chosen on held-out images: express ${chosen[*]}"
 pack
 
@@ -40,7 +41,7 @@ short_started=$(date +%s)
 fits 50 tta-short && timeout $(( $(left) - 5 )) $python -m fastcifar benchmark time-to-accuracy \
   --recipe express "${chosen[@]}" --epochs $epochs_short --runs $runs --target 0.90 \
   --target 0.93 --eval-every-steps $eval_every --eval-steps-epochs 2 --data $data "${small[@]}" \
-  --out /tmp/tta-runs --json "$results/tuning-time-to-accuracy-${epochs_short}ep.json" 2>&1 \
+  --out /tmp/tta-runs --json "$results/$plan-time-to-accuracy-${epochs_short}ep.json" 2>&1 \
   | grep -v "^\s*$" | tail -4
 per_epoch=$(( ($(date +%s) - short_started) / (epochs_short * runs) + 1 ))
 pack
@@ -50,7 +51,7 @@ phase "time to accuracy: tuned express, ${epochs_long} epochs"
   $python -m fastcifar benchmark time-to-accuracy --recipe express "${chosen[@]}" \
   --epochs $epochs_long --runs 1 --seed 3 --target 0.90 --target 0.925 --target 0.93 \
   --data $data "${small[@]}" --out /tmp/tta-runs \
-  --json "$results/tuning-time-to-accuracy-${epochs_long}ep.json" 2>&1 | grep -v "^\s*$" | tail -3
+  --json "$results/$plan-time-to-accuracy-${epochs_long}ep.json" 2>&1 | grep -v "^\s*$" | tail -3
 pack
 ls -la "$OUT"
 echo "done in $(elapsed) s"
