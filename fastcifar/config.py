@@ -111,9 +111,14 @@ class LoaderConfig:
     holdout: int = 0
     test_subset: int | None = None
     distributed: bool = False  # set for torchrun; each rank reads its shard
+    # Hold every converted image in device memory (CIFAR-10: ~180 MB) and augment train batches
+    # there with torch ops, instead of FFCV's host loader and a per-batch copy (device_data.py).
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
+        _require(not (self.on_device and self.distributed),
+                 "--data-on-device is for one process, not torchrun: drop it or run without torchrun")
         _require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         _require(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
         for name in ("train_subset", "test_subset"):
