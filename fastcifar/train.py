@@ -511,7 +511,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         resume_state = load_checkpoint(Path(config.resume))
         _check_resume_compatible(resume_state.get("config", {}), config)
 
-    loaders = loaders or build_loaders(config.loader, config.augment, config.seed)
+    loaders = loaders or build_loaders(config.loader, config.augment, config.seed, device=device)
     steps_per_epoch = len(loaders.train)
     if steps_per_epoch == 0:
         raise FastCifarError("the train loader yields no full batch: lower --batch-size")
