@@ -226,3 +226,22 @@ def test_short_train_run_with_data_on_device_learns(tiny_dataset, tmp_path):
     assert history[-1].test_accuracy >= 0.8  # chance is 1/3
     assert history[-1].holdout_accuracy is not None
     assert history[-1].steps == 3 * (108 // 24)
+
+
+def test_draws_are_keyed_by_beton_record_not_by_tensor_row(tiny_dataset):
+    from fastcifar.data.augment_torch import TorchAugment
+    from fastcifar.data.device_data import DeviceTrainLoader, read_split
+
+    records = np.arange(3, 120, 3)  # 39 scattered records: row k holds record 3 + 3k
+    split = read_split(read_metadata(tiny_dataset).train_path, records, config(tiny_dataset),
+                       torch.device("cpu"))
+    augment = GEOMETRY_CONFIGS["crop, flip, one hole"]
+    loader = DeviceTrainLoader(split, np.arange(len(records)), 13,
+                               TorchAugment(augment, 2, FILL, torch.device("cpu")), seed=2)
+    rows = loader.epoch_rows(0)
+    for step, (images, labels) in enumerate(loader):
+        source = split.images[torch.from_numpy(rows[step])].numpy()
+        expected = augment_batch(source, records[rows[step]], augment, 2, FILL)
+        np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), expected)
+        assert torch.equal(labels, split.labels[torch.from_numpy(rows[step])])
+    assert step == 2
