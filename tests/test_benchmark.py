@@ -153,16 +153,26 @@ def test_benchmark_loader_cli_rejects_zero_passes(tmp_path):
     assert result.exit_code == 1 and "passes must be >= 1" in result.output
 
 
-def test_benchmark_loader_compares_the_ffcv_and_device_resident_paths(tiny_dataset, tmp_path):
+def test_benchmark_loader_compares_the_ffcv_and_device_resident_paths(tiny_dataset, tmp_path,
+                                                                       monkeypatch):
+    import fastcifar.benchmark.loader
     from fastcifar.benchmark.loader import benchmark_loader
     from fastcifar.config import Device
 
+    built = []  # the device-resident row must really time the device-resident loaders
+    real_build = fastcifar.benchmark.loader.build_loaders
+
+    def spy(config, *arguments, **keywords):
+        built.append(config.on_device)
+        return real_build(config, *arguments, **keywords)
+
+    monkeypatch.setattr(fastcifar.benchmark.loader, "build_loaders", spy)
     json_path = tmp_path / "on-device.json"
     report = benchmark_loader(LoaderBenchmarkConfig(
         data_dir=tiny_dataset, workers=1, batch_size=24, passes=2, max_batches=4,
         compare_on_device=True, device=Device.cpu, json_path=json_path, command="test"))
     assert [row["name"] for row in report["results"]] == ["fastcifar", "fastcifar_on_device"]
-    assert report["device"] == "cpu" and "jit_startup" not in report
+    assert report["device"] == "cpu" and "jit_startup" not in report and built == [True]
     for row in report["results"]:
         assert row["images"] == 2 * 4 * 24  # 4 of the 5 batches, in each of 2 timed passes
         assert row["measured_over"] == "the first 4 batches of each pass"
