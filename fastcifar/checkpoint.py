@@ -346,9 +346,21 @@ _RESUMABLE_DIFFERENCES = {"resume", "out_dir", "weights_dir", "make_plots", "sto
 
 
 def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
-    current = config_to_dict(config)
+    """Refuse a checkpoint whose config differs in a setting that changes the maths.
+
+    A setting the saved config lacks (a checkpoint from before the option existed) counts as
+    its default: new options default to the behaviour that came before them.
+    """
+    current, defaults = config_to_dict(config), config_to_dict(TrainConfig())
+
+    def saved_value(key: str) -> object:
+        value = saved.get(key, defaults.get(key))
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            value = {**defaults[key], **value}  # nested settings (loader, augment) likewise
+        return value
+
     differing = sorted(key for key in current if key not in _RESUMABLE_DIFFERENCES
-                       and saved.get(key) != current[key])
+                       and saved_value(key) != current[key])
     if differing:
         raise FastCifarError("checkpoint was made with other settings (" + ", ".join(differing)
                              + "): resume with the same options or start a new run")

@@ -374,8 +374,19 @@ def benchmark_loader(
     json_path: Annotated[Path | None, typer.Option("--json", help="Results file (default "
                          "benchmarks/results/loader-<date>.json); a .md table goes beside it.")
                          ] = None,
+    compare_on_device: Annotated[bool, typer.Option(help="Time only fastcifar's FFCV loader "
+                                 "(a copy per batch) against --data-on-device's resident data, "
+                                 "both handing over normalised batches on --device.",
+                                 rich_help_panel=SYSTEM)] = False,
+    device: Annotated[Device, typer.Option(help="Where --compare-on-device hands over batches "
+                      "(auto: CUDA, then MPS, then CPU).", rich_help_panel=SYSTEM)
+                      ] = Device.auto,
+    max_batches: Annotated[int | None, typer.Option(help="Time every pipeline over this many "
+                           "batches per pass instead of whole passes.",
+                           rich_help_panel=SYSTEM)] = None,
 ) -> None:
-    """Train-set images/s: fastcifar's fused loader vs FFCV's built-in ops vs a torchvision DataLoader."""
+    """Train-set images/s: fastcifar's fused loader vs FFCV's built-in ops vs a torchvision
+    DataLoader; or, with --compare-on-device, the FFCV path vs the device-resident one."""
     import time
 
     from fastcifar.benchmark.loader import benchmark_loader as run_benchmark
@@ -385,7 +396,9 @@ def benchmark_loader(
     config = run_command(LoaderBenchmarkConfig, data_dir=data, workers=workers,
                          batch_size=batch_size, passes=passes,
                          torchvision_batches=torchvision_batches, jit_startup=jit_startup,
-                         json_path=json_path, command=shlex.join(["fastcifar", *sys.argv[1:]]))
+                         json_path=json_path, command=shlex.join(["fastcifar", *sys.argv[1:]]),
+                         compare_on_device=compare_on_device, device=device,
+                         max_batches=max_batches)
     print_loader_benchmark(run_command(run_benchmark, config, show_pass), json_path)
 
 

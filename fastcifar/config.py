@@ -111,9 +111,14 @@ class LoaderConfig:
     holdout: int = 0
     test_subset: int | None = None
     distributed: bool = False  # set for torchrun; each rank reads its shard
+    # Hold every converted image in device memory (CIFAR-10: ~180 MB) and augment train batches
+    # there with torch ops, instead of FFCV's host loader and a per-batch copy (device_data.py).
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
+        _require(not (self.on_device and self.distributed),
+                 "--data-on-device is for one process, not torchrun: drop it or run without torchrun")
         _require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         _require(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
         for name in ("train_subset", "test_subset"):
@@ -407,10 +412,19 @@ class LoaderBenchmarkConfig:
     jit_startup: bool = True  # also time the first batch in fresh processes, cold/warm JIT cache
     json_path: Path | None = None  # None: return the report without writing it
     command: str = ""  # the command line, recorded in the report
+    # Time only fastcifar's FFCV path (a blocking copy per batch) against its device-resident
+    # path (--data-on-device), both handing over normalised batches on `device`.
+    compare_on_device: bool = False
+    device: Device = Device.auto  # used by compare_on_device; the other pipelines run on the CPU
+    max_batches: int | None = None  # time every pipeline over this many batches per pass
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
         _require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         _require(self.passes >= 1, f"passes must be >= 1, got {self.passes}")
+        _require(self.max_batches is None or self.max_batches > 0,
+                 f"max batches must be positive, got {self.max_batches}")
+        _require(self.compare_on_device or self.device == Device.auto,
+                 "--device is for --compare-on-device (the other pipelines run on the CPU)")
         _require(self.torchvision_batches is None or self.torchvision_batches > 0,
                  f"torchvision batches must be positive, got {self.torchvision_batches}")

@@ -160,7 +160,7 @@ def lr_find(config: LrFindConfig, progress: StepProgress | None = None) -> LrFin
     device = select_device(settings.device)
     plan = plan_precision(settings.precision, device)
     seed_everything(settings.seed)
-    loaders = build_loaders(settings.loader, settings.augment, settings.seed)
+    loaders = build_loaders(settings.loader, settings.augment, settings.seed, device=device)
     model = build_model(settings, device, num_classes=len(loaders.metadata.class_names))
     optimizer = make_optimizer(model, settings)
     device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,

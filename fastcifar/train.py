@@ -504,7 +504,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     if config.resume is not None:
         resume_state = load_checkpoint(Path(config.resume))
         check_resume_compatible(resume_state.get("config", {}), config)
-    loaders = loaders or build_loaders(config.loader, config.augment, config.seed)
+    loaders = loaders or build_loaders(config.loader, config.augment, config.seed, device=device)
     _check_steps(config, len(loaders.train))
     run = Run(config, loaders, device, plan, distributed, callbacks, resume_state)
     if distributed.is_main:

@@ -148,6 +148,10 @@ def build_train_config(
     holdout: Annotated[int, typer.Option(help="Hold out N train images (stratified, the same "
                        "for every seed) and report accuracy on them at each evaluation.",
                        rich_help_panel=DATA)] = 0,
+    data_on_device: Annotated[bool, typer.Option(help="Keep every converted image in device "
+                              "memory and augment train batches there with torch ops (one "
+                              "process only; another train order than FFCV's).",
+                              rich_help_panel=DATA)] = False,
     data: DataOption = Path("datasets"),
     train_subset: TrainSubsetOption = None,
     test_subset: TestSubsetOption = None,
@@ -198,7 +202,7 @@ def build_train_config(
     loader = LoaderConfig(data_dir=data,
                           batch_size=base.loader.batch_size if batch_size is None else batch_size,
                           workers=workers, train_subset=train_subset, test_subset=test_subset,
-                          distributed=distributed, holdout=holdout)
+                          distributed=distributed, holdout=holdout, on_device=data_on_device)
     return dataclasses.replace(
         base, loader=loader, augment=augment_config, device=device, precision=precision,
         channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,

@@ -153,6 +153,60 @@ def test_benchmark_loader_cli_rejects_zero_passes(tmp_path):
     assert result.exit_code == 1 and "passes must be >= 1" in result.output
 
 
+def test_benchmark_loader_compares_the_ffcv_and_device_resident_paths(tiny_dataset, tmp_path,
+                                                                       monkeypatch):
+    import fastcifar.benchmark.loader
+    from fastcifar.benchmark.loader import benchmark_loader
+    from fastcifar.config import Device
+
+    built = []  # the device-resident row must really time the device-resident loaders
+    real_build = fastcifar.benchmark.loader.build_loaders
+
+    def spy(config, *arguments, **keywords):
+        built.append(config.on_device)
+        return real_build(config, *arguments, **keywords)
+
+    monkeypatch.setattr(fastcifar.benchmark.loader, "build_loaders", spy)
+    json_path = tmp_path / "on-device.json"
+    report = benchmark_loader(LoaderBenchmarkConfig(
+        data_dir=tiny_dataset, workers=1, batch_size=24, passes=2, max_batches=4,
+        compare_on_device=True, device=Device.cpu, json_path=json_path, command="test"))
+    assert [row["name"] for row in report["results"]] == ["fastcifar", "fastcifar_on_device"]
+    assert report["device"] == "cpu" and "jit_startup" not in report and built == [True]
+    for row in report["results"]:
+        assert row["images"] == 2 * 4 * 24  # 4 of the 5 batches, in each of 2 timed passes
+        assert row["measured_over"] == "the first 4 batches of each pass"
+        assert row["output"]["dtype"] == "torch.float32" and row["output"]["channels_last"]
+        assert abs(row["output"]["mean"]) < 0.5 and 0.5 < row["output"]["std"] < 1.5
+    speed = [row["images_per_s"] for row in report["results"]]
+    assert report["ratios"] == {"on_device_vs_fastcifar": speed[1] / speed[0]}
+    table = json_path.with_suffix(".md").read_text()
+    assert "| fastcifar_on_device |" in table and "batches handed over on cpu" in table
+
+
+def test_benchmark_loader_cli_passes_the_device_comparison(monkeypatch, tmp_path):
+    import fastcifar.benchmark.loader
+    from fastcifar.cli import app
+    from fastcifar.config import Device
+
+    seen = {}
+
+    def fake_benchmark(config, progress=None):
+        seen["config"] = config
+        return {"results": []}
+
+    monkeypatch.setattr(fastcifar.benchmark.loader, "benchmark_loader", fake_benchmark)
+    result = CliRunner().invoke(app, ["benchmark", "loader", "--data", str(tmp_path),
+                                      "--compare-on-device", "--device", "cpu",
+                                      "--max-batches", "3", "--json", str(tmp_path / "l.json")])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.compare_on_device, config.device, config.max_batches) == (True, Device.cpu, 3)
+    alone = CliRunner().invoke(app, ["benchmark", "loader", "--device", "cpu",
+                                     "--data", str(tmp_path)])
+    assert alone.exit_code == 1 and "--device is for --compare-on-device" in alone.output
+
+
 # ---------------------------------------------------------------- time to accuracy
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import random
@@ -194,3 +195,18 @@ def test_a_code_running_pickle_is_refused_by_evaluate_predict_and_resume(tiny_da
             assert len(lines) == 1 and lines[0].startswith("error:"), (name, result.output)
             assert evil.name in lines[0] and "Traceback" not in result.output
             assert not marker.exists(), f"{name} ran the payload of {evil.name}"
+
+
+def test_resume_accepts_a_checkpoint_from_before_an_option_existed_and_refuses_real_changes():
+    from fastcifar.checkpoint import check_resume_compatible, config_to_dict
+    from fastcifar.config import recipe
+
+    config = recipe("express")
+    older = config_to_dict(config)
+    del older["loader"]["on_device"], older["muon_lr"]  # saved before these options existed
+    check_resume_compatible(older, config)
+    with pytest.raises(FastCifarError, match=r"\(loader\)"):
+        check_resume_compatible(older, dataclasses.replace(
+            config, loader=dataclasses.replace(config.loader, on_device=True)))
+    with pytest.raises(FastCifarError, match=r"\(muon_lr\)"):
+        check_resume_compatible(older, dataclasses.replace(config, muon_lr=0.1))

@@ -113,7 +113,7 @@ def test_max_lr_auto_trains_at_the_range_tests_suggestion(tiny_dataset, tmp_path
     import json
 
     import fastcifar.config
-    from fastcifar.train import load_checkpoint
+    from fastcifar.checkpoint import load_checkpoint
 
     # the range test as `--max-lr auto` runs it, shortened to 12 steps for the test
     monkeypatch.setattr(fastcifar.config, "LrFindConfig", functools.partial(

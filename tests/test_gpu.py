@@ -77,3 +77,29 @@ def test_two_evaluations_through_the_real_test_loader_give_identical_logits(tiny
     first, second = logits(), logits()
     assert first.shape[0] == loaders.test_count
     assert torch.equal(first, second)
+
+
+def test_device_resident_batches_stay_on_cuda_and_match_the_cpu_path(tiny_dataset):
+    import numpy as np
+
+    from fastcifar.data.augment import augment_batch, fill_colour
+    from fastcifar.data.augment_torch import augment_batch_torch
+    from fastcifar.data.loaders import build_loaders
+
+    config = LoaderConfig(data_dir=tiny_dataset, batch_size=24, workers=2, on_device=True)
+    geometry = AugmentConfig(pad=2, cutout_size=4, flip_alternate=True)  # exact on any device
+    on_cuda = build_loaders(config, geometry, 0, device=torch.device("cuda"))
+    on_cpu = build_loaders(config, geometry, 0)
+    for (images, labels), (cpu_images, cpu_labels) in zip(
+            on_cuda.train_epoch(1), on_cpu.train_epoch(1), strict=True):
+        assert images.is_cuda and images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images.cpu(), cpu_images) and torch.equal(labels.cpu(), cpu_labels)
+    step = DeviceStep(on_cuda.metadata.mean, on_cuda.metadata.std, torch.device("cuda"), True)
+    assert step(images, labels)[0].is_cuda
+    # colour ops on the GPU: within 1 grey level of the numba kernel, as on the CPU
+    colour = recipe("seed").augment
+    source = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    fill = fill_colour(on_cuda.metadata.mean)
+    kernel = augment_batch(source, np.arange(256), colour, 0, fill).astype(np.int16)
+    on_gpu = augment_batch_torch(torch.from_numpy(source).cuda(), np.arange(256), colour, 0, fill)
+    assert np.abs(on_gpu.cpu().numpy().astype(np.int16) - kernel).max() <= 1

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, on a fresh GPU machine without internet, from the repo root with
 # .device carried (bash benchmarks/gpu/prepare_device.sh makes it here):
-#   set-up -> pytest -m gpu + repeatability -> throughput decomposition -> ablation sweep on
+#   set-up -> pytest -m gpu + repeatability -> throughput decomposition (FFCV loader, then
+#   --data-on-device) -> loader: FFCV path vs device-resident data -> ablation sweep on
 #   held-out images -> time-to-accuracy (the sweep's choice of express: 6-epoch budget and 24
 #   epochs, 3 seeds; seed recipe, 1 run) -> fp16 weights of a 24-epoch run (benchmarks/ship_weights.py).
 # Results go to benchmarks/results/gpu/DATE/ and, packed, to $OUT. Each phase is skipped when
@@ -15,6 +16,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   data=datasets
   small=(--train-subset 2560 --test-subset 512)
   decomposition_subset=(--train-subset 2560)
+  loader_small=(--max-batches 4)
   sweep_small=(--train-subset 3072 --holdout 512 --seeds 0 --only fast "+ knobs = express" "express + muon")
   epochs_short=2; epochs_long=3; runs=1; decomposition_epochs=1; eval_every=2
   OUT=${OUT:-/tmp/check-out}
@@ -27,6 +29,7 @@ else
   data=/tmp/datasets
   small=()
   decomposition_subset=()
+  loader_small=()
   sweep_small=(--holdout 5000 --seeds 0 1)
   epochs_short=6; epochs_long=24; runs=3; decomposition_epochs=2; eval_every=20
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -48,6 +51,15 @@ phase "throughput decomposition"
 fits 310 decomposition && $python benchmarks/throughput_decomposition.py --data $data \
   --epochs $decomposition_epochs "${decomposition_subset[@]}" \
   --json "$results/throughput-decomposition.json" 2>&1 | tail -5
+
+phase "throughput decomposition, device-resident data"
+fits 300 decomposition-on-device && $python benchmarks/throughput_decomposition.py --data $data \
+  --epochs $decomposition_epochs "${decomposition_subset[@]}" --data-on-device \
+  --json "$results/throughput-decomposition-on-device.json" 2>&1 | tail -5
+
+phase "loader: FFCV path vs device-resident data"
+fits 290 loader-on-device && fastcifar benchmark loader --compare-on-device --data $data \
+  --passes 2 "${loader_small[@]}" --json "$results/loader-on-device.json" 2>&1 | tail -3
 
 phase "ablation sweep (held-out images)"
 # Leave ~230 s for the time-to-accuracy runs and the export.

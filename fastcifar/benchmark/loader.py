@@ -1,5 +1,6 @@
 """`fastcifar benchmark loader`: train-set images/s of the fastcifar pipeline against FFCV's
-built-in ops and torchvision + DataLoader, with the JIT start-up cost."""
+built-in ops and torchvision + DataLoader, with the JIT start-up cost; or (--compare-on-device)
+fastcifar's FFCV path against its device-resident one, on the training device."""
 
 from __future__ import annotations
 
@@ -26,13 +27,15 @@ from fastcifar.config import (
 )
 from fastcifar.data.augment import fill_colour
 from fastcifar.data.loaders import (
+    DatasetMetadata,
+    build_loaders,
     builtin_train_pipeline,
     make_loader,
     read_metadata,
     test_pipeline,
     train_pipeline,
 )
-from fastcifar.device import DeviceStep
+from fastcifar.device import DeviceStep, select_device
 from fastcifar.errors import FastCifarError
 
 LoaderProgress = Callable[[str, int, int], None]  # (pipeline, passes done, passes in all)
@@ -42,7 +45,12 @@ LoaderProgress = Callable[[str, int, int], None]  # (pipeline, passes done, pass
 # channels-last tensors at the consumer).
 LOADER_PIPELINE_NOTES = {
     "fastcifar": {"lacks": [], "notes": "fused numba kernel (uint8) in the FFCV loader, then "
-                  "fastcifar.device.DeviceStep normalising on the CPU"},
+                  "fastcifar.device.DeviceStep: a blocking copy to the report's device (the CPU "
+                  "unless --compare-on-device) and normalising there"},
+    "fastcifar_on_device": {"lacks": [], "notes": "--data-on-device: every image decoded once "
+                            "into device memory (build_seconds: both betons), batches gathered "
+                            "and augmented there with torch ops on the kernel's own draws, "
+                            "then DeviceStep (no copy)"},
     "ffcv_builtin": {"lacks": ["hue", "grayscale"], "notes": "FFCV's own RandomTranslate, "
                      "RandomHorizontalFlip, Cutout, RandomBrightness/Contrast/Saturation (each "
                      "drawn on its own with the jitter p) and NormalizeImage"},
@@ -145,6 +153,8 @@ def _time_loader_passes(name: str, build: Callable[[], Iterable], deliver: Calla
                 first_batch_seconds = time.perf_counter() - started
             if step >= limit:
                 break
+        if inputs.device.type == "cuda":  # queued device work belongs to this pass
+            torch.cuda.synchronize(inputs.device)
         return images, first_batch_seconds, inputs
 
     # Progress is reported between passes only: a callback per batch would be timed too.
@@ -242,6 +252,7 @@ def _write_loader_markdown(path: Path, report: dict) -> None:
     lines = [f"# Loader throughput ({report['date']})", "",
              f"`{report['command']}`", "",
              f"{report['machine'].get('cpu', '?')}, {report['machine'].get('cpu_cores')} cores; "
+             f"batches handed over on {report.get('device', 'cpu')}; "
              f"{report['workers']} workers, batch {report['batch_size']}, "
              f"{report['passes']} timed passes over {report['train_images']:,} train images "
              "after a warm-up pass.", "",
@@ -254,6 +265,10 @@ def _write_loader_markdown(path: Path, report: dict) -> None:
                      f"{fastest / row['images_per_s']:.1f} | "
                      f"{row['build_seconds'] + row['first_batch_seconds']:.2f} | "
                      f"{', '.join(row['lacks']) or '-'} | {row['measured_over']} |")
+    if "on_device_vs_fastcifar" in report["ratios"]:
+        lines += ["", "The device-resident path (`--data-on-device`) gives "
+                  f"{report['ratios']['on_device_vs_fastcifar']:.2f}x the images/s of the FFCV "
+                  "path (fastcifar), which copies each batch to the device."]
     startup = report.get("jit_startup")
     if startup:
         lines += ["", "JIT start-up of the fastcifar loader (fresh process each, build to first "
@@ -263,16 +278,10 @@ def _write_loader_markdown(path: Path, report: dict) -> None:
         temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def benchmark_loader(config: LoaderBenchmarkConfig,
-                     progress: LoaderProgress | None = None) -> dict:
-    """Train-set images/s of the fastcifar pipeline, FFCV's built-in ops and a torchvision
-    DataLoader, in this process, with the same augmentation, workers and batch size."""
-    metadata = read_metadata(config.data_dir)
-    workers = config.workers or len(os.sched_getaffinity(0))
-    if config.batch_size > metadata.train_count:
-        raise FastCifarError(f"batch size {config.batch_size} is larger than the "
-                             f"{metadata.train_count} train images")
-    load_before = os.getloadavg()[0]
+def _time_host_pipelines(config: LoaderBenchmarkConfig, metadata: DatasetMetadata, workers: int,
+                         progress: LoaderProgress | None) -> tuple[list[dict], dict]:
+    """fastcifar, FFCV's built-in ops and a torchvision DataLoader, all handing over CPU
+    batches; returns their rows and the report fields they add."""
     loader_config = LoaderConfig(data_dir=config.data_dir, batch_size=config.batch_size,
                                  workers=workers)
     batches_per_pass = metadata.train_count // config.batch_size  # drop_last everywhere
@@ -289,10 +298,10 @@ def benchmark_loader(config: LoaderBenchmarkConfig,
     device_step = DeviceStep(mean, std, torch.device("cpu"), channels_last=True)
     results.append(_time_loader_passes(
         "fastcifar", ffcv_loader(train_pipeline(config.augment, config.seed, mean)),
-        device_step, config.passes, batches_per_pass, None, True, progress))
+        device_step, config.passes, batches_per_pass, config.max_batches, True, progress))
     results.append(_time_loader_passes(
         "ffcv_builtin", ffcv_loader(builtin_train_pipeline(config.augment, mean, std)),
-        passthrough, config.passes, batches_per_pass, None, True, progress))
+        passthrough, config.passes, batches_per_pass, config.max_batches, True, progress))
 
     started = time.perf_counter()
     images, labels = read_train_images_from_beton(config, workers)
@@ -309,35 +318,82 @@ def benchmark_loader(config: LoaderBenchmarkConfig,
     def to_channels_last(images: torch.Tensor, labels: torch.Tensor):
         return images.contiguous(memory_format=torch.channels_last), labels
 
+    limits = [limit for limit in (config.torchvision_batches, config.max_batches) if limit]
     # (its persistent workers stop when the loader is dropped, on return)
     results.append(_time_loader_passes("torchvision_dataloader", torch_loader,
                                        to_channels_last, config.passes, batches_per_pass,
-                                       config.torchvision_batches, False, progress))
+                                       min(limits, default=None), False, progress))
     speed = {row["name"]: row["images_per_s"] for row in results}
+    return results, {
+        "torchvision_images": "decoded once from the train beton into a uint8 array in memory "
+                              f"({read_seconds:.1f} s, not timed)",
+        "ratios": {"fastcifar_vs_ffcv_builtin": speed["fastcifar"] / speed["ffcv_builtin"],
+                   "fastcifar_vs_torchvision_dataloader":
+                       speed["fastcifar"] / speed["torchvision_dataloader"]}}
+
+
+def _time_device_paths(config: LoaderBenchmarkConfig, metadata: DatasetMetadata, workers: int,
+                       progress: LoaderProgress | None) -> tuple[list[dict], dict]:
+    """fastcifar's FFCV loader (a blocking copy per batch, as in training) against the
+    device-resident path, both handing over normalised batches on `config.device`."""
+    device = select_device(config.device)
+    loader_config = LoaderConfig(data_dir=config.data_dir, batch_size=config.batch_size,
+                                 workers=workers)
+    batches_per_pass = metadata.train_count // config.batch_size
+    device_step = DeviceStep(metadata.mean, metadata.std, device, channels_last=True)
+
+    def ffcv() -> Iterable:
+        return make_loader(metadata.train_path,
+                           train_pipeline(config.augment, config.seed, metadata.mean),
+                           loader_config, True, None, config.seed)
+
+    def resident() -> Iterable:
+        return build_loaders(dataclasses.replace(loader_config, on_device=True), config.augment,
+                             config.seed, device=device).train
+
+    results = [_time_loader_passes(name, build, device_step, config.passes, batches_per_pass,
+                                   config.max_batches, compiles, progress)
+               for name, build, compiles in (("fastcifar", ffcv, True),
+                                             ("fastcifar_on_device", resident, False))]
+    return results, {"device": str(device), "ratios": {
+        "on_device_vs_fastcifar": results[1]["images_per_s"] / results[0]["images_per_s"]}}
+
+
+def benchmark_loader(config: LoaderBenchmarkConfig,
+                     progress: LoaderProgress | None = None) -> dict:
+    """Train-set images/s of the fastcifar pipeline, FFCV's built-in ops and a torchvision
+    DataLoader, in this process, with the same augmentation, workers and batch size; with
+    `compare_on_device`, of fastcifar's FFCV and device-resident paths on the device."""
+    metadata = read_metadata(config.data_dir)
+    workers = config.workers or len(os.sched_getaffinity(0))
+    if config.batch_size > metadata.train_count:
+        raise FastCifarError(f"batch size {config.batch_size} is larger than the "
+                             f"{metadata.train_count} train images")
+    load_before = os.getloadavg()[0]
+    measure = _time_device_paths if config.compare_on_device else _time_host_pipelines
+    results, fields = measure(config, metadata, workers, progress)
     report = {
         "benchmark": "loader",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_description(),
+        "machine": machine_description(select_device(config.device)
+                                       if config.compare_on_device else None),
         "load_average_1min_before": load_before,
         "workers": workers,
         "batch_size": config.batch_size,
         "passes": config.passes,
         "train_images": metadata.train_count,
         "data": str(metadata.train_path),
-        "torchvision_images": "decoded once from the train beton into a uint8 array in memory "
-                              f"({read_seconds:.1f} s, not timed)",
+        "device": "cpu",
         "augment": _augment_fields(config.augment),
         "seed": config.seed,
         "command": config.command,
         "results": results,
-        "ratios": {"fastcifar_vs_ffcv_builtin": speed["fastcifar"] / speed["ffcv_builtin"],
-                   "fastcifar_vs_torchvision_dataloader":
-                       speed["fastcifar"] / speed["torchvision_dataloader"]},
+        **fields,
         "jit_seconds_note": "build_seconds + first_batch_seconds: building the FFCV loader and "
                             "its first batch, where FFCV compiles its pipeline code (every "
                             "time) and fastcifar's kernels come from the numba cache when warm",
     }
-    if config.jit_startup:
+    if config.jit_startup and not config.compare_on_device:
         report["jit_startup"] = _measure_jit_startup(config, workers)
     if config.json_path is not None:
         write_json(config.json_path, report)

@@ -50,11 +50,12 @@ def first_hits(evaluations: list[Evaluation], targets: tuple[float, ...]
 def _run_to_accuracy(config: TimeToAccuracyConfig, train_config: TrainConfig,
                      callbacks: TrainCallbacks | None) -> dict:
     """One seeded run: target hits, warm-up, final accuracy with and without TTA."""
-    loaders = build_loaders(train_config.loader, train_config.augment, train_config.seed)
+    device = select_device(train_config.device, train_config.local_rank)
+    loaders = build_loaders(train_config.loader, train_config.augment, train_config.seed,
+                            device=device)
     stop_at = max(config.targets) if config.stop_at_target else None
     result = train(dataclasses.replace(train_config, stop_at_accuracy=stop_at, make_plots=False,
                                        resume=config.resume), callbacks, loaders=loaders)
-    device = select_device(train_config.device, train_config.local_rank)
     plan = result.plan  # auto on the CPU: what the run measured as faster
     step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
                       train_config.channels_last)

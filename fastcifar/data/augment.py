@@ -260,11 +260,18 @@ def _read_only_fill(fill: np.ndarray | list[int]) -> np.ndarray:
     return fill
 
 
+def draw_batch(config: AugmentConfig, seed: int, indices: np.ndarray, epoch: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(geometry, colour) for one batch of sample `indices`: the draws the loader's kernel makes,
+    for callers outside FFCV (`augment_batch`, the device-resident path)."""
+    return draw_parameters(seed, np.asarray(indices, dtype=np.int64), epoch,
+                           *_draw_arguments(config))
+
+
 def augment_batch(images: np.ndarray, indices: np.ndarray, config: AugmentConfig, seed: int,
                   fill: np.ndarray, epoch: int = 0) -> np.ndarray:
     """Augment one batch outside FFCV (plots, tests); the same draws as inside the loader."""
-    geometry, colour = draw_parameters(seed, np.asarray(indices, dtype=np.int64), epoch,
-                                       *_draw_arguments(config))
+    geometry, colour = draw_batch(config, seed, indices, epoch)
     images = np.ascontiguousarray(images)  # the kernel reads each image as a flat run
     out = np.empty_like(images)
     return apply_augmentation(images, out, geometry, colour, config.pad,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from fastcifar.config import AugmentConfig, LoaderConfig
 from fastcifar.data.augment import EpochCell, fill_colour, make_fused_augment
 from fastcifar.data.convert import FORMAT_VERSION, METADATA
 from fastcifar.errors import FastCifarError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -220,29 +224,57 @@ class Loaders:
         return iter(self.train)
 
 
-def build_loaders(config: LoaderConfig, augment: AugmentConfig | None, seed: int) -> Loaders:
-    """Train (random order, drop_last, fused augmentation), test (sequential) and held-out
-    (sequential, from the train file) loaders."""
-    metadata = read_metadata(config.data_dir)
+@dataclass(frozen=True)
+class RecordSelection:
+    """Which beton records each loader reads: None means every record of its file."""
+
+    train: np.ndarray | None
+    test: np.ndarray | None
+    holdout: np.ndarray | None  # train-file records held out of training, or None
+
+    def counts(self, metadata: DatasetMetadata) -> tuple[int, int, int]:
+        """(train, test, holdout) image counts."""
+        return (metadata.train_count if self.train is None else len(self.train),
+                metadata.test_count if self.test is None else len(self.test),
+                0 if self.holdout is None else len(self.holdout))
+
+
+def select_records(config: LoaderConfig, metadata: DatasetMetadata) -> RecordSelection:
+    """The subsets and the held-out split that `config` asks for, checked against the data."""
     train_subset = _subset(config.train_subset, metadata.train_count, "train")
     test_subset = _subset(config.test_subset, metadata.test_count, "test")
     holdout_indices = None
     if config.holdout:
         train_subset, holdout_indices = split_holdout(read_labels(metadata.train_path),
                                                       config.holdout, train_subset)
-    train_count = len(train_subset) if train_subset is not None else metadata.train_count
-    test_count = len(test_subset) if test_subset is not None else metadata.test_count
+    selection = RecordSelection(train_subset, test_subset, holdout_indices)
+    train_count = selection.counts(metadata)[0]
     if config.batch_size > train_count:
         raise FastCifarError(f"batch size {config.batch_size} is larger than the {train_count} "
                              "train images: no full batch to train on")
+    return selection
+
+
+def build_loaders(config: LoaderConfig, augment: AugmentConfig | None, seed: int,
+                  device: torch.device | None = None) -> Loaders:
+    """Train (random order, drop_last, fused augmentation), test (sequential) and held-out
+    (sequential, from the train file) loaders. With `config.on_device`, the device-resident
+    ones (`device_data`) on `device` (None: the CPU)."""
+    metadata = read_metadata(config.data_dir)
+    selection = select_records(config, metadata)
+    train_count, test_count, holdout_count = selection.counts(metadata)
+    if config.on_device:
+        from fastcifar.data.device_data import build_device_loaders
+
+        return build_device_loaders(config, augment, seed, metadata, selection, device)
     epoch_cell = EpochCell()
     train = make_loader(metadata.train_path,
                         train_pipeline(augment, seed, metadata.mean, epoch_cell),
-                        config, True, train_subset, seed)
+                        config, True, selection.train, seed)
     # Every rank evaluates the whole test set: metrics need no gathering and stay exact.
     whole = replace(config, distributed=False)
-    test = make_loader(metadata.test_path, test_pipeline(), whole, False, test_subset, seed)
-    holdout = (make_loader(metadata.train_path, test_pipeline(), whole, False, holdout_indices,
-                           seed) if holdout_indices is not None else None)
-    return Loaders(train, test, metadata, train_count, test_count, holdout,
-                   len(holdout_indices) if holdout_indices is not None else 0, epoch_cell)
+    test = make_loader(metadata.test_path, test_pipeline(), whole, False, selection.test, seed)
+    holdout = (make_loader(metadata.train_path, test_pipeline(), whole, False,
+                           selection.holdout, seed) if selection.holdout is not None else None)
+    return Loaders(train, test, metadata, train_count, test_count, holdout, holdout_count,
+                   epoch_cell)
