@@ -255,16 +255,8 @@ def express_config(data_dir, tmp_path, **changes):
     return dataclasses.replace(base, **changes)
 
 
-def test_express_with_every_trick_learns_and_saves_plain_weights(tiny_dataset, tmp_path):
-    result = train(express_config(tiny_dataset, tmp_path, muon_lr=0.05, lookahead_every=2))
-    history = result.history
-    assert history[-1].train_loss < history[0].train_loss
-    assert history[-1].test_accuracy >= 0.8 and history[-1].holdout_accuracy >= 0.8
-    state_dict, metadata = read_weights_file(result.best_weights)
-    CustResNet(num_classes=3, logit_scale=0.125).load_state_dict(state_dict)  # folded, strict
-
-
-def test_express_resumes_bit_for_bit(tiny_dataset, tmp_path):
+def test_express_with_every_trick_learns_saves_plain_weights_and_resumes_bit_for_bit(
+        tiny_dataset, tmp_path):
     from fastcifar.train import TrainCallbacks
 
     class Stop(Exception):
@@ -276,14 +268,20 @@ def test_express_resumes_bit_for_bit(tiny_dataset, tmp_path):
 
     tricks = {"muon_lr": 0.05, "lookahead_every": 2}  # express plus the two it leaves off
     full = train(express_config(tiny_dataset, tmp_path / "a", **tricks))
+    history = full.history
+    assert history[-1].train_loss < history[0].train_loss
+    assert history[-1].test_accuracy >= 0.8 and history[-1].holdout_accuracy >= 0.8
+    state_dict, _ = read_weights_file(full.best_weights)
+    CustResNet(num_classes=3, logit_scale=0.125).load_state_dict(state_dict)  # folded, strict
+
     with pytest.raises(Stop):
         train(express_config(tiny_dataset, tmp_path / "b", **tricks),
               callbacks=StopAfterFirstEpoch())
     (checkpoint,) = (tmp_path / "b" / "runs").glob("*/last.pt")
     resumed = train(express_config(tiny_dataset, tmp_path / "b", **tricks, resume=checkpoint))
-    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in full.history]
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in history]
     assert [r.holdout_accuracy for r in resumed.history] == [
-        r.holdout_accuracy for r in full.history]
+        r.holdout_accuracy for r in history]
 
 
 def test_device_step_copies_blocking_even_from_pinned_buffers(monkeypatch):
