@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -191,7 +192,7 @@ def main() -> int:
               "holdout": arguments.holdout, "train_subset": arguments.train_subset,
               "data": "CIFAR-10 (JPEG-75 copy)", "machine": machine_description(device),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python " + " ".join(sys.argv), "cells": cells, "skipped": skipped,
+              "command": "python " + shlex.join(sys.argv), "cells": cells, "skipped": skipped,
               "plan": arguments.plan, "candidates": candidates, "best": best,
               "best_train_options": options[best][1] if best in options else None}
     arguments.json.parent.mkdir(parents=True, exist_ok=True)
