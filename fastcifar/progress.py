@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -14,6 +15,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from fastcifar.terminal import console, warnings_console
+
+if TYPE_CHECKING:  # annotations only: the commands import these modules lazily
+    from fastcifar.config import TrainConfig
+    from fastcifar.device import PrecisionChoice
+    from fastcifar.evaluate import EvaluationReport
+    from fastcifar.lr_find import LrFindResult
+    from fastcifar.predict import PredictReport
+    from fastcifar.train import EpochStats, Evaluation
 
 
 class TableCallbacks:
@@ -26,7 +35,8 @@ class TableCallbacks:
                                  disable=quiet)
         self.task = None
 
-    def on_train_start(self, config, steps_per_epoch, device, precision, run_dir) -> None:
+    def on_train_start(self, config: TrainConfig, steps_per_epoch: int, device: object,
+                       precision: str, run_dir: Path) -> None:
         if self.quiet:
             return
         console.print(f"recipe {config.recipe} | {config.epochs} epochs x {steps_per_epoch} "
@@ -45,7 +55,7 @@ class TableCallbacks:
             self.task = self.progress.add_task("", total=steps_per_epoch, epoch=epoch)
         self.progress.update(self.task, completed=step)
 
-    def on_epoch(self, stats) -> None:
+    def on_epoch(self, stats: EpochStats) -> None:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
@@ -57,14 +67,14 @@ class TableCallbacks:
                       f"{stats.test_accuracy:>8.2%} {stats.train_seconds:>8.1f} "
                       f"{stats.images_per_second:>9.0f}")
 
-    def on_evaluation(self, evaluation) -> None:
+    def on_evaluation(self, evaluation: Evaluation) -> None:
         """A row for an evaluation inside an epoch: its fractional epoch and test columns."""
         if self.quiet:
             return
         console.print(f"{evaluation.epochs:>5.2f} {'':>9} {'':>10} {'':>9} "
                       f"{evaluation.test_loss:>9.4f} {evaluation.test_accuracy:>8.2%}")
 
-    def on_precision(self, choice) -> None:
+    def on_precision(self, choice: PrecisionChoice) -> None:
         """The precision --precision auto chose on the CPU and the rates it measured."""
         if not self.quiet:
             console.print(f"precision auto: {choice.describe()} on the first batch")
@@ -79,7 +89,7 @@ def step_bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, _total: bar.update(task, completed=done)
 
 
-def print_range_test(recipe_name: str, train_config, found) -> None:
+def print_range_test(recipe_name: str, train_config: TrainConfig, found: LrFindResult) -> None:
     """What the LR range test ran on and what it suggests."""
     diverged = ", stopped early as the loss diverged" if found.stopped_early else ""
     console.print(f"{recipe_name} recipe ({train_config.optimizer.value}, weight decay "
@@ -91,7 +101,7 @@ def print_range_test(recipe_name: str, train_config, found) -> None:
                   f"{found.history_path}", soft_wrap=True)
 
 
-def print_evaluation(report) -> None:
+def print_evaluation(report: EvaluationReport) -> None:
     """Per-class accuracy as a table, then the overall line."""
     table = Table("class", "accuracy", title="per class")
     for name, accuracy in report.per_class_accuracy.items():
@@ -104,7 +114,7 @@ def print_evaluation(report) -> None:
                   f"in {report.json_path.parent}", soft_wrap=True)
 
 
-def print_predictions(report, json_output: bool) -> None:
+def print_predictions(report: PredictReport, json_output: bool) -> None:
     """Top classes per image on stdout (or one JSON object); warnings and errors on stderr."""
     for row in report.predictions:
         if row.resized_from:
@@ -122,6 +132,7 @@ def print_predictions(report, json_output: bool) -> None:
 
 
 def print_time_to_accuracy(report: dict, json_path: Path) -> None:
+    """Each budget's medians, then where the results file is."""
     for budget, summary in report["median"].items():
         console.print(f"{budget} epochs: median " + ", ".join(
             f"{key}: {value}" for key, value in summary.items()))
@@ -134,6 +145,7 @@ def show_pass(stage: str, done: int, total: int) -> None:
 
 
 def print_loader_benchmark(report: dict, json_path: Path) -> None:
+    """Each pipeline's images/s and start-up time, then where the results are."""
     for row in report["results"]:
         console.print(f"{row['name']:<24} {row['images_per_s']:>10,.0f} images/s  build + "
                       f"first batch {row['build_seconds'] + row['first_batch_seconds']:.1f} s")

@@ -187,7 +187,8 @@ class EpochClock:
 
     def train_seconds_so_far(self) -> float:
         """This epoch's train time up to now, without waiting for the device (interrupts)."""
-        return self.train_seconds + time.perf_counter() - self.started
+        running = time.perf_counter() - self.started if self.started is not None else 0.0
+        return self.train_seconds + running
 
 
 class TrainSums:

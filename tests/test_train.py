@@ -395,3 +395,18 @@ def test_fixed_seed_run_reproduces_the_metrics_recorded_before_the_split(tiny_da
     assert len(got) == len(RECORDED_FAST_RUN)
     for row, recorded in zip(got, RECORDED_FAST_RUN, strict=True):
         assert row == pytest.approx(recorded, rel=1e-4)
+
+
+def test_epoch_clock_pauses_for_evaluations_and_counts_a_pause_once():
+    from fastcifar.train import EpochClock
+
+    clock = EpochClock(torch.device("cpu"), [], {"train_seconds": 2.0, "eval_seconds": 1.0})
+    clock.started -= 3.0  # three seconds of training since the (re)start
+    clock.stop_training()
+    assert clock.train_seconds == pytest.approx(5.0, abs=0.5)
+    clock.stop_training()  # already paused: nothing more is added
+    assert clock.train_seconds == pytest.approx(5.0, abs=0.5)
+    assert clock.train_seconds_so_far() == clock.train_seconds  # paused: no running time
+    clock.restart()
+    clock.started -= 1.0
+    assert clock.train_seconds_so_far() == pytest.approx(6.0, abs=0.5)
