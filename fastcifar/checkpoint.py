@@ -342,7 +342,8 @@ def run_state(model, optimizers: Optimizers, scaler, ema, lookahead, epoch, step
 
 # Settings that may differ between a run and its resumption (they do not change the maths).
 _RESUMABLE_DIFFERENCES = {"resume", "out_dir", "weights_dir", "make_plots", "stop_at_accuracy",
-                          "local_rank", "device", "eval_every_steps", "eval_steps_epochs"}
+                          "local_rank", "device", "eval_every_steps", "eval_steps_epochs",
+                          "eval_from_epoch"}
 
 
 def check_resume_compatible(saved: dict, config: TrainConfig) -> None:

@@ -23,15 +23,18 @@ def _save(figure, path: Path) -> Path:
 
 
 def plot_training_curves(history: list, lr_per_step: list[float], path: Path) -> Path:
-    """Train/test loss and accuracy per epoch, and the LR per step."""
+    """Train/test loss and accuracy per epoch (test where evaluated), and the LR per step."""
     epochs = [row.epoch for row in history]
+    tested = [row for row in history if row.test_accuracy is not None]
+    test_epochs = [row.epoch for row in tested]
     figure, (loss_axis, accuracy_axis, lr_axis) = plt.subplots(1, 3, figsize=(15, 4))
     loss_axis.plot(epochs, [row.train_loss for row in history], "o-", label="train")
-    loss_axis.plot(epochs, [row.test_loss for row in history], "o-", label="test")
+    loss_axis.plot(test_epochs, [row.test_loss for row in tested], "o-", label="test")
     loss_axis.set(title="loss", xlabel="epoch")
     loss_axis.legend()
     accuracy_axis.plot(epochs, [100 * row.train_accuracy for row in history], "o-", label="train")
-    accuracy_axis.plot(epochs, [100 * row.test_accuracy for row in history], "o-", label="test")
+    accuracy_axis.plot(test_epochs, [100 * row.test_accuracy for row in tested], "o-",
+                       label="test")
     accuracy_axis.set(title="accuracy (%)", xlabel="epoch")
     accuracy_axis.legend()
     lr_axis.plot(range(1, len(lr_per_step) + 1), lr_per_step)

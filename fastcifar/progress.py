@@ -62,9 +62,10 @@ class TableCallbacks:
             self.progress.stop()
         if self.quiet:
             return
+        test = ((f"{stats.test_loss:>9.4f} {stats.test_accuracy:>8.2%}")
+                if stats.test_accuracy is not None else f"{'-':>9} {'-':>8}")  # not evaluated
         console.print(f"{stats.epoch:>5} {stats.lr:>9.2e} {stats.train_loss:>10.4f} "
-                      f"{stats.train_accuracy:>9.2%} {stats.test_loss:>9.4f} "
-                      f"{stats.test_accuracy:>8.2%} {stats.train_seconds:>8.1f} "
+                      f"{stats.train_accuracy:>9.2%} {test} {stats.train_seconds:>8.1f} "
                       f"{stats.images_per_second:>9.0f}")
 
     def on_evaluation(self, evaluation: Evaluation) -> None:

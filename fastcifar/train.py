@@ -67,8 +67,8 @@ class EpochStats:
     lr: float  # LR of the epoch's last step
     train_loss: float
     train_accuracy: float
-    test_loss: float
-    test_accuracy: float
+    test_loss: float | None  # None: no test pass at this epoch's end (--eval-from-epoch)
+    test_accuracy: float | None
     train_seconds: float  # this epoch's training steps
     eval_seconds: float  # this epoch's evaluations (the epoch end's and any in the epoch)
     images_per_second: float  # training images per second of train time
@@ -90,11 +90,13 @@ class Evaluation:
 
 
 def epoch_end_evaluations(history: list[EpochStats]) -> list[Evaluation]:
-    """The evaluations a run without in-epoch evaluations made: one per epoch end."""
+    """The evaluations a run without in-epoch evaluations made: one per evaluated epoch end."""
     evaluations, train_seconds, eval_seconds = [], 0.0, 0.0
     for row in history:
         train_seconds += row.train_seconds
         eval_seconds += row.eval_seconds
+        if row.test_accuracy is None:
+            continue
         evaluations.append(Evaluation(row.epoch, row.steps, row.test_loss, row.test_accuracy,
                                       train_seconds, eval_seconds, row.holdout_accuracy))
     return evaluations
@@ -407,19 +409,22 @@ class Run:
         return self.ema.module if self.ema is not None else self.model
 
     def end_epoch(self, epoch: int, clock: EpochClock, sums: TrainSums) -> EpochStats:
-        """Close epoch `epoch` (0-based): its sums, a test pass, the table row, a checkpoint."""
+        """Close epoch `epoch` (0-based): its sums, a test pass (when due), the table row, a
+        checkpoint."""
         clock.stop_training()
         loss_sum, correct, seen = sums.totals(self.distributed)
         if not math.isfinite(loss_sum):
             raise self.diverged(epoch)
-        evaluation = self.evaluate_and_record(epoch + 1, clock)
+        evaluated = self.evaluates_at_end(epoch)
+        evaluation = self.evaluate_and_record(epoch + 1, clock) if evaluated else None
         stats = EpochStats(
             epoch=epoch + 1, lr=self.lr_per_step[-1] if self.lr_per_step else self.config.max_lr,
             train_loss=loss_sum / seen, train_accuracy=correct / seen,
-            test_loss=evaluation.test_loss, test_accuracy=evaluation.test_accuracy,
+            test_loss=evaluation.test_loss if evaluated else None,
+            test_accuracy=evaluation.test_accuracy if evaluated else None,
             train_seconds=clock.train_seconds, eval_seconds=clock.eval_seconds,
             images_per_second=seen / clock.train_seconds, steps=self.steps,
-            holdout_accuracy=evaluation.holdout_accuracy)
+            holdout_accuracy=evaluation.holdout_accuracy if evaluated else None)
         self.history.append(stats)
         self.save_checkpoint(epoch + 1)
         if self.distributed.is_main:
@@ -430,13 +435,19 @@ class Run:
                         "best_accuracy": self.best_accuracy})
         return stats
 
+    def evaluates_at_end(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (0-based) ends with a test pass: from --eval-from-epoch on,
+        always the last, and the one that ends the run at its target."""
+        return (epoch + 1 >= self.config.eval_from_epoch or epoch + 1 == self.config.epochs
+                or self.reached_target(epoch))
+
     def reached_target(self, epoch: int) -> bool:
         """--stop-at-accuracy met by any pass of epoch `epoch` (0-based); rank 0 decides for
         all, since ranks that disagreed would wait for each other forever."""
         if self.config.stop_at_accuracy is None:
             return False
         accuracies = [row.test_accuracy for row in self.evaluations if row.epochs > epoch]
-        return broadcast_from_main(max(accuracies) >= self.config.stop_at_accuracy,
+        return broadcast_from_main(max(accuracies, default=0.0) >= self.config.stop_at_accuracy,
                                    self.distributed)
 
     def save_checkpoint(self, epoch: int, partial: dict | None = None) -> None:

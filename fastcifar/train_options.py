@@ -167,6 +167,9 @@ def build_train_config(
                                 "epoch); 0 = at epoch ends only.", rich_help_panel=SYSTEM)] = 0,
     eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
                                  "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
+    eval_from_epoch: Annotated[int, typer.Option(help="Test passes at epoch ends from this epoch "
+                               "on; the last epoch always gets one (on 2 CPU cores a multi-crop "
+                               "pass costs a third of an epoch).", rich_help_panel=SYSTEM)] = 1,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation (the "
                                       "first seed of a benchmark).", rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
@@ -207,7 +210,7 @@ def build_train_config(
         base, loader=loader, augment=augment_config, device=device, precision=precision,
         channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
         local_rank=local_rank, eval_every_steps=eval_every_steps,
-        eval_steps_epochs=eval_steps_epochs, **changes)
+        eval_steps_epochs=eval_steps_epochs, eval_from_epoch=eval_from_epoch, **changes)
 
 
 # Per image, once --jitter or --hue turns colour jitter on: the seed recipe's probability,

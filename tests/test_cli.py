@@ -20,9 +20,12 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
     result = runner.invoke(app, [
         "train", "--epochs", "2", "--batch-size", "24", "--data", str(data), "--max-lr", "0.05",
         "--precision", "fp32", "--workers", "1", "--out", str(tmp_path / "runs"),
-        "--weights", str(tmp_path / "weights"), "--cutout", "4"])
+        "--weights", str(tmp_path / "weights"), "--cutout", "4", "--eval-from-epoch", "2"])
     assert result.exit_code == 0, result.output
     assert "test acc" in result.output
+    epoch_one = next(line.split() for line in result.output.splitlines()
+                     if line.split()[:1] == ["1"])
+    assert epoch_one[4:6] == ["-", "-"]  # no test pass before --eval-from-epoch
     closing = result.output.strip().splitlines()[-1]  # the final figure first, then the best
     assert closing.startswith("final test accuracy ")
     assert closing.index("final test accuracy") < closing.index("best test pass")

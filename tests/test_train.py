@@ -236,6 +236,25 @@ def test_stop_at_accuracy_ends_the_run_early(tiny_dataset, tmp_path):
     assert result.reached_target and len(result.history) < 6
 
 
+def test_eval_from_epoch_skips_earlier_test_passes_and_always_scores_the_last(tiny_dataset,
+                                                                             tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=3, eval_from_epoch=5,
+                               make_plots=True))
+    assert [row.test_accuracy is None for row in result.history] == [True, True, False]
+    assert [row.epochs for row in result.evaluations] == [3]
+    assert result.final_accuracy == result.evaluations[-1].test_accuracy
+    assert result.history[0].eval_seconds == 0 < result.history[-1].eval_seconds
+    assert (result.run_dir / "training_curves.png").is_file()
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert [row["test_accuracy"] is None for row in metrics["epochs"]] == [True, True, False]
+    # An in-epoch pass at the target ends the run at that epoch, which then gets its pass.
+    stopped = train(tiny_config(tiny_dataset, tmp_path, epochs=6, eval_from_epoch=6,
+                                eval_every_steps=2, eval_steps_epochs=6, stop_at_accuracy=0.5))
+    assert stopped.reached_target and len(stopped.history) < 6
+    assert stopped.history[-1].test_accuracy is not None
+    assert all(row.test_accuracy is None for row in stopped.history[:-1])
+
+
 def test_precision_auto_outside_train_is_fp32_on_cpu_and_fp16_is_refused():
     cpu = torch.device("cpu")
     assert plan_precision(Precision.auto, cpu).name == "fp32"  # train measures instead
