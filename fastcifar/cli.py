@@ -38,6 +38,7 @@ from fastcifar.terminal import console, fail, run_command, show_tracebacks
 from fastcifar.train_options import (
     AUGMENTATION,
     DATA,
+    DEFAULT_RECIPE_NAME,
     OPTIMISATION,
     SYSTEM,
     DataOption,
@@ -142,7 +143,7 @@ def lr_find(
     recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="The training recipe the "
                            "LR is for: its optimiser, weight decay, label smoothing, logit "
                            "scale, model and augmentation.", rich_help_panel=OPTIMISATION)
-                           ] = RecipeName.fast,
+                           ] = DEFAULT_RECIPE_NAME,
     iters: Annotated[int, typer.Option(help="Steps of the sweep, one batch each.",
                                        rich_help_panel=OPTIMISATION)] = 200,
     start_lr: Annotated[float, typer.Option(help="LR of the first step.",
@@ -287,7 +288,7 @@ def predict(
 @app.command()
 def show_augment(
     recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Whose augmentation to "
-                           "show.", rich_help_panel=AUGMENTATION)] = RecipeName.fast,
+                           "show.", rich_help_panel=AUGMENTATION)] = DEFAULT_RECIPE_NAME,
     count: Annotated[int, typer.Option(help="Images in each grid (the first N train images).",
                                        rich_help_panel=DATA)] = 32,
     data: DataOption = Path("datasets"),

@@ -15,7 +15,9 @@ from typing import Annotated
 import typer
 
 from fastcifar.config import (
+    DEFAULT_RECIPE,
     NO_AUGMENT,
+    RECIPES,
     AugmentConfig,
     Device,
     LoaderConfig,
@@ -46,10 +48,9 @@ WorkersOption = Annotated[int, typer.Option(help="Loader threads, 0 = one per co
                                             rich_help_panel=SYSTEM)]
 
 
-class RecipeName(StrEnum):
-    express = "express"
-    fast = "fast"
-    seed = "seed"
+# The --recipe choices: config.RECIPES' names, so a recipe added there is a choice here.
+RecipeName = StrEnum("RecipeName", {name: name for name in RECIPES})
+DEFAULT_RECIPE_NAME = RecipeName(DEFAULT_RECIPE)
 
 
 def _torchrun_environment() -> tuple[bool, int]:
@@ -59,9 +60,10 @@ def _torchrun_environment() -> tuple[bool, int]:
 
 
 def build_train_config(
-    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: fast "
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: express "
+                           "(fast plus BN, whitening, flip and TTA tricks; the default), fast "
                            "(SGD-Nesterov, label smoothing, TTA) or seed (the original Adam "
-                           "recipe).", rich_help_panel=OPTIMISATION)] = RecipeName.fast,
+                           "recipe).", rich_help_panel=OPTIMISATION)] = DEFAULT_RECIPE_NAME,
     epochs: Annotated[int | None, typer.Option(help="Epochs; the OneCycle schedule is planned "
                       "for this budget (recipe default: 24).", rich_help_panel=OPTIMISATION)
                       ] = None,
@@ -91,7 +93,8 @@ def build_train_config(
         "--zero-init-residual/--no-zero-init-residual", help="Start each residual branch's "
         "last BatchNorm scale at zero.", rich_help_panel=OPTIMISATION)] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
-                   "test-time augmentation (default: the recipe's).",
+                   "test-time augmentation (default: the recipe's); --no-tta also turns "
+                   "multi-crop off.",
                    rich_help_panel=OPTIMISATION)] = None,
     tta_shifts: Annotated[bool | None, typer.Option(
         "--tta-shifts/--no-tta-shifts", help="Multi-crop TTA: also the 1-px up-left and "
@@ -194,6 +197,8 @@ def build_train_config(
             "initial_lr_fraction": initial_lr_fraction,
         }.items() if value is not None
     }
+    if tta is False and tta_shifts is None:
+        changes["tta_shifts"] = False  # --no-tta means no TTA, also on a multi-crop recipe
     if max_lr is not None:
         base = base.with_max_lr(max_lr)
     if min_lr is not None:

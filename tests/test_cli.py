@@ -74,6 +74,31 @@ def built_train_config(monkeypatch, *arguments: str):
     return seen["config"]
 
 
+def test_commands_default_to_the_default_recipe(monkeypatch):
+    import typer.main
+
+    from fastcifar.config import DEFAULT_RECIPE, RECIPES
+    from fastcifar.train_options import RecipeName
+
+    assert DEFAULT_RECIPE == "express" and sorted(RecipeName) == sorted(RECIPES)
+    assert built_train_config(monkeypatch).recipe == DEFAULT_RECIPE
+    commands = typer.main.get_command(app).commands
+    for name in ("train", "lr-find", "show-augment"):
+        option = next(param for param in commands[name].params if param.name == "recipe_name")
+        assert option.default == DEFAULT_RECIPE, name
+    benchmark = commands["benchmark"].commands["time-to-accuracy"]
+    assert next(param.default for param in benchmark.params
+                if param.name == "recipe_name") == DEFAULT_RECIPE
+
+
+def test_no_tta_turns_multicrop_off_unless_shifts_are_asked_for(monkeypatch):
+    plain = built_train_config(monkeypatch, "--recipe", "express", "--no-tta")
+    assert (plain.tta, plain.tta_shifts) == (False, False)
+    assert built_train_config(monkeypatch, "--recipe", "express").tta_shifts
+    both = runner.invoke(app, ["train", "--no-tta", "--tta-shifts"])
+    assert both.exit_code == 1 and "it needs --tta" in both.output
+
+
 def test_jitter_options_give_the_same_augmentation_on_either_recipe(monkeypatch):
     for recipe_name in ("fast", "seed"):
         augment = built_train_config(monkeypatch, "--recipe", recipe_name, "--jitter", "0.2",
