@@ -326,6 +326,9 @@ class LrFindConfig:
         _require(0 < self.start_lr < self.end_lr, "need 0 < start LR < end LR")
         _require(self.iterations >= 10, "the range test needs at least 10 iterations")
         _require(self.mode in ("exp", "linear"), f"mode must be exp or linear, got {self.mode}")
+        # The sweep drives one optimiser's LR; Muon's filters have an LR and schedule of their own.
+        _require(not self.train.muon_lr, "lr-find sweeps the SGD LR without Muon: pass "
+                 "--muon-lr 0 (Muon's own LR is --muon-lr)")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch_lr_finder import LRFinder, TrainDataLoaderIter
 from fastcifar.atomic import atomic_path, write_json
 from fastcifar.checkpoint import config_to_dict, machine_description, seed_everything
 from fastcifar.config import LrFindConfig, TrainConfig
-from fastcifar.data.loaders import build_loaders
+from fastcifar.data.loaders import build_loaders, first_train_images
 from fastcifar.device import DeviceStep, PrecisionPlan, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import build_model
@@ -161,10 +161,14 @@ def lr_find(config: LrFindConfig, progress: StepProgress | None = None) -> LrFin
     plan = plan_precision(settings.precision, device)
     seed_everything(settings.seed)
     loaders = build_loaders(settings.loader, settings.augment, settings.seed, device=device)
-    model = build_model(settings, device, num_classes=len(loaders.metadata.class_names))
-    optimizer = make_optimizer(model, settings)
     device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
                              settings.channels_last)
+    # A whitened prep conv is fitted on train images, as in train.
+    whitening_images = (first_train_images(loaders, settings.loader, settings.seed, device_step)
+                        if settings.whiten or settings.whiten_init else None)
+    model = build_model(settings, device, whitening_images,
+                        num_classes=len(loaders.metadata.class_names))
+    optimizer = make_optimizer(model, settings)
     lrs, losses = run_range_test(model, optimizer, loaders.train, device_step, plan, config,
                                  progress)
     if not lrs or not math.isfinite(losses[0]):

@@ -10,7 +10,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as functional
 from torch import nn
@@ -29,7 +28,7 @@ from fastcifar.checkpoint import (
     weights_metadata,
 )
 from fastcifar.config import Precision, TrainConfig
-from fastcifar.data.loaders import Loaders, build_loaders
+from fastcifar.data.loaders import Loaders, build_loaders, first_train_images
 from fastcifar.device import (
     DeviceStep,
     PrecisionChoice,
@@ -267,7 +266,8 @@ class Run:
 
     def _build_parts(self) -> None:
         config, device = self.config, self.device
-        whitening_images = (_first_train_images(self.loaders, config, self.device_step)
+        whitening_images = (first_train_images(self.loaders, config.loader, config.seed,
+                                               self.device_step)
                             if config.whiten_init or config.whiten else None)
         self.model = build_model(config, device, whitening_images,
                                  num_classes=len(self.loaders.metadata.class_names))
@@ -614,17 +614,6 @@ def _warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
     trained_model.train()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _first_train_images(loaders: Loaders, config: TrainConfig, device_step: DeviceStep,
-                        count: int = 5120) -> torch.Tensor:
-    """The first `count` train images, unaugmented and normalised (for the whitening init)."""
-    from fastcifar.data.loaders import make_loader, test_pipeline
-
-    count = min(count, loaders.train_count)
-    loader = make_loader(loaders.metadata.train_path, test_pipeline(), config.loader, False,
-                         np.arange(count), config.seed)
-    return torch.cat([device_step(images, labels)[0].float().cpu() for images, labels in loader])
 
 
 def _make_run_dir(config: TrainConfig) -> Path:

@@ -109,7 +109,7 @@ def tiny_train(data_dir, recipe_name: str, **changes):
         **changes)
 
 
-@pytest.mark.parametrize("recipe_name", ["fast", "seed"])
+@pytest.mark.parametrize("recipe_name", ["express", "fast", "seed"])
 def test_range_test_uses_the_recipes_optimizer_loss_and_model(tiny_dataset, tmp_path,
                                                              monkeypatch, recipe_name):
     seen = {}
@@ -126,13 +126,21 @@ def test_range_test_uses_the_recipes_optimizer_loss_and_model(tiny_dataset, tmp_
     optimizer = seen["optimizer"]
     assert type(optimizer).__name__.lower() == expected.optimizer.value
     decays = sorted({group["weight_decay"] for group in optimizer.param_groups})
-    assert decays == ([expected.weight_decay] if expected.decay_norm
-                      else [0.0, expected.weight_decay])  # BN scales/shifts undecayed
+    if expected.bn_bias_lr_scale != 1:  # express: BN shifts decay / that scale
+        assert decays == [expected.weight_decay / expected.bn_bias_lr_scale,
+                          expected.weight_decay]
+    else:
+        assert decays == ([expected.weight_decay] if expected.decay_norm
+                          else [0.0, expected.weight_decay])  # BN scales/shifts undecayed
     if expected.optimizer.value == "sgd":
         assert optimizer.param_groups[0]["momentum"] == expected.momentum
         assert optimizer.param_groups[0]["nesterov"] == expected.nesterov
     assert seen["criterion"].label_smoothing == expected.label_smoothing
     assert seen["model"].logit_scale == expected.logit_scale
+    if expected.whiten:  # the prep conv whitened on train images, as train fits it
+        from fastcifar.model import WhitenedConv2d
+
+        assert isinstance(seen["model"].prep.layers[0], WhitenedConv2d)
 
 
 def test_lr_find_default_is_the_default_training_recipe():
@@ -152,8 +160,8 @@ def test_lr_find_command_prints_the_suggestion(tiny_dataset, tmp_path):
         "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "suggested max LR" in result.output and (tmp_path / "lr_find.png").is_file()
-    assert "fast recipe (sgd, weight decay 0.0005)" in result.output
-    assert json.loads((tmp_path / "lr_find.json").read_text())["recipe"] == "fast"
+    assert "express recipe (sgd, weight decay 0.0005)" in result.output  # the default recipe
+    assert json.loads((tmp_path / "lr_find.json").read_text())["recipe"] == "express"
     seed = CliRunner().invoke(app, [
         "lr-find", "--recipe", "seed", "--iters", "10", "--batch-size", "8", "--start-lr", "1e-5",
         "--end-lr", "1", "--data", str(tiny_dataset), "--workers", "1", "--device", "cpu",
@@ -181,3 +189,10 @@ def test_train_max_lr_auto_runs_the_range_test_for_the_same_training_config(tmp_
     found = _with_found_lr(config)
     assert seen[0].train == config and seen[0].out_dir == tmp_path / "lr-find"
     assert found.max_lr == 0.123 and found.optimizer == config.optimizer
+
+
+def test_lr_find_refuses_a_muon_run_with_one_line():
+    from fastcifar.errors import FastCifarError
+
+    with pytest.raises(FastCifarError, match="--muon-lr 0"):
+        LrFindConfig(train=recipe(DEFAULT_RECIPE, muon_lr=0.24))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -278,3 +279,16 @@ def build_loaders(config: LoaderConfig, augment: AugmentConfig | None, seed: int
                            selection.holdout, seed) if selection.holdout is not None else None)
     return Loaders(train, test, metadata, train_count, test_count, holdout, holdout_count,
                    epoch_cell)
+
+
+def first_train_images(loaders: Loaders, config: LoaderConfig, seed: int,
+                       normalise: Callable[[torch.Tensor, torch.Tensor], tuple],
+                       count: int = 5120) -> torch.Tensor:
+    """The first `count` train images, unaugmented and normalised by `normalise` (the device
+    step), as one float CPU tensor: what the whitened prep conv is fitted on."""
+    import torch
+
+    count = min(count, loaders.train_count)
+    loader = make_loader(loaders.metadata.train_path, test_pipeline(), config, False,
+                         np.arange(count), seed)
+    return torch.cat([normalise(images, labels)[0].float().cpu() for images, labels in loader])
