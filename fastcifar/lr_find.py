@@ -1,7 +1,9 @@
 """LR range test (torch-lr-finder) on the real FFCV train loader and the training device path.
 
 The LR grows each step from `start_lr` to `end_lr`; the suggestion is the LR where the smoothed
-loss falls fastest, with the min-loss LR / 10 as a second opinion. Model and optimiser are reset.
+loss falls fastest, with the min-loss LR / 10 as a second opinion. Model and optimiser are reset. torch-lr-finder
+sweeps every parameter group to the same LR, so a recipe's BN-shift LR multiplier (express: x64)
+is not applied during the sweep.
 """
 
 from __future__ import annotations
