@@ -264,7 +264,8 @@ FAST = TrainConfig(
 # flip, multi-crop TTA, identity (dirac) init, a higher LR and lighter augmentation. Chosen on
 # 5,000 held-out train images at a 6-epoch budget on an H100 (benchmarks/results/gpu/
 # 2026-11-26: sweep-6ep.md, tuning-6ep.md); lookahead averaging (--lookahead-every 5 with BN
-# momentum 0.6) did not help there and is off; Muon (--muon-lr 0.24) cost 6 points.
+# momentum 0.6) did not help there and is off. (Muon's 6-point loss in that sweep was a bug in
+# its gradients, fixed since: see express-muon.)
 # Test accuracy at a 6-epoch budget: 89.77% (3-seed median; fast needs 8 epochs for 88.8%).
 EXPRESS = dataclasses.replace(
     FAST,
@@ -281,8 +282,16 @@ EXPRESS = dataclasses.replace(
                           cutout_count=0),
 )
 
-RECIPES: dict[str, TrainConfig] = {"seed": SEED, "fast": FAST, "express": EXPRESS}
-DEFAULT_RECIPE = "express"
+# express with Muon (Newton-Schulz orthogonalised momentum, 0.6) on the conv filters at peak LR
+# 0.24; BN shifts and the head keep SGD. Chosen on held-out train images (2-core CPU, 1 seed):
+# 33.5% -> 64.6% after 2 epochs on 10,000 images, 59.1% -> 80.6% after 4 on 14,000
+# (benchmarks/results/cpu/muon-proxy-*.md). Full data, 6-epoch budget, 2-core CPU: test accuracy
+# 89.92% after epoch 5 (benchmarks/results/cpu/time-to-accuracy-express-muon-6ep-cpu.md).
+EXPRESS_MUON = dataclasses.replace(EXPRESS, recipe="express-muon", muon_lr=0.24)
+
+RECIPES: dict[str, TrainConfig] = {"seed": SEED, "fast": FAST, "express": EXPRESS,
+                                   "express-muon": EXPRESS_MUON}
+DEFAULT_RECIPE = "express-muon"
 
 
 def recipe(name: str, **overrides: object) -> TrainConfig:
@@ -326,9 +335,6 @@ class LrFindConfig:
         _require(0 < self.start_lr < self.end_lr, "need 0 < start LR < end LR")
         _require(self.iterations >= 10, "the range test needs at least 10 iterations")
         _require(self.mode in ("exp", "linear"), f"mode must be exp or linear, got {self.mode}")
-        # The sweep drives one optimiser's LR; Muon's filters have an LR and schedule of their own.
-        _require(not self.train.muon_lr, "lr-find sweeps the SGD LR without Muon: pass "
-                 "--muon-lr 0 (Muon's own LR is --muon-lr)")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """LR range test (torch-lr-finder) on the real FFCV train loader and the training device path.
 
 The LR grows each step from `start_lr` to `end_lr`; the suggestion is the LR where the smoothed
-loss falls fastest, with the min-loss LR / 10 as a second opinion. Model and optimiser are reset. torch-lr-finder
-sweeps every parameter group to the same LR, so a recipe's BN-shift LR multiplier (express: x64)
-is not applied during the sweep.
+loss falls fastest, with the min-loss LR / 10 as a second opinion. Model and optimiser are
+reset. torch-lr-finder sweeps every parameter group to the same LR, so a recipe's BN-shift LR
+multiplier (express: x64) is not applied during the sweep.
 """
 
 from __future__ import annotations
@@ -138,9 +138,13 @@ def run_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: I
 
 
 def train_settings(config: LrFindConfig) -> TrainConfig:
-    """The training run's config with the LR at the sweep's start (the test sets it per step)."""
+    """The training run's config with the LR at the sweep's start (the test sets it per step).
+
+    Muon is off: the sweep drives one optimiser's LR, so with a Muon recipe it finds the SGD
+    LR (`--max-lr`, which then steps the BN shifts and the head) and Muon keeps `--muon-lr`.
+    """
     return dataclasses.replace(config.train, max_lr=config.start_lr, min_lr=config.start_lr,
-                               make_plots=False)
+                               muon_lr=0.0, make_plots=False)
 
 
 def _write_history(out_dir: Path, lrs: list[float], losses: list[float]) -> Path:

@@ -97,6 +97,10 @@ def print_range_test(recipe_name: str, train_config: TrainConfig, found: LrFindR
                   f"{train_config.weight_decay:g}): {len(found.lrs)} steps at batch "
                   f"{train_config.loader.batch_size} on {found.device} {found.precision} in "
                   f"{found.seconds:.0f} s{diverged}", soft_wrap=True)
+    if train_config.muon_lr:
+        console.print(f"Muon was off for the sweep (one optimiser's LR is swept): the suggestion "
+                      f"is the SGD LR; Muon keeps --muon-lr {train_config.muon_lr:g}",
+                      soft_wrap=True)
     console.print(f"suggested max LR {found.suggested_lr:.3g} (steepest descent); min-loss LR / "
                   f"10: {found.min_loss_lr_over_10:.3g}; plot {found.plot_path}, history "
                   f"{found.history_path}", soft_wrap=True)

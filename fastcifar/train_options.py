@@ -60,8 +60,9 @@ def _torchrun_environment() -> tuple[bool, int]:
 
 
 def build_train_config(
-    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: express "
-                           "(fast plus BN, whitening, flip and TTA tricks; the default), fast "
+    recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: "
+                           "express-muon (the default: express with Muon on the conv filters), "
+                           "express (fast plus BN, whitening, flip and TTA tricks), fast "
                            "(SGD-Nesterov, label smoothing, TTA) or seed (the original Adam "
                            "recipe).", rich_help_panel=OPTIMISATION)] = DEFAULT_RECIPE_NAME,
     epochs: Annotated[int | None, typer.Option(help="Epochs; the OneCycle schedule is planned "

@@ -80,7 +80,7 @@ def test_commands_default_to_the_default_recipe(monkeypatch):
     from fastcifar.config import DEFAULT_RECIPE, RECIPES
     from fastcifar.train_options import RecipeName
 
-    assert DEFAULT_RECIPE == "express" and sorted(RecipeName) == sorted(RECIPES)
+    assert DEFAULT_RECIPE == "express-muon" and sorted(RecipeName) == sorted(RECIPES)
     assert built_train_config(monkeypatch).recipe == DEFAULT_RECIPE
     commands = typer.main.get_command(app).commands
     for name in ("train", "lr-find", "show-augment"):

@@ -160,8 +160,8 @@ def test_lr_find_command_prints_the_suggestion(tiny_dataset, tmp_path):
         "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "suggested max LR" in result.output and (tmp_path / "lr_find.png").is_file()
-    assert "express recipe (sgd, weight decay 0.0005)" in result.output  # the default recipe
-    assert json.loads((tmp_path / "lr_find.json").read_text())["recipe"] == "express"
+    assert "express-muon recipe (sgd, weight decay 0.0005)" in result.output  # the default
+    assert json.loads((tmp_path / "lr_find.json").read_text())["recipe"] == "express-muon"
     seed = CliRunner().invoke(app, [
         "lr-find", "--recipe", "seed", "--iters", "10", "--batch-size", "8", "--start-lr", "1e-5",
         "--end-lr", "1", "--data", str(tiny_dataset), "--workers", "1", "--device", "cpu",
@@ -191,8 +191,22 @@ def test_train_max_lr_auto_runs_the_range_test_for_the_same_training_config(tmp_
     assert found.max_lr == 0.123 and found.optimizer == config.optimizer
 
 
-def test_lr_find_refuses_a_muon_run_with_one_line():
-    from fastcifar.errors import FastCifarError
 
-    with pytest.raises(FastCifarError, match="--muon-lr 0"):
-        LrFindConfig(train=recipe(DEFAULT_RECIPE, muon_lr=0.24))
+def test_a_muon_recipe_is_swept_with_sgd_on_every_parameter(tiny_dataset, tmp_path, monkeypatch):
+    seen = {}
+
+    class SpyFinder(fastcifar.lr_find.LRFinder):
+        def __init__(self, model, optimizer, criterion, **kwargs):
+            seen.update(model=model, optimizer=optimizer)
+            super().__init__(model, optimizer, criterion, **kwargs)
+
+    monkeypatch.setattr(fastcifar.lr_find, "LRFinder", SpyFinder)
+    result = CliRunner().invoke(app, [
+        "lr-find", "--recipe", "express-muon", "--iters", "10", "--batch-size", "8", "--start-lr",
+        "1e-5", "--end-lr", "1", "--no-augment", "--data", str(tiny_dataset), "--workers", "1",
+        "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Muon was off for the sweep" in result.output and "--muon-lr 0.24" in result.output
+    swept = {id(p) for group in seen["optimizer"].param_groups for p in group["params"]}
+    trainable = {id(p) for p in seen["model"].parameters() if p.requires_grad}
+    assert isinstance(seen["optimizer"], torch.optim.SGD) and swept == trainable
