@@ -101,3 +101,26 @@ def test_beton_with_other_fields_is_rejected(tiny_dataset, tmp_path):
     (copy / METADATA).write_text(json.dumps(metadata))
     with pytest.raises(FastCifarError, match="expected image and label"):
         read_metadata(copy)
+
+
+def test_first_train_images_are_the_same_on_every_torchrun_rank(tiny_dataset, monkeypatch):
+    import dataclasses
+
+    import fastcifar.data.loaders as loaders_module
+
+    config = LoaderConfig(data_dir=tiny_dataset, batch_size=8, workers=1)
+    loaders = build_loaders(config, NO_AUGMENT, seed=0)
+    step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, torch.device("cpu"), False)
+    expected = loaders_module.first_train_images(loaders, config, 0, step, count=20)
+    seen = []
+    real_make_loader = loaders_module.make_loader
+
+    def make_loader(path, pipeline, loader_config, train, indices, seed):
+        seen.append(loader_config.distributed)  # a sharded loader would give each rank its own
+        return real_make_loader(path, pipeline, dataclasses.replace(loader_config,
+                                distributed=False), train, indices, seed)
+
+    monkeypatch.setattr(loaders_module, "make_loader", make_loader)
+    ranked = dataclasses.replace(config, distributed=True)
+    images = loaders_module.first_train_images(loaders, ranked, 0, step, count=20)
+    assert seen == [False] and torch.equal(images, expected) and images.shape[0] == 20

@@ -289,6 +289,7 @@ def first_train_images(loaders: Loaders, config: LoaderConfig, seed: int,
     import torch
 
     count = min(count, loaders.train_count)
-    loader = make_loader(loaders.metadata.train_path, test_pipeline(), config, False,
-                         np.arange(count), seed)
+    # Every torchrun rank fits the same filters: all of them read the same images.
+    loader = make_loader(loaders.metadata.train_path, test_pipeline(),
+                         replace(config, distributed=False), False, np.arange(count), seed)
     return torch.cat([normalise(images, labels)[0].float().cpu() for images, labels in loader])
