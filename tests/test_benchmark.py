@@ -444,8 +444,8 @@ def test_train_cli_passes_its_own_options_and_the_shared_ones(monkeypatch, tmp_p
 
     monkeypatch.setattr(fastcifar.train, "train", fake_train)
     result = CliRunner().invoke(app, [
-        "train", "--epochs", "3", "--weights", str(tmp_path / "w"), "--stop-at-accuracy", "0.9",
-        "--whiten-init", "--max-lr", "0.1", "--data", str(tmp_path)])
+        "train", "--recipe", "fast", "--epochs", "3", "--weights", str(tmp_path / "w"),
+        "--stop-at-accuracy", "0.9", "--whiten-init", "--max-lr", "0.1", "--data", str(tmp_path)])
     assert result.exit_code == 1 and "stopped by the test" in result.output
     config = seen["config"]
     assert (config.recipe, config.epochs, config.max_lr, config.stop_at_accuracy) == (
