@@ -171,6 +171,17 @@ def _format_hit(hit: dict | None) -> str:
             f"{hit['eval_seconds']:,.1f})")
 
 
+def _scoring_gaps(config: dict) -> list[str]:
+    """A line saying which epochs had no test pass (`--eval-from-epoch`), so that an epoch to a
+    target reads as the upper bound it is; none when every epoch was scored."""
+    first_scored = config.get("eval_from_epoch", 1)  # older reports scored every epoch
+    if first_scored <= 1:
+        return []
+    return [f"Test passes from epoch {first_scored} on only (`--eval-from-epoch "
+            f"{first_scored}`): a target first met at epoch {first_scored} may have been met "
+            "earlier, so read its epochs and seconds as upper bounds.", ""]
+
+
 def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
     """A table beside the JSON: per run, epochs and seconds (train + eval) to each target."""
     machine = report["machine"]
@@ -185,7 +196,7 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
              f"{config['loader']['batch_size']}; data {report['data']}; commit "
              f"{report['commit'] or 'unknown'}. Seconds run from the first training step and "
              "hold train + eval time; the one-off warm-up (summed over sittings when resumed) is "
-             "apart.", "",
+             "apart.", "", *_scoring_gaps(config),
              "| budget (epochs) | seed | epochs run | " + " | ".join(
                  f"to {_percent(target)}" for target in targets)
              + " | warm-up (s) | final acc | no TTA | flip TTA |",
