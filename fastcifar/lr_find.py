@@ -2,8 +2,8 @@
 
 The LR grows each step from `start_lr` to `end_lr`; the suggestion is the LR where the smoothed
 loss falls fastest, with the min-loss LR / 10 as a second opinion. Model and optimiser are
-reset. torch-lr-finder sweeps every parameter group to the same LR, so a recipe's BN-shift LR
-multiplier (express: x64) is not applied during the sweep.
+reset. torch-lr-finder sets one LR for every parameter group; each step applies a group's
+`lr_scale` on top (express: BN shifts x64), so the sweep steps the groups as training does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +109,30 @@ def suggest_lrs(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     return suggested, float(lrs_array[lowest] / 10)
 
 
+@contextlib.contextmanager
+def scaled_group_lrs(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """While open, each optimiser step runs every group at its LR x its `lr_scale`, and the
+    LRs are put back after it: torch-lr-finder drives one LR, the recipe's ratios still hold."""
+    swept: list[float] = []
+
+    def scale(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        swept[:] = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+
+    def restore(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for group, lr in zip(optimizer.param_groups, swept, strict=True):
+            group["lr"] = lr
+
+    handles = [optimizer.register_step_pre_hook(scale),
+               optimizer.register_step_post_hook(restore)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable,
                    device_step: DeviceStep, plan: PrecisionPlan, config: LrFindConfig,
                    progress: StepProgress | None = None) -> tuple[list[float], list[float]]:
@@ -127,7 +151,7 @@ def run_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: I
     try:
         # torch-lr-finder draws a tqdm bar and prints; the caller reports through `progress`.
         with (contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()),
-              warnings.catch_warnings()):
+              warnings.catch_warnings(), scaled_group_lrs(optimizer)):
             warnings.filterwarnings("ignore", message=".*get_last_lr.*")
             finder.range_test(batches, start_lr=config.start_lr, end_lr=config.end_lr,
                               num_iter=config.iterations, step_mode=config.mode)

@@ -76,6 +76,32 @@ def test_range_test_leaves_weights_and_optimizer_as_they_were():
     assert optimizer.param_groups[0]["lr"] == 1e-3
 
 
+def test_range_test_steps_each_group_at_the_swept_lr_times_its_scale():
+    torch.manual_seed(0)
+    model = CustResNet(num_classes=3)
+    shifts = [module.bias for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    others = [p for p in model.parameters() if all(p is not shift for shift in shifts)]
+    optimizer = torch.optim.SGD([{"params": others, "lr_scale": 1.0},
+                                 {"params": shifts, "lr_scale": 64.0}], lr=1e-3)
+    stepped_at = []  # each step's group LRs, seen by a hook that runs inside the step
+    optimizer.register_step_post_hook(
+        lambda optimizer, args, kwargs: stepped_at.append(
+            [group["lr"] for group in optimizer.param_groups]))
+    labels = np.arange(8) % 3
+    images = torch.from_numpy(synthetic_images(labels, seed=2)).permute(0, 3, 1, 2)
+    batches = [(images, torch.from_numpy(labels))]
+    step = DeviceStep([128.0] * 3, [64.0] * 3, torch.device("cpu"), channels_last=False)
+    config = LrFindConfig(start_lr=1e-5, end_lr=1e-2, iterations=10)
+    lrs, _ = run_range_test(model, optimizer, batches, step,
+                            plan_precision(Precision.fp32, torch.device("cpu")), config)
+    assert len(stepped_at) == len(lrs) == 10
+    for swept, (main, shift) in zip(lrs, stepped_at, strict=True):
+        assert main == pytest.approx(swept) and shift == pytest.approx(64 * swept)
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 1e-3]  # put back
+    optimizer.step()  # the hooks are gone once the test is over
+    assert stepped_at[-1] == [1e-3, 1e-3]
+
+
 def test_lr_find_on_the_real_loader_writes_plot_and_history(tiny_dataset, tmp_path, check_png):
     config = LrFindConfig(train=tiny_train(tiny_dataset, "seed", precision=Precision.bf16),
                           start_lr=1e-5, end_lr=1.0, iterations=12, out_dir=tmp_path / "lr")
