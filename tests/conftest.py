@@ -55,7 +55,10 @@ def write_official_archive(path: Path, per_batch: int = 20, seed: int = 0) -> tu
         labels = rng.integers(0, 10, per_batch)
         images = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
         data = images.transpose(0, 3, 1, 2).reshape(per_batch, -1)
-        (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels.tolist()}))
+        # protocols 2, 4 and 5 pickle numpy arrays and bytes through different globals
+        protocol = (2, 4, 5)[len(list(folder.iterdir())) % 3]
+        (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels.tolist()},
+                                                 protocol=protocol))
         arrays[split]["images"].append(images)
         arrays[split]["labels"].append(labels)
 

@@ -108,6 +108,38 @@ def test_convert_rejects_official_name_with_wrong_md5(tmp_path):
         convert(ConvertConfig(source=archive, out_dir=tmp_path / "out"))
 
 
+class _RunsCode:
+    """Unpickling this calls open(marker, "w"): the file appears if anything unpickles it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("payload", ["code", "list", "no labels"])
+def test_convert_refuses_a_batch_that_is_not_cifar_data_and_keeps_the_earlier_dataset(
+        tmp_path, tiny_imagefolder, payload):
+    import pickle
+
+    out = tmp_path / "out"
+    convert(ConvertConfig(source=tiny_imagefolder, out_dir=out))
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    folder = tmp_path / "src" / "cifar-10-batches-py"
+    write_official_archive(tmp_path / "src" / "cifar-small.tar.gz")
+    marker = tmp_path / "ran"
+    batch = {"code": {b"data": _RunsCode(marker), b"labels": [0]}, "list": [1, 2],
+             "no labels": {b"data": np.zeros((1, 3072), np.uint8)}}[payload]
+    (folder / "data_batch_3").write_bytes(pickle.dumps(batch))
+    message = {"code": r"corrupt CIFAR-10 batch data_batch_3: it names (io|builtins)\.open.*could run code",
+               "list": "holds a list, not a dict", "no labels": "not the CIFAR-10 batch layout"}
+    with pytest.raises(FastCifarError, match=message[payload]):
+        convert(ConvertConfig(source=folder, out_dir=out, force=True))
+    assert not marker.exists()  # the payload never ran
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
 def test_convert_rejects_wrong_image_size_naming_the_file(tmp_path):
     root = write_imagefolder(tmp_path / "src", per_class_train=3, per_class_test=2)
     bad = root / "train" / TINY_CLASSES[0] / "0001.png"

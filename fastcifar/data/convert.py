@@ -195,9 +195,10 @@ def convert(config: ConvertConfig, progress: Progress = _no_progress) -> Convert
         if existing is not None:
             return ConvertResult(train_path, test_path, metadata_path, existing, True,
                                  time.perf_counter() - started)
-        # The metadata goes first so that a crash between the two betons never looks complete.
-        metadata_path.unlink(missing_ok=True)
+        # A source that fails to read leaves an earlier conversion as it was.
         data = read_source(source, fix_images=config.fix_images, progress=progress)
+        # The metadata goes before the betons so that a crash between them never looks complete.
+        metadata_path.unlink(missing_ok=True)
         workers = max(1, min(8, _cpu_count()))
         progress("write train", 0, len(data.train.labels))
         _write_beton(data.train, train_path, workers)

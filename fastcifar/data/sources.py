@@ -56,16 +56,43 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 # ---------------------------------------------------------------- the official pickle format
 
 
+# What a CIFAR-10 batch may name: numpy arrays as numpy 1.x (numpy.core) and 2.x (numpy._core)
+# pickle them, and bytes as Python 3 writes them at protocol 2. A pickle runs code only through
+# the globals it names, so anything else is refused before it is looked up.
+BATCH_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Reads a batch file's dicts, lists, bytes, numbers and numpy arrays, and nothing else."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in BATCH_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR-10 batch "
+                                         "holds (refused: unpickling it could run code)")
+        return super().find_class(module, name)
+
+
+def _load_batch(name: str, data: bytes) -> dict:
+    """One official batch file as a dict, through `BatchUnpickler`."""
+    try:
+        loaded = BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise FastCifarError(f"corrupt CIFAR-10 batch {name}: {error}") from error
+    if not isinstance(loaded, dict):
+        raise FastCifarError(f"corrupt CIFAR-10 batch {name}: it holds a "
+                             f"{type(loaded).__name__}, not a dict")
+    return loaded
+
+
 def _read_batches(read_member: Callable[[str], bytes]) -> tuple[Split, Split, list[str]]:
     """Decode the official pickle batches given a function that returns a member's bytes."""
     def load(name: str) -> dict:
-        try:
-            return pickle.loads(read_member(name), encoding="bytes")
-        except (pickle.UnpicklingError, EOFError, ValueError) as error:
-            raise FastCifarError(f"corrupt CIFAR-10 batch {name}: {error}") from error
-
-    meta = load("batches.meta")
-    class_names = [name.decode() for name in meta[b"label_names"]]
+        return _load_batch(name, read_member(name))
 
     def split(names: list[str]) -> Split:
         batches = [load(name) for name in names]
@@ -74,8 +101,13 @@ def _read_batches(read_member: Callable[[str], bytes]) -> tuple[Split, Split, li
         images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
         return Split(np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64))
 
-    train = split([f"data_batch_{i}" for i in range(1, 6)])
-    return train, split(["test_batch"]), class_names
+    try:
+        class_names = [name.decode() for name in load("batches.meta")[b"label_names"]]
+        train = split([f"data_batch_{i}" for i in range(1, 6)])
+        return train, split(["test_batch"]), class_names
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise FastCifarError(f"not the CIFAR-10 batch layout (b'data', b'labels', "
+                             f"b'label_names' of 3x32x32 images): {error!r}") from error
 
 
 def file_sha256(path: Path) -> str:
