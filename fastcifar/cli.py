@@ -182,6 +182,8 @@ def lr_find(
                          base.loader.batch_size, workers=workers, train_subset=train_subset)
     changes = {key: value for key, value in {"optimizer": optimizer,
                "weight_decay": weight_decay}.items() if value is not None}
+    if optimizer not in (None, OptimizerName.sgd):
+        changes["muon_lr"] = 0.0  # Muon pairs with SGD only; the sweep never runs it anyway
     train_config = run_command(dataclasses.replace, base, loader=loader, augment=base.augment
                                if augment else NO_AUGMENT, device=device, precision=precision,
                                channels_last=channels_last, seed=seed, **changes)

@@ -212,7 +212,8 @@ class TrainConfig:
         _require(self.muon_lr >= 0, "Muon LR must be >= 0 (0: off)")
         _require(0 <= self.muon_momentum < 1, "Muon momentum must be in [0, 1)")
         _require(not self.muon_lr or self.optimizer == OptimizerName.sgd,
-                 "Muon pairs with SGD for the non-filter parameters: use --optimizer sgd")
+                 "Muon pairs with SGD for the non-filter parameters: use --optimizer sgd, or "
+                 "--muon-lr 0 to train without Muon")
         _require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
         if self.stop_at_accuracy is not None:
             _require(0 < self.stop_at_accuracy <= 1, "target accuracy must be in (0, 1]")

@@ -218,7 +218,9 @@ def test_train_max_lr_auto_runs_the_range_test_for_the_same_training_config(tmp_
 
 
 
-def test_a_muon_recipe_is_swept_with_sgd_on_every_parameter(tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", [None, "adam"])
+def test_a_muon_recipe_is_swept_without_muon_on_every_parameter(tiny_dataset, tmp_path,
+                                                               monkeypatch, optimizer):
     seen = {}
 
     class SpyFinder(fastcifar.lr_find.LRFinder):
@@ -230,9 +232,13 @@ def test_a_muon_recipe_is_swept_with_sgd_on_every_parameter(tiny_dataset, tmp_pa
     result = CliRunner().invoke(app, [
         "lr-find", "--recipe", "express-muon", "--iters", "10", "--batch-size", "8", "--start-lr",
         "1e-5", "--end-lr", "1", "--no-augment", "--data", str(tiny_dataset), "--workers", "1",
-        "--device", "cpu", "--out", str(tmp_path)])
+        "--device", "cpu", "--out", str(tmp_path)] + (["--optimizer", optimizer] if optimizer
+                                                     else []))
     assert result.exit_code == 0, result.output
-    assert "Muon was off for the sweep" in result.output and "--muon-lr 0.24" in result.output
+    # SGD, the recipe's own: Muon keeps its LR; Adam (which Muon does not pair with): no Muon
+    assert ("Muon was off for the sweep" in result.output) == (optimizer is None)
+    assert ("--muon-lr 0.24" in result.output) == (optimizer is None)
     swept = {id(p) for group in seen["optimizer"].param_groups for p in group["params"]}
     trainable = {id(p) for p in seen["model"].parameters() if p.requires_grad}
-    assert isinstance(seen["optimizer"], torch.optim.SGD) and swept == trainable
+    expected = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    assert isinstance(seen["optimizer"], expected) and swept == trainable
