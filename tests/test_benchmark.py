@@ -382,34 +382,37 @@ def test_time_to_accuracy_reports_a_missed_target_as_null_over_several_seeds(tin
     assert table.count("not reached") == 2 * 2 + 2  # two runs and the median row, two targets
 
 
-def small_report(eval_from_epoch: int | None) -> dict:
-    """A one-run time-to-accuracy report as the benchmark writes it (config cut to what the
-    table reads); eval_from_epoch None: an older report without the key."""
-    config = {"precision": "bf16", "loader": {"batch_size": 512}}
-    if eval_from_epoch is not None:
-        config["eval_from_epoch"] = eval_from_epoch
+def small_report(first_passes: list[float] | None) -> dict:
+    """A time-to-accuracy report of one run per first-pass epoch, as the benchmark writes it
+    (cut to what the table reads); None: an older report without "evaluations"."""
     hit = {"epochs": 5, "steps": 485, "seconds": 100.0, "train_seconds": 90.0,
            "eval_seconds": 10.0}
-    run = {"seed": 0, "budget_epochs": 6, "epochs_run": 6, "targets": {"0.9": hit},
-           "warmup_seconds": 1.0, "final_accuracy": 0.91, "final_accuracy_no_tta": 0.9,
-           "final_accuracy_tta": 0.905}
-    return {"machine": {"cpu": "cpu", "cpu_cores": 2}, "config": config, "targets": [0.9],
+    runs = [{"seed": seed, "budget_epochs": 6, "epochs_run": 6, "targets": {"0.9": hit},
+             "warmup_seconds": 1.0, "final_accuracy": 0.91, "final_accuracy_no_tta": 0.9,
+             "final_accuracy_tta": 0.905}
+            for seed in range(len(first_passes or [1]))]
+    for run, first in zip(runs, first_passes or [], strict=False):
+        run["evaluations"] = [{"epochs": epoch} for epoch in (first, 6)]
+    return {"machine": {"cpu": "cpu", "cpu_cores": 2},
+            "config": {"precision": "bf16", "loader": {"batch_size": 512}}, "targets": [0.9],
             "recipe": "express-muon", "command": "c", "device": "cpu", "data": "d",
-            "commit": "abc", "runs": [run],
+            "commit": "abc", "runs": runs,
             "median": {"6": {"final_accuracy": 0.91,
                              "0.9": {"seconds": 100.0, "epochs": 5, "reached": "1/1"}}}}
 
 
-@pytest.mark.parametrize("eval_from_epoch", [None, 1, 5])
+@pytest.mark.parametrize(("first_passes", "note"), [
+    (None, None), ([1, 0.5], None),
+    ([5, 1], "First test pass: seed 0 (6-epoch budget) at epoch 5. A target"),
+    ([1, 2.5], "First test pass: seed 1 (6-epoch budget) at epoch 2.5. A target")])
 def test_time_to_accuracy_table_says_when_early_epochs_had_no_test_pass(tmp_path,
-                                                                        eval_from_epoch):
+                                                                        first_passes, note):
     path = tmp_path / "report.md"
-    write_time_to_accuracy_markdown(path, small_report(eval_from_epoch))
+    write_time_to_accuracy_markdown(path, small_report(first_passes))
     table = path.read_text()
     assert "| 6 | 0 | 6 | 5 ep, 100.0 s (90.0 + 10.0) |" in table
-    marked = "Test passes from epoch 5 on only (`--eval-from-epoch 5`)" in table
-    assert marked == (eval_from_epoch == 5)
-    assert ("upper bound" in table) == (eval_from_epoch == 5)
+    assert ("upper bounds" in table) == (note is not None)
+    assert note is None or note in table
 
 
 def test_shortest_budget_mode_stops_at_the_first_budget_that_reaches_the_target(tiny_dataset,

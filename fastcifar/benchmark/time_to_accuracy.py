@@ -171,15 +171,16 @@ def _format_hit(hit: dict | None) -> str:
             f"{hit['eval_seconds']:,.1f})")
 
 
-def _scoring_gaps(config: dict) -> list[str]:
-    """A line saying which epochs had no test pass (`--eval-from-epoch`), so that an epoch to a
-    target reads as the upper bound it is; none when every epoch was scored."""
-    first_scored = config.get("eval_from_epoch", 1)  # older reports scored every epoch
-    if first_scored <= 1:
+def _scoring_gaps(runs: list[dict]) -> list[str]:
+    """A line naming the runs whose first test pass came after epoch 1 (`--eval-from-epoch`):
+    a target they first met there may have been met earlier, so those figures are upper bounds."""
+    late = [f"seed {run['seed']} ({run.get('budget_epochs', run['epochs_run'])}-epoch budget) "
+            f"at epoch {round(run['evaluations'][0]['epochs'], 2):g}"
+            for run in runs if run.get("evaluations") and run["evaluations"][0]["epochs"] > 1]
+    if not late:  # older reports lack "evaluations": they scored every epoch
         return []
-    return [f"Test passes from epoch {first_scored} on only (`--eval-from-epoch "
-            f"{first_scored}`): a target first met at epoch {first_scored} may have been met "
-            "earlier, so read its epochs and seconds as upper bounds.", ""]
+    return [f"First test pass: {'; '.join(late)}. A target first met at that pass may have been "
+            "met earlier, so read its epochs and seconds as upper bounds.", ""]
 
 
 def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
@@ -196,7 +197,7 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
              f"{config['loader']['batch_size']}; data {report['data']}; commit "
              f"{report['commit'] or 'unknown'}. Seconds run from the first training step and "
              "hold train + eval time; the one-off warm-up (summed over sittings when resumed) is "
-             "apart.", "", *_scoring_gaps(config),
+             "apart.", "", *_scoring_gaps(report["runs"]),
              "| budget (epochs) | seed | epochs run | " + " | ".join(
                  f"to {_percent(target)}" for target in targets)
              + " | warm-up (s) | final acc | no TTA | flip TTA |",
