@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -322,7 +323,8 @@ def benchmark_time_to_accuracy(
     data_variant: Annotated[str, typer.Option(help="How the results name the data.",
                             rich_help_panel=DATA)] = "CIFAR-10 (JPEG-75 copy)",
     json_path: Annotated[Path | None, typer.Option("--json", help="Results file (default "
-                         "benchmarks/results/time-to-accuracy-<recipe>-<device>.json); a .md "
+                         "benchmarks/results/time-to-accuracy-<recipe>-<epochs>ep-<device>-"
+                         "<UTC time>.json); a .md "
                          "table goes beside it.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its "
                       "last.pt (same options, one run, no --budget).", rich_help_panel=SYSTEM)
@@ -339,10 +341,7 @@ def benchmark_time_to_accuracy(
 
     train_config = dataclasses.replace(train_config, weights_dir=train_config.out_dir / "weights",
                                        make_plots=False)
-    device_name = ("cuda" if train_config.device == Device.auto and _cuda_available()
-                   else train_config.device.value)
-    json_path = json_path or Path(f"benchmarks/results/time-to-accuracy-{train_config.recipe}-"
-                                  f"{device_name}.json")
+    json_path = json_path or default_time_to_accuracy_path(train_config)
     config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
                          runs=runs, stop_at_target=stop_at_target,
                          budgets=tuple(budgets or ()), json_path=json_path,
@@ -351,6 +350,16 @@ def benchmark_time_to_accuracy(
                          resume=resume)
     report = run_command(run_benchmark, config, TableCallbacks())
     print_time_to_accuracy(report, json_path)
+
+
+def default_time_to_accuracy_path(train_config: TrainConfig) -> Path:
+    """benchmarks/results/time-to-accuracy-<recipe>-<epochs>ep-<device>-<UTC time>.json: named
+    by what ran, and never the file of an earlier run."""
+    device = "cuda" if train_config.device == Device.auto and _cuda_available() else (
+        "cpu" if train_config.device == Device.auto else train_config.device.value)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path(f"benchmarks/results/time-to-accuracy-{train_config.recipe}-"
+                f"{train_config.epochs}ep-{device}-{stamp}.json")
 
 
 def _cuda_available() -> bool:

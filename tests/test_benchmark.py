@@ -23,6 +23,7 @@ from fastcifar.benchmark.time_to_accuracy import (
 )
 from fastcifar.checkpoint import load_checkpoint, read_weights_file
 from fastcifar.config import (
+    Device,
     LoaderBenchmarkConfig,
     LoaderConfig,
     OptimizerName,
@@ -468,6 +469,21 @@ def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
     assert train_config.weights_dir == tmp_path / "runs" / "weights"
     assert not train_config.make_plots and config.json_path == tmp_path / "t.json"
     assert config.command == shlex.join(["fastcifar", *arguments])  # rerunnable as recorded
+
+
+def test_default_time_to_accuracy_file_names_what_ran_and_never_repeats(monkeypatch):
+    import fastcifar.cli
+    from fastcifar.cli import default_time_to_accuracy_path
+
+    monkeypatch.setattr(fastcifar.cli, "_cuda_available", lambda: False)
+    config = dataclasses.replace(recipe("express-muon"), epochs=6, device=Device.auto)
+    first = default_time_to_accuracy_path(config)
+    assert first.parent == Path("benchmarks/results")
+    assert first.name.startswith("time-to-accuracy-express-muon-6ep-cpu-")
+    time.sleep(1.1)
+    assert default_time_to_accuracy_path(config) != first
+    monkeypatch.setattr(fastcifar.cli, "_cuda_available", lambda: True)
+    assert "-6ep-cuda-" in default_time_to_accuracy_path(config).name
 
 
 def test_train_cli_passes_its_own_options_and_the_shared_ones(monkeypatch, tmp_path):
