@@ -31,6 +31,11 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 # ---------------------------------------------------------------- resumable checkpoints
 
 
+# What every checkpoint `run_state` writes holds (a plain state_dict has none of them).
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "steps", "history", "best_accuracy",
+                   "rng", "config")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save through a temporary file, fsync and rename.
 
@@ -64,6 +69,10 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict):
         raise FastCifarError(f"{path} is not a fastcifar checkpoint (it holds a "
                              f"{type(state).__name__}, not a dict)")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise FastCifarError(f"{path} is not a fastcifar checkpoint (no {', '.join(missing)}): "
+                             "resume from a run folder's last.pt")
     return state
 
 

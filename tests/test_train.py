@@ -209,6 +209,14 @@ def test_resume_reports_a_corrupt_checkpoint(tiny_dataset, tmp_path):
         train(tiny_config(tiny_dataset, tmp_path, resume=broken))
 
 
+def test_resume_refuses_a_file_that_is_not_a_checkpoint(tiny_dataset, tmp_path):
+    weights_only = tmp_path / "model.pt"
+    torch.save(CustResNet(num_classes=10).state_dict(), weights_only)  # a plain state_dict
+    with pytest.raises(FastCifarError, match="model.pt is not a fastcifar checkpoint "
+                                             r"\(no model, optimizer, .*last.pt"):
+        train(tiny_config(tiny_dataset, tmp_path, resume=weights_only))
+
+
 def test_diverging_run_stops_with_a_clear_message(tiny_dataset, tmp_path):
     with pytest.raises(FastCifarError, match="non-finite loss"):
         train(tiny_config(tiny_dataset, tmp_path, epochs=1, max_lr=1e12, logit_scale=1e6))
