@@ -73,7 +73,7 @@ def main(debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")
 def convert(
     source: Annotated[Path | None, typer.Option(help="cifar-10-python.tar.gz, its extracted "
                       "folder, or an ImageFolder tree (or .tar.gz of one). Default: look in "
-                      "--out, then download.", rich_help_panel=DATA)] = None,
+                      "--out, then the current folder, then download.", rich_help_panel=DATA)] = None,
     out: Annotated[Path, typer.Option(help="Folder for the .beton files and metadata.",
                                       rich_help_panel=DATA)] = Path("datasets"),
     force: Annotated[bool, typer.Option(help="Rewrite even when up to date.")] = False,
@@ -179,8 +179,9 @@ def lr_find(
     from fastcifar.lr_find import lr_find as run_range_test
 
     base = run_command(recipe, recipe_name.value)
-    loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size or
-                         base.loader.batch_size, workers=workers, train_subset=train_subset)
+    batch_size = base.loader.batch_size if batch_size is None else batch_size
+    loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,
+                         train_subset=train_subset)
     changes = {key: value for key, value in {"optimizer": optimizer,
                "weight_decay": weight_decay}.items() if value is not None}
     if optimizer not in (None, OptimizerName.sgd):

@@ -128,7 +128,8 @@ class LoaderConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of `fastcifar train`; the defaults are the `fast` recipe's."""
+    """Settings of `fastcifar train`. The defaults are plain (no recipe's tricks); the named
+    recipes (`RECIPES`, `recipe(name)`) start from them."""
 
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

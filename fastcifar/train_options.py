@@ -82,7 +82,7 @@ def build_train_config(
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the "
                                "recipe's).", rich_help_panel=OPTIMISATION)] = None,
     logit_scale: Annotated[float | None, typer.Option(help="Constant multiplier of the logits "
-                           "(fast: 0.125).", rich_help_panel=OPTIMISATION)] = None,
+                           "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
     ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
                    "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
     bn_momentum: Annotated[float | None, typer.Option(help="BatchNorm running-stat momentum "
@@ -136,11 +136,11 @@ def build_train_config(
     cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
                       rich_help_panel=AUGMENTATION)] = None,
     jitter: Annotated[float | None, typer.Option(help="Brightness/contrast/saturation "
-                      "jitter magnitude, applied to half the images (either recipe); 0 turns "
+                      "jitter magnitude, applied to half the images (any recipe); 0 turns "
                       "colour jitter off, the recipe's hue jitter too unless --hue is given.",
                       rich_help_panel=AUGMENTATION)] = None,
     hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn), applied "
-                   "to half the images with the other colour jitter (either recipe).",
+                   "to half the images with the other colour jitter (any recipe).",
                    rich_help_panel=AUGMENTATION)] = None,
     p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
                       rich_help_panel=AUGMENTATION)] = None,

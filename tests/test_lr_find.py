@@ -179,6 +179,13 @@ def test_lr_find_config_rejects_a_backwards_range():
         LrFindConfig(start_lr=1.0, end_lr=1e-3)
 
 
+def test_lr_find_refuses_a_zero_batch_size(tmp_path):
+    result = CliRunner().invoke(app, ["lr-find", "--batch-size", "0", "--data", str(tmp_path),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "batch" in result.output.lower()
+    assert not (tmp_path / "out").exists()
+
+
 def test_lr_find_command_prints_the_suggestion(tiny_dataset, tmp_path):
     result = CliRunner().invoke(app, [
         "lr-find", "--iters", "10", "--batch-size", "8", "--start-lr", "1e-5", "--end-lr", "1",
