@@ -25,8 +25,8 @@ from fastcifar.errors import FastCifarError
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
     from fastcifar.data.loaders import Loaders
-    from fastcifar.optim import Optimizers
-    from fastcifar.train import Evaluation
+    from fastcifar.optim import Lookahead, Optimizers
+    from fastcifar.train import EpochStats, Evaluation
 
 # ---------------------------------------------------------------- resumable checkpoints
 
@@ -326,9 +326,12 @@ def weights_metadata(config: TrainConfig, record: dict, loaders: Loaders,
     }
 
 
-def run_state(model, optimizers: Optimizers, scaler, ema, lookahead, epoch, steps,
-              history, evaluations, record, best_accuracy, warmup_seconds: float,
-              lr_per_step: list[float], partial: dict | None = None) -> dict:
+def run_state(model: torch.nn.Module, optimizers: Optimizers, scaler: torch.amp.GradScaler,
+              ema: torch.optim.swa_utils.AveragedModel | None, lookahead: Lookahead | None,
+              epoch: int, steps: int, history: list[EpochStats],
+              evaluations: list[Evaluation], record: dict, best_accuracy: float,
+              warmup_seconds: float, lr_per_step: list[float],
+              partial: dict | None = None) -> dict:
     """Everything a resumed run needs, as tensors and plain values (loadable weights_only)."""
     return {
         "partial": partial,  # progress inside an interrupted epoch

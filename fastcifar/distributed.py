@@ -8,11 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from fastcifar.config import TrainConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def share_run_dir(run_dir: Path, distributed: Distributed) -> Path:
     return Path(broadcast_from_main(str(run_dir), distributed))
 
 
-def broadcast_from_main(value, distributed: Distributed):
+def broadcast_from_main(value: T, distributed: Distributed) -> T:
     """Rank 0's `value` on every rank (pickled by torch.distributed between our own processes)."""
     if distributed.world_size == 1:
         return value

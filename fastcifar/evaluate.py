@@ -6,6 +6,7 @@ library side of `fastcifar evaluate`).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, tta: bool,
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionPlan,
+def evaluate_loader(model: nn.Module, loader: Iterable, device_step: DeviceStep, plan: PrecisionPlan,
              tta: bool, shifts: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over the loader (eval mode, no gradients)."""
     model.eval()
@@ -125,7 +126,7 @@ def model_from_weights(checkpoint: dict, device: torch.device, channels_last: bo
 
 
 @torch.no_grad()
-def predict_test_set(model: nn.Module, loader, device_step: DeviceStep, plan: PrecisionPlan,
+def predict_test_set(model: nn.Module, loader: Iterable, device_step: DeviceStep, plan: PrecisionPlan,
                      tta: bool, shifts: bool = False) -> TestPredictions:
     """Predictions over the whole loader; images are copied to the host for the figures."""
     model.eval()
