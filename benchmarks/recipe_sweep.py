@@ -72,6 +72,11 @@ MUON_ROUND: dict[str, tuple[dict, list[str]]] = {
     "express": ({}, []),
     **{f"express + muon {lr:g}": ({"muon_lr": lr}, ["--muon-lr", f"{lr:g}"])
        for lr in (0.1, 0.24, 0.5)},
+    # Not yet measured with Muon: a higher Muon momentum, lighter label smoothing.
+    "express + muon 0.24, momentum 0.8": ({"muon_lr": 0.24, "muon_momentum": 0.8},
+                                          ["--muon-lr", "0.24", "--muon-momentum", "0.8"]),
+    "express + muon 0.24, smoothing 0.1": ({"muon_lr": 0.24, "label_smoothing": 0.1},
+                                           ["--muon-lr", "0.24", "--label-smoothing", "0.1"]),
 }
 # The rounds that choose train options: their base recipe and their cells.
 ROUNDS = {"tuning": (FIRST_EXPRESS, TUNING), "muon": (EXPRESS, MUON_ROUND)}

@@ -124,6 +124,8 @@ def build_train_config(
         "as the identity.", rich_help_panel=OPTIMISATION)] = None,
     muon_lr: Annotated[float | None, typer.Option(help="Peak LR of Muon for the conv filters "
                        "(SGD keeps the rest); 0 = off.", rich_help_panel=OPTIMISATION)] = None,
+    muon_momentum: Annotated[float | None, typer.Option(help="Muon's Nesterov momentum "
+                             "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's).",
                         rich_help_panel=OPTIMISATION)] = None,
     initial_lr_fraction: Annotated[float | None, typer.Option(
@@ -194,7 +196,7 @@ def build_train_config(
             "tta_shifts": tta_shifts, "lookahead_every": lookahead_every, "bn_eps": bn_eps,
             "bn_frozen_scale": bn_frozen_scale, "bn_bias_lr_scale": bn_bias_lr_scale,
             "decay_norm": decay_norm, "whiten": whiten, "dirac_init": dirac_init,
-            "muon_lr": muon_lr, "momentum": momentum,
+            "muon_lr": muon_lr, "muon_momentum": muon_momentum, "momentum": momentum,
             "initial_lr_fraction": initial_lr_fraction,
         }.items() if value is not None
     }
