@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 # ---------------------------------------------------------------- resumable checkpoints
 
 
-# What every checkpoint `run_state` writes holds (a plain state_dict has none of them).
+# What every checkpoint `run_state` writes holds and a resumed run reads (a plain state_dict
+# has none of them).
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "steps", "history", "best_accuracy",
                    "rng", "config")
 
@@ -46,12 +47,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, temporary)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict:
     """A checkpoint written by `save_checkpoint`, read with torch's weights-only unpickler.
 
     That unpickler builds only tensors and plain values and refuses any other object, so a
     crafted file (a `__reduce__` payload) cannot run code: it gets a one-line error instead, as
-    do damaged files and checkpoints from before RNG states were stored as plain values.
+    do damaged files and checkpoints from before RNG states were stored as plain values. A
+    state lacking one of the `required` keys is refused as not a fastcifar checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,7 +71,7 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict):
         raise FastCifarError(f"{path} is not a fastcifar checkpoint (it holds a "
                              f"{type(state).__name__}, not a dict)")
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    missing = [key for key in required if key not in state]
     if missing:
         raise FastCifarError(f"{path} is not a fastcifar checkpoint (no {', '.join(missing)}): "
                              "resume from a run folder's last.pt")

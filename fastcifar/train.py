@@ -16,6 +16,7 @@ from torch import nn
 
 from fastcifar.atomic import write_json
 from fastcifar.checkpoint import (
+    CHECKPOINT_KEYS,
     check_resume_compatible,
     load_checkpoint,
     read_weights_file,
@@ -514,7 +515,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cudnn pick the fastest kernels
     resume_state = None
     if config.resume is not None:
-        resume_state = load_checkpoint(Path(config.resume))
+        resume_state = load_checkpoint(Path(config.resume), required=CHECKPOINT_KEYS)
         check_resume_compatible(resume_state.get("config", {}), config)
     loaders = loaders or build_loaders(config.loader, config.augment, config.seed, device=device)
     _check_steps(config, len(loaders.train))
