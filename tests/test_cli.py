@@ -124,7 +124,7 @@ def test_jitter_options_say_how_they_apply():
 
     options = {parameter.name: parameter.help
                for parameter in typer.main.get_command(app).commands["train"].params}
-    assert "half the images (either recipe)" in options["jitter"]
+    assert "half the images (any recipe)" in options["jitter"]
     assert "hue jitter too unless --hue" in options["jitter"]
     assert "half the images" in options["hue"]
     assert "takes no other augmentation option" in options["augment"]
