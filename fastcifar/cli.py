@@ -73,7 +73,8 @@ def main(debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")
 def convert(
     source: Annotated[Path | None, typer.Option(help="cifar-10-python.tar.gz, its extracted "
                       "folder, or an ImageFolder tree (or .tar.gz of one). Default: look in "
-                      "--out, then the current folder, then download.", rich_help_panel=DATA)] = None,
+                      "--out, then the current folder, then download.",
+                      rich_help_panel=DATA)] = None,
     out: Annotated[Path, typer.Option(help="Folder for the .beton files and metadata.",
                                       rich_help_panel=DATA)] = Path("datasets"),
     force: Annotated[bool, typer.Option(help="Rewrite even when up to date.")] = False,
@@ -356,8 +357,9 @@ def benchmark_time_to_accuracy(
 def default_time_to_accuracy_path(train_config: TrainConfig) -> Path:
     """benchmarks/results/time-to-accuracy-<recipe>-<epochs>ep-<device>-<UTC time>.json: named
     by what ran, and never the file of an earlier run."""
-    device = "cuda" if train_config.device == Device.auto and _cuda_available() else (
-        "cpu" if train_config.device == Device.auto else train_config.device.value)
+    device = train_config.device.value
+    if train_config.device == Device.auto:
+        device = "cuda" if _cuda_available() else "cpu"
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return Path(f"benchmarks/results/time-to-accuracy-{train_config.recipe}-"
                 f"{train_config.epochs}ep-{device}-{stamp}.json")

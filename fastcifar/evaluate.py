@@ -47,8 +47,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, tta: bool,
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: Iterable, device_step: DeviceStep, plan: PrecisionPlan,
-             tta: bool, shifts: bool = False) -> tuple[float, float]:
+def evaluate_loader(model: nn.Module, loader: Iterable, device_step: DeviceStep,
+                    plan: PrecisionPlan, tta: bool, shifts: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over the loader (eval mode, no gradients)."""
     model.eval()
     total_loss = torch.zeros((), device=device_step.device)
@@ -126,8 +126,8 @@ def model_from_weights(checkpoint: dict, device: torch.device, channels_last: bo
 
 
 @torch.no_grad()
-def predict_test_set(model: nn.Module, loader: Iterable, device_step: DeviceStep, plan: PrecisionPlan,
-                     tta: bool, shifts: bool = False) -> TestPredictions:
+def predict_test_set(model: nn.Module, loader: Iterable, device_step: DeviceStep,
+                     plan: PrecisionPlan, tta: bool, shifts: bool = False) -> TestPredictions:
     """Predictions over the whole loader; images are copied to the host for the figures."""
     model.eval()
     predictions, labels, images = [], [], []
