@@ -49,7 +49,10 @@ class CustBlock(nn.Module):
 
 
 class CustResNet(nn.Module):
-    """prep 64 -> block 128 + res -> block 256 -> block 512 + res -> max-pool 4 -> linear 10.
+    """prep 64 -> block 128 + res -> block 256 -> block 512 + res -> global max-pool -> linear 10.
+
+    The global max-pool is the 4x4 max-pool of the original layer plan at 32 px (the same
+    function, no parameters), and it also takes the smaller maps of lower-resolution training.
 
     `logit_scale` multiplies the logits (a fixed constant, no parameter): a small scale such as
     0.125 keeps early softmax outputs soft, which lets high learning rates train stably.
@@ -62,7 +65,7 @@ class CustResNet(nn.Module):
         self.layer1 = CustBlock(64, 128, residual=True, dropout=dropout)
         self.layer2 = CustBlock(128, 256, residual=False, dropout=dropout)
         self.layer3 = CustBlock(256, 512, residual=True, dropout=dropout)
-        self.pool = nn.MaxPool2d(4)
+        self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(512, num_classes)
         self.logit_scale = logit_scale
 
@@ -238,7 +241,9 @@ def _spatial_layers(model: CustResNet) -> list[tuple[str, bool, int, int, int]]:
 
     layers: list[tuple[str, bool, int, int, int]] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.MaxPool2d):
+        if isinstance(module, nn.AdaptiveMaxPool2d):  # global: kernel and stride 0 = whole map
+            layers.append((name, True, 0, 0, 0))
+        elif isinstance(module, nn.Conv2d | nn.MaxPool2d):
             layers.append((name, isinstance(module, nn.MaxPool2d), first(module.kernel_size),
                            first(module.stride), first(module.padding)))
     return layers
@@ -250,11 +255,14 @@ def receptive_field_table(model: CustResNet, pools_widen: bool = False) -> list[
     Recurrence: rf += (k - 1) * jump; start += ((k - 1) / 2 - p) * jump; jump *= s. By default a
     2x2 max-pool only multiplies the jump, the convention of the original design spreadsheet, which
     gives the documented 81; `pools_widen=True` also adds its (k - 1) * jump (the exact pixel
-    extent, 88). The final 4x4 pool covers its whole window either way.
+    extent, 88). The final global pool is taken at a 32 px input, where it is a 4x4 pool
+    covering its whole window either way.
     """
     rows = [ReceptiveFieldRow("input", 1, 1, 0, 1, 1, 0.5)]
     for name, is_pool, kernel, stride, padding in _spatial_layers(model):
         last = rows[-1]
+        if kernel == 0:  # the global pool: the whole final map of a 32 px input
+            kernel = stride = SUMMARY_INPUT_SIZE // last.jump
         downsampling_pool = is_pool and kernel == 2
         widening = 0 if (downsampling_pool and not pools_widen) else (kernel - 1) * last.jump
         rows.append(ReceptiveFieldRow(
@@ -271,12 +279,16 @@ def receptive_field(model: CustResNet, pools_widen: bool = False) -> int:
     return receptive_field_table(model, pools_widen)[-1].receptive_field
 
 
+# The input side the summary and the receptive field are stated for (CIFAR-10's own).
+SUMMARY_INPUT_SIZE = 32
+
+
 def summary(model: nn.Module, batch_size: int = 1, device: str = "cpu"):
     """torchinfo summary with the columns of the original notebook (returns a ModelStatistics)."""
     from torchinfo import summary as torchinfo_summary
 
     return torchinfo_summary(
-        model, input_size=(batch_size, 3, 32, 32), device=device, verbose=0,
+        model, input_size=(batch_size, 3, SUMMARY_INPUT_SIZE, SUMMARY_INPUT_SIZE), device=device, verbose=0,
         col_names=("input_size", "output_size", "num_params", "kernel_size", "params_percent"),
         row_settings=("var_names",),
     )
@@ -302,7 +314,7 @@ def summary_record(model: CustResNet, batch_size: int = 1) -> dict:
         "total_params": statistics.total_params,
         "trainable_params": statistics.trainable_params,
         "mult_adds": statistics.total_mult_adds,
-        "input_size": [batch_size, 3, 32, 32],
+        "input_size": [batch_size, 3, SUMMARY_INPUT_SIZE, SUMMARY_INPUT_SIZE],
         "layers": layers,
         "receptive_field": rows[-1].receptive_field,
         "receptive_field_rows": [asdict(row) for row in rows],

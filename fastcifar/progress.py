@@ -42,7 +42,7 @@ class TableCallbacks:
         console.print(f"recipe {config.recipe} | {config.epochs} epochs x {steps_per_epoch} "
                       f"steps | batch {config.loader.batch_size} | {config.optimizer.value} "
                       f"max LR {config.max_lr:g} | {device} {precision} | run folder {run_dir}")
-        console.print(f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} "
+        console.print(f"{'epoch':>5} {'px':>3} {'lr':>9} {'train loss':>10} {'train acc':>9} "
                       f"{'test loss':>9} {'test acc':>8} {'seconds':>8} {'images/s':>9}")
 
     def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
@@ -64,7 +64,8 @@ class TableCallbacks:
             return
         test = ((f"{stats.test_loss:>9.4f} {stats.test_accuracy:>8.2%}")
                 if stats.test_accuracy is not None else f"{'-':>9} {'-':>8}")  # not evaluated
-        console.print(f"{stats.epoch:>5} {stats.lr:>9.2e} {stats.train_loss:>10.4f} "
+        console.print(f"{stats.epoch:>5} {stats.train_size:>3} {stats.lr:>9.2e} "
+                      f"{stats.train_loss:>10.4f} "
                       f"{stats.train_accuracy:>9.2%} {test} {stats.train_seconds:>8.1f} "
                       f"{stats.images_per_second:>9.0f}")
 
@@ -72,7 +73,7 @@ class TableCallbacks:
         """A row for an evaluation inside an epoch: its fractional epoch and test columns."""
         if self.quiet:
             return
-        console.print(f"{evaluation.epochs:>5.2f} {'':>9} {'':>10} {'':>9} "
+        console.print(f"{evaluation.epochs:>5.2f} {'':>3} {'':>9} {'':>10} {'':>9} "
                       f"{evaluation.test_loss:>9.4f} {evaluation.test_accuracy:>8.2%}")
 
     def on_precision(self, choice: PrecisionChoice) -> None:

@@ -74,6 +74,7 @@ class EpochStats:
     images_per_second: float  # training images per second of train time
     steps: int  # optimiser steps so far
     holdout_accuracy: float | None = None  # on the held-out train images (--holdout)
+    train_size: int = 32  # side of the train images, px (below 32: progressive resizing)
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,8 @@ class Run:
             test_accuracy=evaluation.test_accuracy if evaluated else None,
             train_seconds=clock.train_seconds, eval_seconds=clock.eval_seconds,
             images_per_second=seen / clock.train_seconds, steps=self.steps,
-            holdout_accuracy=evaluation.holdout_accuracy if evaluated else None)
+            holdout_accuracy=evaluation.holdout_accuracy if evaluated else None,
+            train_size=self.config.train_image_size(epoch))
         self.history.append(stats)
         self.save_checkpoint(epoch + 1)
         if self.distributed.is_main:
@@ -437,9 +439,12 @@ class Run:
         return stats
 
     def evaluates_at_end(self, epoch: int) -> bool:
-        """Whether epoch `epoch` (0-based) ends with a test pass: from --eval-from-epoch on,
-        always the last, and the one that ends the run at its target."""
-        return (epoch + 1 >= self.config.eval_from_epoch or epoch + 1 == self.config.epochs
+        """Whether epoch `epoch` (0-based) ends with a test pass: from --eval-from-epoch on
+        (unset: every epoch on CUDA, else the last only), always the last, and the one that
+        ends the run at its target."""
+        from_epoch = self.config.eval_from_epoch or (
+            1 if self.device.type == "cuda" else self.config.epochs)
+        return (epoch + 1 >= from_epoch or epoch + 1 == self.config.epochs
                 or self.reached_target(epoch))
 
     def reached_target(self, epoch: int) -> bool:
@@ -542,7 +547,7 @@ def train_epochs(run: Run, stop: StopRequest) -> bool:
         evaluate_inside = (config.eval_every_steps > 0
                            and epoch >= config.epochs - config.eval_steps_epochs)
         # FFCV's order and the kernel's epoch-dependent flips both follow `epoch`.
-        batches = run.loaders.train_epoch(epoch)
+        batches = run.loaders.train_epoch(epoch, config.train_image_size(epoch))
         step = 0
         for step in range(1, steps_per_epoch + 1):
             fetch_started = time.perf_counter()

@@ -173,9 +173,17 @@ def build_train_config(
                                 "epoch); 0 = at epoch ends only.", rich_help_panel=SYSTEM)] = 0,
     eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
                                  "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
-    eval_from_epoch: Annotated[int, typer.Option(help="Test passes at epoch ends from this epoch "
-                               "on; the last epoch always gets one (on 2 CPU cores a multi-crop "
-                               "pass costs a third of an epoch).", rich_help_panel=SYSTEM)] = 1,
+    eval_from_epoch: Annotated[int | None, typer.Option(help="Test passes at epoch ends from "
+                               "this epoch on; the last epoch always gets one. Default: every "
+                               "epoch on CUDA, the last only on a CPU (where a multi-crop pass "
+                               "costs a third of an epoch).", rich_help_panel=SYSTEM)] = None,
+    train_size_start: Annotated[int | None, typer.Option(help="Progressive resizing: side (px) "
+                                "of epoch 1's train images, growing to 32 over "
+                                "--train-size-ramp of the run; 32 = off (default: the "
+                                "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    train_size_ramp: Annotated[float | None, typer.Option(help="Fraction of the epochs over "
+                               "which the train images grow to 32 px (default: the recipe's).",
+                               rich_help_panel=OPTIMISATION)] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation (the "
                                       "first seed of a benchmark).", rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
@@ -197,7 +205,8 @@ def build_train_config(
             "bn_frozen_scale": bn_frozen_scale, "bn_bias_lr_scale": bn_bias_lr_scale,
             "decay_norm": decay_norm, "whiten": whiten, "dirac_init": dirac_init,
             "muon_lr": muon_lr, "muon_momentum": muon_momentum, "momentum": momentum,
-            "initial_lr_fraction": initial_lr_fraction,
+            "initial_lr_fraction": initial_lr_fraction, "train_size_start": train_size_start,
+            "train_size_ramp": train_size_ramp,
         }.items() if value is not None
     }
     if tta is False and tta_shifts is None:

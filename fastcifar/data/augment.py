@@ -1,7 +1,8 @@
 """The fused train augmentation: one numba kernel, one call per batch, uint8 in and uint8 out.
 
 pad + random crop, horizontal flip, cutout, colour jitter (brightness, contrast, saturation,
-hue) and grayscale. Random parameters are drawn serially from a counter-based hash of
+hue), grayscale and, for progressive resizing, an antialiased downscale of the crop. Random
+parameters are drawn serially from a counter-based hash of
 (seed, the batch's sample indices, position), so a rerun with the same seed and loader order
 gives the same batches whatever the thread count; the images are then augmented in parallel,
 each by colour ops on its own pixels (only when drawn) and one gather for pad/crop/flip.
@@ -195,6 +196,114 @@ def _source_index(index: int, size: int, reflect: bool) -> int:
     return index if 0 <= index < size else -1
 
 
+@njit(cache=True, inline="always")
+def _crop_flip(source: np.ndarray, target: np.ndarray, offset_y: int, offset_x: int,
+               flipped: bool, pad: int, reflect: bool, fill: np.ndarray) -> None:
+    """Pad-crop-flip one (H, W, 3) image into `target` as a gather through per-row and
+    per-column source maps: target (y, x) reads padded (y + offset_y, x' + offset_x), where
+    x' = W - 1 - x when flipped; -1 in a map means the padding fill."""
+    height, width = source.shape[0], source.shape[1]
+    rows = np.empty(height, dtype=np.int64)
+    columns = np.empty(width, dtype=np.int64)
+    for y in range(height):
+        rows[y] = _source_index(y + offset_y - pad, height, reflect)
+    for x in range(width):
+        column = width - 1 - x if flipped else x
+        columns[x] = _source_index(column + offset_x - pad, width, reflect)
+    for y in range(height):
+        source_y = rows[y]
+        for x in range(width):
+            source_x = columns[x]
+            if source_y < 0 or source_x < 0:
+                target[y, x, 0], target[y, x, 1], target[y, x, 2] = fill[0], fill[1], fill[2]
+            else:
+                target[y, x, 0] = source[source_y, source_x, 0]
+                target[y, x, 1] = source[source_y, source_x, 1]
+                target[y, x, 2] = source[source_y, source_x, 2]
+
+
+@njit(cache=True, inline="always")
+def _cut_holes(target: np.ndarray, geometry_row: np.ndarray, cutout_size: int,
+               cutout_count: int, full_size: int, fill: np.ndarray) -> None:
+    """Fill the drawn holes of one image. Holes are drawn around a centre anywhere in the
+    full-size image (so they may hang over the border); a smaller `target` gets them scaled."""
+    size = target.shape[0]
+    side = scaled_length(cutout_size, size, full_size)
+    for hole in range(cutout_count):
+        top = scaled_offset(geometry_row[4 + 2 * hole], size, full_size)
+        left = scaled_offset(geometry_row[5 + 2 * hole], size, full_size)
+        for y in range(max(top, 0), min(top + side, size)):
+            for x in range(max(left, 0), min(left + side, size)):
+                target[y, x, 0], target[y, x, 1], target[y, x, 2] = fill[0], fill[1], fill[2]
+
+
+@njit(cache=True)
+def scaled_offset(offset: int, size: int, full_size: int) -> int:
+    """A hole's top or left, drawn at `full_size`, on a `size` image (floored)."""
+    return (offset * size) // full_size
+
+
+@njit(cache=True)
+def scaled_length(length: int, size: int, full_size: int) -> int:
+    """A hole's side, drawn at `full_size`, on a `size` image (rounded, at least 1 if any)."""
+    if length == 0:
+        return 0
+    return max((length * size + full_size // 2) // full_size, 1)
+
+
+def resample_table(full_size: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Antialiased bilinear weights from `full_size` to `size` pixels along one axis.
+
+    (first source index int64 [size], weights float32 [size, taps]): output pixel o is
+    sum_t weights[o, t] * source[first[o] + t]. The triangle filter is widened by the scale,
+    the definition torch's `interpolate(mode="bilinear", antialias=True)` and PIL use, so the
+    device-resident path (which calls torch) gives the same images.
+    """
+    scale = full_size / size
+    support = max(scale, 1.0)
+    first = np.empty(size, dtype=np.int64)
+    rows = []
+    for output in range(size):
+        centre = scale * (output + 0.5)
+        low = max(int(centre - support + 0.5), 0)
+        high = min(int(centre + support + 0.5), full_size)
+        taps = (np.arange(low, high) - centre + 0.5) / support
+        weights = np.clip(1.0 - np.abs(taps), 0.0, None)
+        first[output] = low
+        rows.append(weights / weights.sum())
+    table = np.zeros((size, max(len(row) for row in rows)), dtype=np.float32)
+    for output, row in enumerate(rows):
+        table[output, :len(row)] = row
+    return first, table
+
+
+@njit(cache=True, inline="always")
+def _resample(image: np.ndarray, target: np.ndarray, first: np.ndarray,
+              weights: np.ndarray) -> None:
+    """Downscale one (H, W, 3) uint8 image into `target` (S, S, 3): rows, then columns, in
+    float32, rounded to the nearest grey level."""
+    height, size, taps = image.shape[0], target.shape[0], weights.shape[1]
+    across = np.zeros((height, size, 3), dtype=np.float32)
+    for y in range(height):
+        for x in range(size):
+            for tap in range(taps):
+                weight = weights[x, tap]
+                if weight > 0.0:
+                    for channel in range(3):
+                        across[y, x, channel] += weight * np.float32(
+                            image[y, first[x] + tap, channel])
+    for y in range(size):
+        for x in range(size):
+            for channel in range(3):
+                total = np.float32(0.0)
+                for tap in range(taps):
+                    weight = weights[y, tap]
+                    if weight > 0.0:  # zero weights pad the table past the image's edge
+                        total += weight * across[first[y] + tap, x, channel]
+                total = _clamp(total)
+                target[y, x, channel] = np.uint8(total + np.float32(0.5))
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def apply_augmentation(images: np.ndarray, out: np.ndarray, geometry: np.ndarray,
                        colour: np.ndarray, pad: int, reflect: bool, cutout_size: int,
@@ -202,42 +311,40 @@ def apply_augmentation(images: np.ndarray, out: np.ndarray, geometry: np.ndarray
     """Augment C-contiguous (N, H, W, 3) uint8 `images` into `out` with the drawn parameters.
 
     Per image: colour ops on the source pixels (only when drawn), then pad-crop-flip as a
-    gather through per-row and per-column source maps, then the cutout holes. Padding and
-    holes get the raw `fill`, the read-only uint8 RGB of `fill_colour` (see
-    `_read_only_fill` for why read-only).
+    gather, then the cutout holes. Padding and holes get the raw `fill`, the read-only uint8
+    RGB of `fill_colour` (see `_read_only_fill` for why read-only).
     """
-    count, height, width = images.shape[0], images.shape[1], images.shape[2]
-    for i in prange(count):
+    for i in prange(images.shape[0]):
         jitter, gray = colour[i, 0] > 0.5, geometry[i, 3] == 1
         source = images[i]
         if jitter or gray:
             source = _adjust_colour(images[i], jitter, colour[i, 1], colour[i, 2],
                                     colour[i, 3], colour[i, 4], gray)
-        # Crop then flip: output (y, x) reads padded (y + offset_y, x' + offset_x), where
-        # x' = width - 1 - x when flipped; -1 in a map means the padding fill.
-        rows = np.empty(height, dtype=np.int64)
-        columns = np.empty(width, dtype=np.int64)
-        for y in range(height):
-            rows[y] = _source_index(y + geometry[i, 0] - pad, height, reflect)
-        for x in range(width):
-            column = width - 1 - x if geometry[i, 2] == 1 else x
-            columns[x] = _source_index(column + geometry[i, 1] - pad, width, reflect)
-        for y in range(height):
-            source_y = rows[y]
-            for x in range(width):
-                source_x = columns[x]
-                if source_y < 0 or source_x < 0:
-                    out[i, y, x, 0], out[i, y, x, 1], out[i, y, x, 2] = fill[0], fill[1], fill[2]
-                else:
-                    out[i, y, x, 0] = source[source_y, source_x, 0]
-                    out[i, y, x, 1] = source[source_y, source_x, 1]
-                    out[i, y, x, 2] = source[source_y, source_x, 2]
-        # Holes are drawn around a centre anywhere in the image, so they may hang over the border.
-        for hole in range(cutout_count):
-            top, left = geometry[i, 4 + 2 * hole], geometry[i, 5 + 2 * hole]
-            for y in range(max(top, 0), min(top + cutout_size, height)):
-                for x in range(max(left, 0), min(left + cutout_size, width)):
-                    out[i, y, x, 0], out[i, y, x, 1], out[i, y, x, 2] = fill[0], fill[1], fill[2]
+        _crop_flip(source, out[i], geometry[i, 0], geometry[i, 1], geometry[i, 2] == 1, pad,
+                   reflect, fill)
+        _cut_holes(out[i], geometry[i], cutout_size, cutout_count, images.shape[1], fill)
+    return out
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def apply_augmentation_resized(images: np.ndarray, out: np.ndarray, geometry: np.ndarray,
+                               colour: np.ndarray, pad: int, reflect: bool, cutout_size: int,
+                               cutout_count: int, fill: np.ndarray, first: np.ndarray,
+                               weights: np.ndarray) -> np.ndarray:
+    """`apply_augmentation` to (N, S, S, 3) `out`: the crop is downscaled (`resample_table`'s
+    `first`, `weights`) before the holes, which are scaled to S. One pass per image."""
+    height, width = images.shape[1], images.shape[2]
+    for i in prange(images.shape[0]):
+        jitter, gray = colour[i, 0] > 0.5, geometry[i, 3] == 1
+        source = images[i]
+        if jitter or gray:
+            source = _adjust_colour(images[i], jitter, colour[i, 1], colour[i, 2],
+                                    colour[i, 3], colour[i, 4], gray)
+        cropped = np.empty((height, width, 3), dtype=np.uint8)
+        _crop_flip(source, cropped, geometry[i, 0], geometry[i, 1], geometry[i, 2] == 1, pad,
+                   reflect, fill)
+        _resample(cropped, out[i], first, weights)
+        _cut_holes(out[i], geometry[i], cutout_size, cutout_count, height, fill)
     return out
 
 
@@ -269,14 +376,21 @@ def draw_batch(config: AugmentConfig, seed: int, indices: np.ndarray, epoch: int
 
 
 def augment_batch(images: np.ndarray, indices: np.ndarray, config: AugmentConfig, seed: int,
-                  fill: np.ndarray, epoch: int = 0) -> np.ndarray:
-    """Augment one batch outside FFCV (plots, tests); the same draws as inside the loader."""
+                  fill: np.ndarray, epoch: int = 0, size: int | None = None) -> np.ndarray:
+    """Augment one batch outside FFCV (plots, tests); the same draws as inside the loader.
+
+    `size` below the images' side downscales each crop to size x size (progressive resizing).
+    """
     geometry, colour = draw_batch(config, seed, indices, epoch)
     images = np.ascontiguousarray(images)  # the kernel reads each image as a flat run
-    out = np.empty_like(images)
-    return apply_augmentation(images, out, geometry, colour, config.pad,
-                              config.pad_mode == PadMode.reflect, config.cutout_size,
-                              config.cutout_count, _read_only_fill(fill))
+    arguments = (geometry, colour, config.pad, config.pad_mode == PadMode.reflect,
+                 config.cutout_size, config.cutout_count, _read_only_fill(fill))
+    full_size = images.shape[1]
+    if size is None or size == full_size:
+        return apply_augmentation(images, np.empty_like(images), *arguments)
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    return apply_augmentation_resized(images, out, *arguments,
+                                      *resample_table(full_size, size))
 
 
 def _draw_arguments(config: AugmentConfig) -> tuple:
@@ -321,17 +435,22 @@ class EpochCell:
 
 
 def make_fused_augment(config: AugmentConfig, seed: int, fill: np.ndarray,
-                       epoch_cell: EpochCell | None = None):
-    """The FFCV Operation running the fused kernel on decoded (N, 32, 32, 3) uint8 batches."""
+                       epoch_cell: EpochCell | None = None, full_size: int = 32):
+    """The FFCV Operation running the fused kernel on decoded (N, 32, 32, 3) uint8 batches.
+
+    Its `output_size` (default `full_size`) is the side of the images it hands on; a change
+    takes effect when the Loader next generates its code (`Loaders.train_epoch` asks for it).
+    """
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.operation import Operation
 
     class FusedAugment(Operation):
-        """pad-crop, flip, cutout, colour jitter and grayscale in one pass (see module doc)."""
+        """pad-crop, flip, cutout, colour jitter, grayscale and downscaling in one pass."""
 
         def __init__(self) -> None:
             super().__init__()
             self.epoch_cell = epoch_cell or EpochCell()  # kept alive with the operation
+            self.output_size = full_size
 
         def generate_code(self) -> Callable:
             draw_args = _draw_arguments(config)
@@ -339,18 +458,28 @@ def make_fused_augment(config: AugmentConfig, seed: int, fill: np.ndarray,
             size, holes = config.cutout_size, config.cutout_count
             fill_rgb = _read_only_fill(fill)
             address = self.epoch_cell.address
+            if self.output_size == full_size:
+                def fused_augment(images, out, indices):
+                    epoch = _load_int64(address)
+                    geometry, colour = draw_parameters(seed, indices, epoch, *draw_args)
+                    return apply_augmentation(images, out, geometry, colour, pad, reflect,
+                                              size, holes, fill_rgb)
+            else:
+                first, weights = resample_table(full_size, self.output_size)
 
-            def fused_augment(images, out, indices):
-                epoch = _load_int64(address)
-                geometry, colour = draw_parameters(seed, indices, epoch, *draw_args)
-                return apply_augmentation(images, out, geometry, colour, pad, reflect, size,
-                                          holes, fill_rgb)
+                def fused_augment(images, out, indices):
+                    epoch = _load_int64(address)
+                    geometry, colour = draw_parameters(seed, indices, epoch, *draw_args)
+                    return apply_augmentation_resized(images, out, geometry, colour, pad,
+                                                      reflect, size, holes, fill_rgb, first,
+                                                      weights)
 
             fused_augment.with_indices = True  # FFCV passes the batch's sample indices
             return fused_augment
 
         def declare_state_and_memory(self, previous_state):
-            return (replace(previous_state, jit_mode=True),
-                    AllocationQuery(previous_state.shape, previous_state.dtype))
+            shape = (self.output_size, self.output_size, previous_state.shape[2])
+            return (replace(previous_state, jit_mode=True, shape=shape),
+                    AllocationQuery(shape, previous_state.dtype))
 
     return FusedAugment()

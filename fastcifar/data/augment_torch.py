@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fastcifar.config import AugmentConfig, PadMode
-from fastcifar.data.augment import draw_batch
+from fastcifar.data.augment import draw_batch, scaled_length
 
 # The kernel's float32 luma weights (ITU-R 601), as python floats: torch applies them to a
 # float32 tensor in float32, as the kernel does.
@@ -72,8 +72,10 @@ class TorchAugment:
         """`draw_epoch` with this augmentation's settings and seed."""
         return draw_epoch(self.config, self.seed, batches, epoch, self.device)
 
-    def __call__(self, images: torch.Tensor, draws: BatchDraws) -> torch.Tensor:
-        """The augmented batch (a new tensor; `images` is left as it was)."""
+    def __call__(self, images: torch.Tensor, draws: BatchDraws, size: int | None = None
+                 ) -> torch.Tensor:
+        """The augmented batch (a new tensor; `images` is left as it was), each crop
+        downscaled to `size` x `size` when given (progressive resizing)."""
         config = self.config
         if draws.colour_rows.numel():
             images = images.clone()
@@ -83,15 +85,16 @@ class TorchAugment:
                                          draws.contrast, draws.hue)
         return crop_flip_cutout(images, draws.geometry, config.pad,
                                 config.pad_mode == PadMode.reflect, config.cutout_size,
-                                config.cutout_count, self.fill)
+                                config.cutout_count, self.fill, size)
 
 
 def augment_batch_torch(images: torch.Tensor, indices: np.ndarray, config: AugmentConfig,
-                        seed: int, fill: np.ndarray, epoch: int = 0) -> torch.Tensor:
+                        seed: int, fill: np.ndarray, epoch: int = 0, size: int | None = None
+                        ) -> torch.Tensor:
     """One (B, H, W, 3) uint8 batch augmented on its device: `augment_batch`'s torch twin."""
     augment = TorchAugment(config, seed, fill, images.device)
     draws = augment.draw_epoch(np.asarray(indices, dtype=np.int64)[None], epoch)[0]
-    return augment(images, draws)
+    return augment(images, draws, size)
 
 
 # ---------------------------------------------------------------- colour
@@ -167,11 +170,14 @@ def _source_index(index: torch.Tensor, size: int, reflect: bool
 
 
 def crop_flip_cutout(images: torch.Tensor, geometry: torch.Tensor, pad: int, reflect: bool,
-                     cutout_size: int, cutout_count: int, fill: torch.Tensor) -> torch.Tensor:
-    """Pad, crop at the drawn offsets and flip (one gather), then fill the cutout holes.
+                     cutout_size: int, cutout_count: int, fill: torch.Tensor,
+                     size: int | None = None) -> torch.Tensor:
+    """Pad, crop at the drawn offsets and flip (one gather), downscale to `size` when given
+    (antialiased bilinear, the kernel's `resample_table`), then fill the cutout holes.
 
     Output (y, x) reads padded (y + offset_y, x' + offset_x), x' = width - 1 - x when flipped;
-    holes lie around a centre anywhere in the image, so they may hang over the border.
+    holes lie around a centre anywhere in the image, so they may hang over the border, and
+    are scaled with the image.
     """
     count, height, width = images.shape[:3]
     ys = torch.arange(height, device=images.device)
@@ -181,10 +187,36 @@ def crop_flip_cutout(images: torch.Tensor, geometry: torch.Tensor, pad: int, ref
     columns, column_inside = _source_index(flipped + (geometry[:, 1:2] - pad), width, reflect)
     batch = torch.arange(count, device=images.device)[:, None, None]
     out = images[batch, rows[:, :, None], columns[:, None, :]]
-    filled = ~(row_inside[:, :, None] & column_inside[:, None, :])
+    inside = (row_inside[:, :, None] & column_inside[:, None, :])[..., None]
+    out = torch.where(inside, out, fill)
+    if size is not None and size != height:
+        out = _downscale(out, size)
+    return _cut_holes(out, geometry, cutout_size, cutout_count, height, fill)
+
+
+def _downscale(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, size, size, 3) uint8, antialiased bilinear, rounded."""
+    planes = images.permute(0, 3, 1, 2).float()
+    small = torch.nn.functional.interpolate(planes, size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)
+    return (small.clamp(0, 255) + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _cut_holes(images: torch.Tensor, geometry: torch.Tensor, cutout_size: int,
+               cutout_count: int, full_size: int, fill: torch.Tensor) -> torch.Tensor:
+    """Fill each image's drawn holes (drawn at `full_size`, scaled as the kernel does)."""
+    if not cutout_count or not cutout_size:
+        return images
+    size = images.shape[1]
+    side = scaled_length(cutout_size, size, full_size)
+    positions = torch.arange(size, device=images.device)
+    filled = torch.zeros(images.shape[:3], dtype=torch.bool, device=images.device)
     for hole in range(cutout_count):
-        top, left = geometry[:, 4 + 2 * hole:5 + 2 * hole], geometry[:, 5 + 2 * hole:6 + 2 * hole]
-        in_rows = (ys >= top) & (ys < top + cutout_size)
-        in_columns = (xs >= left) & (xs < left + cutout_size)
+        top = torch.div(geometry[:, 4 + 2 * hole:5 + 2 * hole] * size, full_size,
+                        rounding_mode="floor")
+        left = torch.div(geometry[:, 5 + 2 * hole:6 + 2 * hole] * size, full_size,
+                         rounding_mode="floor")
+        in_rows = (positions >= top) & (positions < top + side)
+        in_columns = (positions >= left) & (positions < left + side)
         filled |= in_rows[:, :, None] & in_columns[:, None, :]
-    return torch.where(filled[..., None], fill, out)
+    return torch.where(filled[..., None], fill, images)

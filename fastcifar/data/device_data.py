@@ -95,6 +95,11 @@ class DeviceTrainLoader:
         self.split, self.rows, self.batch_size = split, rows, batch_size
         self.augment, self.seed = augment, seed
         self.next_epoch = 0
+        self.image_size: int | None = None  # None: as stored; else each crop downscaled to it
+
+    def set_image_size(self, size: int) -> None:
+        """Downscale each augmented crop to `size` x `size` from the next epoch on."""
+        self.image_size = size
 
     def __len__(self) -> int:
         return len(self.rows) // self.batch_size  # equal steps: even BN statistics and schedule
@@ -117,7 +122,7 @@ class DeviceTrainLoader:
         for step in range(len(rows)):
             images = self.split.images[rows_device[step]]
             if draws is not None:
-                images = self.augment(images, draws[step])
+                images = self.augment(images, draws[step], self.image_size)
             yield images.permute(0, 3, 1, 2), self.split.labels[rows_device[step]]
 
 
@@ -146,4 +151,5 @@ def build_device_loaders(config: LoaderConfig, augment: AugmentConfig | None, se
         holdout = SequentialDeviceLoader(holdout_split, config.batch_size)
     return Loaders(train, SequentialDeviceLoader(test_split, config.batch_size), metadata,
                    len(train_records), len(test_records), holdout,
-                   0 if holdout_records is None else len(holdout_records))
+                   0 if holdout_records is None else len(holdout_records),
+                   set_train_size=train.set_image_size if torch_augment is not None else None)

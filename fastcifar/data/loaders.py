@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,9 @@ from fastcifar.config import AugmentConfig, LoaderConfig
 from fastcifar.data.augment import EpochCell, fill_colour, make_fused_augment
 from fastcifar.data.convert import FORMAT_VERSION, METADATA
 from fastcifar.errors import FastCifarError
+
+# The side of the stored CIFAR-10 images, pixels: what the test set is scored at.
+STORED_SIZE = 32
 
 if TYPE_CHECKING:
     import torch
@@ -89,18 +93,22 @@ def _check_beton_fields(path: Path, expected_count: int) -> None:
 def train_pipeline(augment: AugmentConfig | None, seed: int, mean: list[float],
                    epoch_cell: EpochCell | None = None) -> list:
     """decode -> fused augmentation (crop/flip/cutout/jitter/gray, uint8) -> NCHW tensor view."""
+    return image_pipeline(None if augment is None else make_fused_augment(
+        augment, seed, fill_colour(mean), epoch_cell))
+
+
+def image_pipeline(augmentation=None) -> list:
+    """decode -> `augmentation` (an FFCV operation, or none) -> NCHW uint8 tensor view."""
     from ffcv.fields.decoders import SimpleRGBImageDecoder
     from ffcv.transforms import ToTensor, ToTorchImage
 
-    augmentation = [] if augment is None else [make_fused_augment(augment, seed,
-                                                                 fill_colour(mean), epoch_cell)]
-    return [SimpleRGBImageDecoder(), *augmentation, ToTensor(),
-            ToTorchImage(channels_last=True, convert_back_int16=False)]
+    return [SimpleRGBImageDecoder(), *([] if augmentation is None else [augmentation]),
+            ToTensor(), ToTorchImage(channels_last=True, convert_back_int16=False)]
 
 
 def test_pipeline() -> list:
     """decode -> NCHW tensor view; no augmentation."""
-    return train_pipeline(None, 0, [0.0, 0.0, 0.0])
+    return image_pipeline()
 
 
 def builtin_train_pipeline(augment: AugmentConfig, mean: list[float], std: list[float]) -> list:
@@ -215,13 +223,22 @@ class Loaders:
     holdout: object | None = None  # train images never trained on, in the test pipeline
     holdout_count: int = 0
     epoch_cell: EpochCell | None = None  # the epoch the augmentation kernel sees
+    # Sets the side of the train images the next epoch yields (progressive resizing).
+    set_train_size: Callable[[int], None] | None = None
 
-    def train_epoch(self, epoch: int):
+    def train_epoch(self, epoch: int, image_size: int | None = None):
         """An iterator over train epoch `epoch` (0-based): FFCV's order for it and the kernel's
-        epoch-dependent draws (alternating flip) both follow `epoch`, also after a resume."""
+        epoch-dependent draws (alternating flip) both follow `epoch`, also after a resume.
+
+        `image_size` (None: the stored side) makes the augmentation downscale each crop to it.
+        """
         self.train.next_epoch = epoch
         if self.epoch_cell is not None:
             self.epoch_cell.set(epoch)
+        if image_size is not None and self.set_train_size is not None:
+            self.set_train_size(image_size)
+        elif image_size is not None and image_size != STORED_SIZE:
+            raise FastCifarError("these loaders cannot resize train images")
         return iter(self.train)
 
 
@@ -269,16 +286,25 @@ def build_loaders(config: LoaderConfig, augment: AugmentConfig | None, seed: int
 
         return build_device_loaders(config, augment, seed, metadata, selection, device)
     epoch_cell = EpochCell()
-    train = make_loader(metadata.train_path,
-                        train_pipeline(augment, seed, metadata.mean, epoch_cell),
-                        config, True, selection.train, seed)
+    augmentation = (make_fused_augment(augment, seed, fill_colour(metadata.mean), epoch_cell,
+                                       STORED_SIZE) if augment is not None else None)
+    train = make_loader(metadata.train_path, image_pipeline(augmentation), config, True,
+                        selection.train, seed)
     # Every rank evaluates the whole test set: metrics need no gathering and stay exact.
     whole = replace(config, distributed=False)
     test = make_loader(metadata.test_path, test_pipeline(), whole, False, selection.test, seed)
     holdout = (make_loader(metadata.train_path, test_pipeline(), whole, False,
                            selection.holdout, seed) if selection.holdout is not None else None)
     return Loaders(train, test, metadata, train_count, test_count, holdout, holdout_count,
-                   epoch_cell)
+                   epoch_cell, None if augmentation is None else functools.partial(
+                       _resize_ffcv_train, train, augmentation))
+
+
+def _resize_ffcv_train(loader, augmentation, size: int) -> None:
+    """The kernel's output side for the next epoch; FFCV regenerates the pipeline (its code
+    and its buffers' shapes) only when the side changes."""
+    loader.recompile = size != augmentation.output_size
+    augmentation.output_size = size
 
 
 def first_train_images(loaders: Loaders, config: LoaderConfig, seed: int,
