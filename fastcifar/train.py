@@ -440,10 +440,10 @@ class Run:
 
     def evaluates_at_end(self, epoch: int) -> bool:
         """Whether epoch `epoch` (0-based) ends with a test pass: from --eval-from-epoch on
-        (unset: every epoch on CUDA, else the last only), always the last, and the one that
-        ends the run at its target."""
-        from_epoch = self.config.eval_from_epoch or (
-            1 if self.device.type == "cuda" else self.config.epochs)
+        (unset: every epoch on CUDA or with --stop-at-accuracy, else the last only), always
+        the last, and the one that ends the run at its target."""
+        every_epoch = self.device.type == "cuda" or self.config.stop_at_accuracy is not None
+        from_epoch = self.config.eval_from_epoch or (1 if every_epoch else self.config.epochs)
         return (epoch + 1 >= from_epoch or epoch + 1 == self.config.epochs
                 or self.reached_target(epoch))
 

@@ -175,8 +175,9 @@ def build_train_config(
                                  "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
     eval_from_epoch: Annotated[int | None, typer.Option(help="Test passes at epoch ends from "
                                "this epoch on; the last epoch always gets one. Default: every "
-                               "epoch on CUDA, the last only on a CPU (where a multi-crop pass "
-                               "costs a third of an epoch).", rich_help_panel=SYSTEM)] = None,
+                               "epoch on CUDA or with a target accuracy, else the last only (on "
+                               "a CPU a multi-crop pass costs a third of an epoch).",
+                               rich_help_panel=SYSTEM)] = None,
     train_size_start: Annotated[int | None, typer.Option(help="Progressive resizing: side (px) "
                                 "of epoch 1's train images, growing to 32 over "
                                 "--train-size-ramp of the run; 32 = off (default: the "

@@ -24,6 +24,7 @@ from fastcifar.data.augment import (
 
 FILL = fill_colour([125.3, 122.9, 113.9])  # read-only uint8, as the kernel wants it
 GEOMETRY_ONLY = AugmentConfig(pad=4, flip=True, cutout_size=8, cutout_count=1)
+GEOMETRY_ONLY_NO_HOLES = AugmentConfig(pad=4, flip=True, cutout_size=0, cutout_count=0)
 FULL = AugmentConfig(pad=4, flip=True, cutout_size=8, cutout_count=1, p_jitter=0.7,
                      brightness=0.4, contrast=0.4, saturation=0.4, hue=0.25, p_gray=0.3)
 
@@ -511,3 +512,75 @@ def test_alternating_flip_follows_the_epoch_through_the_loader_and_a_resume(tiny
     assert all(second[index] != first[index] for index in first)
     resumed = build_loaders(config, ALTERNATE, seed=3)  # a new process resuming at epoch 2
     assert flips(resumed, 2) == first
+
+
+# ---------------------------------------------------------------- progressive resizing
+
+
+@pytest.mark.parametrize("size", [8, 16, 20, 24, 28])
+def test_resized_crops_are_torch_antialiased_bilinear_of_the_full_size_crops(size):
+    import torch
+
+    images = smooth_images(64, seed=5)
+    full = augment_batch(images, np.arange(64), GEOMETRY_ONLY_NO_HOLES, 2, FILL)
+    small = augment_batch(images, np.arange(64), GEOMETRY_ONLY_NO_HOLES, 2, FILL, size=size)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(full).permute(0, 3, 1, 2).float(), size=(size, size),
+        mode="bilinear", antialias=True, align_corners=False).permute(0, 2, 3, 1).numpy()
+    assert small.shape == (64, size, size, 3)
+    assert np.abs(small - expected).max() <= 0.5 + 1e-3  # rounded to the nearest grey level
+
+
+def test_resized_crops_keep_a_flat_image_flat_and_scale_the_holes():
+    flat = np.full((16, 32, 32, 3), 90, dtype=np.uint8)
+    config = AugmentConfig(pad=0, flip=True, cutout_size=16, cutout_count=1)
+    fill = np.array([0, 0, 0], dtype=np.uint8)
+    small = augment_batch(flat, np.arange(16), config, 4, fill, size=16)
+    holes = (small == 0).all(axis=3)
+    assert set(np.unique(small)) == {0, 90}
+    assert 0 < holes.sum(axis=(1, 2)).max() <= 8 * 8  # a 16 px hole at 32 is 8 px at 16
+    assert holes.sum(axis=(1, 2)).max() == 64  # some hole lies wholly inside
+
+
+def test_resample_table_weights_sum_to_one_and_stay_inside_the_image():
+    from fastcifar.data.augment import resample_table
+
+    for size in (8, 20, 24, 28):
+        first, weights = resample_table(32, size)
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-6)
+        last_used = first + np.array([np.flatnonzero(row).max() for row in weights])
+        assert first.min() >= 0 and last_used.max() <= 31
+
+
+def test_loader_yields_each_epochs_side_and_recompiles_only_when_it_changes(tiny_dataset):
+    from fastcifar.data.loaders import build_loaders
+
+    loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=24, workers=2),
+                            GEOMETRY_ONLY, seed=1)
+    compiles = []
+    original = loaders.train.generate_code
+
+    def counting_generate_code():
+        compiles.append(True)
+        return original()
+
+    loaders.train.generate_code = counting_generate_code
+    sides = []
+    for epoch, size in enumerate([20, 20, 28, 32, 32]):
+        images, _ = _epoch(loaders.train_epoch(epoch, size))
+        sides.append(images.shape[2:4])
+    assert sides == [(20, 20), (20, 20), (28, 28), (32, 32), (32, 32)]
+    assert len(compiles) == 3  # 32 (built) -> 20, 20 -> 28, 28 -> 32
+    # The same draws as augment_batch at that side: resizing keeps the seed's batches.
+    records, _ = _beton_records(tiny_dataset)
+    plain, _ = _epoch(build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=24,
+                                                 workers=2), None, seed=1).train)
+    lookup = {record.tobytes(): index for index, record in enumerate(records)}
+    resized, _ = _epoch(loaders.train_epoch(0, 24))
+    from fastcifar.data.loaders import read_metadata
+
+    fill = fill_colour(read_metadata(tiny_dataset).mean)
+    for batch, plain_batch in zip(resized, plain, strict=True):
+        indices = np.array([lookup[image.tobytes()] for image in plain_batch])
+        np.testing.assert_array_equal(
+            batch, augment_batch(plain_batch, indices, GEOMETRY_ONLY, 1, fill, size=24))

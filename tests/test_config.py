@@ -25,3 +25,27 @@ def test_cutout_count_limit_is_the_kernels():
     assert holes.max() == MAX_CUTOUTS and holes.min() >= MAX_CUTOUTS - 2
     with pytest.raises(FastCifarError, match=f"cutout count must be in 0..{MAX_CUTOUTS}"):
         AugmentConfig(cutout_count=MAX_CUTOUTS + 1)
+
+
+def test_train_sizes_ramp_from_the_start_side_to_32_and_end_at_32():
+    from fastcifar.config import TrainConfig
+
+    def sizes(epochs: int, start: int, ramp: float) -> list[int]:
+        config = TrainConfig(epochs=epochs, train_size_start=start, train_size_ramp=ramp)
+        return [config.train_image_size(epoch) for epoch in range(epochs)]
+
+    assert sizes(5, 20, 0.6) == [20, 24, 28, 32, 32]
+    assert sizes(6, 20, 0.6) == [20, 24, 28, 28, 32, 32]
+    assert sizes(3, 32, 0.6) == [32, 32, 32]  # 32: off
+    assert sizes(4, 20, 0.0) == [32] * 4  # no ramp: off
+    assert sizes(2, 16, 0.99) == [16, 32]  # the last epoch is always at 32 px
+    assert sizes(1, 16, 0.9) == [32]
+
+
+@pytest.mark.parametrize("changes", [{"train_size_start": 4}, {"train_size_start": 40},
+                                     {"train_size_ramp": 1.0}, {"train_size_ramp": -0.1}])
+def test_train_size_settings_out_of_range_are_refused(changes):
+    from fastcifar.config import TrainConfig
+
+    with pytest.raises(FastCifarError, match="train size"):
+        TrainConfig(**changes)

@@ -98,6 +98,27 @@ def test_torch_colour_ops_match_the_kernel_within_one_grey_level(name):
     assert changed.mean() > 0.5
 
 
+@pytest.mark.parametrize("size", [20, 24, 28])
+@pytest.mark.parametrize("name", ["reflect 16, three big holes", "every colour op"])
+def test_torch_resized_crops_match_the_kernel_within_one_grey_level(name, size):
+    configs = {**GEOMETRY_CONFIGS, **COLOUR_CONFIGS}
+    images = varied_images(256)
+    indices = np.random.default_rng(size).permutation(50_000)[:256]
+    kernel = augment_batch(images, indices, configs[name], 3, FILL, 1, size=size)
+    torch_out = augment_batch_torch(torch.from_numpy(images), indices, configs[name], 3, FILL,
+                                    1, size=size).numpy()
+    assert kernel.shape == torch_out.shape == (256, size, size, 3)
+    difference = np.abs(kernel.astype(np.int16) - torch_out.astype(np.int16))
+    assert difference.max() <= 1
+    assert (difference > 0).mean() < 0.02
+
+
+def test_device_loader_yields_the_asked_side(tiny_dataset):
+    loaders = build_loaders(config(tiny_dataset), COLOUR_CONFIGS["every colour op"], 0)
+    assert {tuple(images.shape[2:]) for images, _ in loaders.train_epoch(0, 20)} == {(20, 20)}
+    assert {tuple(images.shape[2:]) for images, _ in loaders.train_epoch(1, 32)} == {(32, 32)}
+
+
 def test_torch_augmentation_leaves_its_input_unchanged():
     images = torch.from_numpy(varied_images(64))
     before = images.clone()

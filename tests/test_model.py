@@ -44,3 +44,15 @@ def test_zero_init_residuals_makes_each_residual_block_its_pooled_conv():
         torch.testing.assert_close(block(inputs), block.conv(inputs), rtol=0, atol=0)
     x2 = torch.randn(4, 128, 8, 8)
     assert not torch.equal(model.layer2(x2), torch.zeros_like(model.layer2(x2)))
+
+
+def test_global_pool_is_the_4x4_pool_at_32_px_and_takes_smaller_images():
+    torch.manual_seed(0)
+    model = CustResNet().eval()
+    images = torch.randn(3, 3, 32, 32)
+    features = model.layer3(model.layer2(model.layer1(model.prep(images))))
+    assert features.shape[2:] == (4, 4)
+    four_by_four = torch.nn.functional.max_pool2d(features, 4).flatten(1)
+    torch.testing.assert_close(model(images), model.fc(four_by_four))
+    for side in (8, 20, 24, 28):
+        assert model(torch.randn(2, 3, side, side)).shape == (2, 10)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -24,14 +25,15 @@ from fastcifar.config import (
 from fastcifar.device import measure_precision, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
-from fastcifar.train import TrainCallbacks, TrainingInterrupted, train
+from fastcifar.train import Run, TrainCallbacks, TrainingInterrupted, train
 
 
 def tiny_config(data_dir, tmp_path, **changes) -> TrainConfig:
     base = recipe("fast", epochs=4, max_lr=0.05, tta=False, make_plots=False,
                   loader=LoaderConfig(data_dir=data_dir, batch_size=24, workers=1),
                   augment=AugmentConfig(cutout_size=4), precision=Precision.fp32,
-                  out_dir=tmp_path / "runs", weights_dir=tmp_path / "weights")
+                  out_dir=tmp_path / "runs", weights_dir=tmp_path / "weights",
+                  eval_from_epoch=1)
     return dataclasses.replace(base, **changes)
 
 
@@ -261,6 +263,35 @@ def test_eval_from_epoch_skips_earlier_test_passes_and_always_scores_the_last(ti
     assert stopped.reached_target and len(stopped.history) < 6
     assert stopped.history[-1].test_accuracy is not None
     assert all(row.test_accuracy is None for row in stopped.history[:-1])
+
+
+def test_cpu_runs_score_only_the_last_epoch_unless_asked(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=3, eval_from_epoch=None))
+    assert [row.test_accuracy is None for row in result.history] == [True, True, False]
+    # A target accuracy needs passes to be met at: every epoch is scored then.
+    targeted = train(tiny_config(tiny_dataset, tmp_path, epochs=3, eval_from_epoch=None,
+                                 stop_at_accuracy=0.999))
+    assert all(row.test_accuracy is not None for row in targeted.history)
+
+
+def test_progressive_resizing_trains_each_epoch_at_its_side_and_scores_at_32(tiny_dataset,
+                                                                           tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path, epochs=4, train_size_start=16,
+                         train_size_ramp=0.75)
+    seen: list[tuple[int, ...]] = []
+    original = Run.train_step
+
+    def recording_step(self, images, labels, sums):
+        seen.append(tuple(images.shape[2:]))
+        return original(self, images, labels, sums)
+
+    with mock.patch.object(Run, "train_step", recording_step):
+        result = train(config)
+    steps = result.history[0].steps
+    assert [row.train_size for row in result.history] == [16, 20, 28, 32]
+    assert seen == [(16, 16)] * steps + [(20, 20)] * steps + [(28, 28)] * steps + [(32, 32)] * steps
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.history[-1].test_accuracy >= 0.8  # scored at 32 px; chance is 1/3
 
 
 def test_precision_auto_outside_train_is_fp32_on_cpu_and_fp16_is_refused():
