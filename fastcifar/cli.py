@@ -365,6 +365,11 @@ def default_time_to_accuracy_path(train_config: TrainConfig) -> Path:
                 f"{train_config.epochs}ep-{device}-{stamp}.json")
 
 
+def default_loader_benchmark_path() -> Path:
+    """benchmarks/results/loader-<UTC time>.json: a second run that day keeps the first's."""
+    return Path(f"benchmarks/results/loader-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -387,7 +392,8 @@ def benchmark_loader(
                            "batch in fresh processes, with a cold and a warm numba cache.",
                            rich_help_panel=SYSTEM)] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Results file (default "
-                         "benchmarks/results/loader-<date>.json); a .md table goes beside it.")
+                         "benchmarks/results/loader-<UTC time>.json); a .md table goes beside "
+                         "it.")
                          ] = None,
     compare_on_device: Annotated[bool, typer.Option(help="Time only fastcifar's FFCV loader "
                                  "(a copy per batch) against --data-on-device's resident data, "
@@ -402,12 +408,11 @@ def benchmark_loader(
 ) -> None:
     """Train-set images/s: fastcifar's fused loader vs FFCV's built-in ops vs a torchvision
     DataLoader; or, with --compare-on-device, the FFCV path vs the device-resident one."""
-    import time
 
     from fastcifar.benchmark.loader import benchmark_loader as run_benchmark
     from fastcifar.config import LoaderBenchmarkConfig
 
-    json_path = json_path or Path(f"benchmarks/results/loader-{time.strftime('%Y-%m-%d')}.json")
+    json_path = json_path or default_loader_benchmark_path()
     config = run_command(LoaderBenchmarkConfig, data_dir=data, workers=workers,
                          batch_size=batch_size, passes=passes,
                          torchvision_batches=torchvision_batches, jit_startup=jit_startup,

@@ -126,8 +126,9 @@ def build_train_config(
                        "(SGD keeps the rest); 0 = off.", rich_help_panel=OPTIMISATION)] = None,
     muon_momentum: Annotated[float | None, typer.Option(help="Muon's Nesterov momentum "
                              "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's).",
-                        rich_help_panel=OPTIMISATION)] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's); "
+                        "refused where it would be ignored: under Adam and with a cycled "
+                        "momentum (the seed recipe).", rich_help_panel=OPTIMISATION)] = None,
     initial_lr_fraction: Annotated[float | None, typer.Option(
         help="The schedule starts at max LR x this.", rich_help_panel=OPTIMISATION)] = None,
     min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
@@ -135,8 +136,12 @@ def build_train_config(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
                        "augmentation on/off (--no-augment takes no other augmentation "
                        "option).", rich_help_panel=AUGMENTATION)] = True,
-    cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off.",
+    cutout: Annotated[int | None, typer.Option(help="Cutout hole side in pixels, 0 = off; on a "
+                      "recipe without holes it turns one on (see --cutout-count).",
                       rich_help_panel=AUGMENTATION)] = None,
+    cutout_count: Annotated[int | None, typer.Option(help="Cutout holes per image (default: "
+                            "the recipe's, or 1 when --cutout turns cutout on).",
+                            rich_help_panel=AUGMENTATION)] = None,
     jitter: Annotated[float | None, typer.Option(help="Brightness/contrast/saturation "
                       "jitter magnitude, applied to half the images (any recipe); 0 turns "
                       "colour jitter off, the recipe's hue jitter too unless --hue is given.",
@@ -210,6 +215,10 @@ def build_train_config(
             "train_size_ramp": train_size_ramp,
         }.items() if value is not None
     }
+    if momentum is not None and (base.cycle_momentum or changes.get(
+            "optimizer", base.optimizer) != OptimizerName.sgd):
+        raise FastCifarError("--momentum sets SGD's fixed momentum: this run uses Adam or "
+                             "cycles momentum (0.85-0.95), so it would be ignored")
     if tta is False and tta_shifts is None:
         changes["tta_shifts"] = False  # --no-tta means no TTA, also on a multi-crop recipe
     if max_lr is not None:
@@ -217,9 +226,9 @@ def build_train_config(
     if min_lr is not None:
         changes["min_lr"] = min_lr
     augment_config = (_augment_with_options(base.augment, cutout, jitter, hue, p_gray, pad,
-                                            flip_alternate)
+                                            flip_alternate, cutout_count)
                       if augment else _no_augment(cutout, jitter, hue, p_gray, pad,
-                                                  flip_alternate))
+                                                  flip_alternate, cutout_count))
     loader = LoaderConfig(data_dir=data,
                           batch_size=base.loader.batch_size if batch_size is None else batch_size,
                           workers=workers, train_subset=train_subset, test_subset=test_subset,
@@ -238,11 +247,16 @@ JITTER_PROBABILITY = 0.5
 
 def _augment_with_options(base: AugmentConfig, cutout: int | None, jitter: float | None,
                           hue: float | None, p_gray: float | None, pad: int | None = None,
-                          flip_alternate: bool | None = None) -> AugmentConfig:
-    """The recipe's augmentation with the augmentation options replacing its settings."""
+                          flip_alternate: bool | None = None,
+                          cutout_count: int | None = None) -> AugmentConfig:
+    """The recipe's augmentation with the augmentation options replacing its settings; a
+    --cutout size on a recipe with no holes turns one hole on."""
+    if cutout and cutout_count is None and base.cutout_count == 0:
+        cutout_count = 1
     changes: dict[str, object] = {key: value for key, value in {
         "cutout_size": cutout, "p_gray": p_gray, "hue": hue, "pad": pad,
-        "flip_alternate": flip_alternate}.items() if value is not None}
+        "flip_alternate": flip_alternate, "cutout_count": cutout_count}.items()
+        if value is not None}
     if jitter is not None:
         changes.update(brightness=jitter, contrast=jitter, saturation=jitter)
         if not jitter and hue is None:  # --jitter 0: no colour jitter at all
@@ -254,11 +268,13 @@ def _augment_with_options(base: AugmentConfig, cutout: int | None, jitter: float
 
 def _no_augment(cutout: int | None, jitter: float | None, hue: float | None,
                 p_gray: float | None, pad: int | None = None,
-                flip_alternate: bool | None = None) -> AugmentConfig:
+                flip_alternate: bool | None = None,
+                cutout_count: int | None = None) -> AugmentConfig:
     """NO_AUGMENT, refusing augmentation options it would silently ignore."""
     given = [f"--{name}" for name, value in (("cutout", cutout), ("jitter", jitter),
                                              ("hue", hue), ("p-gray", p_gray), ("pad", pad),
-                                             ("flip-alternate", flip_alternate))
+                                             ("flip-alternate", flip_alternate),
+                                             ("cutout-count", cutout_count))
              if value is not None]
     if given:
         raise FastCifarError(f"--no-augment turns all augmentation off: drop it or "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -107,6 +110,39 @@ def test_jitter_options_give_the_same_augmentation_on_either_recipe(monkeypatch)
                 augment.hue) == (0.5, 0.2, 0.2, 0.2, 0.1), recipe_name
         hue_only = built_train_config(monkeypatch, "--recipe", recipe_name, "--hue", "0.1")
         assert (hue_only.augment.p_jitter, hue_only.augment.hue) == (0.5, 0.1), recipe_name
+
+
+def test_cutout_turns_one_hole_on_for_a_recipe_without_holes(monkeypatch):
+    express = built_train_config(monkeypatch, "--recipe", "express-muon", "--cutout", "12")
+    assert (express.augment.cutout_size, express.augment.cutout_count) == (12, 1)
+    two = built_train_config(monkeypatch, "--cutout", "8", "--cutout-count", "2").augment
+    assert (two.cutout_size, two.cutout_count) == (8, 2)
+    fast = built_train_config(monkeypatch, "--recipe", "fast", "--cutout", "6").augment
+    assert (fast.cutout_size, fast.cutout_count) == (6, 1)  # fast's own single hole
+    off = built_train_config(monkeypatch, "--recipe", "fast", "--cutout", "0").augment
+    assert off.cutout_size == 0  # 0 still turns it off
+
+
+def test_train_options_that_would_be_ignored_or_break_the_run_are_refused(monkeypatch):
+    import fastcifar.train
+
+    monkeypatch.setattr(fastcifar.train, "train", lambda config, callbacks=None: None)
+    for arguments, message in (
+            (["--recipe", "seed", "--momentum", "0.8"], "would be ignored"),
+            (["--recipe", "fast", "--optimizer", "adam", "--momentum", "0.8"],
+             "would be ignored"),
+            (["--recipe", "express", "--zero-init-residual"], "kills the residual branches")):
+        result = runner.invoke(app, ["train", *arguments])  # training itself is stubbed
+        assert result.exit_code == 1 and message in result.output, arguments
+    assert built_train_config(monkeypatch, "--recipe", "fast", "--momentum", "0.8").momentum == 0.8
+
+
+def test_loader_benchmark_default_file_is_named_to_the_second(monkeypatch):
+    from fastcifar.cli import default_loader_benchmark_path
+
+    monkeypatch.setattr(time, "gmtime", lambda *_: time.struct_time((2026, 11, 28, 9, 5, 7, 5,
+                                                                      332, 0)))
+    assert default_loader_benchmark_path() == Path("benchmarks/results/loader-20261128-090507.json")
 
 
 def test_jitter_zero_turns_all_colour_jitter_off_unless_hue_is_given(monkeypatch):

@@ -171,6 +171,14 @@ def _format_hit(hit: dict | None) -> str:
             f"{hit['eval_seconds']:,.1f})")
 
 
+def _format_passes(run: dict) -> str:
+    """How many test passes a run made and their seconds in all (older reports: '?')."""
+    evaluations = run.get("evaluations")
+    if not evaluations:
+        return "?"
+    return f"{len(evaluations)}, {evaluations[-1]['eval_seconds']:,.1f}"
+
+
 def _scoring_gaps(runs: list[dict]) -> list[str]:
     """A line naming the runs whose first test pass came after epoch 1 (`--eval-from-epoch`):
     a target they first met there may have been met earlier, so those figures are upper bounds."""
@@ -200,15 +208,16 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
              "apart.", "", *_scoring_gaps(report["runs"]),
              "| budget (epochs) | seed | epochs run | " + " | ".join(
                  f"to {_percent(target)}" for target in targets)
-             + " | warm-up (s) | final acc | no TTA | flip TTA |",
-             "|---:|---:|---:|" + "---|" * len(targets) + "---:|---:|---:|---:|"]
+             + " | test passes (s) | warm-up (s) | final acc | no TTA | flip TTA |",
+             "|---:|---:|---:|" + "---|" * len(targets) + "---:|---:|---:|---:|---:|"]
     for run in report["runs"]:
         # older reports lack the key; their runs never stopped early, so epochs run = budget
         budget = run.get("budget_epochs", run["epochs_run"])
         seed = f"{run['seed']} (resumed)" if run.get("resumed_from") else run["seed"]
         lines.append(f"| {budget} | {seed} | {run['epochs_run']} | "
                      + " | ".join(_format_hit(run["targets"][target]) for target in targets)
-                     + f" | {run['warmup_seconds']:.1f} | {run['final_accuracy']:.2%} | "
+                     + f" | {_format_passes(run)} | {run['warmup_seconds']:.1f} | "
+                     f"{run['final_accuracy']:.2%} | "
                      f"{run['final_accuracy_no_tta']:.2%} | {run['final_accuracy_tta']:.2%} |")
     lines += ["", "| budget (epochs) | median final acc | " + " | ".join(
         f"median to {_percent(target)} (epochs, s; runs reaching it)" for target in targets)
