@@ -112,7 +112,8 @@ def train(
     resume: Annotated[str | None, typer.Option(help="Checkpoint to continue, or 'auto' for "
                       "the newest under --out.", rich_help_panel=SYSTEM)] = None,
     stop_at_accuracy: Annotated[float | None, typer.Option(help="End the run once test "
-                                "accuracy reaches this (e.g. 0.90).",
+                                "accuracy reaches this (e.g. 0.90; a choice made on the test "
+                                "set, as are the -best weights).",
                                 rich_help_panel=OPTIMISATION)] = None,
 ) -> None:
     """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, final and best weights saved."""

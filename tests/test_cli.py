@@ -137,6 +137,19 @@ def test_train_options_that_would_be_ignored_or_break_the_run_are_refused(monkey
     assert built_train_config(monkeypatch, "--recipe", "fast", "--momentum", "0.8").momentum == 0.8
 
 
+def test_train_help_says_what_options_do_where_it_is_not_obvious():
+    import typer.main
+
+    options = {parameter.name: parameter.help
+               for parameter in typer.main.get_command(app).commands["train"].params}
+    assert "SGD groups only" in options["max_lr"] and "Muon off" in options["max_lr"]
+    assert "fp32 on MPS" in options["precision"] and "lr-find" in options["precision"]
+    assert "per process" in options["batch_size"] and "not rescaled" in options["batch_size"]
+    assert "slower" in options["data_on_device"]
+    assert "M - N" in options["holdout"] and "test set" in options["stop_at_accuracy"]
+    assert "the last only" in options["eval_from_epoch"]
+
+
 def test_loader_benchmark_default_file_is_named_to_the_second(monkeypatch):
     from fastcifar.cli import default_loader_benchmark_path
 

@@ -49,3 +49,10 @@ def test_train_size_settings_out_of_range_are_refused(changes):
 
     with pytest.raises(FastCifarError, match="train size"):
         TrainConfig(**changes)
+
+
+def test_library_configs_without_a_recipe_named_use_the_default_recipe():
+    from fastcifar.config import DEFAULT_RECIPE, LrFindConfig, TimeToAccuracyConfig
+
+    assert TimeToAccuracyConfig().train == recipe(DEFAULT_RECIPE)
+    assert LrFindConfig().train == recipe(DEFAULT_RECIPE)
