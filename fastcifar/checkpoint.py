@@ -322,10 +322,23 @@ def weights_metadata(config: TrainConfig, record: dict, loaders: Loaders,
                           else "the test pass at the end of the run"),
         "test_images": loaders.test_count,
         "epochs": evaluation.epochs, "steps": evaluation.steps,
-        "data_variant": data_variant, "data_source": source,
+        "data_variant": data_variant, "data_source": without_machine_paths(source),
         "git_commit": record["git_commit"], "precision": record["precision"],
-        "config": record["config"], "versions": record["versions"], "hardware": record["hardware"],
+        "config": without_machine_paths(record["config"]), "versions": record["versions"],
+        "hardware": record["hardware"],
     }
+
+
+def without_machine_paths(value: object) -> object:
+    """`value` with every absolute path (a string starting at the root) cut to its last name:
+    a weights file travels, and the folders of the machine that wrote it mean nothing there."""
+    if isinstance(value, dict):
+        return {key: without_machine_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_machine_paths(item) for item in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        return Path(value).name
+    return value
 
 
 def run_state(model: torch.nn.Module, optimizers: Optimizers, scaler: torch.amp.GradScaler,

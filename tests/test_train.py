@@ -57,6 +57,10 @@ def test_short_cpu_run_lowers_loss_and_beats_chance(tiny_dataset, tmp_path):
     assert result.final_weights.name.endswith("-final.safetensors")
     assert final["accuracy"] == result.final_accuracy == history[-1].test_accuracy
     assert final["epochs"] == 3 and final["weights"] == "final"
+    # A weights file travels: its header names no folder of the machine that trained it.
+    header = json.dumps(final)
+    assert str(tmp_path) not in header and str(tiny_dataset) not in header
+    assert final["config"]["loader"]["data_dir"] == tiny_dataset.name
     model_state = result.final_model.state_dict()
     assert all(torch.equal(final_state[name], model_state[name].float()) for name in final_state)
     run = json.loads((result.run_dir / "run.json").read_text())
