@@ -8,7 +8,8 @@ TTA mode, recipe, test accuracy, commit, ...) is copied and the stored dtype add
 `--data`, the fp16 file itself is then scored on the whole test set in fp32 on the CPU with no
 TTA, flip TTA and its own TTA mode, and those figures go in the header as `accuracy_by_tta`:
 they are what the real-data test checks the file against, to 0.1 point, on any machine.
-Passing the shipped file as both paths re-scores it and keeps its other metadata.
+Passing the shipped file as both paths re-scores it (with `--data`) and keeps its other
+metadata. Absolute paths in the metadata are cut to their last names.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar.checkpoint import read_weights_file, save_weights_file
+from fastcifar.checkpoint import read_weights_file, save_weights_file, without_machine_paths
 from fastcifar.config import Device, EvaluateConfig, LoaderConfig, Precision
 from fastcifar.evaluate import evaluate_weights
 
@@ -44,6 +45,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, help="converted dataset folder: score the file")
     arguments = parser.parse_args()
     state, metadata = read_weights_file(arguments.final_weights)
+    metadata = without_machine_paths(metadata)  # older files kept the trainer's folders
     if metadata.get("stored_dtype") != "float16":
         metadata = {**metadata, "stored_dtype": "float16",
                     "made_from": arguments.final_weights.name}

@@ -210,3 +210,23 @@ def test_resume_accepts_a_checkpoint_from_before_an_option_existed_and_refuses_r
             config, loader=dataclasses.replace(config.loader, on_device=True)))
     with pytest.raises(FastCifarError, match=r"\(muon_lr\)"):
         check_resume_compatible(older, dataclasses.replace(config, muon_lr=0.1))
+
+
+def test_shipped_weights_header_names_no_folder_of_the_machine_that_made_it():
+    import json
+
+    from fastcifar.checkpoint import read_weights_file
+    from fastcifar.config import SHIPPED_WEIGHTS
+
+    if not SHIPPED_WEIGHTS.exists():
+        pytest.skip("no shipped weights file in this checkout")
+    header = json.dumps(read_weights_file(SHIPPED_WEIGHTS)[1])
+    assert '"/' not in header  # no string value that starts at the root
+
+
+def test_without_machine_paths_keeps_names_and_everything_else():
+    from fastcifar.checkpoint import without_machine_paths
+
+    assert without_machine_paths({"a": "/work/x/datasets", "b": ["runs", "/tmp/w.pt"], "c": 3,
+                                  "d": "relative/path"}) == {
+        "a": "datasets", "b": ["runs", "w.pt"], "c": 3, "d": "relative/path"}
