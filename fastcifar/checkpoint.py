@@ -26,7 +26,7 @@ from fastcifar.errors import FastCifarError
 if TYPE_CHECKING:  # annotations only: these modules import this one
     from fastcifar.data.loaders import Loaders
     from fastcifar.optim import Lookahead, Optimizers
-    from fastcifar.train import EpochStats, Evaluation
+    from fastcifar.records import EpochStats, Evaluation
 
 # ---------------------------------------------------------------- resumable checkpoints
 

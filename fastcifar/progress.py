@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: the commands import these modules lazily
     from fastcifar.evaluate import EvaluationReport
     from fastcifar.lr_find import LrFindResult
     from fastcifar.predict import PredictReport
-    from fastcifar.train import EpochStats, Evaluation
+    from fastcifar.records import EpochStats, Evaluation
 
 
 class TableCallbacks:

@@ -21,7 +21,8 @@ from fastcifar.data.loaders import (
 )
 from fastcifar.device import DeviceStep, measures_precision, plan_precision, select_device
 from fastcifar.evaluate import evaluate_loader
-from fastcifar.train import Evaluation, TrainCallbacks, TrainingInterrupted, train
+from fastcifar.records import Evaluation
+from fastcifar.train import TrainCallbacks, TrainingInterrupted, train
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,8 @@ import torch
 from fastcifar.config import AugmentConfig, LoaderConfig
 from fastcifar.data.augment import fill_colour
 from fastcifar.data.augment_torch import TorchAugment
-from fastcifar.data.loaders import (
-    DatasetMetadata,
-    Loaders,
-    RecordSelection,
-    make_loader,
-    test_pipeline,
-)
+from fastcifar.data.dataset import DatasetMetadata, Loaders, RecordSelection
+from fastcifar.data.pipelines import make_loader, test_pipeline
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (B, 3, H, W) channels-last, int64 (B,)
 
