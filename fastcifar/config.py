@@ -331,7 +331,7 @@ EXPRESS_PROGRESSIVE = dataclasses.replace(EXPRESS_MUON, recipe="express-progress
 RECIPES: dict[str, TrainConfig] = {"seed": SEED, "fast": FAST, "express": EXPRESS,
                                    "express-muon": EXPRESS_MUON,
                                    "express-progressive": EXPRESS_PROGRESSIVE}
-DEFAULT_RECIPE = "express-muon"
+DEFAULT_RECIPE = "express-progressive"
 
 
 def recipe(name: str, **overrides: object) -> TrainConfig:

@@ -62,7 +62,9 @@ def _torchrun_environment() -> tuple[bool, int]:
 
 def build_train_config(
     recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: "
-                           "express-muon (the default: express with Muon on the conv filters), "
+                           "express-progressive (the default: express-muon training on 20 to "
+                           "32 px images over the first 60% of the epochs), express-muon "
+                           "(express with Muon on the conv filters), "
                            "express (fast plus BN, whitening, flip and TTA tricks), fast "
                            "(SGD-Nesterov, label smoothing, TTA) or seed (the original Adam "
                            "recipe).", rich_help_panel=OPTIMISATION)] = DEFAULT_RECIPE_NAME,

@@ -28,7 +28,8 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
     assert "test acc" in result.output
     epoch_one = next(line.split() for line in result.output.splitlines()
                      if line.split()[:1] == ["1"])
-    assert epoch_one[4:6] == ["-", "-"]  # no test pass before --eval-from-epoch
+    assert epoch_one[5:7] == ["-", "-"]  # no test pass before --eval-from-epoch
+    assert epoch_one[1] == "20"  # the default recipe's first epoch trains on 20 px images
     closing = result.output.strip().splitlines()[-1]  # the final figure first, then the best
     assert closing.startswith("final test accuracy ")
     assert closing.index("final test accuracy") < closing.index("best test pass")
@@ -83,7 +84,7 @@ def test_commands_default_to_the_default_recipe(monkeypatch):
     from fastcifar.config import DEFAULT_RECIPE, RECIPES
     from fastcifar.train_options import RecipeName
 
-    assert DEFAULT_RECIPE == "express-muon" and sorted(RecipeName) == sorted(RECIPES)
+    assert DEFAULT_RECIPE == "express-progressive" and sorted(RecipeName) == sorted(RECIPES)
     assert built_train_config(monkeypatch).recipe == DEFAULT_RECIPE
     commands = typer.main.get_command(app).commands
     for name in ("train", "lr-find", "show-augment"):

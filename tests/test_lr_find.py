@@ -193,8 +193,8 @@ def test_lr_find_command_prints_the_suggestion(tiny_dataset, tmp_path):
         "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "suggested max LR" in result.output and (tmp_path / "lr_find.png").is_file()
-    assert "express-muon recipe (sgd, weight decay 0.0005)" in result.output  # the default
-    assert json.loads((tmp_path / "lr_find.json").read_text())["recipe"] == "express-muon"
+    assert "express-progressive recipe (sgd, weight decay 0.0005)" in result.output  # default
+    assert json.loads((tmp_path / "lr_find.json").read_text())["recipe"] == "express-progressive"
     seed = CliRunner().invoke(app, [
         "lr-find", "--recipe", "seed", "--iters", "10", "--batch-size", "8", "--start-lr", "1e-5",
         "--end-lr", "1", "--data", str(tiny_dataset), "--workers", "1", "--device", "cpu",
