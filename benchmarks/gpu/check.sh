@@ -2,7 +2,7 @@
 # Every GPU check in one call, on a fresh GPU machine without internet, from the repo root with
 # .device carried (bash benchmarks/gpu/prepare_device.sh makes it here):
 #   set-up -> pytest -m gpu + repeatability -> throughput decomposition (FFCV loader, then
-#   --data-on-device) -> loader: FFCV path vs device-resident data -> ablation sweep on
+#   --data-on-device) -> run cost (FLOPs and step rates per train side, progressive resizing) -> loader: FFCV path vs device-resident data -> ablation sweep on
 #   held-out images -> time-to-accuracy (the sweep's choice of express: 6-epoch budget and 24
 #   epochs, 3 seeds; seed recipe, 1 run) -> fp16 weights of a 24-epoch run (benchmarks/ship_weights.py).
 # Results go to benchmarks/results/gpu/DATE/ and, packed, to $OUT. Each phase is skipped when
@@ -17,6 +17,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   small=(--train-subset 2560 --test-subset 512)
   decomposition_subset=(--train-subset 2560)
   loader_small=(--max-batches 4)
+  run_cost_small=(--rounds 1 --steps 1)
   sweep_small=(--train-subset 3072 --holdout 512 --seeds 0 --only fast "+ knobs = express" "express + muon")
   epochs_short=2; epochs_long=3; runs=1; decomposition_epochs=1; eval_every=2
   OUT=${OUT:-/tmp/check-out}
@@ -30,6 +31,7 @@ else
   small=()
   decomposition_subset=()
   loader_small=()
+  run_cost_small=(--rounds 3 --steps 10)
   sweep_small=(--holdout 5000 --seeds 0 1)
   epochs_short=6; epochs_long=24; runs=3; decomposition_epochs=2; eval_every=20
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -56,6 +58,10 @@ phase "throughput decomposition, device-resident data"
 fits 300 decomposition-on-device && $python benchmarks/throughput_decomposition.py --data $data \
   --epochs $decomposition_epochs "${decomposition_subset[@]}" --data-on-device \
   --json "$results/throughput-decomposition-on-device.json" 2>&1 | tail -5
+
+phase "run cost: express-muon (6 epochs, a pass each) vs express-progressive (5, one pass)"
+fits 295 run-cost && $python benchmarks/run_cost.py "${run_cost_small[@]}" \
+  --json "$results/run-cost.json" 2>&1 | grep -E "Before|^\| express" | tail -8
 
 phase "loader: FFCV path vs device-resident data"
 fits 290 loader-on-device && fastcifar benchmark loader --compare-on-device --data $data \
