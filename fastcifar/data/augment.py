@@ -197,6 +197,16 @@ def _source_index(index: int, size: int, reflect: bool) -> int:
 
 
 @njit(cache=True, inline="always")
+def _coloured(image: np.ndarray, geometry_row: np.ndarray, colour_row: np.ndarray) -> np.ndarray:
+    """The image after its drawn colour ops (jitter, grayscale), or itself when none was drawn."""
+    jitter, gray = colour_row[0] > 0.5, geometry_row[3] == 1
+    if jitter or gray:
+        return _adjust_colour(image, jitter, colour_row[1], colour_row[2], colour_row[3],
+                              colour_row[4], gray)
+    return image
+
+
+@njit(cache=True, inline="always")
 def _crop_flip(source: np.ndarray, target: np.ndarray, offset_y: int, offset_x: int,
                flipped: bool, pad: int, reflect: bool, fill: np.ndarray) -> None:
     """Pad-crop-flip one (H, W, 3) image into `target` as a gather through per-row and
@@ -315,11 +325,7 @@ def apply_augmentation(images: np.ndarray, out: np.ndarray, geometry: np.ndarray
     RGB of `fill_colour` (see `_read_only_fill` for why read-only).
     """
     for i in prange(images.shape[0]):
-        jitter, gray = colour[i, 0] > 0.5, geometry[i, 3] == 1
-        source = images[i]
-        if jitter or gray:
-            source = _adjust_colour(images[i], jitter, colour[i, 1], colour[i, 2],
-                                    colour[i, 3], colour[i, 4], gray)
+        source = _coloured(images[i], geometry[i], colour[i])
         _crop_flip(source, out[i], geometry[i, 0], geometry[i, 1], geometry[i, 2] == 1, pad,
                    reflect, fill)
         _cut_holes(out[i], geometry[i], cutout_size, cutout_count, images.shape[1], fill)
@@ -335,11 +341,7 @@ def apply_augmentation_resized(images: np.ndarray, out: np.ndarray, geometry: np
     `first`, `weights`) before the holes, which are scaled to S. One pass per image."""
     height, width = images.shape[1], images.shape[2]
     for i in prange(images.shape[0]):
-        jitter, gray = colour[i, 0] > 0.5, geometry[i, 3] == 1
-        source = images[i]
-        if jitter or gray:
-            source = _adjust_colour(images[i], jitter, colour[i, 1], colour[i, 2],
-                                    colour[i, 3], colour[i, 4], gray)
+        source = _coloured(images[i], geometry[i], colour[i])
         cropped = np.empty((height, width, 3), dtype=np.uint8)
         _crop_flip(source, cropped, geometry[i, 0], geometry[i, 1], geometry[i, 2] == 1, pad,
                    reflect, fill)
