@@ -10,10 +10,29 @@ import pytest
 import torch
 
 from fastcifar.config import NO_AUGMENT, AugmentConfig, LoaderConfig
+from fastcifar.data.augment import fill_colour
 from fastcifar.data.convert import METADATA, TRAIN_BETON
 from fastcifar.data.loaders import build_loaders, read_metadata
 from fastcifar.device import DeviceStep
 from fastcifar.errors import FastCifarError
+
+
+def _records(data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every record of a split in file order, (N, 32, 32, 3) uint8 and labels, read with a
+    plain sequential FFCV loader: the truth the loaders under test are checked against."""
+    from fastcifar.data.loaders import make_loader, test_pipeline
+
+    metadata = read_metadata(data_dir)
+    path = metadata.train_path if split == "train" else metadata.test_path
+    loader = make_loader(path, test_pipeline(), LoaderConfig(data_dir=data_dir, workers=1),
+                         False, None, 0, batch_size=1000)
+    images, labels = zip(*[(x.permute(0, 2, 3, 1).numpy().copy(), y.numpy().copy())
+                           for x, y in loader], strict=True)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _as_rows(images: np.ndarray) -> list[bytes]:
+    return sorted(image.tobytes() for image in images)
 
 
 def test_train_and_test_batches_are_uint8_nchw_channels_last(tiny_dataset):
@@ -24,28 +43,51 @@ def test_train_and_test_batches_are_uint8_nchw_channels_last(tiny_dataset):
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64 and labels.shape == (32,)
     assert len(loaders.train) == 120 // 32  # drop_last
-    assert sum(len(y) for _, y in loaders.test) == 60  # every test image, in order
+    # Every test image, in file order, each with its own label.
+    test_images, test_labels = _records(tiny_dataset, "test")
+    batches = [(x.permute(0, 2, 3, 1).numpy().copy(), y.numpy().copy()) for x, y in loaders.test]
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]), test_images)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), test_labels)
 
 
 def test_subsets_take_the_first_records(tiny_dataset):
     loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=16, workers=1,
                                          train_subset=48, test_subset=20), NO_AUGMENT, 0)
     assert len(loaders.train) == 3
-    assert sum(len(y) for _, y in loaders.test) == 20
+    train_images, train_labels = _records(tiny_dataset, "train")
+    test_images, test_labels = _records(tiny_dataset, "test")
+    got = [(x.permute(0, 2, 3, 1).numpy().copy(), y.numpy().copy()) for x, y in loaders.train]
+    images, labels = np.concatenate([x for x, _ in got]), np.concatenate([y for _, y in got])
+    assert _as_rows(images) == _as_rows(train_images[:48])  # the first 48, shuffled
+    lookup = {image.tobytes(): label for image, label in zip(train_images, train_labels,
+                                                               strict=True)}
+    assert [lookup[image.tobytes()] for image in images] == labels.tolist()
+    test = [(x.permute(0, 2, 3, 1).numpy().copy(), y.numpy().copy()) for x, y in loaders.test]
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in test]), test_images[:20])
+    np.testing.assert_array_equal(np.concatenate([y for _, y in test]), test_labels[:20])
 
 
 def test_augmentation_changes_pixels_but_never_labels(tiny_dataset):
     def epoch(augment):
         loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=40, workers=1),
                                 augment, seed=3)
-        batches = [(x.clone(), y.clone()) for x, y in loaders.train]
-        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+        batches = [(x.permute(0, 2, 3, 1).numpy().copy(), y.clone()) for x, y in loaders.train]
+        return np.concatenate([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
     plain_images, plain_labels = epoch(NO_AUGMENT)
-    augmented_images, augmented_labels = epoch(AugmentConfig(cutout_size=8))
+    holes_only = AugmentConfig(pad=0, flip=False, cutout_size=8, cutout_count=1)
+    augmented_images, augmented_labels = epoch(holes_only)
     # same seed -> same order, so labels line up one to one
     assert torch.equal(plain_labels, augmented_labels)
-    assert not torch.equal(plain_images, augmented_images)
+    fill = fill_colour(read_metadata(tiny_dataset).mean)
+    for plain, augmented in zip(plain_images, augmented_images, strict=True):
+        changed = (plain != augmented).any(axis=2)
+        rows, columns = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+        assert len(rows) and len(columns)  # every image gets its hole
+        # The same image, changed only inside one hole of at most 8 x 8, filled with the fill.
+        assert rows[-1] - rows[0] < 8 and columns[-1] - columns[0] < 8
+        hole = augmented[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+        assert (hole == fill).all()
 
 
 def test_device_step_normalises_on_the_device():
