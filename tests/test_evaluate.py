@@ -27,9 +27,14 @@ LOGIT_SCALE = 0.5
 
 
 def write_tiny_weights(path, data_dir, tta: str = "none"):
-    """A weights file as training writes it, for an untrained 3-class CustResNet."""
-    torch.manual_seed(3)
+    """A weights file as training writes it, for an untrained 3-class CustResNet whose
+    predictions on the tiny test set differ with and without flip TTA: an untrained head
+    gives one class for every image, so its weights are scaled up (x100), and seed 9's
+    filters give different answers for 11 of the 60 test images in the two modes."""
+    torch.manual_seed(9)
     model = CustResNet(num_classes=3, logit_scale=LOGIT_SCALE)
+    with torch.no_grad():
+        model.fc.weight.mul_(100)
     metadata = read_metadata(data_dir)
     save_weights_file(path, model.state_dict(), {
         "accuracy": 0.5, "epochs": 2, "class_names": metadata.class_names,
@@ -72,6 +77,8 @@ def test_accuracy_equals_a_direct_computation(tiny_weights, tiny_dataset, tiny_i
     report = evaluate_weights(evaluate_config(tiny_weights, tiny_dataset, tmp_path, tta=tta))
     test = read_source(tiny_imagefolder).test  # the arrays convert wrote, in the same order
     predictions = direct_predictions(tiny_weights, test.images, tta)
+    other_mode = direct_predictions(tiny_weights, test.images, not tta)
+    assert (predictions != other_mode).sum() >= 3  # the modes differ: the checks have teeth
     assert report.count == len(test.labels) == 60
     assert report.accuracy == pytest.approx(float((predictions == test.labels).mean()))
     expected = confusion_matrix(test.labels, predictions, 3)
@@ -106,6 +113,9 @@ def test_tta_mode_stored_with_the_weights_is_the_default(tiny_dataset, tiny_imag
     assert report.tta is (stored == "flip") and report.tta_from_weights
     test = read_source(tiny_imagefolder).test
     expected = direct_predictions(weights, test.images, tta=stored == "flip")
+    other = direct_predictions(weights, test.images, tta=stored != "flip")
+    assert (expected != other).sum() >= 3  # the modes differ: the mode that ran shows
+    assert report.confusion_matrix == confusion_matrix(test.labels, expected, 3).tolist()
     assert report.accuracy == pytest.approx(float((expected == test.labels).mean()))
     overridden = evaluate_weights(evaluate_config(weights, tiny_dataset, tmp_path / "b",
                                                   tta=stored != "flip"))
