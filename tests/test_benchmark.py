@@ -219,11 +219,12 @@ def test_benchmark_loader_cli_passes_the_device_comparison(monkeypatch, tmp_path
 
 
 def tiny_time_to_accuracy(data_dir, tmp_path, **changes) -> TimeToAccuracyConfig:
-    """The fast recipe scaled to the 3-class tiny data (batches of 24, fp32, no TTA)."""
+    """The fast recipe scaled to the 3-class tiny data (batches of 24, fp32, no TTA), with a
+    test pass every epoch (a CPU run's default is the last only)."""
     train_config = recipe("fast", epochs=6, max_lr=0.05, tta=False, make_plots=False,
                           loader=LoaderConfig(data_dir=data_dir, batch_size=24, workers=1),
                           precision=Precision.fp32, out_dir=tmp_path / "runs",
-                          weights_dir=tmp_path / "weights")
+                          weights_dir=tmp_path / "weights", eval_from_epoch=1)
     return dataclasses.replace(TimeToAccuracyConfig(train=train_config, command="test",
                                                     json_path=tmp_path / "tta.json"), **changes)
 

@@ -177,7 +177,8 @@ def _format_passes(run: dict) -> str:
     evaluations = run.get("evaluations")
     if not evaluations:
         return "?"
-    return f"{len(evaluations)}, {evaluations[-1]['eval_seconds']:,.1f}"
+    seconds = evaluations[-1].get("eval_seconds")
+    return str(len(evaluations)) + ("" if seconds is None else f", {seconds:,.1f}")
 
 
 def _scoring_gaps(runs: list[dict]) -> list[str]:
