@@ -152,7 +152,9 @@ def write_markdown(path: Path, report: dict) -> None:
     machine = report["machine"].get("gpu") or report["machine"]["cpu"]
     title = {"ablation": "Ablation", "tuning": "Tuning round", "resize": "Resizing round"
              }.get(report["plan"], "Muon round")
-    lines = [f"# {title} at a {report['epochs']}-epoch budget ({machine})",
+    budget = ("budgets as each variant names" if report["plan"] == "resize"
+              else f"a {report['epochs']}-epoch budget")
+    lines = [f"# {title} at {budget} ({machine})",
              "", f"Median final accuracy on {report['holdout']} held-out train images (never "
              "trained on; not the test set), seeds " + ", ".join(map(str, report["seeds"]))
              + f". Command: `{report['command']}`", "",
