@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fastcifar.config import LoaderConfig
+from fastcifar.config import FULL_TRAIN_SIZE, LoaderConfig
 from fastcifar.data.augment import EpochCell
 from fastcifar.data.convert import FORMAT_VERSION, METADATA
 from fastcifar.errors import FastCifarError
 
 # The side of the stored CIFAR-10 images, pixels: what the test set is scored at.
-STORED_SIZE = 32
+STORED_SIZE = FULL_TRAIN_SIZE
 
 
 @dataclass(frozen=True)
