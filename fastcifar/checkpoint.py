@@ -5,6 +5,7 @@ hands in is never unpickled.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fastcifar.atomic import atomic_path
+from fastcifar.atomic import write_bytes
 from fastcifar.config import TrainConfig
 from fastcifar.errors import FastCifarError
 
@@ -43,8 +44,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     `state` must hold only tensors and plain values (dict, list, tuple, str, number, bool,
     None), so that `load_checkpoint` can read it back with `weights_only=True`.
     """
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
+    # Serialised in memory, then written by Python: torch's zip writer turns a full disk
+    # into an unrelated RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict:
@@ -147,7 +151,7 @@ def save_weights_file(path: Path, state_dict: dict[str, torch.Tensor], metadata:
     problem = _metadata_problem(metadata)
     if problem:
         raise FastCifarError(f"cannot write weights file {path}: metadata {problem}")
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {}
     for name, tensor in state_dict.items():
@@ -157,8 +161,9 @@ def save_weights_file(path: Path, state_dict: dict[str, torch.Tensor], metadata:
         tensors[name] = tensor.contiguous()
     header = json.dumps({"format_version": WEIGHTS_FORMAT_VERSION, **metadata}, default=str,
                         allow_nan=False)
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={METADATA_KEY: header})
+    # Serialised in memory and written by Python: safetensors' own writer reports a full disk
+    # as a SafetensorError, not an OSError.
+    write_bytes(path, save(tensors, metadata={METADATA_KEY: header}))
 
 
 def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

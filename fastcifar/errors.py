@@ -1,5 +1,29 @@
-"""The one exception type users see: a one-line message they can act on."""
+"""The exceptions users see: a one-line message they can act on, and an exit code that tells a
+script whether to fix its input (1) or the machine (74)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# sysexits' EX_IOERR: the machine failed (disk full, folder gone, loader died, out of memory).
+MACHINE_FAULT_EXIT = 74
 
 
 class FastCifarError(Exception):
     """A problem the user can fix (bad input, missing data, bad option); printed without traceback."""
+
+    exit_code = 1
+
+
+class MachineFault(FastCifarError):
+    """The machine failed under a valid command: a write, a read or memory. Exit 74."""
+
+    exit_code = MACHINE_FAULT_EXIT
+
+
+class WriteFailed(MachineFault):
+    """A file could not be written; `path` names it and `cause` says why (strerror)."""
+
+    def __init__(self, path: Path, cause: str) -> None:
+        self.path, self.cause = Path(path), cause
+        super().__init__(f"could not write {path}: {cause}")

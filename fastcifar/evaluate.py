@@ -18,6 +18,7 @@ from torch import nn
 from fastcifar.atomic import write_json
 from fastcifar.checkpoint import read_weights_file, tta_flags, tta_mode
 from fastcifar.config import EvaluateConfig
+from fastcifar.data.loader_guard import guarded_batches
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.device import DeviceStep, PrecisionPlan, autocast, plan_precision, select_device
 from fastcifar.errors import FastCifarError
@@ -54,7 +55,7 @@ def evaluate_loader(model: nn.Module, loader: Iterable, device_step: DeviceStep,
     total_loss = torch.zeros((), device=device_step.device)
     correct = torch.zeros((), device=device_step.device, dtype=torch.long)
     count = 0
-    for images, labels in loader:
+    for images, labels in guarded_batches(loader, "evaluation"):
         images, labels = device_step(images, labels)
         with autocast(device_step.device, plan):
             logits = predict_logits(model, images, tta, shifts)

@@ -24,10 +24,11 @@ def show_tracebacks(on: bool) -> None:
 
 
 def fail(error: FastCifarError) -> None:
-    """Print the one-line message (a traceback only with --debug) and exit non-zero."""
+    """Print the one-line message on stderr (a traceback only with --debug) and exit non-zero:
+    1 for a user error, 74 for a machine fault (errors.MACHINE_FAULT_EXIT)."""
     if _debug["on"]:
         raise error
-    console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+    warnings_console.print(f"[red]error:[/red] {error}", soft_wrap=True)
     raise typer.Exit(getattr(error, "exit_code", 1))
 
 
@@ -40,5 +41,6 @@ def run_command(function: Callable[..., Result], *args, **kwargs) -> Result:
     except KeyboardInterrupt:  # a second Ctrl-C: stop now; checkpoints are written atomically
         if _debug["on"]:
             raise
-        console.print("[red]interrupted:[/red] stopped at once; the last saved checkpoint is intact")
+        warnings_console.print("[red]interrupted:[/red] stopped at once; the last saved "
+                               "checkpoint is intact")
         raise typer.Exit(130) from None

@@ -4,7 +4,6 @@ the per-epoch stats it reports."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict
@@ -51,11 +50,12 @@ from fastcifar.distributed import (
     stop_agreed,
     stop_on_signals,
 )
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, MachineFault
 from fastcifar.evaluate import evaluate_loader, predict_logits
 from fastcifar.model import build_model, plain_state_dict
 from fastcifar.optim import Lookahead, Optimizers
 from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations
+from fastcifar.run_faults import RunFaults
 
 __all__ = ["EpochStats", "Evaluation", "Run", "TrainCallbacks", "TrainResult",
            "TrainingInterrupted", "epoch_end_evaluations", "train", "train_epochs"]
@@ -197,6 +197,8 @@ class Run:
         self.best_weights = Path(config.weights_dir) / f"{self.run_dir.name}-best.safetensors"
         self.final_weights = Path(config.weights_dir) / f"{self.run_dir.name}-final.safetensors"
         self.last_checkpoint = self.run_dir / "last.pt"
+        self.faults = RunFaults(Path(config.resume) if resume_state is not None else None,
+                                self.start_epoch, config.loader.batch_size, device)
         if resume_state is not None and self.best_weights.exists():
             # An in-epoch pass may have saved better weights after the checkpoint resumed
             # from (a hard crash loses its update): never replace them with worse ones.
@@ -338,11 +340,14 @@ class Run:
         """Save the evaluated weights when this test pass is the best so far (any pass)."""
         if evaluation.test_accuracy <= self.best_accuracy:
             return
+        # Non-essential: on a write fault the run goes on, and a later better pass tries again.
+        if self.distributed.is_main and not self.faults.optional_write(
+                "the best-weights copy", lambda: save_weights_file(
+                    self.best_weights, plain_state_dict(self._evaluated_weights()),
+                    weights_metadata(self.config, self.record, self.loaders, evaluation,
+                                     "best"))):
+            return
         self.best_accuracy = evaluation.test_accuracy
-        if self.distributed.is_main:
-            save_weights_file(self.best_weights, plain_state_dict(self._evaluated_weights()),
-                              weights_metadata(self.config, self.record, self.loaders,
-                                               evaluation, "best"))
 
     def _evaluated_weights(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -367,13 +372,17 @@ class Run:
             train_size=self.config.train_image_size(epoch))
         self.history.append(stats)
         self.save_checkpoint(epoch + 1)
+        self.write_metrics()
+        return stats
+
+    def write_metrics(self, **extra: object) -> None:
+        """`metrics.json`: every epoch row and test pass so far (rank 0 writes it)."""
         if self.distributed.is_main:
             write_json(self.run_dir / "metrics.json",
                        {"epochs": [asdict(row) for row in self.history],
                         "evaluations": [asdict(row) for row in self.evaluations],
                         "warmup_seconds": self.warmup_seconds,
-                        "best_accuracy": self.best_accuracy})
-        return stats
+                        "best_accuracy": self.best_accuracy, **extra})
 
     def evaluates_at_end(self, epoch: int) -> bool:
         """Whether epoch `epoch` (0-based) ends with a test pass: from --eval-from-epoch on
@@ -400,6 +409,8 @@ class Run:
                 self.model, self.optimizers, self.scaler, self.ema, self.lookahead, epoch,
                 self.steps, self.history, self.evaluations, self.record, self.best_accuracy,
                 self.warmup_seconds, self.lr_per_step, partial=partial))
+            if partial is None:
+                self.faults.checkpoint_saved(self.last_checkpoint, epoch)
 
     def interrupted(self, epoch: int, step: int, clock: EpochClock, sums: TrainSums,
                     signal_number: int) -> TrainingInterrupted:
@@ -418,13 +429,13 @@ class Run:
 
     def finish(self, reached: bool) -> TrainResult:
         """Check the ranks agree, save the final weights and the plots; the run's result."""
+        # Written again at the end: a run resumed from its last epoch's checkpoint (a write
+        # that failed after it) has no epoch left to write it.
         if self.distributed.world_size > 1:
-            agree = ranks_agree(self.model, self.distributed)
-            if self.distributed.is_main:
-                metrics_path = self.run_dir / "metrics.json"
-                write_json(metrics_path, {**json.loads(metrics_path.read_text()),
-                                          "world_size": self.distributed.world_size,
-                                          "ranks_agree": agree})
+            self.write_metrics(world_size=self.distributed.world_size,
+                               ranks_agree=ranks_agree(self.model, self.distributed))
+        else:
+            self.write_metrics()
         if self.distributed.is_main and self.evaluations:
             save_weights_file(self.final_weights, plain_state_dict(self._evaluated_weights()),
                               weights_metadata(self.config, self.record, self.loaders,
@@ -432,8 +443,8 @@ class Run:
         if self.config.make_plots and self.distributed.is_main:
             from fastcifar.plots import plot_training_curves
 
-            plot_training_curves(self.history, self.lr_per_step,
-                                 self.run_dir / "training_curves.png")
+            self.faults.optional_write("the training-curves plot", lambda: plot_training_curves(
+                self.history, self.lr_per_step, self.run_dir / "training_curves.png"))
         return TrainResult(
             self.history, self.run_dir,
             self.best_weights if self.best_accuracy >= 0 else None, self.best_accuracy,
@@ -462,14 +473,15 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     loaders = loaders or build_loaders(config.loader, config.augment, config.seed, device=device)
     _check_steps(config, len(loaders.train))
     run = Run(config, loaders, device, plan, distributed, callbacks, resume_state)
-    if distributed.is_main:
-        write_json(run.run_dir / "run.json", run.record)
-    callbacks.on_train_start(config, run.steps_per_epoch, device, run.record["precision"],
-                             run.run_dir)
-    # Every rank traps the signals; under torchrun they agree on the step to stop at.
-    with stop_on_signals(handle_signals) as stop:
-        reached = train_epochs(run, stop)
-    return run.finish(reached)
+    with run.faults.end_in_one_line():
+        if distributed.is_main:
+            write_json(run.run_dir / "run.json", run.record)
+        callbacks.on_train_start(config, run.steps_per_epoch, device, run.record["precision"],
+                                 run.run_dir)
+        # Every rank traps the signals; under torchrun they agree on the step to stop at.
+        with stop_on_signals(handle_signals) as stop:
+            reached = train_epochs(run, stop)
+        return run.finish(reached)
 
 
 def train_epochs(run: Run, stop: StopRequest) -> bool:
@@ -569,5 +581,5 @@ def _make_run_dir(config: TrainConfig) -> Path:
     try:
         run_dir.mkdir(parents=True)
     except OSError as error:
-        raise FastCifarError(f"cannot create run folder {run_dir}: {error.strerror}") from error
+        raise MachineFault(f"cannot create run folder {run_dir}: {error.strerror}") from error
     return run_dir

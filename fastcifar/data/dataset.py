@@ -14,6 +14,7 @@ import numpy as np
 from fastcifar.config import FULL_TRAIN_SIZE, LoaderConfig
 from fastcifar.data.augment import EpochCell
 from fastcifar.data.convert import FORMAT_VERSION, METADATA
+from fastcifar.data.loader_guard import check_unchanged, guarded_batches
 from fastcifar.errors import FastCifarError
 
 # The side of the stored CIFAR-10 images, pixels: what the test set is scored at.
@@ -32,6 +33,12 @@ class DatasetMetadata:
     train_path: Path
     test_path: Path
     source: dict = field(default_factory=dict)  # what was converted: path, kind, sha256
+    beton_bytes: dict = field(default_factory=dict)  # beton path -> its size when opened
+
+    def check_betons_unchanged(self) -> None:
+        """LoaderFailed when a beton was truncated or replaced since it was checked."""
+        for path, size in self.beton_bytes.items():
+            check_unchanged(path, size)
 
 
 def read_metadata(data_dir: Path) -> DatasetMetadata:
@@ -67,7 +74,8 @@ def read_metadata(data_dir: Path) -> DatasetMetadata:
         _check_beton_fields(path, counts[split])
         paths[split] = path
     return DatasetMetadata(names, counts["train"], counts["test"], mean, std,
-                           paths["train"], paths["test"], metadata.get("source") or {})
+                           paths["train"], paths["test"], metadata.get("source") or {},
+                           {path: path.stat().st_size for path in paths.values()})
 
 
 def _check_beton_fields(path: Path, expected_count: int) -> None:
@@ -155,7 +163,8 @@ class Loaders:
             self.set_train_size(image_size)
         elif image_size is not None and image_size != STORED_SIZE:
             raise FastCifarError("these loaders cannot resize train images")
-        return iter(self.train)
+        self.metadata.check_betons_unchanged()
+        return guarded_batches(self.train, "train")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,327 @@
+"""Machine faults end a run in one line and lose nothing: a full disk or an unwritable folder
+at each of a run's writes, out of memory, a dying loader, a beton changed under a run, and
+convert on a full disk. Faults are simulated at the one place every write goes through
+(`atomic._commit`), so no root or small filesystem is needed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import fastcifar.atomic as atomic_module
+from fastcifar.checkpoint import load_checkpoint, save_checkpoint, save_weights_file
+from fastcifar.cli import app
+from fastcifar.config import ConvertConfig
+from fastcifar.data.convert import METADATA, TEST_BETON, TRAIN_BETON, convert
+from fastcifar.errors import MACHINE_FAULT_EXIT, WriteFailed
+
+runner = CliRunner()
+NON_ESSENTIAL = ("best.safetensors", "training_curves.png")
+
+
+def train_arguments(data: Path, folder: Path) -> list[str]:
+    """A 2-epoch tiny run with a test pass (and so a best-weights save) after each epoch."""
+    return ["train", "--recipe", "fast", "--epochs", "2", "--batch-size", "24", "--data",
+            str(data), "--precision", "fp32", "--device", "cpu", "--workers", "1", "--no-tta",
+            "--eval-from-epoch", "1", "--seed", "3", "--out", str(folder / "runs"), "--weights",
+            str(folder / "w")]
+
+
+def fail_at_write(monkeypatch, number: int, code: int = errno.ENOSPC) -> list[Path]:
+    """Make the `number`-th write (1-based) fail with `code` once its temporary file is
+    written; returns the list of files written or attempted, in order."""
+    attempted: list[Path] = []
+    real_commit = atomic_module._commit
+
+    def commit(temporary: Path, final: Path) -> None:
+        attempted.append(final)
+        if len(attempted) == number:
+            assert temporary.stat().st_size > 0  # a half-written file exists at this point
+            raise OSError(code, os.strerror(code))
+        real_commit(temporary, final)
+
+    monkeypatch.setattr(atomic_module, "_commit", commit)
+    return attempted
+
+
+def kind(name: str) -> str:
+    """A written file's name without its run folder's time stamp."""
+    return name.split("-s3-")[-1]
+
+
+def epoch_rows(run_dir: Path) -> list[tuple]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return [(row["epoch"], row["train_loss"], row["test_accuracy"]) for row in metrics["epochs"]]
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def no_temporary_files(folder: Path) -> bool:
+    return not [path for path in folder.rglob("*") if path.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_dataset, tmp_path_factory) -> tuple[list[str], list[tuple]]:
+    """The writes of an uninterrupted run (file names, in order) and its epoch rows."""
+    folder = tmp_path_factory.mktemp("reference")
+    patch = pytest.MonkeyPatch()
+    attempted = fail_at_write(patch, number=0)
+    try:
+        result = runner.invoke(app, train_arguments(tiny_dataset, folder))
+    finally:
+        patch.undo()
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (folder / "runs").iterdir()
+    return [kind(path.name) for path in attempted], epoch_rows(run_dir)
+
+
+def test_the_reference_run_makes_every_kind_of_write(reference_run):
+    names = [kind(name) for name in reference_run[0]]
+    for expected in ("run.json", "last.pt", "metrics.json", "best.safetensors",
+                     "final.safetensors", "training_curves.png"):
+        assert expected in names, (expected, names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", range(1, 10))
+def test_disk_full_at_any_write_of_a_run_loses_nothing(tiny_dataset, tmp_path, monkeypatch,
+                                                       reference_run, number):
+    names, expected_rows = reference_run
+    if number > len(names):
+        pytest.skip(f"the run makes {len(names)} writes")
+    failing = names[number - 1]
+    attempted = fail_at_write(monkeypatch, number)
+    result = runner.invoke(app, train_arguments(tiny_dataset, tmp_path))
+    monkeypatch.undo()
+    assert kind(attempted[number - 1].name) == failing
+    assert no_temporary_files(tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    if failing.endswith(NON_ESSENTIAL):  # a warning; the run goes on to its end
+        assert result.exit_code == 0, result.output
+        assert f"could not write {attempted[number - 1]}: No space left on device" in (
+            result.stderr) and "training goes on" in result.stderr
+        assert epoch_rows(run_dir) == expected_rows
+        return
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert f"could not write {attempted[number - 1]}: No space left on device" in line
+    assert "Traceback" not in result.output
+    checkpoint = run_dir / "last.pt"
+    if not checkpoint.exists():
+        assert "no checkpoint was written yet" in line
+        return
+    epochs_done = load_checkpoint(checkpoint)["epoch"]  # the last intact one loads
+    assert f"--resume {checkpoint}" in line and f"(saved after epoch {epochs_done})" in line
+    resumed = runner.invoke(app, [*train_arguments(tiny_dataset, tmp_path), "--resume",
+                                  str(checkpoint)])
+    assert resumed.exit_code == 0, resumed.output
+    assert epoch_rows(run_dir) == expected_rows  # as if nothing had happened
+
+
+@pytest.mark.slow
+def test_a_run_folder_that_becomes_unwritable_mid_run_ends_in_one_line(tiny_dataset, tmp_path,
+                                                                       monkeypatch,
+                                                                       reference_run):
+    from fastcifar.progress import TableCallbacks
+
+    real_on_epoch = TableCallbacks.on_epoch
+
+    def take_the_folder_away(self, stats):  # after epoch 1 the run folder becomes a file
+        real_on_epoch(self, stats)
+        if stats.epoch == 1:
+            (run_dir,) = (tmp_path / "runs").iterdir()
+            shutil.move(run_dir, tmp_path / "saved")
+            run_dir.write_text("not a folder")
+
+    monkeypatch.setattr(TableCallbacks, "on_epoch", take_the_folder_away)
+    result = runner.invoke(app, train_arguments(tiny_dataset, tmp_path))
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert "its folder cannot be written" in line and "last.pt" in line
+    assert no_temporary_files(tmp_path / "saved")
+    assert load_checkpoint(tmp_path / "saved" / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.EIO])
+def test_every_errno_of_an_essential_write_names_its_cause(tiny_dataset, tmp_path, monkeypatch,
+                                                           code):
+    fail_at_write(monkeypatch, 1, code)  # run.json, before any checkpoint
+    result = runner.invoke(app, train_arguments(tiny_dataset, tmp_path))
+    assert result.exit_code == MACHINE_FAULT_EXIT
+    (line,) = error_lines(result)
+    assert f"run.json: {os.strerror(code)}" in line and "no checkpoint was written yet" in line
+
+
+def test_out_of_memory_ends_the_run_in_one_line_with_the_checkpoint_intact(
+        tiny_dataset, tmp_path, monkeypatch, reference_run):
+    from fastcifar.train import Run
+
+    real_step = Run.train_step
+
+    def step(self, images, labels, sums):
+        if self.steps == 7:  # inside epoch 2 (5 steps per epoch)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_step(self, images, labels, sums)
+
+    monkeypatch.setattr(Run, "train_step", step)
+    result = runner.invoke(app, train_arguments(tiny_dataset, tmp_path))
+    monkeypatch.undo()
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert "out of memory on cpu at --batch-size 24" in line and "--batch-size 12" in line
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f"--resume {run_dir / 'last.pt'}" in line
+    resumed = runner.invoke(app, [*train_arguments(tiny_dataset, tmp_path), "--resume",
+                                  str(run_dir / "last.pt")])
+    assert resumed.exit_code == 0, resumed.output
+    assert epoch_rows(run_dir) == reference_run[1]
+
+
+# The CLI in a child process whose FFCV pipeline raises at its 8th batch (epoch 2): a loader
+# that dies must end the run, never leave it waiting (the timeout below would catch a hang).
+DYING_LOADER = textwrap.dedent("""
+    import sys
+    from ffcv.loader.epoch_iterator import EpochIterator
+    real = EpochIterator.run_pipeline
+    calls = []
+    def run_pipeline(self, *args):
+        if self.loader.drop_last:  # the train loader
+            calls.append(1)
+            if len(calls) == 8:
+                raise ValueError("record 17 cannot be decoded")
+        return real(self, *args)
+    EpochIterator.run_pipeline = run_pipeline
+    from fastcifar.cli import app
+    sys.argv = ["fastcifar", *sys.argv[1:]]
+    app()
+""")
+
+
+@pytest.mark.slow
+def test_a_dying_loader_ends_the_run_in_one_line_and_keeps_the_checkpoint(tiny_dataset,
+                                                                           tmp_path):
+    finished = subprocess.run([sys.executable, "-c", DYING_LOADER,
+                               *train_arguments(tiny_dataset, tmp_path)[0:]],
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == MACHINE_FAULT_EXIT, finished.stdout + finished.stderr
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in finished.stderr, finished.stderr
+    assert ("the train loader stopped: ValueError: record 17 cannot be decoded" in lines[0]
+            and "(saved after epoch 1)" in lines[0])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+
+
+def test_a_beton_truncated_during_a_run_ends_it_in_one_line(tiny_dataset, tmp_path,
+                                                            monkeypatch):
+    from fastcifar.progress import TableCallbacks
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    real_on_epoch = TableCallbacks.on_epoch
+
+    def truncate_after_epoch_one(self, stats):
+        real_on_epoch(self, stats)
+        if stats.epoch == 1:
+            os.truncate(data / TRAIN_BETON, 4096)
+
+    monkeypatch.setattr(TableCallbacks, "on_epoch", truncate_after_epoch_one)
+    result = runner.invoke(app, train_arguments(data, tmp_path))
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert f"{data / TRAIN_BETON} changed while training" in line and "--resume" in line
+
+
+def test_weights_and_checkpoint_writers_report_a_failed_write_as_write_failed(tmp_path,
+                                                                              monkeypatch):
+    """The bytes go through Python's file objects, so ENOSPC mid-write is an OSError (not
+    safetensors' or torch's own error) and leaves no file."""
+    import builtins
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, handle) -> None:
+            self.handle, self.written = handle, 0
+
+        def write(self, data) -> int:
+            self.written += len(data)
+            if self.written > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.close()
+
+    def open_full(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        return FullDisk(handle) if "w" in mode and str(path).endswith(".tmp") else handle
+
+    monkeypatch.setattr(builtins, "open", open_full)
+    state = {"weight": torch.randn(64, 64)}
+    metadata = {"class_names": ["a"], "mean": [0.0] * 3, "std": [1.0] * 3, "logit_scale": 1.0,
+                "tta": "none"}
+    with pytest.raises(WriteFailed, match="w.safetensors: No space left on device"):
+        save_weights_file(tmp_path / "w.safetensors", state, metadata)
+    with pytest.raises(WriteFailed, match="last.pt: No space left on device"):
+        save_checkpoint(tmp_path / "last.pt", state)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_on_a_full_disk_refuses_before_writing_and_keeps_the_old_betons(
+        tiny_imagefolder, tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    convert(ConvertConfig(source=tiny_imagefolder, out_dir=out))
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(
+        10**9, 10**9 - 20_000_000, 20_000_000))  # 20 MB free: too little for 4 writers' pages
+    result = runner.invoke(app, ["convert", "--source", str(tiny_imagefolder), "--out",
+                                 str(out), "--force"])
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert f"not enough space in {out}" in line and "20 MB are free" in line
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
+@pytest.mark.parametrize("failing", [TRAIN_BETON, TEST_BETON, METADATA])
+def test_convert_disk_full_at_each_write_leaves_no_partial_output(tiny_imagefolder, tmp_path,
+                                                                  monkeypatch, failing):
+    order = [TRAIN_BETON, TEST_BETON, METADATA]
+    fail_at_write(monkeypatch, order.index(failing) + 1)
+    result = runner.invoke(app, ["convert", "--source", str(tiny_imagefolder), "--out",
+                                 str(tmp_path)])
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert f"could not write {tmp_path / failing}: No space left on device" in line
+    assert not (tmp_path / METADATA).exists() and no_temporary_files(tmp_path)
+
+
+def test_a_benchmark_report_on_a_full_disk_ends_in_one_line(tiny_dataset, tmp_path,
+                                                            monkeypatch):
+    fail_at_write(monkeypatch, 1)
+    report = tmp_path / "loader.json"
+    result = runner.invoke(app, ["benchmark", "loader", "--data", str(tiny_dataset),
+                                 "--batch-size", "24", "--passes", "1", "--no-jit-startup",
+                                 "--max-batches", "2", "--json", str(report)])
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert "could not write" in line and "No space left on device" in line
+    assert no_temporary_files(tmp_path)
