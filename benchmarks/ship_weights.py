@@ -22,17 +22,17 @@ from pathlib import Path
 import torch
 
 from fastcifar.checkpoint import read_weights_file, save_weights_file, without_machine_paths
-from fastcifar.config import Device, EvaluateConfig, LoaderConfig, Precision
+from fastcifar.config import TTA_MODES, Device, EvaluateConfig, LoaderConfig, Precision
 from fastcifar.evaluate import evaluate_weights
 
 
 def score_by_tta(weights: Path, data_dir: Path) -> dict[str, float]:
-    """Test accuracy of a weights file with no TTA, flip TTA and its stored TTA mode (CPU, fp32)."""
+    """Test accuracy of a weights file in each TTA mode (none, flip, multicrop; CPU, fp32)."""
     scores = {}
     with tempfile.TemporaryDirectory() as out_dir:
-        for tta in (False, True, None):  # None: the mode stored with the weights
+        for mode in TTA_MODES:
             report = evaluate_weights(EvaluateConfig(
-                weights=weights, loader=LoaderConfig(data_dir=data_dir), tta=tta,
+                weights=weights, loader=LoaderConfig(data_dir=data_dir), tta=mode,
                 out_dir=Path(out_dir), device=Device.cpu, precision=Precision.fp32))
             scores[report.tta_mode] = report.accuracy
     return scores

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastcifar.atomic import write_bytes
-from fastcifar.config import TrainConfig
+from fastcifar.config import TTA_MODES, TrainConfig
 from fastcifar.errors import FastCifarError
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
@@ -123,7 +123,6 @@ def restore_rng_state(state: dict) -> None:
 
 METADATA_KEY = "fastcifar"  # the safetensors header key holding the metadata as one JSON string
 WEIGHTS_FORMAT_VERSION = 1
-TTA_MODES = ("none", "flip", "multicrop")  # flip: image + mirror; multicrop: also 1-px shifts
 # What a reader needs to use the weights; everything else in the metadata is for people
 # (recipe, accuracy, epochs, data variant, commit, config, versions, hardware).
 REQUIRED_METADATA = ("class_names", "mean", "std", "logit_scale", "tta")

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from fastcifar.config import (
     NO_AUGMENT,
+    TTA_MODES,
     ConvertConfig,
     Device,
     LoaderConfig,
@@ -41,6 +42,7 @@ from fastcifar.train_options import (
     DATA,
     DEFAULT_RECIPE_NAME,
     OPTIMISATION,
+    OPTIMIZER_HELP,
     SYSTEM,
     DataOption,
     DeviceOption,
@@ -49,6 +51,7 @@ from fastcifar.train_options import (
     TestSubsetOption,
     TrainSubsetOption,
     WorkersOption,
+    optimizer_rule,
     with_train_options,
 )
 
@@ -136,6 +139,10 @@ def train(
 # ---------------------------------------------------------------- lr-find
 
 
+# The --tta choices of evaluate: config.TTA_MODES.
+TTAMode = StrEnum("TTAMode", {name: name for name in TTA_MODES})
+
+
 class SweepMode(StrEnum):
     exp = "exp"
     linear = "linear"
@@ -155,8 +162,8 @@ def lr_find(
                                           rich_help_panel=OPTIMISATION)] = 10.0,
     mode: Annotated[SweepMode, typer.Option(help="How the LR grows per step.",
                                             rich_help_panel=OPTIMISATION)] = SweepMode.exp,
-    optimizer: Annotated[OptimizerName | None, typer.Option(help="adam or sgd (default: the "
-                         "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    optimizer: Annotated[OptimizerName | None, typer.Option(help=OPTIMIZER_HELP,
+                         rich_help_panel=OPTIMISATION)] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
                             "recipe's).", rich_help_panel=OPTIMISATION)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step; the suggestion is for "
@@ -186,8 +193,7 @@ def lr_find(
                          train_subset=train_subset)
     changes = {key: value for key, value in {"optimizer": optimizer,
                "weight_decay": weight_decay}.items() if value is not None}
-    if optimizer not in (None, OptimizerName.sgd):
-        changes["muon_lr"] = 0.0  # Muon pairs with SGD only; the sweep never runs it anyway
+    changes.update(optimizer_rule(optimizer, None))
     train_config = run_command(dataclasses.replace, base, loader=loader, augment=base.augment
                                if augment else NO_AUGMENT, device=device, precision=precision,
                                channels_last=channels_last, seed=seed, **changes)
@@ -236,9 +242,9 @@ def summary(
 def evaluate(
     weights: Annotated[Path, typer.Argument(help="A .safetensors weights file written by "
                                                "train.")],
-    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Average each image's "
-                   "logits with its mirror's (default: the mode stored with the weights).",
-                   show_default=False)] = None,
+    tta: Annotated[TTAMode | None, typer.Option(help="Test-time augmentation: none, flip "
+                   "(the image and its mirror) or multicrop (also 1-px shifts, 6 passes). "
+                   "Default: the mode stored with the weights.", show_default=False)] = None,
     data: DataOption = Path("datasets"),
     test_subset: TestSubsetOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.",
@@ -255,7 +261,8 @@ def evaluate(
 
     loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,
                          test_subset=test_subset)
-    config = run_command(EvaluateConfig, weights=weights, loader=loader, tta=tta, out_dir=out,
+    config = run_command(EvaluateConfig, weights=weights, loader=loader,
+                         tta=tta.value if tta else None, out_dir=out,
                          device=device, precision=precision)
     print_evaluation(run_command(evaluate_weights, config))
 

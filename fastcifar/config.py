@@ -336,10 +336,27 @@ RECIPES: dict[str, TrainConfig] = {"seed": SEED, "fast": FAST, "express": EXPRES
 DEFAULT_RECIPE = "express-progressive"
 
 
+# Settings that follow the epoch budget, per recipe, as data: rows of (from this many epochs,
+# changes in `replace_nested` form). `recipe(name, epochs=N)` applies every row that N reaches,
+# in order; a budget below the first row keeps the recipe as written above.
+BUDGET_SETTINGS: dict[str, tuple[tuple[int, dict[str, object]], ...]] = {}
+
+
 def recipe(name: str, **overrides: object) -> TrainConfig:
-    """A named recipe with some settings replaced (nested `loader`/`augment` configs included)."""
+    """A named recipe at its budget (`epochs`, default 24) with the budget's settings
+    (BUDGET_SETTINGS), then `overrides` replacing settings (nested configs included)."""
     _require(name in RECIPES, f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    return dataclasses.replace(RECIPES[name], **overrides)
+    return dataclasses.replace(at_budget(name, overrides.get("epochs", RECIPES[name].epochs)),
+                               **overrides)
+
+
+def at_budget(name: str, epochs: int) -> TrainConfig:
+    """Recipe `name` with the BUDGET_SETTINGS rows that an `epochs`-epoch run reaches."""
+    config = RECIPES[name]
+    for from_epochs, changes in BUDGET_SETTINGS.get(name, ()):
+        if epochs >= from_epochs:
+            config = replace_nested(config, **changes)
+    return config
 
 
 def replace_nested(config: TrainConfig, **changes: object) -> TrainConfig:
@@ -366,7 +383,7 @@ class LrFindConfig:
     augmentation, loader, device, precision and seed are used as they are; only the LR is swept.
     """
 
-    train: TrainConfig = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])
+    train: TrainConfig = field(default_factory=lambda: recipe(DEFAULT_RECIPE))
     start_lr: float = 1e-7
     end_lr: float = 10.0
     iterations: int = 200
@@ -379,13 +396,18 @@ class LrFindConfig:
         _require(self.mode in ("exp", "linear"), f"mode must be exp or linear, got {self.mode}")
 
 
+# Test-time augmentation modes, as weights files store them: none; flip (the image and its
+# mirror); multicrop (both, plus the 1-px up-left and down-right shifts: 6 passes).
+TTA_MODES = ("none", "flip", "multicrop")
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Settings of `fastcifar evaluate`: score saved best weights on the test set."""
 
     weights: Path  # a weights file (.safetensors) written by training
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # data_dir, batch size, test_subset
-    tta: bool | None = None  # average the logits of each image and its mirror; None: as stored
+    tta: str | None = None  # one of TTA_MODES; None: the mode stored with the weights
     out_dir: Path | None = None  # None: a `<weights name>-eval` folder beside the weights
     device: Device = Device.auto
     precision: Precision = Precision.auto
@@ -394,6 +416,8 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
+        _require(self.tta is None or self.tta in TTA_MODES,
+                 f"TTA mode must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
         _require(self.misclassified_count >= 0, "misclassified count must be >= 0")
 
     @property
@@ -434,7 +458,7 @@ class TimeToAccuracyConfig:
     """Settings of `fastcifar benchmark time-to-accuracy`; `train` defaults to the default
     recipe, as the command's does."""
 
-    train: TrainConfig = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])
+    train: TrainConfig = field(default_factory=lambda: recipe(DEFAULT_RECIPE))
     targets: tuple[float, ...] = (0.90,)
     runs: int = 1  # seeds train.seed .. train.seed + runs - 1
     stop_at_target: bool = False  # stop each run once the highest target is reached

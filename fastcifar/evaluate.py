@@ -78,7 +78,7 @@ class EvaluationReport:
     count: int  # test images scored
     tta: bool
     tta_mode: str  # none, flip or multicrop
-    tta_from_weights: bool  # the TTA mode stored with the weights (no --tta/--no-tta given)
+    tta_from_weights: bool  # the TTA mode stored with the weights (no --tta given)
     trained_accuracy: float | None  # what training recorded for these weights
     epoch: float | None  # fractional when the best pass fell inside an epoch
     misclassified: list[dict]  # the shown ones: test index, true and predicted class
@@ -187,7 +187,7 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
     plan = plan_precision(config.precision, device)
     model = model_from_weights(checkpoint, device, config.channels_last)
     # The TTA mode the weights were trained and reported with, unless the user chose one.
-    tta, shifts = tta_flags(checkpoint["tta"]) if config.tta is None else (config.tta, False)
+    tta, shifts = tta_flags(config.tta or checkpoint["tta"])
     # The normalisation the weights were trained with, as saved beside them.
     device_step = DeviceStep(checkpoint["mean"], checkpoint["std"], device, config.channels_last)
     loader = make_loader(metadata.test_path, test_pipeline(), config.loader, train=False,

@@ -54,6 +54,18 @@ RecipeName = StrEnum("RecipeName", {name: name for name in RECIPES})
 DEFAULT_RECIPE_NAME = RecipeName(DEFAULT_RECIPE)
 
 
+OPTIMIZER_HELP = ("adam or sgd (default: the recipe's). adam trains every parameter with Adam, "
+                  "so on a Muon recipe it turns Muon off.")
+
+
+def optimizer_rule(optimizer: OptimizerName | None, muon_lr: float | None) -> dict:
+    """The one rule for --optimizer on a Muon recipe, in train and lr-find alike: Muon pairs
+    with SGD only, so Adam turns it off, unless --muon-lr asks for it (refused by the config)."""
+    if optimizer not in (None, OptimizerName.sgd) and muon_lr is None:
+        return {"muon_lr": 0.0}
+    return {}
+
+
 def _torchrun_environment() -> tuple[bool, int]:
     """(distributed?, local rank) from the variables torchrun sets."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -74,8 +86,8 @@ def build_train_config(
     batch_size: Annotated[int | None, typer.Option(help="Images per step (default 512); under "
                           "torchrun per process, and the LR is not rescaled for the total.",
                           rich_help_panel=OPTIMISATION)] = None,
-    optimizer: Annotated[OptimizerName | None, typer.Option(help="adam or sgd (default: the "
-                         "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    optimizer: Annotated[OptimizerName | None, typer.Option(help=OPTIMIZER_HELP,
+                         rich_help_panel=OPTIMISATION)] = None,
     max_lr: Annotated[float | None, typer.Option(help="Peak LR of OneCycle, or 'auto' to run the "
                       "LR range test first (default: the recipe's). With Muon (express-muon, "
                       "express-progressive) it moves the SGD groups only (BN shifts, head): "
@@ -207,7 +219,7 @@ def build_train_config(
 
     Its parameters are also the train options of `train` and `benchmark time-to-accuracy`
     (see `with_train_options`), so they are declared once."""
-    base = recipe(recipe_name.value)
+    base = recipe(recipe_name.value, **({} if epochs is None else {"epochs": epochs}))
     distributed, local_rank = _torchrun_environment()
     changes: dict[str, object] = {
         key: value for key, value in {
@@ -223,6 +235,7 @@ def build_train_config(
             "train_size_ramp": train_size_ramp,
         }.items() if value is not None
     }
+    changes.update(optimizer_rule(optimizer, muon_lr))
     if momentum is not None and (base.cycle_momentum or changes.get(
             "optimizer", base.optimizer) != OptimizerName.sgd):
         raise FastCifarError("--momentum sets SGD's fixed momentum: this run uses Adam or "

@@ -138,6 +138,16 @@ def test_train_options_that_would_be_ignored_or_break_the_run_are_refused(monkey
     assert built_train_config(monkeypatch, "--recipe", "fast", "--momentum", "0.8").momentum == 0.8
 
 
+def test_adam_on_a_muon_recipe_trains_without_muon_as_lr_find_sweeps_it(monkeypatch):
+    from fastcifar.config import DEFAULT_RECIPE, RECIPES, OptimizerName
+
+    assert RECIPES[DEFAULT_RECIPE].muon_lr > 0
+    adam = built_train_config(monkeypatch, "--optimizer", "adam")
+    assert adam.optimizer == OptimizerName.adam and adam.muon_lr == 0
+    both = runner.invoke(app, ["train", "--optimizer", "adam", "--muon-lr", "0.2"])
+    assert both.exit_code == 1 and "Muon pairs with SGD" in both.output
+
+
 def test_train_help_says_what_options_do_where_it_is_not_obvious():
     import typer.main
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fastcifar.checkpoint import read_weights_file, save_weights_file
 from fastcifar.cli import app
 from fastcifar.config import Device, EvaluateConfig, LoaderConfig, Precision
-from fastcifar.data.loaders import read_metadata
+from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.data.sources import read_source
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluate import (
@@ -48,19 +48,27 @@ def tiny_weights(tiny_dataset, tmp_path_factory):
                               tiny_dataset)
 
 
-def direct_predictions(weights_path, images: np.ndarray, tta: bool) -> np.ndarray:
-    """Predictions straight from the model on the source arrays: no loader, no channels-last."""
+def direct_predictions(weights_path, images: np.ndarray, mode: str) -> np.ndarray:
+    """Predictions straight from the model on (N, 32, 32, 3) uint8 arrays, in TTA `mode`
+    (none, flip or multicrop): no loader, no channels-last, the shifts written out."""
     state, saved = read_weights_file(weights_path)
-    model = CustResNet(num_classes=3, logit_scale=LOGIT_SCALE)
+    model = CustResNet(num_classes=len(saved["class_names"]), logit_scale=saved["logit_scale"])
     model.load_state_dict(state)
     model.eval()
     mean = torch.tensor(saved["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(saved["std"]).view(1, 3, 1, 1)
     inputs = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - mean) / std
+
+    def scored(batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch)
+        return (logits + model(batch.flip(3))) / 2 if mode != "none" else logits
+
     with torch.no_grad():
-        logits = model(inputs)
-        if tta:
-            logits = (logits + model(inputs.flip(3))) / 2
+        logits = scored(inputs)
+        if mode == "multicrop":  # moved 1 px up-left and 1 px down-right, reflected border
+            padded = torch.nn.functional.pad(inputs, (1, 1, 1, 1), mode="reflect")
+            logits = (0.5 * logits + 0.25 * scored(padded[:, :, 2:, 2:])
+                      + 0.25 * scored(padded[:, :, :-2, :-2]))
     return logits.argmax(1).numpy()
 
 
@@ -71,14 +79,15 @@ def evaluate_config(weights, data_dir, out_dir, **changes) -> EvaluateConfig:
                           **changes)
 
 
-@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("mode", ["none", "flip", "multicrop"])
 def test_accuracy_equals_a_direct_computation(tiny_weights, tiny_dataset, tiny_imagefolder,
-                                              tmp_path, tta):
-    report = evaluate_weights(evaluate_config(tiny_weights, tiny_dataset, tmp_path, tta=tta))
+                                              tmp_path, mode):
+    report = evaluate_weights(evaluate_config(tiny_weights, tiny_dataset, tmp_path, tta=mode))
+    assert report.tta_mode == mode and not report.tta_from_weights
     test = read_source(tiny_imagefolder).test  # the arrays convert wrote, in the same order
-    predictions = direct_predictions(tiny_weights, test.images, tta)
-    other_mode = direct_predictions(tiny_weights, test.images, not tta)
-    assert (predictions != other_mode).sum() >= 3  # the modes differ: the checks have teeth
+    predictions = direct_predictions(tiny_weights, test.images, mode)
+    for other in {"none", "flip", "multicrop"} - {mode}:  # the modes differ: checks have teeth
+        assert (predictions != direct_predictions(tiny_weights, test.images, other)).sum() >= 2
     assert report.count == len(test.labels) == 60
     assert report.accuracy == pytest.approx(float((predictions == test.labels).mean()))
     expected = confusion_matrix(test.labels, predictions, 3)
@@ -105,21 +114,24 @@ def test_outputs_are_figures_and_a_json_of_the_same_figures(tiny_weights, tiny_d
     assert saved["trained_accuracy"] == 0.5 and saved["epoch"] == 2
 
 
-@pytest.mark.parametrize("stored", ["none", "flip"])
+@pytest.mark.parametrize("stored", ["none", "flip", "multicrop"])
 def test_tta_mode_stored_with_the_weights_is_the_default(tiny_dataset, tiny_imagefolder,
                                                          tmp_path, stored):
     weights = write_tiny_weights(tmp_path / f"{stored}.safetensors", tiny_dataset, tta=stored)
     report = evaluate_weights(evaluate_config(weights, tiny_dataset, tmp_path / "a"))
-    assert report.tta is (stored == "flip") and report.tta_from_weights
+    assert report.tta_mode == stored and report.tta_from_weights
     test = read_source(tiny_imagefolder).test
-    expected = direct_predictions(weights, test.images, tta=stored == "flip")
-    other = direct_predictions(weights, test.images, tta=stored != "flip")
-    assert (expected != other).sum() >= 3  # the modes differ: the mode that ran shows
+    expected = direct_predictions(weights, test.images, stored)
+    for other in {"none", "flip", "multicrop"} - {stored}:  # the mode that ran shows
+        assert (expected != direct_predictions(weights, test.images, other)).sum() >= 2
     assert report.confusion_matrix == confusion_matrix(test.labels, expected, 3).tolist()
     assert report.accuracy == pytest.approx(float((expected == test.labels).mean()))
+    asked = "none" if stored != "none" else "multicrop"
     overridden = evaluate_weights(evaluate_config(weights, tiny_dataset, tmp_path / "b",
-                                                  tta=stored != "flip"))
-    assert overridden.tta is (stored != "flip") and not overridden.tta_from_weights
+                                                  tta=asked))
+    assert overridden.tta_mode == asked and not overridden.tta_from_weights
+    with pytest.raises(FastCifarError, match="TTA mode must be one of none, flip, multicrop"):
+        evaluate_config(weights, tiny_dataset, tmp_path / "c", tta="shifts")
 
 
 def test_selection_keeps_only_images_whose_prediction_is_wrong():
@@ -168,9 +180,9 @@ def test_evaluate_command_prints_accuracy_and_writes_beside_the_weights(tiny_wei
                                                                        tiny_dataset):
     result = CliRunner().invoke(app, ["evaluate", str(tiny_weights), "--data", str(tiny_dataset),
                                       "--device", "cpu", "--batch-size", "32", "--workers", "1",
-                                      "--tta"])
+                                      "--tta", "multicrop"])
     assert result.exit_code == 0, result.output
-    assert "test accuracy" in result.output and "flip TTA as asked" in result.output
+    assert "test accuracy" in result.output and "multicrop TTA as asked" in result.output
     assert (tiny_weights.parent / "tiny-best-eval" / "evaluation.json").is_file()
     missing = CliRunner().invoke(app, ["evaluate", "nowhere.pt"])
     assert missing.exit_code == 1 and "weights file not found" in missing.output
@@ -190,17 +202,25 @@ def test_shipped_weights_score_their_recorded_accuracy_on_the_real_test_set(real
     # All 10,000 test images with no TTA (one pass, ~1 min on 2 cores) to 0.1 point: broken
     # weights, colour order, normalisation or logit scale land far outside.
     plain = evaluate_weights(EvaluateConfig(
-        weights=SHIPPED_WEIGHTS, out_dir=tmp_path / "plain", tta=False, device=Device.cpu,
+        weights=SHIPPED_WEIGHTS, out_dir=tmp_path / "plain", tta="none", device=Device.cpu,
         precision=Precision.fp32, loader=LoaderConfig(data_dir=real_dataset)))
     assert plain.count == 10_000 and plain.tta_mode == "none"
     assert abs(plain.accuracy - recorded["none"]) <= 0.001, plain.accuracy
-    # By default the stored TTA mode (6 passes) is used: the first 1,000 images, where 3 points
-    # is 3.5 standard errors at ~92% (all 10,000 would take minutes on the CI's 2 cores).
+    # By default the stored TTA mode (6 passes) is used. On the first 500 images its confusion
+    # matrix is the direct multi-crop computation's; flip-only moves 6 counts there, no TTA 26.
     stored = evaluate_weights(EvaluateConfig(
-        weights=SHIPPED_WEIGHTS, out_dir=tmp_path / "stored",
-        loader=LoaderConfig(data_dir=real_dataset, test_subset=1000)))
-    assert stored.count == 1000 and stored.tta_mode == metadata["tta"] == "multicrop"
-    assert abs(stored.accuracy - recorded["multicrop"]) <= 0.03, stored.accuracy
+        weights=SHIPPED_WEIGHTS, out_dir=tmp_path / "stored", device=Device.cpu,
+        precision=Precision.fp32, loader=LoaderConfig(data_dir=real_dataset, test_subset=500)))
+    assert stored.count == 500 and stored.tta_mode == metadata["tta"] == "multicrop"
+    loader = make_loader(read_metadata(real_dataset).test_path, test_pipeline(),
+                         LoaderConfig(data_dir=real_dataset, batch_size=500), False,
+                         np.arange(500), 0)
+    images, labels = next(iter(loader))
+    images, labels = images.permute(0, 2, 3, 1).contiguous().numpy(), labels.numpy()
+    matrices = {mode: confusion_matrix(labels, direct_predictions(SHIPPED_WEIGHTS, images, mode),
+                                       10) for mode in ("none", "flip", "multicrop")}
+    assert stored.confusion_matrix == matrices["multicrop"].tolist()
+    assert matrices["flip"].tolist() != matrices["multicrop"].tolist()  # the check has teeth
 
 
 def test_ship_weights_stores_fp16_and_the_files_own_scores_by_tta_mode(tiny_dataset, tmp_path,
