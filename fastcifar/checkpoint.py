@@ -372,7 +372,8 @@ def run_state(model: torch.nn.Module, optimizers: Optimizers, scaler: torch.amp.
 
 
 # Settings that may differ between a run and its resumption (they do not change the maths).
-_RESUMABLE_DIFFERENCES = {"resume", "out_dir", "weights_dir", "make_plots", "stop_at_accuracy",
+_RESUMABLE_DIFFERENCES = {"resume", "out_dir", "weights_dir", "make_plots", "tensorboard",
+                          "stop_at_accuracy",
                           "local_rank", "device", "eval_every_steps", "eval_steps_epochs",
                           "eval_from_epoch"}
 

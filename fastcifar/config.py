@@ -198,6 +198,7 @@ class TrainConfig:
     # costs about 130 s, a third of a bf16 epoch, and a run needs only its final accuracy.
     eval_from_epoch: int | None = None
     make_plots: bool = True
+    tensorboard: bool = True  # event files in the run folder (needs the tensorboard package)
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"epochs must be positive, got {self.epochs}")

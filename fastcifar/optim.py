@@ -30,12 +30,15 @@ def parameter_groups(model: nn.Module, config: TrainConfig,
     rest = [p for p in trainable if not (id(p) in shifts and scale != 1.0)]
     decayed = [p for p in rest if p.ndim > 1 or config.decay_norm]
     plain = [p for p in rest if p.ndim <= 1 and not config.decay_norm]
-    groups = [{"params": decayed, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay, "lr_scale": 1.0,
+               "name": "weights"}]
     if plain:
-        groups.append({"params": plain, "weight_decay": 0.0, "lr_scale": 1.0})
+        groups.append({"params": plain, "weight_decay": 0.0, "lr_scale": 1.0,
+                       "name": "norm"})
     if shift_group:
         decay = config.weight_decay / scale if config.decay_norm else 0.0
-        groups.append({"params": shift_group, "weight_decay": decay, "lr_scale": scale})
+        groups.append({"params": shift_group, "weight_decay": decay, "lr_scale": scale,
+                       "name": "bn_shifts"})
     return [group for group in groups if group["params"]]
 
 
@@ -148,6 +151,16 @@ class Optimizers:
     def lr(self) -> float:
         """The LR the next step uses (the main optimiser's first group)."""
         return self.main.param_groups[0]["lr"]
+
+    def group_lrs(self) -> dict[str, float]:
+        """The LR the next step uses in each parameter group, by name (`sgd/weights`,
+        `sgd/bn_shifts`, ..., `muon/filters`)."""
+        kind = type(self.main).__name__.lower()
+        lrs = {f"{kind}/{group.get('name', index)}": group["lr"]
+               for index, group in enumerate(self.main.param_groups)}
+        if self.muon is not None:
+            lrs["muon/filters"] = self.muon.param_groups[0]["lr"]
+        return lrs
 
     def zero_grad(self) -> None:
         self.main.zero_grad(set_to_none=True)

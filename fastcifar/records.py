@@ -3,7 +3,9 @@ that the loop writes and checkpoints, reports and benchmarks read."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import csv
+import io
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,17 @@ class Evaluation:
     train_seconds: float  # training time before it, all epochs so far
     eval_seconds: float  # evaluation time up to its end, itself included
     holdout_accuracy: float | None = None  # on the held-out train images (--holdout)
+
+
+def epochs_csv(history: list[EpochStats]) -> str:
+    """The per-epoch rows as CSV (a header of EpochStats' field names; empty cells where an
+    epoch had no test pass), for spreadsheets."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, [field.name for field in fields(EpochStats)],
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(asdict(row) for row in history)
+    return text.getvalue()
 
 
 def epoch_end_evaluations(history: list[EpochStats]) -> list[Evaluation]:

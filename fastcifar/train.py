@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from fastcifar.atomic import write_json
+from fastcifar.atomic import write_json, write_text
 from fastcifar.checkpoint import (
     CHECKPOINT_KEYS,
     check_resume_compatible,
@@ -54,8 +54,9 @@ from fastcifar.errors import FastCifarError, MachineFault
 from fastcifar.evaluate import evaluate_loader, predict_logits
 from fastcifar.model import build_model, plain_state_dict
 from fastcifar.optim import Lookahead, Optimizers
-from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations
+from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations, epochs_csv
 from fastcifar.run_faults import RunFaults
+from fastcifar.run_log import TensorBoardLog
 
 __all__ = ["EpochStats", "Evaluation", "Run", "TrainCallbacks", "TrainResult",
            "TrainingInterrupted", "epoch_end_evaluations", "train", "train_epochs"]
@@ -199,6 +200,8 @@ class Run:
         self.last_checkpoint = self.run_dir / "last.pt"
         self.faults = RunFaults(Path(config.resume) if resume_state is not None else None,
                                 self.start_epoch, config.loader.batch_size, device)
+        self.log = TensorBoardLog(self.run_dir, self.record, self.steps,
+                                  enabled=config.tensorboard and distributed.is_main)
         if resume_state is not None and self.best_weights.exists():
             # An in-epoch pass may have saved better weights after the checkpoint resumed
             # from (a hard crash loses its update): never replace them with worse ones.
@@ -298,6 +301,7 @@ class Run:
             loss = self.criterion(logits, labels)
         self.scaler.scale(loss).backward()  # the scale is 1 unless fp16
         self.lr_per_step.append(self.optimizers.lr)  # the LR this step used
+        group_lrs = self.optimizers.group_lrs() if self.log.enabled else {}
         self.optimizers.step(self.scaler)
         self.scaler.update()
         self.optimizers.schedule_step()
@@ -307,6 +311,7 @@ class Run:
         if self.lookahead is not None:
             self.lookahead.after_step(self.model, self.steps)
         sums.add(loss, logits, labels)
+        self.log.step(self.steps, loss, group_lrs, len(labels))
 
     # ------------------------------------------------------------ evaluations and records
 
@@ -324,8 +329,10 @@ class Run:
                                 clock.evaluated_before + clock.eval_seconds,
                                 self._score_holdout())
         self.evaluations.append(evaluation)
+        self.log.evaluation(evaluation)
         self._keep_if_best(evaluation)
         self.trained_model.train()
+        self.log.pause()
         clock.restart()
         return evaluation
 
@@ -373,16 +380,19 @@ class Run:
         self.history.append(stats)
         self.save_checkpoint(epoch + 1)
         self.write_metrics()
+        self.log.flush_steps()
         return stats
 
     def write_metrics(self, **extra: object) -> None:
-        """`metrics.json`: every epoch row and test pass so far (rank 0 writes it)."""
+        """`metrics.json`, and `metrics.csv` for spreadsheets: every epoch row and test pass so
+        far (rank 0 writes them)."""
         if self.distributed.is_main:
             write_json(self.run_dir / "metrics.json",
                        {"epochs": [asdict(row) for row in self.history],
                         "evaluations": [asdict(row) for row in self.evaluations],
                         "warmup_seconds": self.warmup_seconds,
                         "best_accuracy": self.best_accuracy, **extra})
+            write_text(self.run_dir / "metrics.csv", epochs_csv(self.history))
 
     def evaluates_at_end(self, epoch: int) -> bool:
         """Whether epoch `epoch` (0-based) ends with a test pass: from --eval-from-epoch on
@@ -474,14 +484,17 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     _check_steps(config, len(loaders.train))
     run = Run(config, loaders, device, plan, distributed, callbacks, resume_state)
     with run.faults.end_in_one_line():
-        if distributed.is_main:
-            write_json(run.run_dir / "run.json", run.record)
-        callbacks.on_train_start(config, run.steps_per_epoch, device, run.record["precision"],
-                                 run.run_dir)
-        # Every rank traps the signals; under torchrun they agree on the step to stop at.
-        with stop_on_signals(handle_signals) as stop:
-            reached = train_epochs(run, stop)
-        return run.finish(reached)
+        try:
+            if distributed.is_main:
+                write_json(run.run_dir / "run.json", run.record)
+            callbacks.on_train_start(config, run.steps_per_epoch, device,
+                                     run.record["precision"], run.run_dir)
+            # Every rank traps the signals; under torchrun they agree on the step to stop at.
+            with stop_on_signals(handle_signals) as stop:
+                reached = train_epochs(run, stop)
+            return run.finish(reached)
+        finally:
+            run.log.close()
 
 
 def train_epochs(run: Run, stop: StopRequest) -> bool:

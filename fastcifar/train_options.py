@@ -193,6 +193,10 @@ def build_train_config(
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile "
                              "the model.", rich_help_panel=SYSTEM)] = False,
     workers: WorkersOption = 0,
+    tensorboard: Annotated[bool, typer.Option(help="TensorBoard event files in the run folder "
+                           "(`tensorboard --logdir runs`): per-step loss, LR per group, "
+                           "images/s; per test pass loss and accuracy.",
+                           rich_help_panel=SYSTEM)] = True,
     eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
                                 "inside the last --eval-steps-epochs epochs (below the steps of an "
                                 "epoch); 0 = at epoch ends only.", rich_help_panel=SYSTEM)] = 0,
@@ -257,6 +261,7 @@ def build_train_config(
     return dataclasses.replace(
         base, loader=loader, augment=augment_config, device=device, precision=precision,
         channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
+        tensorboard=tensorboard,
         local_rank=local_rank, eval_every_steps=eval_every_steps,
         eval_steps_epochs=eval_steps_epochs, eval_from_epoch=eval_from_epoch, **changes)
 

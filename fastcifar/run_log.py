@@ -1,0 +1,109 @@
+"""TensorBoard event files in the run folder, so `tensorboard --logdir runs` shows every run:
+per step the train loss, the LR of each parameter group (Muon's included) and images/s; per
+test pass the test loss and accuracy and the held-out accuracy; the config as text.
+
+The per-step losses stay on the device until the epoch ends (one host sync per epoch, as the
+loop itself). The event files are non-essential: without the tensorboard package, or after a
+failed write, the run warns once and goes on without them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fastcifar.records import Evaluation
+from fastcifar.terminal import warnings_console
+
+
+class TensorBoardLog:
+    """One run's event writer (rank 0 only); `enabled` is False once it cannot write."""
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, enabled: bool = True
+                 ) -> None:
+        self.writer = None
+        self.pending: list[tuple[int, torch.Tensor, dict[str, float], float]] = []
+        self.last_step_end: float | None = None
+        if not enabled:  # --no-tensorboard, or a rank other than 0
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings_console.print("[yellow]warning:[/yellow] the tensorboard package is not "
+                                   "installed: no event files (pip install "
+                                   "'fastcifar[tensorboard]')", soft_wrap=True)
+            return
+        # purge_step: a resumed run drops what the interrupted sitting logged after its checkpoint.
+        self._guard(lambda: self._open(SummaryWriter, run_dir, config, first_step))
+
+    def _open(self, writer_class, run_dir: Path, config: dict, first_step: int) -> None:
+        self.writer = writer_class(log_dir=str(run_dir), purge_step=first_step or None)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str)
+                             + "\n```", global_step=first_step)
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def step(self, step: int, loss: torch.Tensor, lrs: dict[str, float], images: int) -> None:
+        """Keep step `step`'s loss (on the device), the LRs it used and its images/s."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = images / (now - self.last_step_end) if self.last_step_end is not None else 0.0
+        self.last_step_end = now
+        self.pending.append((step, loss.detach(), lrs, rate))
+
+    def pause(self) -> None:
+        """Time off the train clock (a test pass) does not count against the next step."""
+        self.last_step_end = None
+
+    def flush_steps(self) -> None:
+        """Write the pending steps' scalars: one host sync for all their losses."""
+        if not self.enabled or not self.pending:
+            return
+        losses = torch.stack([loss.float() for _, loss, _, _ in self.pending]).tolist()
+        pending, self.pending = self.pending, []
+
+        def write() -> None:
+            for (step, _, lrs, rate), loss in zip(pending, losses, strict=True):
+                self.writer.add_scalar("train/loss", loss, step)
+                for group, lr in lrs.items():
+                    self.writer.add_scalar(f"lr/{group}", lr, step)
+                if rate > 0:
+                    self.writer.add_scalar("train/images_per_second", rate, step)
+
+        self._guard(write)
+
+    def evaluation(self, evaluation: Evaluation) -> None:
+        """A test pass at its step: test loss and accuracy, and held-out accuracy if any."""
+        if not self.enabled:
+            return
+
+        def write() -> None:
+            self.writer.add_scalar("test/loss", evaluation.test_loss, evaluation.steps)
+            self.writer.add_scalar("test/accuracy", evaluation.test_accuracy, evaluation.steps)
+            if evaluation.holdout_accuracy is not None:
+                self.writer.add_scalar("holdout/accuracy", evaluation.holdout_accuracy,
+                                       evaluation.steps)
+
+        self._guard(write)
+
+    def close(self) -> None:
+        """Write what is pending and close the files (also after an error)."""
+        if not self.enabled:
+            return
+        self.flush_steps()
+        self._guard(self.writer.close)
+        self.writer = None
+
+    def _guard(self, write) -> None:
+        try:
+            write()
+        except OSError as error:
+            warnings_console.print(f"[yellow]warning:[/yellow] TensorBoard event files could "
+                                   f"not be written ({error.strerror or error}); training goes "
+                                   "on without them", soft_wrap=True)
+            self.writer = None
