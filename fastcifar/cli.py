@@ -274,8 +274,9 @@ def evaluate(
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...) or "
                      "folders of them.", show_default=False)],
-    weights: Annotated[Path | None, typer.Option(help="A .safetensors weights file from train "
-                       "(default: the shipped weights/custresnet-cifar10.safetensors).",
+    weights: Annotated[Path | None, typer.Option(help="A .safetensors weights file from train, "
+                       "or an .onnx file from export (run by onnxruntime); default: the "
+                       "shipped weights/custresnet-cifar10.safetensors.",
                        show_default=False)] = None,
     top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -293,6 +294,38 @@ def predict(
     print_predictions(report, json_output)
     if report.problems:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    weights: Annotated[Path, typer.Argument(help="A .safetensors weights file written by "
+                                               "train.")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="The ONNX file to write (uint8 NCHW "
+                    "images in, logits out; batch axis dynamic).")],
+    tta: Annotated[TTAMode | None, typer.Option(help="TTA built into the graph (default: the "
+                   "mode stored with the weights).", show_default=False)] = None,
+    data: DataOption = Path("datasets"),
+    check: Annotated[int, typer.Option(help="Check the graph against PyTorch on this many test "
+                     "images with onnxruntime (skipped without converted data); 0 = no "
+                     "check.")] = 1000,
+) -> None:
+    """Export weights to ONNX with normalisation and TTA inside; class names, mean/std and the
+    TTA mode in its metadata. `predict --weights OUT.onnx` runs it with onnxruntime."""
+    from fastcifar.config import ExportConfig
+    from fastcifar.export import export_onnx
+
+    config = run_command(ExportConfig, weights=weights, out=onnx,
+                         tta=tta.value if tta else None, data_dir=data, check_images=check)
+    report = run_command(export_onnx, config)
+    checked = (f"; checked on {report.checked_images:,} test images: largest logit difference "
+               f"{report.max_logit_difference:.1e}, same top-1 on "
+               f"{report.top1_agreement:.2%}" if report.checked_images else
+               "; not checked (no converted data)")
+    console.print(f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {report.tta} TTA in the "
+                  f"graph){checked}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- show-augment

@@ -455,6 +455,27 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """Settings of `fastcifar export`: a weights file as an ONNX graph (uint8 images in,
+    logits out), checked against PyTorch with onnxruntime on the first test images."""
+
+    weights: Path  # a weights file (.safetensors) written by training
+    out: Path  # the .onnx file to write
+    tta: str | None = None  # one of TTA_MODES, built into the graph; None: the stored mode
+    data_dir: Path = Path("datasets")  # converted data for the check (skipped without it)
+    check_images: int = 1000  # first test images scored by both; 0: no check
+    tolerance: float = 1e-3  # largest logit difference accepted
+
+    def __post_init__(self) -> None:
+        _require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
+        _require(Path(self.out).suffix == ".onnx", f"the ONNX file's name must end in .onnx, "
+                 f"got {self.out}")
+        _require(self.tta is None or self.tta in TTA_MODES,
+                 f"TTA mode must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
+        _require(self.check_images >= 0, "check images must be >= 0")
+
+
+@dataclass(frozen=True)
 class TimeToAccuracyConfig:
     """Settings of `fastcifar benchmark time-to-accuracy`; `train` defaults to the default
     recipe, as the command's does."""

@@ -6,6 +6,7 @@ mean/std stored with the weights and scored in the TTA mode stored with them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fastcifar.config import PredictConfig
+from fastcifar.config import Device, PredictConfig
 from fastcifar.device import DeviceStep, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluate import load_weights, model_from_weights, predict_logits, tta_flags
@@ -124,9 +125,10 @@ def predict(config: PredictConfig) -> PredictReport:
     """Score every input image; the first bad input is an error unless `keep_going` is set.
 
     With `keep_going` the report lists the problems beside the predictions of the other images.
+    `config.weights` is a fastcifar weights file, or an ONNX file `fastcifar export` wrote
+    (then onnxruntime scores the images).
     """
-    weights = load_weights(config.weights)  # refuses anything but a fastcifar weights file
-    class_names = list(weights["class_names"])
+    scorer = open_scorer(Path(config.weights), config.device)  # refuses other files
     files, problems = image_files(config.paths)
     images: list[_Image] = []
     for path in files:
@@ -138,24 +140,49 @@ def predict(config: PredictConfig) -> PredictReport:
         raise FastCifarError(str(problems[0]) + (
             f" (and {len(problems) - 1} more; --keep-going reports all)" if len(problems) > 1
             else ""))
-
-    device = select_device(config.device)
-    model = model_from_weights(weights, device, channels_last=True)
-    device_step = DeviceStep(weights["mean"], weights["std"], device, channels_last=True)
-    top_k = min(config.top_k, len(class_names))
+    top_k = min(config.top_k, len(scorer.class_names))
     predictions: list[ImagePrediction] = []
     for start in range(0, len(images), config.batch_size):
         batch = images[start:start + config.batch_size]
         pixels = torch.from_numpy(np.stack([image.pixels for image in batch])).permute(0, 3, 1, 2)
-        inputs, _ = device_step(pixels, torch.zeros(len(batch), dtype=torch.long))
-        with torch.no_grad():
-            logits = predict_logits(model, inputs, *tta_flags(weights["tta"]))
-        probabilities, indices = torch.softmax(logits.float(), dim=1).topk(top_k, dim=1)
+        probabilities, indices = torch.softmax(scorer.logits(pixels).float(), dim=1).topk(
+            top_k, dim=1)
         for image, row_probabilities, row_indices in zip(batch, probabilities.tolist(),
                                                           indices.tolist(), strict=True):
             predictions.append(ImagePrediction(
-                image.path, [(class_names[i], p) for i, p in zip(row_indices, row_probabilities,
-                                                                  strict=True)],
+                image.path, [(scorer.class_names[i], p)
+                             for i, p in zip(row_indices, row_probabilities, strict=True)],
                 image.resized_from, image.mode))
-    return PredictReport(predictions, problems, Path(config.weights), weights["tta"], str(device))
+    return PredictReport(predictions, problems, Path(config.weights), scorer.tta, scorer.device)
 
+
+@dataclass(frozen=True)
+class Scorer:
+    """Logits for uint8 NCHW images in the weights' TTA mode, with the weights' class names."""
+
+    class_names: list[str]
+    tta: str
+    device: str
+    logits: Callable[[torch.Tensor], torch.Tensor]
+
+
+def open_scorer(weights: Path, device_choice: Device) -> Scorer:
+    """A weights file's model on the chosen device, or an exported ONNX file in onnxruntime."""
+    if weights.suffix == ".onnx":
+        from fastcifar.export import OnnxClassifier
+
+        classifier = OnnxClassifier.load(weights)
+        return Scorer(list(classifier.metadata["class_names"]), classifier.metadata["tta"],
+                      "cpu (onnxruntime)",
+                      lambda pixels: torch.from_numpy(classifier.logits(pixels.numpy())))
+    checkpoint = load_weights(weights)  # refuses anything but a fastcifar weights file
+    device = select_device(device_choice)
+    model = model_from_weights(checkpoint, device, channels_last=True)
+    device_step = DeviceStep(checkpoint["mean"], checkpoint["std"], device, channels_last=True)
+
+    @torch.no_grad()
+    def logits(pixels: torch.Tensor) -> torch.Tensor:
+        inputs, _ = device_step(pixels, torch.zeros(len(pixels), dtype=torch.long))
+        return predict_logits(model, inputs, *tta_flags(checkpoint["tta"])).cpu()
+
+    return Scorer(list(checkpoint["class_names"]), checkpoint["tta"], str(device), logits)

@@ -1,0 +1,158 @@
+"""ONNX export of a weights file, and ONNX files as predict's weights.
+
+The exported graph takes uint8 NCHW RGB images (any batch size, 32x32) and returns logits: the
+weights' normalisation and their TTA mode (flip and 1-px shifts) are inside it, so a deployment
+needs nothing but the file. Class names, mean/std and the TTA mode go into the model's metadata
+(`metadata_props["fastcifar"]`, one JSON string, as in weights files). An ONNX file is protobuf
+data: reading one runs no code from it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastcifar.atomic import write_bytes
+from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, tta_flags
+from fastcifar.config import TTA_MODES, ExportConfig, LoaderConfig
+from fastcifar.data.convert import METADATA
+from fastcifar.errors import FastCifarError
+from fastcifar.evaluate import load_weights, model_from_weights, predict_logits
+
+ONNX_OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class Uint8Classifier(nn.Module):
+    """CustResNet behind its weights' normalisation and TTA: uint8 NCHW in, logits out."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tta, self.shifts = tta_flags(tta)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return predict_logits(self.model, (images.float() - self.mean) / self.std, self.tta,
+                              self.shifts)
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What was written and, when test images were at hand, how it agrees with PyTorch."""
+
+    path: Path
+    tta: str
+    bytes: int
+    checked_images: int  # 0: no converted dataset to check against
+    max_logit_difference: float | None
+    top1_agreement: float | None
+
+
+def export_onnx(config: ExportConfig) -> ExportReport:
+    """Write the ONNX file for `config.weights` and check it with onnxruntime."""
+    checkpoint = load_weights(config.weights)
+    tta = config.tta or checkpoint["tta"]
+    classifier = Uint8Classifier(model_from_weights(checkpoint, torch.device("cpu"), False),
+                                 checkpoint["mean"], checkpoint["std"], tta).eval()
+    metadata = {key: checkpoint[key] for key in REQUIRED_METADATA} | {
+        "tta": tta, "input": "uint8 NCHW RGB 32x32, any batch size", "output": "logits",
+        "source_weights": Path(config.weights).name,
+        **{key: checkpoint[key] for key in ("recipe", "accuracy") if key in checkpoint}}
+    data = _onnx_bytes(classifier, metadata)
+    checked, difference, agreement = 0, None, None
+    if config.check_images and (Path(config.data_dir) / METADATA).is_file():
+        images = _first_test_images(config.data_dir, config.check_images)
+        with torch.no_grad():
+            expected = classifier(torch.from_numpy(images)).numpy()
+        got = OnnxClassifier.from_bytes(data, "the exported graph").logits(images)
+        checked = len(images)
+        difference = float(np.abs(got - expected).max())
+        agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+        if difference > config.tolerance:
+            raise FastCifarError(f"the ONNX graph's logits differ from PyTorch's by {difference:.2g} "
+                                 f"(tolerance {config.tolerance:g}); nothing was written")
+    write_bytes(config.out, data)
+    return ExportReport(Path(config.out), tta, len(data), checked, difference, agreement)
+
+
+def _onnx_bytes(classifier: Uint8Classifier, metadata: dict) -> bytes:
+    """The graph (batch axis dynamic) with the metadata, serialised."""
+    import warnings
+
+    example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            classifier, (example,), dynamo=True, opset_version=ONNX_OPSET, verbose=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}})
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata, default=str)
+    return proto.SerializeToString()
+
+
+def _first_test_images(data_dir: Path, count: int) -> np.ndarray:
+    """The first `count` converted test images, uint8 NCHW."""
+    from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+
+    metadata = read_metadata(data_dir)
+    count = min(count, metadata.test_count)
+    loader = make_loader(metadata.test_path, test_pipeline(),
+                         LoaderConfig(data_dir=data_dir, batch_size=500), False,
+                         np.arange(count), 0)
+    return np.concatenate([images.contiguous().numpy() for images, _ in loader])
+
+
+class OnnxClassifier:
+    """An exported file run by onnxruntime: class names, mean/std and TTA mode from its
+    metadata; `logits` takes uint8 NCHW images."""
+
+    def __init__(self, session, metadata: dict) -> None:
+        self.session, self.metadata = session, metadata
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str) -> OnnxClassifier:
+        import onnx
+        import onnxruntime
+
+        try:
+            proto = onnx.load_from_string(data)
+            session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        except Exception as error:  # protobuf and onnxruntime errors of a file not ours
+            raise FastCifarError(f"{name} is not a readable ONNX model: "
+                                 f"{str(error).splitlines()[0] if str(error) else error}"
+                                 ) from None
+        return cls(session, _metadata(proto, name))
+
+    @classmethod
+    def load(cls, path: Path) -> OnnxClassifier:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise FastCifarError(f"cannot read {path}: {error.strerror}") from None
+        return cls.from_bytes(data, str(path))
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images)})[0]
+
+
+def _metadata(proto, name: str) -> dict:
+    """The fastcifar metadata of an ONNX model, or a one-line refusal."""
+    entries = {entry.key: entry.value for entry in proto.metadata_props}
+    try:
+        metadata = json.loads(entries[METADATA_KEY])
+    except (KeyError, ValueError):
+        raise FastCifarError(f"{name} has no fastcifar metadata (class names, mean/std, TTA "
+                             "mode): export it with `fastcifar export WEIGHTS --onnx OUT`") from None
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing or metadata.get("tta") not in TTA_MODES:
+        raise FastCifarError(f"{name}'s fastcifar metadata lacks {', '.join(missing) or 'tta'}: "
+                             "export it again with `fastcifar export`")
+    return metadata
