@@ -38,8 +38,8 @@ from fastcifar.config import (
 )
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, plan_precision, select_device
-from fastcifar.evaluate import evaluate_loader
-from fastcifar.train import train
+from fastcifar.evaluation import evaluate_loader
+from fastcifar.training import train
 
 # Each trick as the settings that turn it on (from `fast`) and off again (from `express`).
 TRICKS: dict[str, tuple[dict, dict]] = {

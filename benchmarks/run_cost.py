@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcifar.checkpoint import machine_description
 from fastcifar.config import Device, Precision, TrainConfig, recipe
 from fastcifar.device import DeviceStep, autocast, plan_precision, select_device
-from fastcifar.evaluate import predict_logits
+from fastcifar.evaluation import predict_logits
 from fastcifar.model import CustResNet, build_model
 from fastcifar.optim import Optimizers
 

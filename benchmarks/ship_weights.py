@@ -23,7 +23,7 @@ import torch
 
 from fastcifar.checkpoint import read_weights_file, save_weights_file, without_machine_paths
 from fastcifar.config import TTA_MODES, Device, EvaluateConfig, LoaderConfig, Precision
-from fastcifar.evaluate import evaluate_weights
+from fastcifar.evaluation import evaluate_weights
 
 
 def score_by_tta(weights: Path, data_dir: Path) -> dict[str, float]:

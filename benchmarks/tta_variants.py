@@ -29,7 +29,7 @@ from fastcifar.checkpoint import load_checkpoint
 from fastcifar.config import LoaderConfig, Precision
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.device import DeviceStep, autocast, plan_precision
-from fastcifar.evaluate import load_weights, model_from_weights
+from fastcifar.evaluation import load_weights, model_from_weights
 
 VARIANTS = ("none", "flip", "flip+translate")
 

@@ -121,7 +121,7 @@ def train(
 ) -> None:
     """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, final and best weights saved."""
     from fastcifar.checkpoint import find_latest_checkpoint
-    from fastcifar.train import train as run_training
+    from fastcifar.training import train as run_training
 
     resume_path = (run_command(find_latest_checkpoint, train_config.out_dir) if resume == "auto"
                    else Path(resume) if resume else None)
@@ -185,7 +185,7 @@ def lr_find(
 ) -> None:
     """LR range test on the real train loader for a recipe: loss per LR, a suggested max LR."""
     from fastcifar.config import LrFindConfig
-    from fastcifar.lr_find import lr_find as run_range_test
+    from fastcifar.range_test import lr_find as run_range_test
 
     base = run_command(recipe, recipe_name.value)
     batch_size = base.loader.batch_size if batch_size is None else batch_size
@@ -257,7 +257,7 @@ def evaluate(
 ) -> None:
     """Test accuracy of saved weights, per class, with confusion matrix and misclassified images."""
     from fastcifar.config import EvaluateConfig
-    from fastcifar.evaluate import evaluate_weights
+    from fastcifar.evaluation import evaluate_weights
 
     loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,
                          test_subset=test_subset)
@@ -286,7 +286,7 @@ def predict(
 ) -> None:
     """The most likely classes of your images; other sizes than 32x32 are resized (a warning)."""
     from fastcifar.config import PredictConfig
-    from fastcifar.predict import predict as run_predict
+    from fastcifar.prediction import predict as run_predict
 
     config = run_command(PredictConfig, paths=tuple(paths), top_k=top_k, keep_going=keep_going,
                          device=device, **({"weights": weights} if weights else {}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -429,8 +430,9 @@ class EvaluateConfig:
             weights.parent / f"{weights.stem}-eval")
 
 
-# The weights `fastcifar predict` uses unless given others: the repository's weights/ folder.
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "custresnet-cifar10.safetensors"
+# The weights `fastcifar predict` uses unless given others: package data (weights/ in a checkout).
+SHIPPED_WEIGHTS = Path(str(importlib.resources.files("fastcifar.shipped")
+                           / "custresnet-cifar10.safetensors"))
 
 
 @dataclass(frozen=True)

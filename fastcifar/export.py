@@ -21,7 +21,7 @@ from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, tta_flags
 from fastcifar.config import TTA_MODES, ExportConfig, LoaderConfig
 from fastcifar.data.convert import METADATA
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluate import load_weights, model_from_weights, predict_logits
+from fastcifar.evaluation import load_weights, model_from_weights, predict_logits
 
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

@@ -6,20 +6,24 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: works headless and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from fastcifar.atomic import atomic_path
 
-from fastcifar.atomic import atomic_path  # noqa: E402
+# Figures are made with matplotlib's object API, not pyplot: no backend is chosen or changed,
+# so files are written headless and a notebook's inline plots keep working beside them.
 
 
 def _save(figure, path: Path) -> Path:
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
     return path
+
+
+def _single_axis(size: tuple[float, float]):
+    figure = Figure(figsize=size)
+    return figure, figure.subplots()
 
 
 def plot_training_curves(history: list, lr_per_step: list[float], path: Path) -> Path:
@@ -27,7 +31,8 @@ def plot_training_curves(history: list, lr_per_step: list[float], path: Path) ->
     epochs = [row.epoch for row in history]
     tested = [row for row in history if row.test_accuracy is not None]
     test_epochs = [row.epoch for row in tested]
-    figure, (loss_axis, accuracy_axis, lr_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    figure = Figure(figsize=(15, 4))
+    loss_axis, accuracy_axis, lr_axis = figure.subplots(1, 3)
     loss_axis.plot(epochs, [row.train_loss for row in history], "o-", label="train")
     loss_axis.plot(test_epochs, [row.test_loss for row in tested], "o-", label="test")
     loss_axis.set(title="loss", xlabel="epoch")
@@ -61,8 +66,9 @@ def plot_image_grid(images: np.ndarray, labels: list[str], path: Path, columns: 
     rows = max(1, math.ceil(count / columns))
     lines = max((label.count("\n") + 1 for label in labels), default=1)
     # 1.6 inch cells at 100 dpi: each 32-pixel image is drawn ~5x, pixels kept sharp.
-    figure, axes = plt.subplots(rows, columns, squeeze=False, layout="constrained",
-                                figsize=(1.6 * columns, (1.5 + 0.2 * lines) * rows + 0.4))
+    figure = Figure(layout="constrained",
+                    figsize=(1.6 * columns, (1.5 + 0.2 * lines) * rows + 0.4))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for position, axis in enumerate(axes.flat):
         axis.axis("off")
         if position < count:
@@ -79,7 +85,7 @@ def plot_lr_finder(lrs: list[float], losses: list[float], suggested_lr: float, p
                    min_loss_lr_over_10: float | None = None) -> Path:
     """Smoothed loss against LR (log axis), the suggested LR marked (and min-loss LR / 10)."""
     lrs_array, losses_array = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = _single_axis((7, 4.5))
     axis.plot(lrs_array, losses_array, color="tab:blue", label="loss (smoothed)")
     suggested_loss = float(np.interp(np.log(suggested_lr), np.log(lrs_array), losses_array))
     axis.axvline(suggested_lr, color="tab:red", linestyle="--", alpha=0.6)
@@ -109,7 +115,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
         raise ValueError(f"matrix shape {matrix.shape} does not match {count} class names")
     fractions = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.6 * count + 2.0)
-    figure, axis = plt.subplots(figsize=(size + 1, size))
+    figure, axis = _single_axis((size + 1, size))
     shading = axis.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(shading, ax=axis, fraction=0.046, pad=0.04, label="fraction of true class")
     for true in range(count):

@@ -19,9 +19,9 @@ from fastcifar.terminal import console, warnings_console
 if TYPE_CHECKING:  # annotations only: the commands import these modules lazily
     from fastcifar.config import TrainConfig
     from fastcifar.device import PrecisionChoice
-    from fastcifar.evaluate import EvaluationReport
-    from fastcifar.lr_find import LrFindResult
-    from fastcifar.predict import PredictReport
+    from fastcifar.evaluation import EvaluationReport
+    from fastcifar.prediction import PredictReport
+    from fastcifar.range_test import LrFindResult
     from fastcifar.records import EpochStats, Evaluation
 
 

@@ -356,7 +356,7 @@ def _parse_float(text: str, option: str) -> float:
 def _with_found_lr(config: TrainConfig) -> TrainConfig:
     """Run the LR range test with the train settings and use its suggestion as max LR."""
     from fastcifar.config import LrFindConfig
-    from fastcifar.lr_find import lr_find
+    from fastcifar.range_test import lr_find
 
     finder = LrFindConfig(train=config, out_dir=Path(config.out_dir) / "lr-find")
     found = lr_find(finder)

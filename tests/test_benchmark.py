@@ -32,7 +32,7 @@ from fastcifar.config import (
     recipe,
 )
 from fastcifar.errors import FastCifarError
-from fastcifar.train import (
+from fastcifar.training import (
     EpochStats,
     Evaluation,
     TrainCallbacks,
@@ -260,11 +260,11 @@ class ScriptedAccuracy:
 
 def test_evaluations_inside_the_last_epochs_time_the_target_between_epoch_ends(
         tiny_dataset, tmp_path, monkeypatch):
-    import fastcifar.train
+    import fastcifar.training
 
     # 5 steps per epoch; every 2 steps in the last 2 of 4 epochs: epochs 1, 2, 2.4, 2.8, 3, ...
     accuracies = [0.3, 0.5, 0.6, 0.95, 0.93, 0.96, 0.97, 0.98]
-    monkeypatch.setattr(fastcifar.train, "evaluate_loader", ScriptedAccuracy(accuracies))
+    monkeypatch.setattr(fastcifar.training, "evaluate_loader", ScriptedAccuracy(accuracies))
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.9,), stop_at_target=True)
     config = dataclasses.replace(base, train=dataclasses.replace(
         base.train, epochs=4, eval_every_steps=2, eval_steps_epochs=2))
@@ -300,7 +300,7 @@ def saved_weights_accuracy(checkpoint: Path, data_dir: Path, tta: bool) -> float
     from fastcifar.data.loaders import make_loader, read_metadata
     from fastcifar.data.loaders import test_pipeline as unaugmented_pipeline
     from fastcifar.device import DeviceStep
-    from fastcifar.evaluate import model_from_weights
+    from fastcifar.evaluation import model_from_weights
 
     metadata = read_metadata(data_dir)
     cpu = torch.device("cpu")
@@ -323,12 +323,12 @@ def saved_weights_accuracy(checkpoint: Path, data_dir: Path, tta: bool) -> float
 def test_time_to_accuracy_stops_at_the_target_and_reports_split_times(tiny_dataset, tmp_path,
                                                                      monkeypatch):
     import fastcifar.benchmark.time_to_accuracy
-    import fastcifar.evaluate
+    import fastcifar.evaluation
 
     final_passes = []  # (tta, batches, accuracy) of the benchmark's own test passes
 
     def recording_evaluate(model, loader, device_step, plan, tta, shifts=False):
-        loss, accuracy = fastcifar.evaluate.evaluate_loader(model, loader, device_step, plan, tta)
+        loss, accuracy = fastcifar.evaluation.evaluate_loader(model, loader, device_step, plan, tta)
         final_passes.append((tta, len(loader), accuracy))
         return loss, accuracy
 
@@ -490,7 +490,7 @@ def test_default_time_to_accuracy_file_names_what_ran_and_never_repeats(monkeypa
 
 
 def test_train_cli_passes_its_own_options_and_the_shared_ones(monkeypatch, tmp_path):
-    import fastcifar.train
+    import fastcifar.training
     from fastcifar.cli import app
 
     seen = {}
@@ -499,7 +499,7 @@ def test_train_cli_passes_its_own_options_and_the_shared_ones(monkeypatch, tmp_p
         seen["config"] = config
         raise FastCifarError("stopped by the test")
 
-    monkeypatch.setattr(fastcifar.train, "train", fake_train)
+    monkeypatch.setattr(fastcifar.training, "train", fake_train)
     result = CliRunner().invoke(app, [
         "train", "--recipe", "fast", "--epochs", "3", "--weights", str(tmp_path / "w"),
         "--stop-at-accuracy", "0.9", "--whiten-init", "--max-lr", "0.1", "--data", str(tmp_path)])
@@ -549,10 +549,10 @@ class SignalAfterAnHour(SignalAtStep):
 
 def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_dataset, tmp_path,
                                                                          monkeypatch):
-    import fastcifar.train
+    import fastcifar.training
 
     clock = JumpingClock()
-    monkeypatch.setattr(fastcifar.train, "time", clock)
+    monkeypatch.setattr(fastcifar.training, "time", clock)
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     config = dataclasses.replace(base, targets=(0.3,),  # chance is 1/3: reached once trained
                                  train=dataclasses.replace(base.train, epochs=3))
@@ -578,10 +578,10 @@ def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_d
 
 def test_evaluations_inside_an_interrupted_epoch_are_kept_on_resume(tiny_dataset, tmp_path,
                                                                    monkeypatch):
-    import fastcifar.train
+    import fastcifar.training
 
     scripted = ScriptedAccuracy([0.5, 0.6, 0.8, 0.7])  # epochs 1, 1.4 | interrupt | 1.8, 2
-    monkeypatch.setattr(fastcifar.train, "evaluate_loader", scripted)
+    monkeypatch.setattr(fastcifar.training, "evaluate_loader", scripted)
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.75,))
     config = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=2,
                                                                  eval_every_steps=2))
@@ -604,10 +604,10 @@ def test_evaluations_inside_an_interrupted_epoch_are_kept_on_resume(tiny_dataset
 
 def test_resume_never_replaces_best_weights_saved_after_its_checkpoint(tiny_dataset, tmp_path,
                                                                        monkeypatch):
-    import fastcifar.train
+    import fastcifar.training
 
     # epochs 1, 1.4 (best) | interrupt | 1.8, 2: both later passes are worse than 1.4's
-    monkeypatch.setattr(fastcifar.train, "evaluate_loader", ScriptedAccuracy([0.5, 0.6, 0.55, 0.58]))
+    monkeypatch.setattr(fastcifar.training, "evaluate_loader", ScriptedAccuracy([0.5, 0.6, 0.55, 0.58]))
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     config = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=2,
                                                                  eval_every_steps=2))

@@ -63,7 +63,7 @@ def test_nonsense_options_exit_non_zero(tiny_dataset, tmp_path):
 
 def built_train_config(monkeypatch, *arguments: str):
     """The TrainConfig `fastcifar train ARGUMENTS` hands the library (training is stubbed)."""
-    import fastcifar.train
+    import fastcifar.training
     from fastcifar.errors import FastCifarError
 
     seen = {}
@@ -72,7 +72,7 @@ def built_train_config(monkeypatch, *arguments: str):
         seen["config"] = config
         raise FastCifarError("stopped by the test")
 
-    monkeypatch.setattr(fastcifar.train, "train", stop)
+    monkeypatch.setattr(fastcifar.training, "train", stop)
     result = runner.invoke(app, ["train", *arguments])
     assert "stopped by the test" in result.output, result.output
     return seen["config"]
@@ -125,9 +125,9 @@ def test_cutout_turns_one_hole_on_for_a_recipe_without_holes(monkeypatch):
 
 
 def test_train_options_that_would_be_ignored_or_break_the_run_are_refused(monkeypatch):
-    import fastcifar.train
+    import fastcifar.training
 
-    monkeypatch.setattr(fastcifar.train, "train", lambda config, callbacks=None: None)
+    monkeypatch.setattr(fastcifar.training, "train", lambda config, callbacks=None: None)
     for arguments, message in (
             (["--recipe", "seed", "--momentum", "0.8"], "would be ignored"),
             (["--recipe", "fast", "--optimizer", "adam", "--momentum", "0.8"],

@@ -235,7 +235,7 @@ def test_data_on_device_is_refused_under_torchrun(tiny_dataset, monkeypatch, tmp
 
 
 def test_short_train_run_with_data_on_device_learns(tiny_dataset, tmp_path):
-    from fastcifar.train import train
+    from fastcifar.training import train
 
     base = recipe("fast", epochs=3, max_lr=0.05, tta=False, make_plots=False,
                   loader=config(tiny_dataset, batch_size=24, holdout=12),

@@ -15,7 +15,7 @@ from fastcifar.config import Device, EvaluateConfig, LoaderConfig, Precision
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.data.sources import read_source
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluate import (
+from fastcifar.evaluation import (
     confusion_matrix,
     evaluate_weights,
     per_class_accuracy,

@@ -9,7 +9,7 @@ import torch
 
 from fastcifar.config import AugmentConfig, Device, LoaderConfig, Precision, recipe
 from fastcifar.device import DeviceStep, plan_precision
-from fastcifar.train import train
+from fastcifar.training import train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

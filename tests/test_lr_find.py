@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import fastcifar.lr_find
+import fastcifar.range_test
 from conftest import synthetic_images
 from fastcifar.cli import app
 from fastcifar.config import (
@@ -27,8 +27,8 @@ from fastcifar.config import (
 )
 from fastcifar.device import DeviceStep, plan_precision
 from fastcifar.errors import FastCifarError
-from fastcifar.lr_find import lr_find, run_range_test, suggest_lrs
 from fastcifar.model import CustResNet
+from fastcifar.range_test import lr_find, run_range_test, suggest_lrs
 
 
 def test_suggestion_is_the_steepest_descent_before_the_lowest_loss():
@@ -140,12 +140,12 @@ def test_range_test_uses_the_recipes_optimizer_loss_and_model(tiny_dataset, tmp_
                                                              monkeypatch, recipe_name):
     seen = {}
 
-    class SpyFinder(fastcifar.lr_find.LRFinder):
+    class SpyFinder(fastcifar.range_test.LRFinder):
         def __init__(self, model, optimizer, criterion, **kwargs):
             seen.update(model=model, optimizer=optimizer, criterion=criterion)
             super().__init__(model, optimizer, criterion, **kwargs)
 
-    monkeypatch.setattr(fastcifar.lr_find, "LRFinder", SpyFinder)
+    monkeypatch.setattr(fastcifar.range_test, "LRFinder", SpyFinder)
     lr_find(LrFindConfig(train=tiny_train(tiny_dataset, recipe_name), start_lr=1e-5, end_lr=1e-2,
                          iterations=10, out_dir=tmp_path))
     expected = recipe(recipe_name)
@@ -218,7 +218,7 @@ def test_train_max_lr_auto_runs_the_range_test_for_the_same_training_config(tmp_
         seen.append(config)
         return SimpleNamespace(suggested_lr=0.123, plot_path=tmp_path / "lr_find.png")
 
-    monkeypatch.setattr(fastcifar.lr_find, "lr_find", fake_lr_find)
+    monkeypatch.setattr(fastcifar.range_test, "lr_find", fake_lr_find)
     config = dataclasses.replace(recipe("seed"), out_dir=tmp_path)
     found = _with_found_lr(config)
     assert seen[0].train == config and seen[0].out_dir == tmp_path / "lr-find"
@@ -231,12 +231,12 @@ def test_a_muon_recipe_is_swept_without_muon_on_every_parameter(tiny_dataset, tm
                                                                monkeypatch, optimizer):
     seen = {}
 
-    class SpyFinder(fastcifar.lr_find.LRFinder):
+    class SpyFinder(fastcifar.range_test.LRFinder):
         def __init__(self, model, optimizer, criterion, **kwargs):
             seen.update(model=model, optimizer=optimizer)
             super().__init__(model, optimizer, criterion, **kwargs)
 
-    monkeypatch.setattr(fastcifar.lr_find, "LRFinder", SpyFinder)
+    monkeypatch.setattr(fastcifar.range_test, "LRFinder", SpyFinder)
     result = CliRunner().invoke(app, [
         "lr-find", "--recipe", "express-muon", "--iters", "10", "--batch-size", "8", "--start-lr",
         "1e-5", "--end-lr", "1", "--no-augment", "--data", str(tiny_dataset), "--workers", "1",

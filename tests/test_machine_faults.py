@@ -166,7 +166,7 @@ def test_every_errno_of_an_essential_write_names_its_cause(tiny_dataset, tmp_pat
 
 def test_out_of_memory_ends_the_run_in_one_line_with_the_checkpoint_intact(
         tiny_dataset, tmp_path, monkeypatch, reference_run):
-    from fastcifar.train import Run
+    from fastcifar.training import Run
 
     real_step = Run.train_step
 

@@ -60,7 +60,7 @@ def test_lr_finder_plot_marks_the_suggestion_on_a_log_axis(tmp_path, check_png, 
 def test_training_curves_show_the_history_and_every_step_lr(tmp_path, check_png,
                                                             saved_figures):
     from fastcifar.plots import plot_training_curves
-    from fastcifar.train import EpochStats
+    from fastcifar.training import EpochStats
 
     history = [EpochStats(epoch, 0.1, 2.0 / epoch, 0.3 * epoch, 1.5 / epoch, 0.25 * epoch,
                           1.0, 1.0, 100.0, 5 * epoch) for epoch in (1, 2, 3)]

@@ -16,7 +16,7 @@ from fastcifar.cli import app
 from fastcifar.config import SHIPPED_WEIGHTS, Device, PredictConfig
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
-from fastcifar.predict import predict
+from fastcifar.prediction import predict
 
 CLASSES = ["apple", "berry", "cherry"]
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 55.0, 50.0]
@@ -188,7 +188,7 @@ def test_default_weights_are_the_shipped_file_with_a_clear_error_when_absent(tmp
                                                                             monkeypatch):
     assert PredictConfig.__dataclass_fields__["weights"].default == SHIPPED_WEIGHTS
     assert SHIPPED_WEIGHTS.parts[-2:] == ("weights", "custresnet-cifar10.safetensors")
-    assert (SHIPPED_WEIGHTS.parent.parent / "fastcifar" / "predict.py").is_file()  # repo root
+    assert (SHIPPED_WEIGHTS.parent.parent / "fastcifar" / "prediction.py").is_file()  # repo root
     import fastcifar.config
 
     absent = tmp_path / "weights" / "custresnet-cifar10.safetensors"

@@ -18,7 +18,7 @@ from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EXPRESS, LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import build_loaders, read_labels, split_holdout
 from fastcifar.device import DeviceStep
-from fastcifar.evaluate import predict_logits
+from fastcifar.evaluation import predict_logits
 from fastcifar.model import (
     CustResNet,
     build_model,
@@ -28,7 +28,7 @@ from fastcifar.model import (
     whitening_filters,
 )
 from fastcifar.optim import FilterMuon, Lookahead, Optimizers
-from fastcifar.train import train
+from fastcifar.training import train
 
 
 def smooth_batch(count: int = 64, seed: int = 0) -> torch.Tensor:
@@ -257,7 +257,7 @@ def express_config(data_dir, tmp_path, **changes):
 
 def test_express_with_every_trick_learns_saves_plain_weights_and_resumes_bit_for_bit(
         tiny_dataset, tmp_path):
-    from fastcifar.train import TrainCallbacks
+    from fastcifar.training import TrainCallbacks
 
     class Stop(Exception):
         pass

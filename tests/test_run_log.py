@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fastcifar.config import AugmentConfig, LoaderConfig, Precision, recipe
-from fastcifar.train import train
+from fastcifar.training import train
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

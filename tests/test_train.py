@@ -25,7 +25,7 @@ from fastcifar.config import (
 from fastcifar.device import measure_precision, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
-from fastcifar.train import Run, TrainCallbacks, TrainingInterrupted, train
+from fastcifar.training import Run, TrainCallbacks, TrainingInterrupted, train
 
 
 def tiny_config(data_dir, tmp_path, **changes) -> TrainConfig:
@@ -230,9 +230,9 @@ def test_diverging_run_stops_with_a_clear_message(tiny_dataset, tmp_path):
 
 def test_diverging_run_stops_within_the_check_interval_not_at_the_epoch_end(
         tiny_dataset, tmp_path, monkeypatch):
-    import fastcifar.train
+    import fastcifar.training
 
-    monkeypatch.setattr(fastcifar.train, "DIVERGENCE_CHECK_STEPS", 2)
+    monkeypatch.setattr(fastcifar.training, "DIVERGENCE_CHECK_STEPS", 2)
     seen_steps = []
 
     class RecordSteps(TrainCallbacks):
@@ -417,7 +417,7 @@ def test_threaded_sigterm_exit_code_is_143(tiny_dataset, tmp_path):
 def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
     from fastcifar.device import DeviceStep
     from fastcifar.model import build_model
-    from fastcifar.train import _warm_up
+    from fastcifar.training import _warm_up
 
     config = tiny_config(tmp_path, tmp_path, compile=True)  # compile: the warm-up runs on CPU
     model = build_model(config, torch.device("cpu"))
@@ -479,7 +479,7 @@ def test_fixed_seed_run_reproduces_the_metrics_recorded_before_the_split(tiny_da
 
 
 def test_epoch_clock_pauses_for_evaluations_and_counts_a_pause_once():
-    from fastcifar.train import EpochClock
+    from fastcifar.training import EpochClock
 
     clock = EpochClock(torch.device("cpu"), [], {"train_seconds": 2.0, "eval_seconds": 1.0})
     clock.started -= 3.0  # three seconds of training since the (re)start

@@ -15,8 +15,8 @@ from fastcifar.config import LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import make_loader, read_metadata
 from fastcifar.data.loaders import test_pipeline as image_pipeline_for_testing
 from fastcifar.device import DeviceStep, plan_precision
-from fastcifar.evaluate import evaluate_loader, model_from_weights
-from fastcifar.train import train
+from fastcifar.evaluation import evaluate_loader, model_from_weights
+from fastcifar.training import train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tta_variants.py"
 

@@ -16,8 +16,8 @@ import torch
 from fastcifar.config import LoaderConfig, recipe
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, plan_precision, select_device
-from fastcifar.evaluate import evaluate_loader
-from fastcifar.train import train
+from fastcifar.evaluation import evaluate_loader
+from fastcifar.training import train
 
 
 class ClonedBatches:

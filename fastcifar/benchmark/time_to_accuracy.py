@@ -20,9 +20,9 @@ from fastcifar.data.loaders import (
     build_loaders,
 )
 from fastcifar.device import DeviceStep, measures_precision, plan_precision, select_device
-from fastcifar.evaluate import evaluate_loader
+from fastcifar.evaluation import evaluate_loader
 from fastcifar.records import Evaluation
-from fastcifar.train import TrainCallbacks, TrainingInterrupted, train
+from fastcifar.training import TrainCallbacks, TrainingInterrupted, train
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from fastcifar.distributed import (
     stop_on_signals,
 )
 from fastcifar.errors import FastCifarError, MachineFault
-from fastcifar.evaluate import evaluate_loader, predict_logits
+from fastcifar.evaluation import evaluate_loader, predict_logits
 from fastcifar.model import build_model, plain_state_dict
 from fastcifar.optim import Lookahead, Optimizers
 from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations, epochs_csv

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from fastcifar.config import Device, PredictConfig
 from fastcifar.device import DeviceStep, select_device
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluate import load_weights, model_from_weights, predict_logits, tta_flags
+from fastcifar.evaluation import load_weights, model_from_weights, predict_logits, tta_flags
 
 IMAGE_SIZE = 32  # the side CustResNet was trained on
 
@@ -114,11 +114,16 @@ def read_image(path: Path) -> _Image:
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for damaged files
         detail = " ".join(str(error).split()) or type(error).__name__
         raise FastCifarError(f"{path}: corrupt or truncated image ({detail})") from None
+    return image_from_pil(rgb, Path(path), mode, size)
+
+
+def image_from_pil(rgb: Image.Image, name: Path, mode: str, size: tuple[int, int]) -> _Image:
+    """An RGB Pillow image as the 32x32 pixels the model scores (bicubic when resized)."""
     resized_from = None
     if size != (IMAGE_SIZE, IMAGE_SIZE):
         rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
         resized_from = size
-    return _Image(Path(path), np.asarray(rgb, dtype=np.uint8), resized_from, mode)
+    return _Image(name, np.asarray(rgb, dtype=np.uint8), resized_from, mode)
 
 
 def predict(config: PredictConfig) -> PredictReport:
@@ -140,10 +145,17 @@ def predict(config: PredictConfig) -> PredictReport:
         raise FastCifarError(str(problems[0]) + (
             f" (and {len(problems) - 1} more; --keep-going reports all)" if len(problems) > 1
             else ""))
-    top_k = min(config.top_k, len(scorer.class_names))
+    predictions = score_images(scorer, images, config.top_k, config.batch_size)
+    return PredictReport(predictions, problems, Path(config.weights), scorer.tta, scorer.device)
+
+
+def score_images(scorer: Scorer, images: list[_Image], top_k: int, batch_size: int
+                 ) -> list[ImagePrediction]:
+    """The top `top_k` classes of each image, scored in batches."""
+    top_k = min(top_k, len(scorer.class_names))
     predictions: list[ImagePrediction] = []
-    for start in range(0, len(images), config.batch_size):
-        batch = images[start:start + config.batch_size]
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
         pixels = torch.from_numpy(np.stack([image.pixels for image in batch])).permute(0, 3, 1, 2)
         probabilities, indices = torch.softmax(scorer.logits(pixels).float(), dim=1).topk(
             top_k, dim=1)
@@ -153,7 +165,7 @@ def predict(config: PredictConfig) -> PredictReport:
                 image.path, [(scorer.class_names[i], p)
                              for i, p in zip(row_indices, row_probabilities, strict=True)],
                 image.resized_from, image.mode))
-    return PredictReport(predictions, problems, Path(config.weights), scorer.tta, scorer.device)
+    return predictions
 
 
 @dataclass(frozen=True)

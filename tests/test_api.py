@@ -1,0 +1,79 @@
+"""The Python API: `import fastcifar` gives convert, train, lr_find, evaluate and predict with
+plain keyword arguments; predict takes paths, Pillow images and uint8 arrays alike."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import fastcifar
+from fastcifar.cli import app
+from fastcifar.config import DEFAULT_RECIPE, Precision, recipe
+from fastcifar.errors import FastCifarError
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api")
+    result = fastcifar.train(epochs=2, recipe_name="fast", data=tiny_dataset, batch_size=24,
+                             workers=1, precision=Precision.fp32, max_lr=0.05, tta=False,
+                             make_plots=False, out_dir=folder / "runs",
+                             weights_dir=folder / "weights", progress=False)
+    return result
+
+
+def test_train_returns_the_history_and_the_weights(trained):
+    assert [row.epoch for row in trained.history] == [1, 2]
+    assert trained.final_weights.is_file() and trained.run_dir.is_dir()
+    assert trained.history[-1].test_accuracy is not None
+
+
+def test_train_config_is_the_recipe_at_the_budget_with_the_settings_given(tiny_dataset):
+    config = fastcifar.train_config(epochs=6, data=tiny_dataset, augment__pad=3, seed=4)
+    assert config == recipe(DEFAULT_RECIPE, epochs=6, seed=4, loader=config.loader,
+                            augment=config.augment)
+    assert config.augment.pad == 3 and config.loader.data_dir == tiny_dataset
+    with pytest.raises(FastCifarError, match="unknown train setting"):
+        fastcifar.train_config(learning_rate=0.1)
+
+
+def test_predict_takes_paths_pillow_images_and_arrays_alike(trained, tiny_dataset, tmp_path):
+    images, names = fastcifar.api.test_images(tiny_dataset, 6)
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8 and len(names) == 6
+    paths = []
+    for index, pixels in enumerate(images):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    weights = trained.final_weights
+    answers = [[row.top for row in fastcifar.predict(given, weights=weights, top_k=2,
+                                                     device="cpu")]
+               for given in (paths, [Image.fromarray(pixels) for pixels in images], images)]
+    assert answers[0] == answers[1] == answers[2]
+    cli = CliRunner().invoke(app, ["predict", *map(str, paths), "--weights", str(weights),
+                                   "--top-k", "2", "--json", "--device", "cpu"])
+    assert [[tuple(top.values()) for top in row["top"]]
+            for row in json.loads(cli.stdout)["predictions"]] == [
+        [tuple(pair) for pair in row] for row in answers[0]]
+    single = fastcifar.predict(images[0], weights=weights, device="cpu")
+    assert single[0].top == fastcifar.predict(images[:1], weights=weights, device="cpu")[0].top
+    with pytest.raises(FastCifarError, match="uint8 RGB"):
+        fastcifar.predict(images.astype(np.float32), weights=weights)
+
+
+def test_evaluate_scores_the_weights_in_the_mode_asked(trained, tiny_dataset, tmp_path):
+    report = fastcifar.evaluate(trained.final_weights, data=tiny_dataset, tta="flip",
+                                out_dir=tmp_path, device="cpu")
+    assert report.count == 60 and report.tta_mode == "flip" and report.json_path.is_file()
+
+
+def test_the_entry_points_do_not_hide_the_modules():
+    import fastcifar.training
+
+    assert callable(fastcifar.train) and fastcifar.train is fastcifar.api.train
+    assert fastcifar.training.train is not fastcifar.train
+    with pytest.raises(AttributeError):
+        fastcifar.no_such_thing  # noqa: B018

@@ -1,0 +1,44 @@
+"""examples/quickstart.ipynb runs top to bottom (on small synthetic data) and shows its plots
+and progress as a notebook would: images, no terminal escape codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import write_imagefolder
+from fastcifar.config import ConvertConfig
+from fastcifar.data.convert import convert
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
+
+
+@pytest.mark.slow
+def test_quickstart_runs_top_to_bottom_with_its_plots(tmp_path):
+    # Four batches of the default recipe (512 images): the fewest OneCycle plans for.
+    source = write_imagefolder(tmp_path / "source", per_class_train=690, per_class_test=40)
+    data = tmp_path / "data"
+    convert(ConvertConfig(source=source, out_dir=data))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (parameters,) = [cell for cell in notebook.cells
+                     if "parameters" in cell.metadata.get("tags", [])]
+    parameters.source = (f"DATA = {str(data)!r}\nSOURCE = None\nEPOCHS = 1\n"
+                         "TRAIN_SUBSET = None\nTEST_SUBSET = None")
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code"
+               for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(images) >= 3  # the curves, the misclassified grid, the predictions
+    printed = "".join(output.get("text", "") for output in outputs
+                      if output.output_type == "stream")
+    assert "epoch 1 (32 px)" in printed and "test accuracy" in printed
+    assert "\x1b[" not in printed  # progress as a bar, not as escape codes
+    assert (tmp_path / "runs").is_dir() and list((tmp_path / "weights").glob("*.safetensors"))
