@@ -116,7 +116,22 @@ def test_resume_auto_finds_the_newest_checkpoint(tmp_path):
         find_latest_checkpoint(tmp_path / "missing")
 
 
-def test_metadata_written_last_records_beton_sizes(tiny_dataset):
-    metadata = json.loads((tiny_dataset / METADATA).read_text())
+def test_metadata_is_written_last_and_records_the_beton_sizes(tiny_imagefolder, tmp_path,
+                                                              monkeypatch):
+    """The metadata is what makes a folder complete: it is committed after both betons."""
+    import fastcifar.atomic
+
+    committed = []
+    real_commit = fastcifar.atomic._commit
+
+    def commit(temporary, final):
+        real_commit(temporary, final)
+        committed.append((final.name, {path.name for path in tmp_path.iterdir()}))
+
+    monkeypatch.setattr(fastcifar.atomic, "_commit", commit)
+    convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
+    assert [name for name, _ in committed] == [TRAIN_BETON, TEST_BETON, METADATA]
+    assert METADATA not in committed[1][1]  # absent until both betons were in place
+    metadata = json.loads((tmp_path / METADATA).read_text())
     for entry in metadata["betons"].values():
-        assert (tiny_dataset / entry["file"]).stat().st_size == entry["bytes"]
+        assert (tmp_path / entry["file"]).stat().st_size == entry["bytes"]

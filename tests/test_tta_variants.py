@@ -109,3 +109,33 @@ def test_flip_translate_weighs_the_mirror_pair_half_and_each_shifted_pair_a_quar
     for name in ("none", "flip"):
         assert row["accuracy"][name] == int((predictions[name] == labels).sum()) / 60, name
     assert row["accuracy"]["flip"] < 1  # the shifted pairs change predictions: the test can tell
+
+
+def test_each_column_holds_its_own_mode(tta_variants, tiny_dataset, tmp_path):
+    """Weights whose plain and flip accuracies differ: a swapped column shows."""
+    from fastcifar.checkpoint import save_weights_file
+    from fastcifar.model import CustResNet
+
+    torch.manual_seed(9)  # an untrained net with a sharpened head: its TTA modes disagree
+    model = CustResNet(num_classes=3, logit_scale=0.5)
+    with torch.no_grad():
+        model.fc.weight.mul_(100)
+    metadata = read_metadata(tiny_dataset)
+    weights = tmp_path / "sharp.safetensors"
+    save_weights_file(weights, model.state_dict(), {
+        "class_names": metadata.class_names, "mean": metadata.mean, "std": metadata.std,
+        "logit_scale": 0.5, "tta": "none"})
+    row = tta_variants.score_variants(weights, tiny_dataset, Precision.fp32)
+    device = torch.device("cpu")
+    model.eval()
+    loader = make_loader(metadata.test_path, image_pipeline_for_testing(),
+                         LoaderConfig(data_dir=tiny_dataset, batch_size=24, workers=1),
+                         train=False, subset=None, seed=0)
+    step = DeviceStep(metadata.mean, metadata.std, device, True)
+    plan = plan_precision(Precision.fp32, device)
+    plain = evaluate_loader(model.to(memory_format=torch.channels_last), loader, step, plan,
+                            False)[1]
+    flip = evaluate_loader(model, loader, step, plan, True)[1]
+    assert plain != flip  # the columns differ, so the check has teeth
+    assert row["accuracy"]["none"] == pytest.approx(plain)
+    assert row["accuracy"]["flip"] == pytest.approx(flip)
