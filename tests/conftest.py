@@ -131,3 +131,25 @@ def real_dataset(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("real-data")
     convert(ConvertConfig(source=REAL_DATA, out_dir=out_dir))
     return out_dir
+
+
+def logits_of_two_test_passes(data_dir: Path, device, workers: int):
+    """(first, second, test count): an untrained CustResNet's logits from two passes through
+    the real FFCV test loader in batches of 8 (several batches ahead in reused buffers)."""
+    import torch
+
+    from fastcifar.config import LoaderConfig
+    from fastcifar.data.loaders import build_loaders
+    from fastcifar.device import DeviceStep
+    from fastcifar.model import CustResNet
+
+    loaders = build_loaders(LoaderConfig(data_dir=data_dir, batch_size=8, workers=workers),
+                            None, 0)
+    step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device, True)
+    model = CustResNet(num_classes=3).to(device).to(memory_format=torch.channels_last).eval()
+
+    def logits():
+        with torch.no_grad():
+            return torch.cat([model(step(images, labels)[0]) for images, labels in loaders.test])
+
+    return logits(), logits(), loaders.test_count

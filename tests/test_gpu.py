@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import logits_of_two_test_passes
 from fastcifar.config import AugmentConfig, Device, LoaderConfig, Precision, recipe
 from fastcifar.device import DeviceStep, plan_precision
 from fastcifar.training import train
@@ -62,20 +63,8 @@ def test_device_step_matches_a_cpu_reference_from_a_pinned_buffer():
 
 
 def test_two_evaluations_through_the_real_test_loader_give_identical_logits(tiny_dataset):
-    from fastcifar.data.loaders import build_loaders
-    from fastcifar.model import CustResNet
-
-    # Batches of 8: several batches ahead in FFCV's pinned, reused buffers.
-    loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=8, workers=4), None, 0)
-    step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, torch.device("cuda"), True)
-    model = CustResNet(num_classes=3).cuda().to(memory_format=torch.channels_last).eval()
-
-    def logits() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([model(step(images, labels)[0]) for images, labels in loaders.test])
-
-    first, second = logits(), logits()
-    assert first.shape[0] == loaders.test_count
+    first, second, count = logits_of_two_test_passes(tiny_dataset, torch.device("cuda"), 4)
+    assert first.shape[0] == count
     assert torch.equal(first, second)
 
 

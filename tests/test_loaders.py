@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import logits_of_two_test_passes
 from fastcifar.config import NO_AUGMENT, AugmentConfig, LoaderConfig
 from fastcifar.data.augment import fill_colour
 from fastcifar.data.convert import METADATA, TRAIN_BETON
@@ -171,20 +172,6 @@ def test_first_train_images_are_the_same_on_every_torchrun_rank(tiny_dataset, mo
 def test_two_evaluations_through_the_real_test_loader_give_identical_logits_on_cpu(tiny_dataset):
     """The CPU twin of the CUDA test: FFCV reuses its batch buffers several batches ahead, so
     a pass that read a buffer being refilled would not repeat itself."""
-    import torch
-
-    from fastcifar.data.loaders import build_loaders
-    from fastcifar.device import DeviceStep
-    from fastcifar.model import CustResNet
-
-    loaders = build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=8, workers=2), None, 0)
-    step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, torch.device("cpu"), True)
-    model = CustResNet(num_classes=3).to(memory_format=torch.channels_last).eval()
-
-    def logits() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([model(step(images, labels)[0]) for images, labels in loaders.test])
-
-    first, second = logits(), logits()
-    assert first.shape[0] == loaders.test_count
+    first, second, count = logits_of_two_test_passes(tiny_dataset, torch.device("cpu"), 2)
+    assert first.shape[0] == count
     assert torch.equal(first, second)
