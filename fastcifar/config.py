@@ -340,7 +340,10 @@ DEFAULT_RECIPE = "express-progressive"
 
 # Settings that follow the epoch budget, per recipe, as data: rows of (from this many epochs,
 # changes in `replace_nested` form). `recipe(name, epochs=N)` applies every row that N reaches,
-# in order; a budget below the first row keeps the recipe as written above.
+# in order; a budget below the first row keeps the recipe as written above. No row yet: at 12
+# epochs on held-out train images (10,000 train, 5,000 held out, 1 seed, multi-crop;
+# benchmarks/results/cpu/long-proxy-12ep-10k.md) airbench's long-run augmentation lost to
+# express-progressive as it is: 85.82%, + pad 4 85.38%, + cutout 12 84.44%, both 84.30%.
 BUDGET_SETTINGS: dict[str, tuple[tuple[int, dict[str, object]], ...]] = {}
 
 
@@ -501,6 +504,11 @@ class TimeToAccuracyConfig:
                  "--resume continues one run: use it without --runs or --budget")
         _require(self.runs >= 1, f"runs must be >= 1, got {self.runs}")
         _require(all(b > 0 for b in self.budgets), "budgets must be positive epoch counts")
+        # Budget rows are applied when the config is built for one --epochs: a --budget run
+        # would train every budget with the settings of that one.
+        _require(not (self.budgets and BUDGET_SETTINGS.get(self.train.recipe)),
+                 f"{self.train.recipe}'s settings follow its epoch budget: run one "
+                 "--epochs per budget instead of --budget")
 
 
 @dataclass(frozen=True)

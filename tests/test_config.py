@@ -56,3 +56,22 @@ def test_library_configs_without_a_recipe_named_use_the_default_recipe():
 
     assert TimeToAccuracyConfig().train == recipe(DEFAULT_RECIPE)
     assert LrFindConfig().train == recipe(DEFAULT_RECIPE)
+
+
+def test_budget_rows_follow_the_epochs_and_give_way_to_explicit_settings(monkeypatch):
+    import fastcifar.config as config_module
+    from fastcifar.config import RECIPES, TimeToAccuracyConfig
+
+    monkeypatch.setitem(config_module.BUDGET_SETTINGS, "express-progressive",
+                        ((12, {"augment__pad": 4}), (20, {"label_smoothing": 0.1})))
+    short, middle, long = (recipe("express-progressive", epochs=epochs) for epochs in (6, 12, 24))
+    base = RECIPES["express-progressive"]
+    assert (short.augment.pad, short.label_smoothing) == (base.augment.pad, base.label_smoothing)
+    assert (middle.augment.pad, middle.label_smoothing) == (4, base.label_smoothing)
+    assert (long.augment.pad, long.label_smoothing) == (4, 0.1) and long.epochs == 24
+    assert recipe("express-progressive").augment.pad == 4  # the recipe's own 24 epochs
+    assert recipe("express-progressive", epochs=24, label_smoothing=0.3).label_smoothing == 0.3
+    assert recipe("express-muon", epochs=24).augment.pad == RECIPES["express-muon"].augment.pad
+    with pytest.raises(FastCifarError, match="run one --epochs per budget"):
+        TimeToAccuracyConfig(train=long, budgets=(6, 24))
+    TimeToAccuracyConfig(train=recipe("fast"), budgets=(6, 24))  # no rows: budgets allowed
