@@ -9,6 +9,7 @@ failed write, the run warns once and goes on without them."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class TensorBoardLog:
                                    "installed: no event files (pip install "
                                    "'fastcifar[tensorboard]')", soft_wrap=True)
             return
+        _quiet_writer_thread_errors()
         # purge_step: a resumed run drops what the interrupted sitting logged after its checkpoint.
         self._guard(lambda: self._open(SummaryWriter, run_dir, config, first_step))
 
@@ -95,8 +97,9 @@ class TensorBoardLog:
         """Write what is pending and close the files (also after an error)."""
         if not self.enabled:
             return
-        self.flush_steps()
-        self._guard(self.writer.close)
+        self.flush_steps()  # may find the files unwritable and turn the log off
+        if self.writer is not None:
+            self._guard(self.writer.close)
         self.writer = None
 
     def _guard(self, write) -> None:
@@ -107,3 +110,22 @@ class TensorBoardLog:
                                    f"not be written ({error.strerror or error}); training goes "
                                    "on without them", soft_wrap=True)
             self.writer = None
+
+
+_quiet = {"installed": False}
+
+
+def _quiet_writer_thread_errors() -> None:
+    """tensorboard's writer thread keeps a failed write for the next call from the run (where
+    `_guard` turns it into one warning) and re-raises it too: keep that second copy, a
+    traceback, off the terminal."""
+    if _quiet["installed"]:
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    threading.excepthook = hook
+    _quiet["installed"] = True

@@ -549,10 +549,12 @@ class SignalAfterAnHour(SignalAtStep):
 
 def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_dataset, tmp_path,
                                                                          monkeypatch):
+    import fastcifar.epoch_state
     import fastcifar.training
 
     clock = JumpingClock()
     monkeypatch.setattr(fastcifar.training, "time", clock)
+    monkeypatch.setattr(fastcifar.epoch_state, "time", clock)  # the epoch's clock reads it
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)
     config = dataclasses.replace(base, targets=(0.3,),  # chance is 1/3: reached once trained
                                  train=dataclasses.replace(base.train, epochs=3))

@@ -187,8 +187,11 @@ def test_predict_command_prints_top_k_and_json(tmp_path):
 def test_default_weights_are_the_shipped_file_with_a_clear_error_when_absent(tmp_path,
                                                                             monkeypatch):
     assert PredictConfig.__dataclass_fields__["weights"].default == SHIPPED_WEIGHTS
-    assert SHIPPED_WEIGHTS.parts[-2:] == ("weights", "custresnet-cifar10.safetensors")
-    assert (SHIPPED_WEIGHTS.parent.parent / "fastcifar" / "prediction.py").is_file()  # repo root
+    # package data, which in a checkout is the repository's weights/ file
+    assert SHIPPED_WEIGHTS.parts[-3:] == ("fastcifar", "shipped", "custresnet-cifar10.safetensors")
+    in_checkout = SHIPPED_WEIGHTS.resolve()
+    assert in_checkout.parts[-2:] == ("weights", "custresnet-cifar10.safetensors")
+    assert (in_checkout.parent.parent / "fastcifar" / "prediction.py").is_file()  # repo root
     import fastcifar.config
 
     absent = tmp_path / "weights" / "custresnet-cifar10.safetensors"
