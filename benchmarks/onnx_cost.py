@@ -20,7 +20,8 @@ import torch
 
 from fastcifar.api import test_images
 from fastcifar.checkpoint import machine_description
-from fastcifar.config import SHIPPED_WEIGHTS, Device, ExportConfig
+from fastcifar.command_config import SHIPPED_WEIGHTS, ExportConfig
+from fastcifar.config import Device
 from fastcifar.export import OnnxClassifier, export_onnx
 from fastcifar.prediction import open_scorer
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from fastcifar.checkpoint import read_weights_file, save_weights_file, without_machine_paths
-from fastcifar.config import TTA_MODES, Device, EvaluateConfig, LoaderConfig, Precision
+from fastcifar.command_config import TTA_MODES, EvaluateConfig
+from fastcifar.config import Device, LoaderConfig, Precision
 from fastcifar.evaluation import evaluate_weights
 
 

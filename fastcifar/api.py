@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fastcifar.command_config import EvaluateConfig, LrFindConfig, PredictConfig
 from fastcifar.config import (
     DEFAULT_RECIPE,
     ConvertConfig,
     Device,
-    EvaluateConfig,
     LoaderConfig,
-    LrFindConfig,
-    PredictConfig,
     TrainConfig,
     recipe,
     replace_nested,

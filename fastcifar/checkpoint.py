@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from fastcifar.atomic import write_bytes
-from fastcifar.config import TTA_MODES, TrainConfig
+from fastcifar.command_config import TTA_MODES
+from fastcifar.config import TrainConfig
 from fastcifar.errors import FastCifarError
 
 if TYPE_CHECKING:  # annotations only: these modules import this one

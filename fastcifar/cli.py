@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
 import sys
-import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -14,9 +12,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fastcifar.benchmark.commands import benchmark_app
+from fastcifar.command_config import TTA_MODES
 from fastcifar.config import (
     NO_AUGMENT,
-    TTA_MODES,
     ConvertConfig,
     Device,
     LoaderConfig,
@@ -29,15 +28,11 @@ from fastcifar.errors import FastCifarError
 from fastcifar.progress import (
     TableCallbacks,
     print_evaluation,
-    print_loader_benchmark,
     print_predictions,
     print_range_test,
-    print_time_to_accuracy,
-    show_pass,
     step_bar,
 )
-from fastcifar.terminal import console, fail, run_command, show_tracebacks
-from fastcifar.train_options import (
+from fastcifar.shared_options import (
     AUGMENTATION,
     DATA,
     DEFAULT_RECIPE_NAME,
@@ -51,15 +46,13 @@ from fastcifar.train_options import (
     TestSubsetOption,
     TrainSubsetOption,
     WorkersOption,
-    optimizer_rule,
-    with_train_options,
 )
+from fastcifar.terminal import console, fail, run_command, show_tracebacks
+from fastcifar.train_options import optimizer_rule, with_train_options
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False,
                   help="Fast CIFAR-10 training: convert once to FFCV, train CustResNet, measure.")
-benchmark_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False,
-                            help="Loader throughput and time-to-accuracy.")
 app.add_typer(benchmark_app, name="benchmark")
 
 
@@ -184,7 +177,7 @@ def lr_find(
                                       rich_help_panel=SYSTEM)] = Path("runs/lr-find"),
 ) -> None:
     """LR range test on the real train loader for a recipe: loss per LR, a suggested max LR."""
-    from fastcifar.config import LrFindConfig
+    from fastcifar.command_config import LrFindConfig
     from fastcifar.range_test import lr_find as run_range_test
 
     base = run_command(recipe, recipe_name.value)
@@ -256,7 +249,7 @@ def evaluate(
                    "WEIGHTS' name + '-eval', beside it).", rich_help_panel=SYSTEM)] = None,
 ) -> None:
     """Test accuracy of saved weights, per class, with confusion matrix and misclassified images."""
-    from fastcifar.config import EvaluateConfig
+    from fastcifar.command_config import EvaluateConfig
     from fastcifar.evaluation import evaluate_weights
 
     loader = run_command(LoaderConfig, data_dir=data, batch_size=batch_size, workers=workers,
@@ -285,7 +278,7 @@ def predict(
     device: DeviceOption = Device.auto,
 ) -> None:
     """The most likely classes of your images; other sizes than 32x32 are resized (a warning)."""
-    from fastcifar.config import PredictConfig
+    from fastcifar.command_config import PredictConfig
     from fastcifar.prediction import predict as run_predict
 
     config = run_command(PredictConfig, paths=tuple(paths), top_k=top_k, keep_going=keep_going,
@@ -314,7 +307,7 @@ def export(
 ) -> None:
     """Export weights to ONNX with normalisation and TTA inside; class names, mean/std and the
     TTA mode in its metadata. `predict --weights OUT.onnx` runs it with onnxruntime."""
-    from fastcifar.config import ExportConfig
+    from fastcifar.command_config import ExportConfig
     from fastcifar.export import export_onnx
 
     config = run_command(ExportConfig, weights=weights, out=onnx,
@@ -349,118 +342,6 @@ def show_augment(
     preview = run_command(write_grids, data, augment, count, seed, out)
     console.print(f"{preview.original_path} and {preview.augmented_path} ({recipe_name.value} "
                   f"recipe's augmentation, seed {seed})", soft_wrap=True)
-
-
-@benchmark_app.command("time-to-accuracy")
-@with_train_options
-def benchmark_time_to_accuracy(
-    train_config: TrainConfig,
-    target: Annotated[list[float], typer.Option(help="Test accuracy to reach; repeat for "
-                      "several (e.g. --target 0.90 --target 0.94).")] = [0.90],  # noqa: B006
-    runs: Annotated[int, typer.Option(help="Runs (seeds seed, seed+1, ...).")] = 1,
-    budgets: Annotated[list[int] | None, typer.Option("--budget", help="Shortest-budget mode: "
-                       "try these epoch budgets in order, stop at the first whose median final "
-                       "accuracy reaches the highest target.")] = None,
-    stop_at_target: Annotated[bool, typer.Option(help="End each run once the highest target "
-                              "is reached.")] = False,
-    data_variant: Annotated[str, typer.Option(help="How the results name the data.",
-                            rich_help_panel=DATA)] = "CIFAR-10 (JPEG-75 copy)",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Results file (default "
-                         "benchmarks/results/time-to-accuracy-<recipe>-<epochs>ep-<device>-"
-                         "<UTC time>.json); a .md "
-                         "table goes beside it.")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its "
-                      "last.pt (same options, one run, no --budget).", rich_help_panel=SYSTEM)
-                      ] = None,
-) -> None:
-    """Wall time to reach target test accuracies (train / eval / warm-up split), per seed.
-
-    Takes train's options (not --weights or --stop-at-accuracy); the run folders go under --out,
-    their weights to --out/weights. Ctrl-C saves a checkpoint; a one-run benchmark continues
-    with the same options plus --resume.
-    """
-    from fastcifar.benchmark.time_to_accuracy import benchmark_time_to_accuracy as run_benchmark
-    from fastcifar.config import TimeToAccuracyConfig
-
-    train_config = dataclasses.replace(train_config, weights_dir=train_config.out_dir / "weights",
-                                       make_plots=False)
-    json_path = json_path or default_time_to_accuracy_path(train_config)
-    config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
-                         runs=runs, stop_at_target=stop_at_target,
-                         budgets=tuple(budgets or ()), json_path=json_path,
-                         command=shlex.join(["fastcifar", *sys.argv[1:]]),
-                         data_variant=data_variant,
-                         resume=resume)
-    report = run_command(run_benchmark, config, TableCallbacks())
-    print_time_to_accuracy(report, json_path)
-
-
-def default_time_to_accuracy_path(train_config: TrainConfig) -> Path:
-    """benchmarks/results/time-to-accuracy-<recipe>-<epochs>ep-<device>-<UTC time>.json: named
-    by what ran, and never the file of an earlier run."""
-    device = train_config.device.value
-    if train_config.device == Device.auto:
-        device = "cuda" if _cuda_available() else "cpu"
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return Path(f"benchmarks/results/time-to-accuracy-{train_config.recipe}-"
-                f"{train_config.epochs}ep-{device}-{stamp}.json")
-
-
-def default_loader_benchmark_path() -> Path:
-    """benchmarks/results/loader-<UTC time>.json: a second run that day keeps the first's."""
-    return Path(f"benchmarks/results/loader-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@benchmark_app.command("loader")
-def benchmark_loader(
-    data: DataOption = Path("datasets"),
-    workers: Annotated[int, typer.Option(help="Loader threads (FFCV) and worker processes "
-                       "(torch DataLoader), 0 = one per core.", rich_help_panel=SYSTEM)] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.",
-                                            rich_help_panel=DATA)] = 512,
-    passes: Annotated[int, typer.Option(help="Timed passes over the train set (after one "
-                      "warm-up pass).", rich_help_panel=SYSTEM)] = 3,
-    torchvision_batches: Annotated[int | None, typer.Option(help="Time the torchvision "
-                                   "baseline over this many batches per pass instead of "
-                                   "whole passes.", rich_help_panel=SYSTEM)] = None,
-    jit_startup: Annotated[bool, typer.Option(help="Also time the fastcifar loader's first "
-                           "batch in fresh processes, with a cold and a warm numba cache.",
-                           rich_help_panel=SYSTEM)] = True,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Results file (default "
-                         "benchmarks/results/loader-<UTC time>.json); a .md table goes beside "
-                         "it.")
-                         ] = None,
-    compare_on_device: Annotated[bool, typer.Option(help="Time only fastcifar's FFCV loader "
-                                 "(a copy per batch) against --data-on-device's resident data, "
-                                 "both handing over normalised batches on --device.",
-                                 rich_help_panel=SYSTEM)] = False,
-    device: Annotated[Device, typer.Option(help="Where --compare-on-device hands over batches "
-                      "(auto: CUDA, then MPS, then CPU).", rich_help_panel=SYSTEM)
-                      ] = Device.auto,
-    max_batches: Annotated[int | None, typer.Option(help="Time every pipeline over this many "
-                           "batches per pass instead of whole passes.",
-                           rich_help_panel=SYSTEM)] = None,
-) -> None:
-    """Train-set images/s: fastcifar's fused loader vs FFCV's built-in ops vs a torchvision
-    DataLoader; or, with --compare-on-device, the FFCV path vs the device-resident one."""
-
-    from fastcifar.benchmark.loader import benchmark_loader as run_benchmark
-    from fastcifar.config import LoaderBenchmarkConfig
-
-    json_path = json_path or default_loader_benchmark_path()
-    config = run_command(LoaderBenchmarkConfig, data_dir=data, workers=workers,
-                         batch_size=batch_size, passes=passes,
-                         torchvision_batches=torchvision_batches, jit_startup=jit_startup,
-                         json_path=json_path, command=shlex.join(["fastcifar", *sys.argv[1:]]),
-                         compare_on_device=compare_on_device, device=device,
-                         max_batches=max_batches)
-    print_loader_benchmark(run_command(run_benchmark, config, show_pass), json_path)
 
 
 def entry() -> None:

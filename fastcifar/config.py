@@ -1,14 +1,14 @@
-"""Frozen settings for each command, checked on creation, and the named training recipes."""
+"""Frozen settings of training (data, augmentation, loader, run), checked on creation, and
+the named training recipes; the other commands' settings are in command_config."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import require
 
 
 class Device(StrEnum):
@@ -42,11 +42,6 @@ MAX_CUTOUTS = 8
 FULL_TRAIN_SIZE, MIN_TRAIN_SIZE, TRAIN_SIZE_STEP = 32, 8, 4
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise FastCifarError(message)
-
-
 @dataclass(frozen=True)
 class ConvertConfig:
     """Settings of `fastcifar convert`."""
@@ -59,7 +54,7 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         if self.source is not None:
-            _require(Path(self.source).exists(), f"source not found: {self.source}")
+            require(Path(self.source).exists(), f"source not found: {self.source}")
 
 
 @dataclass(frozen=True)
@@ -82,17 +77,17 @@ class AugmentConfig:
     p_gray: float = 0.0  # probability of grayscale per image
 
     def __post_init__(self) -> None:
-        _require(0 <= self.pad <= 16, f"pad must be in 0..16, got {self.pad}")
-        _require(0 <= self.cutout_size <= 32, f"cutout size must be in 0..32, got {self.cutout_size}")
-        _require(0 <= self.cutout_count <= MAX_CUTOUTS,
+        require(0 <= self.pad <= 16, f"pad must be in 0..16, got {self.pad}")
+        require(0 <= self.cutout_size <= 32, f"cutout size must be in 0..32, got {self.cutout_size}")
+        require(0 <= self.cutout_count <= MAX_CUTOUTS,
                  f"cutout count must be in 0..{MAX_CUTOUTS}, got {self.cutout_count}")
         for name in ("p_jitter", "p_gray"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"{name} must be a probability, got {value}")
+            require(0.0 <= value <= 1.0, f"{name} must be a probability, got {value}")
         for name in ("brightness", "contrast", "saturation"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
-        _require(0.0 <= self.hue <= 0.5, f"hue must be in [0, 0.5], got {self.hue}")
+            require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+        require(0.0 <= self.hue <= 0.5, f"hue must be in [0, 0.5], got {self.hue}")
 
     @property
     def jitter_enabled(self) -> bool:
@@ -120,14 +115,14 @@ class LoaderConfig:
     on_device: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
-        _require(not (self.on_device and self.distributed),
+        require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
+        require(not (self.on_device and self.distributed),
                  "--data-on-device is for one process, not torchrun: drop it or run without torchrun")
-        _require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
-        _require(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
+        require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        require(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
-            _require(value is None or value > 0, f"{name} must be positive, got {value}")
+            require(value is None or value > 0, f"{name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -202,45 +197,45 @@ class TrainConfig:
     tensorboard: bool = True  # event files in the run folder (needs the tensorboard package)
 
     def __post_init__(self) -> None:
-        _require(self.epochs > 0, f"epochs must be positive, got {self.epochs}")
-        _require(self.max_lr > 0, f"max LR must be positive, got {self.max_lr}")
-        _require(0 < self.min_lr <= self.max_lr, "min LR must be in (0, max LR]")
-        _require(0 < self.initial_lr_fraction <= 1, "initial LR fraction must be in (0, 1]")
+        require(self.epochs > 0, f"epochs must be positive, got {self.epochs}")
+        require(self.max_lr > 0, f"max LR must be positive, got {self.max_lr}")
+        require(0 < self.min_lr <= self.max_lr, "min LR must be in (0, max LR]")
+        require(0 < self.initial_lr_fraction <= 1, "initial LR fraction must be in (0, 1]")
         # OneCycle warms up for at most half the run (make_scheduler): refuse more, never clamp.
-        _require(0 < self.pct_start <= 0.5, f"pct_start must be in (0, 0.5], got {self.pct_start}")
-        _require(self.weight_decay >= 0, "weight decay must be >= 0")
-        _require(0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)")
-        _require(0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)")
-        _require(0 < self.bn_momentum <= 1, "BN momentum must be in (0, 1]")
-        _require(self.bn_eps > 0, "BN eps must be positive")
-        _require(self.bn_bias_lr_scale > 0, "BN bias LR scale must be positive")
-        _require(self.whiten_eps > 0, "whitening eps must be positive")
-        _require(self.lookahead_every >= 0, "lookahead-every must be >= 0 (0: off)")
-        _require(not (self.lookahead_every and self.ema_decay),
+        require(0 < self.pct_start <= 0.5, f"pct_start must be in (0, 0.5], got {self.pct_start}")
+        require(self.weight_decay >= 0, "weight decay must be >= 0")
+        require(0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)")
+        require(0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)")
+        require(0 < self.bn_momentum <= 1, "BN momentum must be in (0, 1]")
+        require(self.bn_eps > 0, "BN eps must be positive")
+        require(self.bn_bias_lr_scale > 0, "BN bias LR scale must be positive")
+        require(self.whiten_eps > 0, "whitening eps must be positive")
+        require(self.lookahead_every >= 0, "lookahead-every must be >= 0 (0: off)")
+        require(not (self.lookahead_every and self.ema_decay),
                  "--lookahead-every and --ema are two kinds of weight averaging: pick one")
-        _require(not (self.whiten and self.whiten_init),
+        require(not (self.whiten and self.whiten_init),
                  "--whiten replaces the prep conv's training; drop --whiten-init")
-        _require(self.tta or not self.tta_shifts, "--tta-shifts adds shifts to the flip: "
+        require(self.tta or not self.tta_shifts, "--tta-shifts adds shifts to the flip: "
                  "it needs --tta")
-        _require(self.muon_lr >= 0, "Muon LR must be >= 0 (0: off)")
-        _require(0 <= self.muon_momentum < 1, "Muon momentum must be in [0, 1)")
-        _require(not self.muon_lr or self.optimizer == OptimizerName.sgd,
+        require(self.muon_lr >= 0, "Muon LR must be >= 0 (0: off)")
+        require(0 <= self.muon_momentum < 1, "Muon momentum must be in [0, 1)")
+        require(not self.muon_lr or self.optimizer == OptimizerName.sgd,
                  "Muon pairs with SGD for the non-filter parameters: use --optimizer sgd, or "
                  "--muon-lr 0 to train without Muon")
-        _require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
-        _require(not (self.zero_init_residual and self.bn_frozen_scale),
+        require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        require(not (self.zero_init_residual and self.bn_frozen_scale),
                  "--zero-init-residual zeroes BN scales that --bn-frozen-scale then keeps at "
                  "zero, which kills the residual branches: drop one of them")
         if self.stop_at_accuracy is not None:
-            _require(0 < self.stop_at_accuracy <= 1, "target accuracy must be in (0, 1]")
-        _require(self.eval_every_steps >= 0, "eval-every-steps must be >= 0 (0: epoch ends only)")
-        _require(self.eval_steps_epochs >= 1, "eval-steps-epochs must be >= 1")
-        _require(self.eval_from_epoch is None or self.eval_from_epoch >= 1,
+            require(0 < self.stop_at_accuracy <= 1, "target accuracy must be in (0, 1]")
+        require(self.eval_every_steps >= 0, "eval-every-steps must be >= 0 (0: epoch ends only)")
+        require(self.eval_steps_epochs >= 1, "eval-steps-epochs must be >= 1")
+        require(self.eval_from_epoch is None or self.eval_from_epoch >= 1,
                  "eval-from-epoch must be >= 1 (1: every epoch)")
-        _require(MIN_TRAIN_SIZE <= self.train_size_start <= FULL_TRAIN_SIZE,
+        require(MIN_TRAIN_SIZE <= self.train_size_start <= FULL_TRAIN_SIZE,
                  f"train size start must be in {MIN_TRAIN_SIZE}..{FULL_TRAIN_SIZE} px, got "
                  f"{self.train_size_start}")
-        _require(0 <= self.train_size_ramp < 1,
+        require(0 <= self.train_size_ramp < 1,
                  f"train size ramp must be a fraction of the run in [0, 1), got "
                  f"{self.train_size_ramp}")
 
@@ -350,7 +345,7 @@ BUDGET_SETTINGS: dict[str, tuple[tuple[int, dict[str, object]], ...]] = {}
 def recipe(name: str, **overrides: object) -> TrainConfig:
     """A named recipe at its budget (`epochs`, default 24) with the budget's settings
     (BUDGET_SETTINGS), then `overrides` replacing settings (nested configs included)."""
-    _require(name in RECIPES, f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    require(name in RECIPES, f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return dataclasses.replace(at_budget(name, overrides.get("epochs", RECIPES[name].epochs)),
                                **overrides)
 
@@ -377,167 +372,3 @@ def replace_nested(config: TrainConfig, **changes: object) -> TrainConfig:
     for outer, inner_changes in nested.items():
         flat[outer] = dataclasses.replace(getattr(config, outer), **inner_changes)
     return dataclasses.replace(config, **flat)
-
-
-@dataclass(frozen=True)
-class LrFindConfig:
-    """Settings of `fastcifar lr-find` (the range test) for the training run in `train`.
-
-    `train` is the run the LR is found for, usually `recipe(name)` with the user's changes: its
-    model settings, optimiser, weight decay and parameter groups, label smoothing, logit scale,
-    augmentation, loader, device, precision and seed are used as they are; only the LR is swept.
-    """
-
-    train: TrainConfig = field(default_factory=lambda: recipe(DEFAULT_RECIPE))
-    start_lr: float = 1e-7
-    end_lr: float = 10.0
-    iterations: int = 200
-    mode: str = "exp"  # exp | linear
-    out_dir: Path = Path("runs/lr-find")
-
-    def __post_init__(self) -> None:
-        _require(0 < self.start_lr < self.end_lr, "need 0 < start LR < end LR")
-        _require(self.iterations >= 10, "the range test needs at least 10 iterations")
-        _require(self.mode in ("exp", "linear"), f"mode must be exp or linear, got {self.mode}")
-
-
-# Test-time augmentation modes, as weights files store them: none; flip (the image and its
-# mirror); multicrop (both, plus the 1-px up-left and down-right shifts: 6 passes).
-TTA_MODES = ("none", "flip", "multicrop")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Settings of `fastcifar evaluate`: score saved best weights on the test set."""
-
-    weights: Path  # a weights file (.safetensors) written by training
-    loader: LoaderConfig = field(default_factory=LoaderConfig)  # data_dir, batch size, test_subset
-    tta: str | None = None  # one of TTA_MODES; None: the mode stored with the weights
-    out_dir: Path | None = None  # None: a `<weights name>-eval` folder beside the weights
-    device: Device = Device.auto
-    precision: Precision = Precision.auto
-    channels_last: bool = True
-    misclassified_count: int = 20  # images in the misclassified grid
-
-    def __post_init__(self) -> None:
-        _require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
-        _require(self.tta is None or self.tta in TTA_MODES,
-                 f"TTA mode must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
-        _require(self.misclassified_count >= 0, "misclassified count must be >= 0")
-
-    @property
-    def output_dir(self) -> Path:
-        """Where the figures and the JSON go."""
-        weights = Path(self.weights)
-        return Path(self.out_dir) if self.out_dir is not None else (
-            weights.parent / f"{weights.stem}-eval")
-
-
-# The weights `fastcifar predict` uses unless given others: package data (weights/ in a checkout).
-SHIPPED_WEIGHTS = Path(str(importlib.resources.files("fastcifar.shipped")
-                           / "custresnet-cifar10.safetensors"))
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Settings of `fastcifar predict`: the most likely classes of a user's images."""
-
-    paths: tuple[Path, ...]  # image files and folders (a folder: the image files directly in it)
-    weights: Path = SHIPPED_WEIGHTS  # a weights file (.safetensors) written by training
-    top_k: int = 3  # classes reported per image
-    keep_going: bool = False  # report unreadable inputs and predict the rest (still a failure)
-    device: Device = Device.auto
-    batch_size: int = 256  # images per forward pass
-
-    def __post_init__(self) -> None:
-        _require(len(self.paths) > 0, "give at least one image file or folder")
-        _require(self.top_k >= 1, f"top-k must be at least 1, got {self.top_k}")
-        _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
-        if Path(self.weights) == SHIPPED_WEIGHTS and not SHIPPED_WEIGHTS.is_file():
-            raise FastCifarError(f"no shipped weights at {SHIPPED_WEIGHTS} (this copy of fastcifar "
-                                 "has none): pass --weights FILE.safetensors from `fastcifar train`")
-        _require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Settings of `fastcifar export`: a weights file as an ONNX graph (uint8 images in,
-    logits out), checked against PyTorch with onnxruntime on the first test images."""
-
-    weights: Path  # a weights file (.safetensors) written by training
-    out: Path  # the .onnx file to write
-    tta: str | None = None  # one of TTA_MODES, built into the graph; None: the stored mode
-    data_dir: Path = Path("datasets")  # converted data for the check (skipped without it)
-    check_images: int = 1000  # first test images scored by both; 0: no check
-    tolerance: float = 1e-3  # largest logit difference accepted
-
-    def __post_init__(self) -> None:
-        _require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
-        _require(Path(self.out).suffix == ".onnx", f"the ONNX file's name must end in .onnx, "
-                 f"got {self.out}")
-        _require(self.tta is None or self.tta in TTA_MODES,
-                 f"TTA mode must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
-        _require(self.check_images >= 0, "check images must be >= 0")
-
-
-@dataclass(frozen=True)
-class TimeToAccuracyConfig:
-    """Settings of `fastcifar benchmark time-to-accuracy`; `train` defaults to the default
-    recipe, as the command's does."""
-
-    train: TrainConfig = field(default_factory=lambda: recipe(DEFAULT_RECIPE))
-    targets: tuple[float, ...] = (0.90,)
-    runs: int = 1  # seeds train.seed .. train.seed + runs - 1
-    stop_at_target: bool = False  # stop each run once the highest target is reached
-    budgets: tuple[int, ...] = ()  # shortest-budget mode: try these --epochs in order
-    json_path: Path | None = None
-    command: str = ""
-    data_variant: str = "CIFAR-10 (JPEG-75 copy)"
-    # Continue an interrupted benchmark run from its last.pt: a CPU run of 24 epochs can outlast
-    # a sitting. Its per-epoch train/eval seconds carry over, so the times stay whole.
-    resume: Path | None = None
-
-    def __post_init__(self) -> None:
-        _require(bool(self.targets) and all(0 < t <= 1 for t in self.targets),
-                 "targets must be accuracies in (0, 1]")
-        _require(self.resume is None or (self.runs == 1 and not self.budgets),
-                 "--resume continues one run: use it without --runs or --budget")
-        _require(self.runs >= 1, f"runs must be >= 1, got {self.runs}")
-        _require(all(b > 0 for b in self.budgets), "budgets must be positive epoch counts")
-        # Budget rows are applied when the config is built for one --epochs: a --budget run
-        # would train every budget with the settings of that one.
-        _require(not (self.budgets and BUDGET_SETTINGS.get(self.train.recipe)),
-                 f"{self.train.recipe}'s settings follow its epoch budget: run one "
-                 "--epochs per budget instead of --budget")
-
-
-@dataclass(frozen=True)
-class LoaderBenchmarkConfig:
-    """Settings of `fastcifar benchmark loader`: train-set throughput of three pipelines."""
-
-    data_dir: Path = Path("datasets")
-    workers: int = 0  # loader threads (FFCV) / worker processes (torch); 0: one per CPU core
-    batch_size: int = 512
-    passes: int = 3  # timed whole passes over the train set, after one warm-up pass
-    torchvision_batches: int | None = None  # time torchvision over this many batches per pass
-    augment: AugmentConfig = field(default_factory=lambda: SEED.augment)  # the same for all
-    seed: int = 0
-    jit_startup: bool = True  # also time the first batch in fresh processes, cold/warm JIT cache
-    json_path: Path | None = None  # None: return the report without writing it
-    command: str = ""  # the command line, recorded in the report
-    # Time only fastcifar's FFCV path (a blocking copy per batch) against its device-resident
-    # path (--data-on-device), both handing over normalised batches on `device`.
-    compare_on_device: bool = False
-    device: Device = Device.auto  # used by compare_on_device; the other pipelines run on the CPU
-    max_batches: int | None = None  # time every pipeline over this many batches per pass
-
-    def __post_init__(self) -> None:
-        _require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
-        _require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
-        _require(self.passes >= 1, f"passes must be >= 1, got {self.passes}")
-        _require(self.max_batches is None or self.max_batches > 0,
-                 f"max batches must be positive, got {self.max_batches}")
-        _require(self.compare_on_device or self.device == Device.auto,
-                 "--device is for --compare-on-device (the other pipelines run on the CPU)")
-        _require(self.torchvision_batches is None or self.torchvision_batches > 0,
-                 f"torchvision batches must be positive, got {self.torchvision_batches}")

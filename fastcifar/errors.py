@@ -15,6 +15,12 @@ class FastCifarError(Exception):
     exit_code = 1
 
 
+def require(condition: bool, message: str) -> None:
+    """Raise FastCifarError(message) unless `condition`: the settings' checks in one line each."""
+    if not condition:
+        raise FastCifarError(message)
+
+
 class MachineFault(FastCifarError):
     """The machine failed under a valid command: a write, a read or memory. Exit 74."""
 

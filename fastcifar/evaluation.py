@@ -17,7 +17,7 @@ from torch import nn
 
 from fastcifar.atomic import write_json
 from fastcifar.checkpoint import read_weights_file, tta_flags, tta_mode
-from fastcifar.config import EvaluateConfig
+from fastcifar.command_config import EvaluateConfig
 from fastcifar.data.loader_guard import guarded_batches
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.device import DeviceStep, PrecisionPlan, autocast, plan_precision, select_device

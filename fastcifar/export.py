@@ -18,7 +18,8 @@ from torch import nn
 
 from fastcifar.atomic import write_bytes
 from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, tta_flags
-from fastcifar.config import TTA_MODES, ExportConfig, LoaderConfig
+from fastcifar.command_config import TTA_MODES, ExportConfig
+from fastcifar.config import LoaderConfig
 from fastcifar.data.convert import METADATA
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import load_weights, model_from_weights, predict_logits

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fastcifar.config import Device, PredictConfig
+from fastcifar.command_config import PredictConfig
+from fastcifar.config import Device
 from fastcifar.device import DeviceStep, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import load_weights, model_from_weights, predict_logits, tta_flags

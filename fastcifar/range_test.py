@@ -26,7 +26,8 @@ from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
 from fastcifar.atomic import atomic_path, write_json
 from fastcifar.checkpoint import config_to_dict, machine_description, seed_everything
-from fastcifar.config import LrFindConfig, TrainConfig
+from fastcifar.command_config import LrFindConfig
+from fastcifar.config import TrainConfig
 from fastcifar.data.loaders import build_loaders, first_train_images
 from fastcifar.device import DeviceStep, PrecisionPlan, plan_precision, select_device
 from fastcifar.errors import FastCifarError

@@ -8,55 +8,43 @@ import functools
 import inspect
 import os
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fastcifar.config import (
-    DEFAULT_RECIPE,
     NO_AUGMENT,
-    RECIPES,
     AugmentConfig,
     Device,
-    LoaderConfig,
     OptimizerName,
     Precision,
     TrainConfig,
     recipe,
 )
 from fastcifar.errors import FastCifarError
+from fastcifar.shared_options import (
+    AUGMENTATION,
+    DATA,
+    DEFAULT_RECIPE_NAME,
+    EVALUATION,
+    NETWORK,
+    OPTIMISATION,
+    OPTIMIZER_HELP,
+    REGULARISATION,
+    SYSTEM,
+    DataOption,
+    DeviceOption,
+    PrecisionOption,
+    RecipeName,
+    TestSubsetOption,
+    TrainSubsetOption,
+    WorkersOption,
+)
 from fastcifar.terminal import console, fail, run_command
 
-DATA, OPTIMISATION, AUGMENTATION, SYSTEM = "Data", "Optimisation", "Augmentation", "System"
-
-# Options several commands share, declared once.
-DataOption = Annotated[Path, typer.Option(help="Folder with the converted betons.",
-                                          rich_help_panel=DATA)]
-TrainSubsetOption = Annotated[int | None, typer.Option(help="Use the first N train images.",
-                                                       rich_help_panel=DATA)]
-TestSubsetOption = Annotated[int | None, typer.Option(help="Use the first N test images.",
-                                                      rich_help_panel=DATA)]
-DeviceOption = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.",
-                                              rich_help_panel=SYSTEM)]
-PrecisionOption = Annotated[Precision, typer.Option(
-    help="auto: bf16 on bf16-capable CUDA, else fp16 with a grad scaler; fp32 on MPS; on the "
-    "CPU train times fp32 and bf16 on its first batch and keeps the faster (lr-find and "
-    "evaluate use fp32 there).",
-    rich_help_panel=SYSTEM)]
-WorkersOption = Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",
-                                            rich_help_panel=SYSTEM)]
-
-
-# The --recipe choices: config.RECIPES' names, so a recipe added there is a choice here.
-RecipeName = StrEnum("RecipeName", {name: name for name in RECIPES})
-DEFAULT_RECIPE_NAME = RecipeName(DEFAULT_RECIPE)
-
-
-OPTIMIZER_HELP = ("adam or sgd (default: the recipe's). adam trains every parameter with Adam, "
-                  "so on a Muon recipe it turns Muon off.")
-
+# What each train option group gives: an edit of the recipe's config.
+ConfigEdit = Callable[[TrainConfig], TrainConfig]
 
 def optimizer_rule(optimizer: OptimizerName | None, muon_lr: float | None) -> dict:
     """The one rule for --optimizer on a Muon recipe, in train and lr-find alike: Muon pairs
@@ -72,7 +60,7 @@ def _torchrun_environment() -> tuple[bool, int]:
     return world_size > 1, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def build_train_config(
+def recipe_options(
     recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: "
                            "express-progressive (the default: express-muon training on 20 to "
                            "32 px images over the first 60% of the epochs), express-muon "
@@ -83,6 +71,13 @@ def build_train_config(
     epochs: Annotated[int | None, typer.Option(help="Epochs; the OneCycle schedule is planned "
                       "for this budget (recipe default: 24).", rich_help_panel=OPTIMISATION)
                       ] = None,
+) -> TrainConfig:
+    """The named recipe at the epoch budget, its budget rows applied: what the other option
+    groups edit."""
+    return recipe(recipe_name.value, **({} if epochs is None else {"epochs": epochs}))
+
+
+def optimisation_options(
     batch_size: Annotated[int | None, typer.Option(help="Images per step (default 512); under "
                           "torchrun per process, and the LR is not rescaled for the total.",
                           rich_help_panel=OPTIMISATION)] = None,
@@ -93,64 +88,131 @@ def build_train_config(
                       "express-progressive) it moves the SGD groups only (BN shifts, head): "
                       "--muon-lr sets the filters', and 'auto' sweeps with Muon off.",
                       rich_help_panel=OPTIMISATION)] = None,
+    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
+                      rich_help_panel=OPTIMISATION)] = None,
+    initial_lr_fraction: Annotated[float | None, typer.Option(
+        help="The schedule starts at max LR x this.", rich_help_panel=OPTIMISATION)] = None,
     pct_start: Annotated[float | None, typer.Option(help="Fraction of the steps spent warming "
                          "up to the peak LR.", rich_help_panel=OPTIMISATION)] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
-                            "recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the "
-                               "recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    logit_scale: Annotated[float | None, typer.Option(help="Constant multiplier of the logits "
-                           "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
-                   "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    bn_momentum: Annotated[float | None, typer.Option(help="BatchNorm running-stat momentum "
-                           "(torch default 0.1).", rich_help_panel=OPTIMISATION)] = None,
-    whiten_init: Annotated[bool | None, typer.Option("--whiten-init/--no-whiten-init",
-                           help="Start the prep conv as a whitening of 3x3 train patches.",
-                           rich_help_panel=OPTIMISATION)] = None,
-    zero_init_residual: Annotated[bool | None, typer.Option(
-        "--zero-init-residual/--no-zero-init-residual", help="Start each residual branch's "
-        "last BatchNorm scale at zero.", rich_help_panel=OPTIMISATION)] = None,
-    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
-                   "test-time augmentation (default: the recipe's); --no-tta also turns "
-                   "multi-crop off.",
-                   rich_help_panel=OPTIMISATION)] = None,
-    tta_shifts: Annotated[bool | None, typer.Option(
-        "--tta-shifts/--no-tta-shifts", help="Multi-crop TTA: also the 1-px up-left and "
-        "down-right shifts, weighted 0.5/0.25/0.25 (6 passes; needs --tta).",
-        rich_help_panel=OPTIMISATION)] = None,
-    lookahead_every: Annotated[int | None, typer.Option(help="Lookahead weight average every "
-                               "N steps, copied back into the live weights; 0 = off.",
-                               rich_help_panel=OPTIMISATION)] = None,
-    bn_eps: Annotated[float | None, typer.Option(help="BatchNorm epsilon (torch: 1e-5).",
-                      rich_help_panel=OPTIMISATION)] = None,
-    bn_frozen_scale: Annotated[bool | None, typer.Option(
-        "--bn-frozen-scale/--no-bn-frozen-scale", help="Keep BatchNorm scales at 1 (not "
-        "trained).", rich_help_panel=OPTIMISATION)] = None,
-    bn_bias_lr_scale: Annotated[float | None, typer.Option(help="BatchNorm shifts train at LR x "
-                                "this and weight decay / this.",
-                                rich_help_panel=OPTIMISATION)] = None,
-    decay_norm: Annotated[bool | None, typer.Option(
-        "--decay-norm/--no-decay-norm", help="Weight decay on BatchNorm parameters too.",
-        rich_help_panel=OPTIMISATION)] = None,
-    whiten: Annotated[bool | None, typer.Option(
-        "--whiten/--no-whiten", help="Prep conv as a fixed 3x3 PCA whitening of train patches "
-        "plus a trained 1x1 conv (folds back into the 3x3 conv in saved weights).",
-        rich_help_panel=OPTIMISATION)] = None,
-    dirac_init: Annotated[bool | None, typer.Option(
-        "--dirac-init/--no-dirac-init", help="Each 3x3 conv's first in-channel filters start "
-        "as the identity.", rich_help_panel=OPTIMISATION)] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's); "
+                        "refused where it would be ignored: under Adam and with a cycled "
+                        "momentum (the seed recipe).", rich_help_panel=OPTIMISATION)] = None,
     muon_lr: Annotated[float | None, typer.Option(help="Peak LR of Muon for the conv filters "
                        "(SGD keeps the rest); 0 = off.", rich_help_panel=OPTIMISATION)] = None,
     muon_momentum: Annotated[float | None, typer.Option(help="Muon's Nesterov momentum "
                              "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's); "
-                        "refused where it would be ignored: under Adam and with a cycled "
-                        "momentum (the seed recipe).", rich_help_panel=OPTIMISATION)] = None,
-    initial_lr_fraction: Annotated[float | None, typer.Option(
-        help="The schedule starts at max LR x this.", rich_help_panel=OPTIMISATION)] = None,
-    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
-                      rich_help_panel=OPTIMISATION)] = None,
+    train_size_start: Annotated[int | None, typer.Option(help="Progressive resizing: side (px) "
+                                "of epoch 1's train images, growing to 32 over "
+                                "--train-size-ramp of the run; 32 = off (default: the "
+                                "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    train_size_ramp: Annotated[float | None, typer.Option(help="Fraction of the epochs over "
+                               "which the train images grow to 32 px (default: the recipe's).",
+                               rich_help_panel=OPTIMISATION)] = None,
+) -> ConfigEdit:
+    """The optimiser, its LR schedule and the batch: one rule for --optimizer (see
+    optimizer_rule), and --momentum refused where the run would ignore it."""
+    changes = _given(optimizer=optimizer, pct_start=pct_start, momentum=momentum,
+                     muon_lr=muon_lr, muon_momentum=muon_momentum, min_lr=min_lr,
+                     initial_lr_fraction=initial_lr_fraction, train_size_start=train_size_start,
+                     train_size_ramp=train_size_ramp)
+    changes.update(optimizer_rule(optimizer, muon_lr))
+
+    def edit(config: TrainConfig) -> TrainConfig:
+        if momentum is not None and (config.cycle_momentum or changes.get(
+                "optimizer", config.optimizer) != OptimizerName.sgd):
+            raise FastCifarError("--momentum sets SGD's fixed momentum: this run uses Adam or "
+                                 "cycles momentum (0.85-0.95), so it would be ignored")
+        if max_lr is not None:
+            config = config.with_max_lr(max_lr)
+        if batch_size is not None:
+            config = dataclasses.replace(config, loader=dataclasses.replace(
+                config.loader, batch_size=batch_size))
+        return dataclasses.replace(config, **changes)
+    return edit
+
+
+def regularisation_options(
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
+                            "recipe's).", rich_help_panel=REGULARISATION)] = None,
+    decay_norm: Annotated[bool | None, typer.Option(
+        "--decay-norm/--no-decay-norm", help="Weight decay on BatchNorm parameters too.",
+        rich_help_panel=REGULARISATION)] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the "
+                               "recipe's).", rich_help_panel=REGULARISATION)] = None,
+    logit_scale: Annotated[float | None, typer.Option(help="Constant multiplier of the logits "
+                           "(default: the recipe's).", rich_help_panel=REGULARISATION)] = None,
+    ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
+                   "(default: the recipe's).", rich_help_panel=REGULARISATION)] = None,
+    lookahead_every: Annotated[int | None, typer.Option(help="Lookahead weight average every "
+                               "N steps, copied back into the live weights; 0 = off.",
+                               rich_help_panel=REGULARISATION)] = None,
+) -> ConfigEdit:
+    """Weight decay, label smoothing, the logit scale and weight averaging."""
+    return _replacing(weight_decay=weight_decay, decay_norm=decay_norm,
+                      label_smoothing=label_smoothing, logit_scale=logit_scale, ema_decay=ema,
+                      lookahead_every=lookahead_every)
+
+
+def network_options(
+    bn_momentum: Annotated[float | None, typer.Option(help="BatchNorm running-stat momentum "
+                           "(torch default 0.1).", rich_help_panel=NETWORK)] = None,
+    bn_eps: Annotated[float | None, typer.Option(help="BatchNorm epsilon (torch: 1e-5).",
+                      rich_help_panel=NETWORK)] = None,
+    bn_frozen_scale: Annotated[bool | None, typer.Option(
+        "--bn-frozen-scale/--no-bn-frozen-scale", help="Keep BatchNorm scales at 1 (not "
+        "trained).", rich_help_panel=NETWORK)] = None,
+    bn_bias_lr_scale: Annotated[float | None, typer.Option(help="BatchNorm shifts train at LR x "
+                                "this and weight decay / this.",
+                                rich_help_panel=NETWORK)] = None,
+    whiten: Annotated[bool | None, typer.Option(
+        "--whiten/--no-whiten", help="Prep conv as a fixed 3x3 PCA whitening of train patches "
+        "plus a trained 1x1 conv (folds back into the 3x3 conv in saved weights).",
+        rich_help_panel=NETWORK)] = None,
+    whiten_init: Annotated[bool | None, typer.Option("--whiten-init/--no-whiten-init",
+                           help="Start the prep conv as a whitening of 3x3 train patches.",
+                           rich_help_panel=NETWORK)] = None,
+    dirac_init: Annotated[bool | None, typer.Option(
+        "--dirac-init/--no-dirac-init", help="Each 3x3 conv's first in-channel filters start "
+        "as the identity.", rich_help_panel=NETWORK)] = None,
+    zero_init_residual: Annotated[bool | None, typer.Option(
+        "--zero-init-residual/--no-zero-init-residual", help="Start each residual branch's "
+        "last BatchNorm scale at zero.", rich_help_panel=NETWORK)] = None,
+) -> ConfigEdit:
+    """How CustResNet's layers start and normalise (its layers themselves are fixed)."""
+    return _replacing(bn_momentum=bn_momentum, bn_eps=bn_eps, bn_frozen_scale=bn_frozen_scale,
+                      bn_bias_lr_scale=bn_bias_lr_scale, whiten=whiten, whiten_init=whiten_init,
+                      dirac_init=dirac_init, zero_init_residual=zero_init_residual)
+
+
+def evaluation_options(
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
+                   "test-time augmentation (default: the recipe's); --no-tta also turns "
+                   "multi-crop off.", rich_help_panel=EVALUATION)] = None,
+    tta_shifts: Annotated[bool | None, typer.Option(
+        "--tta-shifts/--no-tta-shifts", help="Multi-crop TTA: also the 1-px up-left and "
+        "down-right shifts, weighted 0.5/0.25/0.25 (6 passes; needs --tta).",
+        rich_help_panel=EVALUATION)] = None,
+    eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
+                                "inside the last --eval-steps-epochs epochs (below the steps of an "
+                                "epoch); 0 = at epoch ends only.", rich_help_panel=EVALUATION)] = 0,
+    eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
+                                 "--eval-every-steps evaluations.",
+                                 rich_help_panel=EVALUATION)] = 1,
+    eval_from_epoch: Annotated[int | None, typer.Option(help="Test passes at epoch ends from "
+                               "this epoch on; the last epoch always gets one. Default: every "
+                               "epoch on CUDA or with a target accuracy, else the last only (on "
+                               "a CPU a multi-crop pass costs a third of an epoch).",
+                               rich_help_panel=EVALUATION)] = None,
+) -> ConfigEdit:
+    """Test-time augmentation and when the test passes run."""
+    if tta is False and tta_shifts is None:
+        tta_shifts = False  # --no-tta means no TTA, also on a multi-crop recipe
+    return _replacing(tta=tta, tta_shifts=tta_shifts, eval_every_steps=eval_every_steps,
+                      eval_steps_epochs=eval_steps_epochs, eval_from_epoch=eval_from_epoch,
+                      keep_none={"eval_from_epoch"})
+
+
+def augmentation_options(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Train "
                        "augmentation on/off (--no-augment takes no other augmentation "
                        "option).", rich_help_panel=AUGMENTATION)] = True,
@@ -174,6 +236,20 @@ def build_train_config(
     flip_alternate: Annotated[bool | None, typer.Option(
         "--flip-alternate/--no-flip-alternate", help="Flip a random half in epoch 0, then each "
         "image the other way every epoch.", rich_help_panel=AUGMENTATION)] = None,
+) -> ConfigEdit:
+    """The recipe's train augmentation with these options replacing its settings, or none."""
+    options = (cutout, jitter, hue, p_gray, pad, flip_alternate, cutout_count)
+    if not augment:
+        no_augment = _no_augment(*options)
+        return lambda config: dataclasses.replace(config, augment=no_augment)
+    return lambda config: dataclasses.replace(
+        config, augment=_augment_with_options(config.augment, *options))
+
+
+def data_options(
+    data: DataOption = Path("datasets"),
+    train_subset: TrainSubsetOption = None,
+    test_subset: TestSubsetOption = None,
     holdout: Annotated[int, typer.Option(help="Hold out N train images (stratified, the same "
                        "for every seed) and report accuracy on them at each evaluation; with "
                        "--train-subset M it trains on M - N.",
@@ -183,9 +259,15 @@ def build_train_config(
                               "process only; another train order than FFCV's). For GPUs: on a "
                               "CPU it is slower (0.04-0.26x measured).",
                               rich_help_panel=DATA)] = False,
-    data: DataOption = Path("datasets"),
-    train_subset: TrainSubsetOption = None,
-    test_subset: TestSubsetOption = None,
+) -> ConfigEdit:
+    """Which images train and test, where they live, and this process's shard under torchrun."""
+    distributed = _torchrun_environment()[0]
+    return lambda config: dataclasses.replace(config, loader=dataclasses.replace(
+        config.loader, data_dir=data, train_subset=train_subset, test_subset=test_subset,
+        holdout=holdout, on_device=data_on_device, distributed=distributed))
+
+
+def system_options(
     device: DeviceOption = Device.auto,
     precision: PrecisionOption = Precision.auto,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.",
@@ -197,73 +279,67 @@ def build_train_config(
                            "(`tensorboard --logdir runs`): per-step loss, LR per group, "
                            "images/s; per test pass loss and accuracy.",
                            rich_help_panel=SYSTEM)] = True,
-    eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
-                                "inside the last --eval-steps-epochs epochs (below the steps of an "
-                                "epoch); 0 = at epoch ends only.", rich_help_panel=SYSTEM)] = 0,
-    eval_steps_epochs: Annotated[int, typer.Option(help="How many final epochs get the "
-                                 "--eval-every-steps evaluations.", rich_help_panel=SYSTEM)] = 1,
-    eval_from_epoch: Annotated[int | None, typer.Option(help="Test passes at epoch ends from "
-                               "this epoch on; the last epoch always gets one. Default: every "
-                               "epoch on CUDA or with a target accuracy, else the last only (on "
-                               "a CPU a multi-crop pass costs a third of an epoch).",
-                               rich_help_panel=SYSTEM)] = None,
-    train_size_start: Annotated[int | None, typer.Option(help="Progressive resizing: side (px) "
-                                "of epoch 1's train images, growing to 32 over "
-                                "--train-size-ramp of the run; 32 = off (default: the "
-                                "recipe's).", rich_help_panel=OPTIMISATION)] = None,
-    train_size_ramp: Annotated[float | None, typer.Option(help="Fraction of the epochs over "
-                               "which the train images grow to 32 px (default: the recipe's).",
-                               rich_help_panel=OPTIMISATION)] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, order and augmentation (the "
                                       "first seed of a benchmark).", rich_help_panel=SYSTEM)] = 0,
     out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
                                       rich_help_panel=SYSTEM)] = Path("runs"),
-) -> TrainConfig:
+) -> ConfigEdit:
+    """The device, precision, loader threads, seed and run folder."""
+    local_rank = _torchrun_environment()[1]
+    return lambda config: dataclasses.replace(
+        config, device=device, precision=precision, channels_last=channels_last,
+        compile=compile_model, tensorboard=tensorboard, seed=seed, out_dir=out,
+        local_rank=local_rank, loader=dataclasses.replace(config.loader, workers=workers))
+
+
+# The train options by --help panel, applied in this order to the recipe_options' recipe.
+OPTION_GROUPS: tuple[Callable[..., ConfigEdit], ...] = (
+    optimisation_options, regularisation_options, network_options, evaluation_options,
+    augmentation_options, data_options, system_options)
+
+
+def build_train_config(**options: object) -> TrainConfig:
     """The recipe with every train option the user gave replacing its default.
 
-    Its parameters are also the train options of `train` and `benchmark time-to-accuracy`
-    (see `with_train_options`), so they are declared once."""
-    base = recipe(recipe_name.value, **({} if epochs is None else {"epochs": epochs}))
-    distributed, local_rank = _torchrun_environment()
-    changes: dict[str, object] = {
-        key: value for key, value in {
-            "epochs": epochs, "optimizer": optimizer, "pct_start": pct_start,
-            "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-            "logit_scale": logit_scale, "ema_decay": ema, "bn_momentum": bn_momentum,
-            "whiten_init": whiten_init, "zero_init_residual": zero_init_residual, "tta": tta,
-            "tta_shifts": tta_shifts, "lookahead_every": lookahead_every, "bn_eps": bn_eps,
-            "bn_frozen_scale": bn_frozen_scale, "bn_bias_lr_scale": bn_bias_lr_scale,
-            "decay_norm": decay_norm, "whiten": whiten, "dirac_init": dirac_init,
-            "muon_lr": muon_lr, "muon_momentum": muon_momentum, "momentum": momentum,
-            "initial_lr_fraction": initial_lr_fraction, "train_size_start": train_size_start,
-            "train_size_ramp": train_size_ramp,
-        }.items() if value is not None
-    }
-    changes.update(optimizer_rule(optimizer, muon_lr))
-    if momentum is not None and (base.cycle_momentum or changes.get(
-            "optimizer", base.optimizer) != OptimizerName.sgd):
-        raise FastCifarError("--momentum sets SGD's fixed momentum: this run uses Adam or "
-                             "cycles momentum (0.85-0.95), so it would be ignored")
-    if tta is False and tta_shifts is None:
-        changes["tta_shifts"] = False  # --no-tta means no TTA, also on a multi-crop recipe
-    if max_lr is not None:
-        base = base.with_max_lr(max_lr)
-    if min_lr is not None:
-        changes["min_lr"] = min_lr
-    augment_config = (_augment_with_options(base.augment, cutout, jitter, hue, p_gray, pad,
-                                            flip_alternate, cutout_count)
-                      if augment else _no_augment(cutout, jitter, hue, p_gray, pad,
-                                                  flip_alternate, cutout_count))
-    loader = LoaderConfig(data_dir=data,
-                          batch_size=base.loader.batch_size if batch_size is None else batch_size,
-                          workers=workers, train_subset=train_subset, test_subset=test_subset,
-                          distributed=distributed, holdout=holdout, on_device=data_on_device)
-    return dataclasses.replace(
-        base, loader=loader, augment=augment_config, device=device, precision=precision,
-        channels_last=channels_last, compile=compile_model, seed=seed, out_dir=out,
-        tensorboard=tensorboard,
-        local_rank=local_rank, eval_every_steps=eval_every_steps,
-        eval_steps_epochs=eval_steps_epochs, eval_from_epoch=eval_from_epoch, **changes)
+    Its parameters, the option groups' (see `train_option_parameters`), are also the train
+    options of `train` and `benchmark time-to-accuracy` (see `with_train_options`)."""
+    parameters = {parameter.name for parameter in train_option_parameters()}
+    _require_known(options, parameters)
+    config = recipe_options(**_options_of(recipe_options, options))
+    for group in OPTION_GROUPS:
+        config = group(**_options_of(group, options))(config)
+    return config
+
+
+def train_option_parameters() -> list[inspect.Parameter]:
+    """Every train option as a keyword-only parameter, group by group."""
+    return [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for group in (recipe_options, *OPTION_GROUPS)
+            for parameter in inspect.signature(group, eval_str=True).parameters.values()]
+
+
+def _options_of(group: Callable[..., object], options: dict[str, object]) -> dict[str, object]:
+    """The options that `group` takes (the ones not given keep its defaults)."""
+    names = inspect.signature(group).parameters
+    return {name: value for name, value in options.items() if name in names}
+
+
+def _require_known(options: dict[str, object], parameters: set[str]) -> None:
+    unknown = sorted(set(options) - parameters)
+    if unknown:
+        raise TypeError(f"build_train_config got unknown options: {', '.join(unknown)}")
+
+
+def _given(**values: object) -> dict[str, object]:
+    """The values an option group was given (None: the option was not given)."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _replacing(keep_none: frozenset[str] | set[str] = frozenset(), **values: object) -> ConfigEdit:
+    """An edit that sets each given value (and each name in keep_none, even to None)."""
+    changes = {key: value for key, value in values.items()
+               if value is not None or key in keep_none}
+    return lambda config: dataclasses.replace(config, **changes)
 
 
 # Per image, once --jitter or --hue turns colour jitter on: the seed recipe's probability,
@@ -309,13 +385,12 @@ def _no_augment(cutout: int | None, jitter: float | None, hue: float | None,
 
 
 def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give `command` every train option (build_train_config's parameters) after its own.
+    """Give `command` every train option (train_option_parameters) after its own.
 
     The command is called with its own options plus `train_config`, the config the train
     options build; `--max-lr auto` runs the LR range test first.
     """
-    shared = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in
-              inspect.signature(build_train_config, eval_str=True).parameters.values()]
+    shared = train_option_parameters()
     own = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in
            inspect.signature(command, eval_str=True).parameters.values()
            if parameter.name != "train_config"]
@@ -355,7 +430,7 @@ def _parse_float(text: str, option: str) -> float:
 
 def _with_found_lr(config: TrainConfig) -> TrainConfig:
     """Run the LR range test with the train settings and use its suggestion as max LR."""
-    from fastcifar.config import LrFindConfig
+    from fastcifar.command_config import LrFindConfig
     from fastcifar.range_test import lr_find
 
     finder = LrFindConfig(train=config, out_dir=Path(config.out_dir) / "lr-find")

@@ -3,14 +3,12 @@ the per-epoch stats it reports."""
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as functional
 from torch import nn
 
 from fastcifar.atomic import write_json, write_text
@@ -49,13 +47,14 @@ from fastcifar.distributed import (
     stop_on_signals,
 )
 from fastcifar.epoch_state import EpochClock, TrainCallbacks, TrainingInterrupted, TrainSums
-from fastcifar.errors import FastCifarError, MachineFault
-from fastcifar.evaluation import evaluate_loader, predict_logits
+from fastcifar.errors import FastCifarError
+from fastcifar.evaluation import evaluate_loader
 from fastcifar.model import build_model, plain_state_dict
 from fastcifar.optim import Lookahead, Optimizers
 from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations, epochs_csv
 from fastcifar.run_faults import RunFaults
 from fastcifar.run_log import TensorBoardLog
+from fastcifar.run_setup import check_steps, make_run_dir, warm_up
 
 __all__ = ["EpochStats", "Evaluation", "Run", "TrainCallbacks", "TrainResult",
            "TrainingInterrupted", "epoch_end_evaluations", "train", "train_epochs"]
@@ -89,7 +88,7 @@ class Run:
             self._restore(resume_state)
             self.run_dir = Path(config.resume).parent
         else:
-            self.run_dir = share_run_dir(_make_run_dir(config) if distributed.is_main
+            self.run_dir = share_run_dir(make_run_dir(config) if distributed.is_main
                                          else Path(config.out_dir), distributed)
         self._wrap_for_training()
         self.best_weights = Path(config.weights_dir) / f"{self.run_dir.name}-best.safetensors"
@@ -186,7 +185,7 @@ class Run:
             if self.distributed.is_main:
                 write_json(self.run_dir / "run.json", self.record)
             self.callbacks.on_precision(choice)
-        _warm_up(self.model, self.trained_model, self.config, self.device, self.plan,
+        warm_up(self.model, self.trained_model, self.config, self.device, self.plan,
                  self.device_step, (images, labels))
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, sums: TrainSums) -> None:
@@ -378,7 +377,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
         resume_state = load_checkpoint(Path(config.resume), required=CHECKPOINT_KEYS)
         check_resume_compatible(resume_state.get("config", {}), config)
     loaders = loaders or build_loaders(config.loader, config.augment, config.seed, device=device)
-    _check_steps(config, len(loaders.train))
+    check_steps(config, len(loaders.train))
     run = Run(config, loaders, device, plan, distributed, callbacks, resume_state)
     with run.faults.end_in_one_line():
         try:
@@ -442,54 +441,3 @@ def train_epochs(run: Run, stop: StopRequest) -> bool:
         if run.reached_target(epoch):
             return True
     return False
-
-
-def _check_steps(config: TrainConfig, steps_per_epoch: int) -> None:
-    if steps_per_epoch == 0:
-        raise FastCifarError("the train loader yields no full batch: lower --batch-size")
-    if config.eval_every_steps >= steps_per_epoch:
-        raise FastCifarError(
-            f"--eval-every-steps {config.eval_every_steps} is not below the {steps_per_epoch} "
-            "steps of an epoch, so no evaluation would fall inside one: lower it, or 0 for "
-            "epoch ends only")
-
-
-def _warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
-             device: torch.device, plan: PrecisionPlan, device_step: DeviceStep,
-             sample: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Forward/backward and an eval pass on the real model, then restore its state.
-
-    torch.compile and cudnn autotuning happen here, off the clock; the weights and BN
-    statistics are put back, so the run is the same as without the warm-up.
-    """
-    if device.type != "cuda" and not config.compile:
-        return
-    snapshot = copy.deepcopy(model.state_dict())
-    images, labels = device_step(*sample)
-    trained_model.train()
-    for _ in range(2):
-        with autocast(device, plan):
-            loss = functional.cross_entropy(trained_model(images), labels)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    trained_model.eval()
-    with torch.no_grad(), autocast(device, plan):
-        predict_logits(trained_model, images, config.tta)
-    model.load_state_dict(snapshot)
-    trained_model.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _make_run_dir(config: TrainConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.out_dir) / f"{stamp}-{config.recipe}-s{config.seed}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = Path(config.out_dir) / f"{stamp}-{config.recipe}-s{config.seed}-{suffix}"
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as error:
-        raise MachineFault(f"cannot create run folder {run_dir}: {error.strerror}") from error
-    return run_dir

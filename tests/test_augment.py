@@ -13,14 +13,9 @@ import threading
 import numpy as np
 import pytest
 
-from fastcifar.config import NO_AUGMENT, AugmentConfig, LoaderConfig, PadMode
-from fastcifar.data.augment import (
-    MAX_CUTOUTS,
-    apply_augmentation,
-    augment_batch,
-    draw_parameters,
-    fill_colour,
-)
+from fastcifar.config import MAX_CUTOUTS, NO_AUGMENT, AugmentConfig, LoaderConfig, PadMode
+from fastcifar.data.augment import apply_augmentation, augment_batch, fill_colour
+from fastcifar.data.augment_draws import draw_parameters
 
 FILL = fill_colour([125.3, 122.9, 113.9])  # read-only uint8, as the kernel wants it
 GEOMETRY_ONLY = AugmentConfig(pad=4, flip=True, cutout_size=8, cutout_count=1)

@@ -22,15 +22,8 @@ from fastcifar.benchmark.time_to_accuracy import (
     write_time_to_accuracy_markdown,
 )
 from fastcifar.checkpoint import load_checkpoint, read_weights_file
-from fastcifar.config import (
-    Device,
-    LoaderBenchmarkConfig,
-    LoaderConfig,
-    OptimizerName,
-    Precision,
-    TimeToAccuracyConfig,
-    recipe,
-)
+from fastcifar.command_config import LoaderBenchmarkConfig, TimeToAccuracyConfig
+from fastcifar.config import Device, LoaderConfig, OptimizerName, Precision, recipe
 from fastcifar.errors import FastCifarError
 from fastcifar.training import (
     EpochStats,
@@ -475,17 +468,17 @@ def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
 
 
 def test_default_time_to_accuracy_file_names_what_ran_and_never_repeats(monkeypatch):
-    import fastcifar.cli
-    from fastcifar.cli import default_time_to_accuracy_path
+    import fastcifar.benchmark.commands
+    from fastcifar.benchmark.commands import default_time_to_accuracy_path
 
-    monkeypatch.setattr(fastcifar.cli, "_cuda_available", lambda: False)
+    monkeypatch.setattr(fastcifar.benchmark.commands, "_cuda_available", lambda: False)
     config = dataclasses.replace(recipe("express-muon"), epochs=6, device=Device.auto)
     first = default_time_to_accuracy_path(config)
     assert first.parent == Path("benchmarks/results")
     assert first.name.startswith("time-to-accuracy-express-muon-6ep-cpu-")
     time.sleep(1.1)
     assert default_time_to_accuracy_path(config) != first
-    monkeypatch.setattr(fastcifar.cli, "_cuda_available", lambda: True)
+    monkeypatch.setattr(fastcifar.benchmark.commands, "_cuda_available", lambda: True)
     assert "-6ep-cuda-" in default_time_to_accuracy_path(config).name
 
 

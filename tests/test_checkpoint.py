@@ -216,7 +216,7 @@ def test_shipped_weights_header_names_no_folder_of_the_machine_that_made_it():
     import json
 
     from fastcifar.checkpoint import read_weights_file
-    from fastcifar.config import SHIPPED_WEIGHTS
+    from fastcifar.command_config import SHIPPED_WEIGHTS
 
     if not SHIPPED_WEIGHTS.exists():
         pytest.skip("no shipped weights file in this checkout")

@@ -82,7 +82,7 @@ def test_commands_default_to_the_default_recipe(monkeypatch):
     import typer.main
 
     from fastcifar.config import DEFAULT_RECIPE, RECIPES
-    from fastcifar.train_options import RecipeName
+    from fastcifar.shared_options import RecipeName
 
     assert DEFAULT_RECIPE == "express-progressive" and sorted(RecipeName) == sorted(RECIPES)
     assert built_train_config(monkeypatch).recipe == DEFAULT_RECIPE
@@ -162,7 +162,7 @@ def test_train_help_says_what_options_do_where_it_is_not_obvious():
 
 
 def test_loader_benchmark_default_file_is_named_to_the_second(monkeypatch):
-    from fastcifar.cli import default_loader_benchmark_path
+    from fastcifar.benchmark.commands import default_loader_benchmark_path
 
     monkeypatch.setattr(time, "gmtime", lambda *_: time.struct_time((2026, 11, 28, 9, 5, 7, 5,
                                                                       332, 0)))
@@ -200,12 +200,12 @@ def test_max_lr_auto_trains_at_the_range_tests_suggestion(tiny_dataset, tmp_path
     import functools
     import json
 
-    import fastcifar.config
+    import fastcifar.command_config
     from fastcifar.checkpoint import load_checkpoint
 
     # the range test as `--max-lr auto` runs it, shortened to 12 steps for the test
-    monkeypatch.setattr(fastcifar.config, "LrFindConfig", functools.partial(
-        fastcifar.config.LrFindConfig, iterations=12, start_lr=1e-4, end_lr=1.0))
+    monkeypatch.setattr(fastcifar.command_config, "LrFindConfig", functools.partial(
+        fastcifar.command_config.LrFindConfig, iterations=12, start_lr=1e-4, end_lr=1.0))
     result = runner.invoke(app, [*tiny_train_arguments(tiny_dataset, tmp_path),
                                  "--max-lr", "auto"])
     assert result.exit_code == 0, result.output
@@ -252,3 +252,30 @@ def test_max_lr_auto_is_refused_under_torchrun(tiny_dataset, tmp_path, monkeypat
     assert result.exit_code == 1
     assert "--max-lr auto is not supported under torchrun" in result.output
     assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+def test_each_train_option_group_is_one_help_panel():
+    """build_train_config is split by --help panel: every option of a group sits in its panel,
+    and no option is declared twice."""
+    import inspect
+
+    from fastcifar.train_options import OPTION_GROUPS, recipe_options, train_option_parameters
+
+    panels = {}
+    for group in (recipe_options, *OPTION_GROUPS):
+        for parameter in inspect.signature(group, eval_str=True).parameters.values():
+            option = next(m for m in parameter.annotation.__metadata__ if hasattr(m, "help"))
+            panels.setdefault(group.__name__, set()).add(option.rich_help_panel)
+    assert {name: len(found) for name, found in panels.items()} == {
+        name: 1 for name in panels}
+    assert panels["recipe_options"] == panels["optimisation_options"]  # recipe and schedule
+    names = [parameter.name for parameter in train_option_parameters()]
+    assert len(names) == len(set(names))
+
+
+def test_build_train_config_refuses_an_option_no_group_takes():
+    from fastcifar.train_options import build_train_config
+
+    with pytest.raises(TypeError, match="unknown options: cutuot"):
+        build_train_config(cutuot=4)
+    assert build_train_config(cutout=4).augment.cutout_size == 4

@@ -52,7 +52,8 @@ def test_train_size_settings_out_of_range_are_refused(changes):
 
 
 def test_library_configs_without_a_recipe_named_use_the_default_recipe():
-    from fastcifar.config import DEFAULT_RECIPE, LrFindConfig, TimeToAccuracyConfig
+    from fastcifar.command_config import LrFindConfig, TimeToAccuracyConfig
+    from fastcifar.config import DEFAULT_RECIPE
 
     assert TimeToAccuracyConfig().train == recipe(DEFAULT_RECIPE)
     assert LrFindConfig().train == recipe(DEFAULT_RECIPE)
@@ -60,7 +61,8 @@ def test_library_configs_without_a_recipe_named_use_the_default_recipe():
 
 def test_budget_rows_follow_the_epochs_and_give_way_to_explicit_settings(monkeypatch):
     import fastcifar.config as config_module
-    from fastcifar.config import RECIPES, TimeToAccuracyConfig
+    from fastcifar.command_config import TimeToAccuracyConfig
+    from fastcifar.config import RECIPES
 
     monkeypatch.setitem(config_module.BUDGET_SETTINGS, "express-progressive",
                         ((12, {"augment__pad": 4}), (20, {"label_smoothing": 0.1})))

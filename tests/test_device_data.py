@@ -10,14 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastcifar.config import (
-    NO_AUGMENT,
-    AugmentConfig,
-    LoaderConfig,
-    PadMode,
-    Precision,
-    recipe,
-)
+from fastcifar.config import NO_AUGMENT, AugmentConfig, LoaderConfig, PadMode, Precision, recipe
 from fastcifar.data.augment import augment_batch, fill_colour
 from fastcifar.data.augment_torch import augment_batch_torch
 from fastcifar.data.loaders import build_loaders, read_metadata

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from fastcifar.checkpoint import read_weights_file, save_weights_file
 from fastcifar.cli import app
-from fastcifar.config import Device, EvaluateConfig, LoaderConfig, Precision
+from fastcifar.command_config import EvaluateConfig
+from fastcifar.config import Device, LoaderConfig, Precision
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.data.sources import read_source
 from fastcifar.errors import FastCifarError
@@ -191,7 +192,7 @@ def test_evaluate_command_prints_accuracy_and_writes_beside_the_weights(tiny_wei
 @pytest.mark.realdata
 def test_shipped_weights_score_their_recorded_accuracy_on_the_real_test_set(real_dataset,
                                                                            tmp_path):
-    from fastcifar.config import SHIPPED_WEIGHTS
+    from fastcifar.command_config import SHIPPED_WEIGHTS
 
     if not SHIPPED_WEIGHTS.exists():
         pytest.skip("no shipped weights file in this checkout")

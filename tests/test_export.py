@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fastcifar.checkpoint import METADATA_KEY, save_weights_file
 from fastcifar.cli import app
-from fastcifar.config import ExportConfig
+from fastcifar.command_config import ExportConfig
 from fastcifar.data.loaders import read_metadata
 from fastcifar.data.sources import read_source
 from fastcifar.errors import FastCifarError
@@ -149,7 +149,7 @@ def test_export_refuses_bad_options_in_one_line(tiny_weights, tmp_path):
 @pytest.mark.realdata
 def test_shipped_weights_export_agrees_with_pytorch_on_the_first_1000_test_images(real_dataset,
                                                                                   tmp_path):
-    from fastcifar.config import SHIPPED_WEIGHTS
+    from fastcifar.command_config import SHIPPED_WEIGHTS
 
     if not SHIPPED_WEIGHTS.exists():
         pytest.skip("no shipped weights file in this checkout")

@@ -16,15 +16,8 @@ from typer.testing import CliRunner
 import fastcifar.range_test
 from conftest import synthetic_images
 from fastcifar.cli import app
-from fastcifar.config import (
-    DEFAULT_RECIPE,
-    NO_AUGMENT,
-    Device,
-    LoaderConfig,
-    LrFindConfig,
-    Precision,
-    recipe,
-)
+from fastcifar.command_config import LrFindConfig
+from fastcifar.config import DEFAULT_RECIPE, NO_AUGMENT, Device, LoaderConfig, Precision, recipe
 from fastcifar.device import DeviceStep, plan_precision
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet

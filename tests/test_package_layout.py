@@ -65,3 +65,29 @@ def test_circle_finder_finds_a_circle():
 
 def test_no_module_of_the_package_imports_itself_back():
     assert _circles(_import_graph()) == []
+
+
+# The house's size limits: a module holds one job, a function fits on a screen.
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(source: str, limit: int) -> list[str]:
+    """Names of the functions in `source` longer than `limit` lines (signature included)."""
+    return [node.name for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_long_function_finder_counts_the_signature():
+    source = "def short():\n    pass\n\n\ndef long(\n    a,\n    b,\n):\n    return a\n"
+    assert _long_functions(source, 4) == ["long"]
+    assert _long_functions(source, 5) == []
+
+
+def test_no_module_over_450_lines_and_no_function_over_80():
+    modules = {path.relative_to(PACKAGE.parent): path.read_text() for path in PACKAGE.rglob("*.py")}
+    assert {str(path): len(text.splitlines()) for path, text in modules.items()
+            if len(text.splitlines()) > MAX_MODULE_LINES} == {}
+    assert {str(path): names for path, text in modules.items()
+            if (names := _long_functions(text, MAX_FUNCTION_LINES))} == {}

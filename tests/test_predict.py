@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from fastcifar.checkpoint import save_weights_file
 from fastcifar.cli import app
-from fastcifar.config import SHIPPED_WEIGHTS, Device, PredictConfig
+from fastcifar.command_config import SHIPPED_WEIGHTS, PredictConfig
+from fastcifar.config import Device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
 from fastcifar.prediction import predict
@@ -192,10 +193,10 @@ def test_default_weights_are_the_shipped_file_with_a_clear_error_when_absent(tmp
     in_checkout = SHIPPED_WEIGHTS.resolve()
     assert in_checkout.parts[-2:] == ("weights", "custresnet-cifar10.safetensors")
     assert (in_checkout.parent.parent / "fastcifar" / "prediction.py").is_file()  # repo root
-    import fastcifar.config
+    import fastcifar.command_config
 
     absent = tmp_path / "weights" / "custresnet-cifar10.safetensors"
-    monkeypatch.setattr(fastcifar.config, "SHIPPED_WEIGHTS", absent)
+    monkeypatch.setattr(fastcifar.command_config, "SHIPPED_WEIGHTS", absent)
     with pytest.raises(FastCifarError, match="no shipped weights at .*: pass --weights") as error:
         PredictConfig(paths=(tmp_path,), weights=absent)
     assert "\n" not in str(error.value)

@@ -13,15 +13,7 @@ import pytest
 import torch
 
 from fastcifar.checkpoint import load_checkpoint, read_weights_file
-from fastcifar.config import (
-    NO_AUGMENT,
-    AugmentConfig,
-    Device,
-    LoaderConfig,
-    Precision,
-    TrainConfig,
-    recipe,
-)
+from fastcifar.config import NO_AUGMENT, AugmentConfig, Device, LoaderConfig, Precision, TrainConfig, recipe
 from fastcifar.device import measure_precision, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
@@ -417,7 +409,7 @@ def test_threaded_sigterm_exit_code_is_143(tiny_dataset, tmp_path):
 def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
     from fastcifar.device import DeviceStep
     from fastcifar.model import build_model
-    from fastcifar.training import _warm_up
+    from fastcifar.run_setup import warm_up
 
     config = tiny_config(tmp_path, tmp_path, compile=True)  # compile: the warm-up runs on CPU
     model = build_model(config, torch.device("cpu"))
@@ -425,7 +417,7 @@ def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     step = DeviceStep([120.0] * 3, [60.0] * 3, torch.device("cpu"), True)
     sample = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3)
-    _warm_up(model, model, config, torch.device("cpu"), plan_precision(Precision.fp32,
+    warm_up(model, model, config, torch.device("cpu"), plan_precision(Precision.fp32,
              torch.device("cpu")), step, sample)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastcifar.config import SHIPPED_WEIGHTS
+from fastcifar.command_config import SHIPPED_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_IN_WHEEL = "fastcifar/shipped/custresnet-cifar10.safetensors"

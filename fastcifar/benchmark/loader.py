@@ -19,12 +19,8 @@ import torch
 
 from fastcifar.atomic import atomic_path, write_json
 from fastcifar.checkpoint import machine_description
-from fastcifar.config import (
-    AugmentConfig,
-    LoaderBenchmarkConfig,
-    LoaderConfig,
-    PadMode,
-)
+from fastcifar.command_config import LoaderBenchmarkConfig
+from fastcifar.config import AugmentConfig, LoaderConfig, PadMode
 from fastcifar.data.augment import fill_colour
 from fastcifar.data.loaders import (
     DatasetMetadata,

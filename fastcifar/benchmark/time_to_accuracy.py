@@ -12,10 +12,8 @@ from pathlib import Path
 
 from fastcifar.atomic import atomic_path, write_json
 from fastcifar.checkpoint import machine_description, run_record
-from fastcifar.config import (
-    TimeToAccuracyConfig,
-    TrainConfig,
-)
+from fastcifar.command_config import TimeToAccuracyConfig
+from fastcifar.config import TrainConfig
 from fastcifar.data.loaders import (
     build_loaders,
 )
