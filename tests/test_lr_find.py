@@ -162,9 +162,17 @@ def test_range_test_uses_the_recipes_optimizer_loss_and_model(tiny_dataset, tmp_
         assert isinstance(seen["model"].prep.layers[0], WhitenedConv2d)
 
 
-def test_lr_find_default_is_the_default_training_recipe():
-    assert LrFindConfig().train == recipe(DEFAULT_RECIPE)
-    assert LrFindConfig().train.optimizer.value == "sgd"  # not the old Adam / wd 1e-4 setup
+def test_lr_find_default_is_what_train_runs_with_no_options():
+    """From Python as from the CLI, no recipe named means the same run: the range test's
+    default is the config `fastcifar train` builds from no options, and the API's."""
+    from fastcifar.api import train_config
+    from fastcifar.command_config import TimeToAccuracyConfig
+    from fastcifar.train_options import build_train_config
+
+    cli_default = build_train_config()
+    assert LrFindConfig().train == cli_default == train_config()
+    assert TimeToAccuracyConfig().train == cli_default
+    assert cli_default == recipe(DEFAULT_RECIPE)
 
 
 def test_lr_find_config_rejects_a_backwards_range():

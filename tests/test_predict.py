@@ -187,7 +187,13 @@ def test_predict_command_prints_top_k_and_json(tmp_path):
 
 def test_default_weights_are_the_shipped_file_with_a_clear_error_when_absent(tmp_path,
                                                                             monkeypatch):
-    assert PredictConfig.__dataclass_fields__["weights"].default == SHIPPED_WEIGHTS
+    image = tmp_path / "cat.png"
+    Image.fromarray(random_pixels(3)).save(image)
+    result = CliRunner().invoke(app, ["predict", str(image), "--device", "cpu"])
+    assert result.exit_code == 0, result.output  # no --weights: the shipped file predicts
+    shipped = CliRunner().invoke(app, ["predict", str(image), "--device", "cpu", "--weights",
+                                       str(SHIPPED_WEIGHTS)])
+    assert shipped.exit_code == 0 and result.output == shipped.output
     # package data, which in a checkout is the repository's weights/ file
     assert SHIPPED_WEIGHTS.parts[-3:] == ("fastcifar", "shipped", "custresnet-cifar10.safetensors")
     in_checkout = SHIPPED_WEIGHTS.resolve()
