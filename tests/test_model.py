@@ -10,9 +10,20 @@ def test_custresnet_has_exactly_6_573_130_parameters():
 
 
 def test_custresnet_maps_a_batch_to_ten_logits_in_channels_last():
-    model = CustResNet().to(memory_format=torch.channels_last).eval()
-    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    assert model(images).shape == (4, 10)
+    torch.manual_seed(0)
+    model = CustResNet().eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        contiguous = model(images)
+        each = torch.cat([model(image[None]) for image in images])
+        model.to(memory_format=torch.channels_last)
+        channels_last = model(images.contiguous(memory_format=torch.channels_last))
+    assert channels_last.shape == (4, 10)
+    # the same numbers in either memory format, each image's logits its own (eval: no batch
+    # statistics), and different images give different logits
+    torch.testing.assert_close(channels_last, contiguous, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(each, contiguous, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(contiguous[0], contiguous[1])
 
 
 def test_receptive_field_is_81_by_the_design_convention_and_88_exact():

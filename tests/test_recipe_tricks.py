@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EXPRESS, LoaderConfig, Precision, recipe
@@ -284,17 +285,45 @@ def test_express_with_every_trick_learns_saves_plain_weights_and_resumes_bit_for
         r.holdout_accuracy for r in history]
 
 
-def test_device_step_copies_blocking_even_from_pinned_buffers(monkeypatch):
-    # FFCV pins its reused batch buffers on CUDA machines: a copy from them must block.
-    calls = []
+class NonBlockingCopies(TorchFunctionMode):
+    """Records every torch call that asks for an asynchronous copy, whichever route it takes:
+    Tensor.to, Tensor.cuda, Tensor.copy_ (keyword or positional non_blocking)."""
 
-    def recording_to(self, *args, **kwargs):
-        calls.append(kwargs.get("non_blocking", False))
-        return self  # stays on the CPU: only the copy's mode is under test
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
 
-    step = DeviceStep([0.0] * 3, [1.0] * 3, torch.device("cpu"), True)
-    step.device = torch.device("cuda")  # what the loop passes on a GPU machine
-    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *args: True)
-    monkeypatch.setattr(torch.Tensor, "to", recording_to)
-    step(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
-    assert calls == [False, False]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        positional = name in ("to", "cuda", "copy_") and any(arg is True for arg in args[1:])
+        if kwargs.get("non_blocking") or positional:
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+def test_device_step_never_copies_asynchronously_and_keeps_its_batch_when_the_buffer_changes():
+    # FFCV reuses its batch buffers (pinned on CUDA machines): the CPU twin of test_gpu's
+    # pinned-buffer test. No call may ask for a non-blocking copy, and rewriting the buffer
+    # after the call, as the loader thread does, leaves the normalised batch as it was.
+    mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
+    step = DeviceStep(mean, std, torch.device("cpu"), True)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    expected = (images.float() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1)
+    with NonBlockingCopies() as copies:
+        result, _ = step(images, torch.zeros(16, dtype=torch.long))
+    images.zero_()
+    assert copies.seen == []
+    torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_the_copy_recorder_sees_each_route_to_an_asynchronous_copy():
+    source, target = torch.zeros(2), torch.empty(2)
+    with NonBlockingCopies() as copies:
+        source.to("cpu", non_blocking=True)
+        source.to("cpu", torch.float32, True)
+        target.copy_(source, non_blocking=True)
+        target.copy_(source, True)
+        source.to("cpu")
+    assert copies.seen == ["to", "to", "copy_", "copy_"]

@@ -107,11 +107,14 @@ def test_atomic_writer_gives_the_file_the_usual_mode(tmp_path):
 def test_resume_auto_finds_the_newest_checkpoint(tmp_path):
     from fastcifar.checkpoint import find_latest_checkpoint
 
-    for name in ("old", "new"):
+    # The newest by time sorts neither first nor last by name.
+    for name in ("a-older", "m-newest", "z-oldest"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "last.pt").write_bytes(b"x")
-        time.sleep(0.01)
-    assert find_latest_checkpoint(tmp_path).parent.name == "new"
+    for name, seconds_ago in (("a-older", 100), ("m-newest", 10), ("z-oldest", 1000)):
+        stamp = time.time() - seconds_ago
+        os.utime(tmp_path / name / "last.pt", (stamp, stamp))
+    assert find_latest_checkpoint(tmp_path).parent.name == "m-newest"
     with pytest.raises(FastCifarError, match="no checkpoint"):
         find_latest_checkpoint(tmp_path / "missing")
 
