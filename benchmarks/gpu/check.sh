@@ -3,8 +3,8 @@
 # .device carried (bash benchmarks/gpu/prepare_device.sh makes it here):
 #   set-up -> pytest -m gpu + repeatability -> throughput decomposition (FFCV loader, then
 #   --data-on-device) -> run cost (FLOPs and step rates per train side, progressive resizing) -> loader: FFCV path vs device-resident data -> ablation sweep on
-#   held-out images -> time-to-accuracy (the sweep's choice of express: 6-epoch budget and 24
-#   epochs, 3 seeds; seed recipe, 1 run) -> fp16 weights of a 24-epoch run (benchmarks/ship_weights.py).
+#   held-out images -> time-to-accuracy (the default recipe: 6-epoch budget and 24 epochs,
+#   3 seeds; seed recipe, 1 run) -> fp16 weights of a 24-epoch run (benchmarks/ship_weights.py).
 # Results go to benchmarks/results/gpu/DATE/ and, packed, to $OUT. Each phase is skipped when
 # too little of BUDGET_SECONDS (default 570) is left for it, so the call ends inside its limit.
 # Rehearse here with DRY_RUN=1 (the converted ./datasets, small subsets, the CPU):
@@ -73,20 +73,18 @@ sweep_seconds=$(( $(left) - 230 ))
 fits 280 sweep && $python benchmarks/recipe_sweep.py --data $data --epochs $epochs_short \
   "${sweep_small[@]}" --seconds $sweep_seconds --json "$results/sweep-${epochs_short}ep.json" \
   2>&1 | tee "$results/sweep-${epochs_short}ep.log" | grep -v "^\s*$" | tail -30
-choice=()
-if grep -q '"best": "express + muon"' "$results/sweep-${epochs_short}ep.json" 2>/dev/null; then
-  choice=(--muon-lr 0.24)
-fi
-echo "chosen on held-out images: express ${choice[*]}"
+# The test-set runs are the default recipe's, as `fastcifar train` runs it (the sweep is the
+# ablation's record; recipe changes are chosen on held-out images by tune.sh and long.sh).
+recipe=$($python -c "from fastcifar.config import DEFAULT_RECIPE; print(DEFAULT_RECIPE)")
 
 pack
 
-phase "time to accuracy: express, ${epochs_short}-epoch budget"
+phase "time to accuracy: $recipe, ${epochs_short}-epoch budget"
 short_started=$(date +%s)
 fits 60 tta-short && timeout $(( $(left) - 10 )) $python -m fastcifar benchmark time-to-accuracy \
-  --recipe express "${choice[@]}" --epochs $epochs_short --runs $runs --target 0.90 --target 0.93 \
+  --recipe "$recipe" --epochs $epochs_short --runs $runs --target 0.90 --target 0.93 \
   --eval-every-steps $eval_every --eval-steps-epochs 2 --data $data "${small[@]}" \
-  --out /tmp/tta-runs --json "$results/time-to-accuracy-express-${epochs_short}ep.json" 2>&1 \
+  --out /tmp/tta-runs --json "$results/time-to-accuracy-${recipe}-${epochs_short}ep.json" 2>&1 \
   | grep -v "^\s*$" | tail -4
 # Seconds per epoch (training, evaluations, set-up) measured just now: size what follows.
 per_epoch=$(( ($(date +%s) - short_started) / (epochs_short * runs) + 1 ))
@@ -95,16 +93,16 @@ runs_long=$(( ($(left) - 40) / (epochs_long * per_epoch) ))
 echo "about $per_epoch s per epoch: $runs_long run(s) of $epochs_long epochs fit"
 pack
 
-phase "time to accuracy: express, ${epochs_long} epochs"
+phase "time to accuracy: $recipe, ${epochs_long} epochs"
 [ $runs_long -ge 1 ] && timeout $(( $(left) - 10 )) $python -m fastcifar benchmark \
-  time-to-accuracy --recipe express "${choice[@]}" --epochs $epochs_long --runs $runs_long \
+  time-to-accuracy --recipe "$recipe" --epochs $epochs_long --runs $runs_long \
   --target 0.90 --target 0.925 --target 0.93 --target 0.94 --data $data "${small[@]}" \
-  --out /tmp/tta-runs --json "$results/time-to-accuracy-express-${epochs_long}ep.json" 2>&1 \
+  --out /tmp/tta-runs --json "$results/time-to-accuracy-${recipe}-${epochs_long}ep.json" 2>&1 \
   | grep -v "^\s*$" | tail -4
 
 phase "export weights"
 long_run=$($python -c "import json,sys; print(json.load(open(sys.argv[1]))['runs'][0]['run_dir'])" \
-  "$results/time-to-accuracy-express-${epochs_long}ep.json" 2>/dev/null)
+  "$results/time-to-accuracy-${recipe}-${epochs_long}ep.json" 2>/dev/null)
 [ -n "$long_run" ] && $python benchmarks/ship_weights.py \
   "/tmp/tta-runs/weights/$(basename "$long_run")-final.safetensors" \
   "$OUT/custresnet-cifar10.safetensors"

@@ -15,6 +15,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   small=(--train-subset 2560 --test-subset 512)
   sweep_small=(--train-subset 3072 --holdout 512 --seeds 0 --only express-progressive "+ pad 4")
   epochs_short=2; epochs_long=3; runs=1
+  score_weights=()  # scoring 10,000 test images in 6 passes takes minutes on 2 cores
   OUT=${OUT:-/tmp/long-out}; mkdir -p "$OUT"
   results=/tmp/long-results
 else
@@ -24,6 +25,7 @@ else
   python=python3; data=/tmp/datasets
   small=(); sweep_small=(--holdout 5000 --seeds 0 1)
   epochs_short=6; epochs_long=24; runs=3
+  score_weights=(--data $data)
   results=benchmarks/results/gpu/$(date -u +%Y-%m-%d)
 fi
 export PYTHONUNBUFFERED=1
@@ -62,9 +64,9 @@ import json, sys
 runs = json.load(open(sys.argv[1]))['runs']
 print(max(runs, key=lambda run: run['final_accuracy'])['run_dir'])" \
   "$results/long-time-to-accuracy-${epochs_long}ep.json" 2>/dev/null)
-[ -n "$best_run" ] && fits 20 weights && $python benchmarks/ship_weights.py \
-  "/tmp/tta-runs/weights/$(basename "$best_run")-final.safetensors" \
-  "$OUT/custresnet-cifar10.safetensors" --data $data
+[ -n "$best_run" ] && fits 20 weights && timeout $(( $(left) - 3 )) $python \
+  benchmarks/ship_weights.py "/tmp/tta-runs/weights/$(basename "$best_run")-final.safetensors" \
+  "$OUT/custresnet-cifar10.safetensors" "${score_weights[@]}"
 pack
 ls -la "$OUT"
 echo "done in $(elapsed) s"
