@@ -168,6 +168,21 @@ def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
             "wall_seconds": time.perf_counter() - started}
 
 
+def best_cell(cells: dict, candidates: list[str]) -> str | None:
+    """The candidate with the best median multi-crop held-out accuracy over the seeds that every
+    candidate run completed: a cell cut short by the time bound is not ranked by 1 seed
+    against others' 2-seed medians."""
+    ran = [name for name in candidates if cells.get(name, {}).get("runs")]
+    if not ran:
+        return None
+    common = set.intersection(*({run["seed"] for run in cells[name]["runs"]} for name in ran))
+
+    def score(name: str) -> float:
+        return summarise([run for run in cells[name]["runs"] if run["seed"] in common])["multicrop"]
+
+    return max(ran, key=score)
+
+
 def summarise(runs: list[dict]) -> dict:
     modes = ("none", "flip", "multicrop")
     return {mode: statistics.median(run["final_holdout"][mode] for run in runs) for mode in modes}
@@ -224,21 +239,23 @@ def main() -> int:
                                           if arguments.plan == "ablation" else list(options))
     cells = {name: {"changes": {key: str(value) for key, value in changes.items()},
                     "recipe": base.recipe, "runs": []} for name, (base, changes) in table.items()}
-    started, skipped = time.perf_counter(), []
+    started, skipped, last_wall = time.perf_counter(), [], 0.0
     for seed in arguments.seeds:
         for name, (base, changes) in table.items():
-            if time.perf_counter() - started > arguments.seconds:
+            # A cell that would not end inside --seconds (judged by the last one's time) is
+            # skipped, so the sweep ends within its budget.
+            if time.perf_counter() - started + last_wall > arguments.seconds:
                 skipped.append(f"{name} (seed {seed})")
                 continue
             run = run_cell(base, changes, seed, loader, arguments.epochs)
+            last_wall = run["wall_seconds"]
             cells[name]["runs"].append(run)
             print(f"{name:28s} seed {seed}: " + " ".join(
                 f"{mode} {value:.4f}" for mode, value in run["final_holdout"].items())
                 + f"  ({run['wall_seconds']:.1f} s)", flush=True)
     for cell in cells.values():
         cell["median"] = summarise(cell["runs"]) if cell["runs"] else None
-    ranked = [name for name in candidates if cells.get(name, {}).get("median")]
-    best = max(ranked, key=lambda name: cells[name]["median"]["multicrop"]) if ranked else None
+    best = best_cell(cells, candidates)
     device = select_device(FIRST_EXPRESS.device)
     report = {"benchmark": "recipe_sweep", "epochs": arguments.epochs, "seeds": arguments.seeds,
               "holdout": arguments.holdout, "train_subset": arguments.train_subset,

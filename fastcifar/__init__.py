@@ -2,7 +2,7 @@
 
 From Python: `fastcifar.convert()`, `fastcifar.train(epochs=6)`, `fastcifar.lr_find()`,
 `fastcifar.evaluate(weights)`, `fastcifar.predict(images)` (see `fastcifar.api`); the config
-objects in `fastcifar.config` give full control."""
+objects in `fastcifar.config` and `fastcifar.command_config` give full control."""
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,8 @@
 """The Python entry points, `import fastcifar`: convert, train, lr_find, evaluate and predict with
 plain keyword arguments and the default recipe. They build the same config objects the CLI does
-(`fastcifar.config`), which remain for full control. Progress shows as a tqdm bar, a widget in
-a notebook and a text bar in a terminal, with one printed line per epoch."""
+(`fastcifar.config`, `fastcifar.command_config`), which remain for full control. Progress shows
+as a tqdm bar, a widget in a notebook and a text bar in a terminal, with one printed line per
+epoch."""
 
 from __future__ import annotations
 

@@ -36,8 +36,10 @@ from fastcifar.shared_options import (
     AUGMENTATION,
     DATA,
     DEFAULT_RECIPE_NAME,
+    EVALUATION,
     OPTIMISATION,
     OPTIMIZER_HELP,
+    REGULARISATION,
     SYSTEM,
     DataOption,
     DeviceOption,
@@ -110,7 +112,7 @@ def train(
     stop_at_accuracy: Annotated[float | None, typer.Option(help="End the run once test "
                                 "accuracy reaches this (e.g. 0.90; a choice made on the test "
                                 "set, as are the -best weights).",
-                                rich_help_panel=OPTIMISATION)] = None,
+                                rich_help_panel=EVALUATION)] = None,
 ) -> None:
     """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, final and best weights saved."""
     from fastcifar.checkpoint import find_latest_checkpoint
@@ -132,7 +134,7 @@ def train(
 # ---------------------------------------------------------------- lr-find
 
 
-# The --tta choices of evaluate: config.TTA_MODES.
+# The --tta choices of evaluate: command_config.TTA_MODES.
 TTAMode = StrEnum("TTAMode", {name: name for name in TTA_MODES})
 
 
@@ -158,7 +160,7 @@ def lr_find(
     optimizer: Annotated[OptimizerName | None, typer.Option(help=OPTIMIZER_HELP,
                          rich_help_panel=OPTIMISATION)] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
-                            "recipe's).", rich_help_panel=OPTIMISATION)] = None,
+                            "recipe's).", rich_help_panel=REGULARISATION)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step; the suggestion is for "
                           "this batch size (default 512).", rich_help_panel=OPTIMISATION)
                           ] = None,

@@ -1,5 +1,5 @@
-"""Frozen settings of training (data, augmentation, loader, run), checked on creation, and
-the named training recipes; the other commands' settings are in command_config."""
+"""Frozen settings of convert and of training (augmentation, loader, run), checked on creation,
+and the named training recipes; the other commands' settings are in command_config."""
 
 from __future__ import annotations
 

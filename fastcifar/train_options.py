@@ -109,8 +109,8 @@ def optimisation_options(
                                "which the train images grow to 32 px (default: the recipe's).",
                                rich_help_panel=OPTIMISATION)] = None,
 ) -> ConfigEdit:
-    """The optimiser, its LR schedule and the batch: one rule for --optimizer (see
-    optimizer_rule), and --momentum refused where the run would ignore it."""
+    """The optimiser, its LR schedule, the batch and progressive resizing: one rule for
+    --optimizer (see optimizer_rule), and --momentum refused where the run would ignore it."""
     changes = _given(optimizer=optimizer, pct_start=pct_start, momentum=momentum,
                      muon_lr=muon_lr, muon_momentum=muon_momentum, min_lr=min_lr,
                      initial_lr_fraction=initial_lr_fraction, train_size_start=train_size_start,
@@ -284,7 +284,8 @@ def system_options(
     out: Annotated[Path, typer.Option(help="Folder that gets one run folder per run.",
                                       rich_help_panel=SYSTEM)] = Path("runs"),
 ) -> ConfigEdit:
-    """The device, precision, loader threads, seed and run folder."""
+    """The device, precision, memory format, compile, loader threads, TensorBoard, seed, run
+    folder and torchrun's local rank."""
     local_rank = _torchrun_environment()[1]
     return lambda config: dataclasses.replace(
         config, device=device, precision=precision, channels_last=channels_last,
@@ -292,7 +293,9 @@ def system_options(
         local_rank=local_rank, loader=dataclasses.replace(config.loader, workers=workers))
 
 
-# The train options by --help panel, applied in this order to the recipe_options' recipe.
+# The train options by --help panel, applied in this order to the recipe_options' recipe. Each
+# config check pairs fields of one group, so no valid end config is refused halfway; a check
+# across groups would depend on this order.
 OPTION_GROUPS: tuple[Callable[..., ConfigEdit], ...] = (
     optimisation_options, regularisation_options, network_options, evaluation_options,
     augmentation_options, data_options, system_options)

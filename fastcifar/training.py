@@ -186,7 +186,7 @@ class Run:
                 write_json(self.run_dir / "run.json", self.record)
             self.callbacks.on_precision(choice)
         warm_up(self.model, self.trained_model, self.config, self.device, self.plan,
-                 self.device_step, (images, labels))
+                self.device_step, (images, labels))
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, sums: TrainSums) -> None:
         """zero_grad -> autocast forward -> backward (scaled for fp16) -> steps -> averages."""

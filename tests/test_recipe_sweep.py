@@ -39,4 +39,20 @@ def test_a_cells_train_options_build_the_config_it_runs(monkeypatch, plan, cell)
     changes, options = cells[cell]
     swept = replace_nested(base, **changes)
     built = built_train_config(monkeypatch, "--recipe", base.recipe, *options)
-    assert replace_nested(built, loader=swept.loader, out_dir=swept.out_dir) == swept
+    assert built == swept  # loader (batch size included), augmentation, schedule: all of it
+
+
+def cell(*scores: tuple[int, float]) -> dict:
+    return {"runs": [{"seed": seed, "final_holdout": {"none": score, "flip": score,
+                                                      "multicrop": score}}
+                     for seed, score in scores]}
+
+
+def test_the_best_cell_is_ranked_over_the_seeds_every_candidate_ran():
+    # b won seed 0; a's second seed would lift its median above b's single seed, but b has no
+    # seed 1, so the ranking uses seed 0 alone.
+    cells = {"a": cell((0, 0.90), (1, 0.96)), "b": cell((0, 0.92)), "c": {"runs": []}}
+    assert sweep.best_cell(cells, ["a", "b", "c"]) == "b"
+    cells["b"] = cell((0, 0.92), (1, 0.91))
+    assert sweep.best_cell(cells, ["a", "b", "c"]) == "a"  # medians 0.93 against 0.915
+    assert sweep.best_cell({"c": {"runs": []}}, ["c"]) is None

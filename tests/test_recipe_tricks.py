@@ -287,11 +287,14 @@ def test_express_with_every_trick_learns_saves_plain_weights_and_resumes_bit_for
 
 class NonBlockingCopies(TorchFunctionMode):
     """Records every torch call that asks for an asynchronous copy, whichever route it takes:
-    Tensor.to, Tensor.cuda, Tensor.copy_ (keyword or positional non_blocking)."""
+    Tensor.to, Tensor.cuda, Tensor.copy_ (keyword or positional non_blocking). With
+    `fake_cuda`, copies aimed at CUDA return the tensor itself, so a CPU machine runs the
+    GPU path's calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, fake_cuda: bool = False) -> None:
         super().__init__()
         self.seen: list[str] = []
+        self.fake_cuda = fake_cuda
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -299,19 +302,27 @@ class NonBlockingCopies(TorchFunctionMode):
         positional = name in ("to", "cuda", "copy_") and any(arg is True for arg in args[1:])
         if kwargs.get("non_blocking") or positional:
             self.seen.append(name)
+        aimed_at_cuda = name == "cuda" or (name == "to" and any(
+            isinstance(arg, torch.device) and arg.type == "cuda" for arg in args[1:]))
+        if self.fake_cuda and aimed_at_cuda:
+            return args[0]
         return func(*args, **kwargs)
 
 
-def test_device_step_never_copies_asynchronously_and_keeps_its_batch_when_the_buffer_changes():
-    # FFCV reuses its batch buffers (pinned on CUDA machines): the CPU twin of test_gpu's
-    # pinned-buffer test. No call may ask for a non-blocking copy, and rewriting the buffer
-    # after the call, as the loader thread does, leaves the normalised batch as it was.
+def test_device_step_never_copies_asynchronously_and_keeps_its_batch_when_the_buffer_changes(
+        monkeypatch):
+    # FFCV reuses its batch buffers, pinned on CUDA machines: the CPU twin of test_gpu's
+    # pinned-buffer test. On the GPU path (a CUDA device, a pinned batch) no call may ask for
+    # a non-blocking copy, and rewriting the buffer after the call, as the loader thread does,
+    # leaves the normalised batch as it was.
     mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
     step = DeviceStep(mean, std, torch.device("cpu"), True)
+    step.device = torch.device("cuda")  # what the loop passes on a GPU machine
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *args: True)
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     expected = (images.float() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
         1, 3, 1, 1)
-    with NonBlockingCopies() as copies:
+    with NonBlockingCopies(fake_cuda=True) as copies:
         result, _ = step(images, torch.zeros(16, dtype=torch.long))
     images.zero_()
     assert copies.seen == []
@@ -327,3 +338,7 @@ def test_the_copy_recorder_sees_each_route_to_an_asynchronous_copy():
         target.copy_(source, True)
         source.to("cpu")
     assert copies.seen == ["to", "to", "copy_", "copy_"]
+    with NonBlockingCopies(fake_cuda=True) as copies:
+        assert source.to(torch.device("cuda"), non_blocking=True) is source
+        assert source.cuda(non_blocking=True) is source
+    assert copies.seen == ["to", "cuda"]

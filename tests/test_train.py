@@ -418,7 +418,7 @@ def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
     step = DeviceStep([120.0] * 3, [60.0] * 3, torch.device("cpu"), True)
     sample = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3)
     warm_up(model, model, config, torch.device("cpu"), plan_precision(Precision.fp32,
-             torch.device("cpu")), step, sample)
+            torch.device("cpu")), step, sample)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())

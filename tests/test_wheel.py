@@ -74,7 +74,7 @@ def test_an_installed_wheel_predicts_from_outside_the_checkout(wheel, tmp_path):
     image = tmp_path / "elsewhere" / "cat.png"
     image.parent.mkdir()
     Image.fromarray(np.full((32, 32, 3), 120, dtype=np.uint8)).save(image)
-    script = ("import fastcifar, fastcifar.config as c; print(fastcifar.__file__); "
+    script = ("import fastcifar, fastcifar.command_config as c; print(fastcifar.__file__); "
               f"print(c.SHIPPED_WEIGHTS); print(fastcifar.predict({str(image)!r})[0].top[0][0])")
     run = subprocess.run([str(python), "-c", script], cwd=image.parent, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": ""})

@@ -74,7 +74,7 @@ fits 280 sweep && $python benchmarks/recipe_sweep.py --data $data --epochs $epoc
   "${sweep_small[@]}" --seconds $sweep_seconds --json "$results/sweep-${epochs_short}ep.json" \
   2>&1 | tee "$results/sweep-${epochs_short}ep.log" | grep -v "^\s*$" | tail -30
 # The test-set runs are the default recipe's, as `fastcifar train` runs it (the sweep is the
-# ablation's record; recipe changes are chosen on held-out images by tune.sh and long.sh).
+# ablation's record; tune.sh and long.sh choose recipe changes on held-out images).
 recipe=$($python -c "from fastcifar.config import DEFAULT_RECIPE; print(DEFAULT_RECIPE)")
 
 pack

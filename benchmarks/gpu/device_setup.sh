@@ -15,14 +15,14 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tm
 if ls .device/ffcv-*-linux_x86_64.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/ffcv-*-linux_x86_64.whl
 else
-  started=$(date +%s)
+  setup_started=$(date +%s)
   python3 -m pip wheel -q --no-index --no-deps --no-build-isolation -w /tmp/ffcv-wheel .device/ffcv-1.0.2.tar.gz
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/ffcv-wheel/ffcv-*.whl
-  echo "ffcv built in $(( $(date +%s) - started )) s"
+  echo "ffcv built in $(( $(date +%s) - setup_started )) s"
   [ -n "${OUT:-}" ] && cp /tmp/ffcv-wheel/ffcv-*.whl "$OUT/"
 fi
 python3 -c "import ffcv, torch, numba, numpy; print('ffcv ok; torch', torch.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
 alias fastcifar="python3 -m fastcifar"
-started=$(date +%s)
+setup_started=$(date +%s)
 python3 -m fastcifar convert --source .device/cifar10-jpeg.tar.gz --out /tmp/datasets | tail -1
-echo "convert took $(( $(date +%s) - started )) s"
+echo "convert took $(( $(date +%s) - setup_started )) s"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The long-budget round in one device call (after check.sh, or on its own): recipe_sweep.py's
 # long plan (LONG_ROUND: the default recipe, + pad 4, + cutout 8/12, both, + lookahead) at 24
-# epochs on 5,000 held-out train images (2 seeds), then its choice on the test set at 24 epochs
-# x 3 seeds, then the default recipe as it is at a 6-epoch budget x 3 seeds (the short budget
-# keeps its settings), then fp16 weights of the best 24-epoch run. Each phase is skipped when too
+# epochs on 5,000 held-out train images (2 seeds), then its choice on the test set at 24 epochs,
+# one seed per call (3 seeds), fp16 weights of the best of them, then the default recipe as it
+# is at a 6-epoch budget x 3 seeds (the short budget keeps its settings). Each phase is skipped when too
 # little of BUDGET_SECONDS (default 570) is left. Results go to benchmarks/results/gpu/DATE/long-*
 # and, packed, to $OUT.
 # Rehearse here with DRY_RUN=1 (./datasets, small subsets, 2 and 3 epochs, the CPU):
@@ -30,9 +30,9 @@ else
 fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$results"
-recipe=$($python -c "from fastcifar.config import DEFAULT_RECIPE; print(DEFAULT_RECIPE)")
-tta() { timeout $(( $(left) - 5 )) $python -m fastcifar benchmark time-to-accuracy "$@" \
-  --data $data "${small[@]}" --out /tmp/tta-runs 2>&1 | grep -v "^\s*$" | tail -4; }
+tta() { timeout $(( $(left) - ${reserve:-5} )) $python -m fastcifar benchmark time-to-accuracy \
+  "$@" --data $data "${small[@]}" --out /tmp/tta-runs 2>&1 | grep -v "^\s*$" | tail -4; }
+rm -f "$results"/long-*  # a file of an earlier call is never read as this call's
 
 phase "long sweep, $epochs_long epochs (held-out images)"
 # Leave ~200 s for the test-set runs and the weights.
@@ -40,33 +40,44 @@ fits 260 long-sweep && $python benchmarks/recipe_sweep.py --plan long --data $da
   --epochs $epochs_long "${sweep_small[@]}" --seconds $(( $(left) - 200 )) \
   --json "$results/long-${epochs_long}ep.json" 2>&1 | tee "$results/long-${epochs_long}ep.log" \
   | grep -v "^\s*$" | tail -12
-read -r -a chosen < <($python -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['best_train_options'] or []))" \
-  "$results/long-${epochs_long}ep.json" 2>/dev/null)
+# The winner's recipe and train options (the default recipe as it is when the sweep did not run).
+read -r recipe chosen_text < <($python -c "
+import json, sys
+from fastcifar.config import DEFAULT_RECIPE
+try:
+    report = json.load(open(sys.argv[1]))
+    print(report['cells'][report['best']]['recipe'], ' '.join(report['best_train_options'] or []))
+except (OSError, KeyError, TypeError, ValueError):
+    print(DEFAULT_RECIPE)" "$results/long-${epochs_long}ep.json")
+read -r -a chosen <<< "${chosen_text:-}"
 echo "chosen on held-out images: $recipe ${chosen[*]}"
 pack
 
-phase "time to accuracy: $recipe ${chosen[*]}, $epochs_long epochs x $runs"
-long_started=$(date +%s)
-fits 60 tta-long && tta --recipe "$recipe" "${chosen[@]}" --epochs $epochs_long --runs $runs \
-  --eval-from-epoch $epochs_long --target 0.925 --target 0.93 \
-  --json "$results/long-time-to-accuracy-${epochs_long}ep.json"
-echo "$(( $(date +%s) - long_started )) s for $runs run(s) of $epochs_long epochs"
-pack
-
-phase "time to accuracy: $recipe, $epochs_short-epoch budget x $runs"
-fits 40 tta-short && tta --recipe "$recipe" --epochs $epochs_short --runs $runs --target 0.90 \
-  --json "$results/long-time-to-accuracy-${epochs_short}ep.json"
-pack
+# One seed per call, so a run cut short by the budget loses only itself; 60 s stay for the
+# weights and the short budget.
+for seed in $(seq 0 $(( runs - 1 ))); do
+  phase "time to accuracy: $recipe ${chosen[*]}, $epochs_long epochs, seed $seed"
+  fits 90 "tta-long-seed$seed" && reserve=60 tta --recipe "$recipe" "${chosen[@]}" \
+    --epochs $epochs_long --seed $seed --eval-from-epoch $epochs_long --target 0.925 \
+    --target 0.93 --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json"
+  pack
+done
 
 phase "fp16 weights of the best $epochs_long-epoch run"
 best_run=$($python -c "
 import json, sys
-runs = json.load(open(sys.argv[1]))['runs']
-print(max(runs, key=lambda run: run['final_accuracy'])['run_dir'])" \
-  "$results/long-time-to-accuracy-${epochs_long}ep.json" 2>/dev/null)
+runs = [run for path in sys.argv[1:] for run in json.load(open(path))['runs']]
+print(max(runs, key=lambda run: run['final_accuracy'])['run_dir'] if runs else '')" \
+  "$results"/long-time-to-accuracy-${epochs_long}ep-seed*.json 2>/dev/null)
 [ -n "$best_run" ] && fits 20 weights && timeout $(( $(left) - 3 )) $python \
   benchmarks/ship_weights.py "/tmp/tta-runs/weights/$(basename "$best_run")-final.safetensors" \
   "$OUT/custresnet-cifar10.safetensors" "${score_weights[@]}"
+pack
+
+phase "time to accuracy: default recipe, $epochs_short-epoch budget x $runs"
+default_recipe=$($python -c "from fastcifar.config import DEFAULT_RECIPE; print(DEFAULT_RECIPE)")
+fits 40 tta-short && tta --recipe "$default_recipe" --epochs $epochs_short --runs $runs \
+  --target 0.90 --json "$results/long-time-to-accuracy-${epochs_short}ep.json"
 pack
 ls -la "$OUT"
 echo "done in $(elapsed) s"

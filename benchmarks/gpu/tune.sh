@@ -31,24 +31,30 @@ $python benchmarks/recipe_sweep.py --plan $plan --data $data --epochs $epochs_sh
   "${sweep_small[@]}" --seconds $(( $(left) - 130 )) \
   --json "$results/$plan-${epochs_short}ep.json" 2>&1 | tee "$results/$plan-${epochs_short}ep.log" \
   | grep -v "^\s*$" | tail -16
-read -r -a chosen < <($python -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['best_train_options'] or []))" \
+# The winner's recipe (the round's base: express for muon/tuning, express-muon for resize,
+# express-progressive for long) and its train options.
+read -r recipe chosen_text < <($python -c "
+import json, sys
+report = json.load(open(sys.argv[1]))
+print(report['cells'][report['best']]['recipe'], ' '.join(report['best_train_options'] or []))" \
   "$results/$plan-${epochs_short}ep.json")
-echo "chosen on held-out images: express ${chosen[*]}"
+read -r -a chosen <<< "${chosen_text:-}"
+echo "chosen on held-out images: ${recipe:=express} ${chosen[*]}"
 pack
 
-phase "time to accuracy: tuned express, ${epochs_short}-epoch budget"
+phase "time to accuracy: $recipe ${chosen[*]}, ${epochs_short}-epoch budget"
 short_started=$(date +%s)
 fits 50 tta-short && timeout $(( $(left) - 5 )) $python -m fastcifar benchmark time-to-accuracy \
-  --recipe express "${chosen[@]}" --epochs $epochs_short --runs $runs --target 0.90 \
+  --recipe "$recipe" "${chosen[@]}" --epochs $epochs_short --runs $runs --target 0.90 \
   --target 0.93 --eval-every-steps $eval_every --eval-steps-epochs 2 --data $data "${small[@]}" \
   --out /tmp/tta-runs --json "$results/$plan-time-to-accuracy-${epochs_short}ep.json" 2>&1 \
   | grep -v "^\s*$" | tail -4
 per_epoch=$(( ($(date +%s) - short_started) / (epochs_short * runs) + 1 ))
 pack
 
-phase "time to accuracy: tuned express, ${epochs_long} epochs"
+phase "time to accuracy: $recipe ${chosen[*]}, ${epochs_long} epochs"
 [ "$(left)" -gt $(( epochs_long * per_epoch + 10 )) ] && timeout $(( $(left) - 5 )) \
-  $python -m fastcifar benchmark time-to-accuracy --recipe express "${chosen[@]}" \
+  $python -m fastcifar benchmark time-to-accuracy --recipe "$recipe" "${chosen[@]}" \
   --epochs $epochs_long --runs 1 --seed 3 --target 0.90 --target 0.925 --target 0.93 \
   --data $data "${small[@]}" --out /tmp/tta-runs \
   --json "$results/$plan-time-to-accuracy-${epochs_long}ep.json" 2>&1 | grep -v "^\s*$" | tail -3
