@@ -6,15 +6,15 @@
 # is at a 6-epoch budget x 3 seeds (the short budget keeps its settings). Each phase is skipped when too
 # little of BUDGET_SECONDS (default 570) is left. Results go to benchmarks/results/gpu/DATE/long-*
 # and, packed, to $OUT.
-# Rehearse here with DRY_RUN=1 (./datasets, small subsets, 2 and 3 epochs, the CPU):
+# Rehearse here with DRY_RUN=1 (./datasets, small subsets, 2 epochs, 2 seeds, the CPU):
 #   DRY_RUN=1 bash benchmarks/gpu/long.sh
 set -uo pipefail
 source benchmarks/gpu/budget.sh
 if [ "${DRY_RUN:-0}" = 1 ]; then
   python=.venv/bin/python; data=datasets
-  small=(--train-subset 2560 --test-subset 512)
-  sweep_small=(--train-subset 3072 --holdout 512 --seeds 0 --only express-progressive "+ pad 4")
-  epochs_short=2; epochs_long=3; runs=1
+  small=(--train-subset 1024 --test-subset 256)
+  sweep_small=(--train-subset 1536 --holdout 512 --seeds 0 --only express-progressive "+ pad 4")
+  epochs_short=2; epochs_long=2; runs=2
   score_weights=()  # scoring 10,000 test images in 6 passes takes minutes on 2 cores
   OUT=${OUT:-/tmp/long-out}; mkdir -p "$OUT"
   results=/tmp/long-results
