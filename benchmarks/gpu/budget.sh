@@ -9,3 +9,10 @@ fits() {  # fits SECONDS NAME: run the phase only when SECONDS are left
   if [ "$(left)" -lt "$1" ]; then echo "== skipped $2: $(left) s left, needs $1"; return 1; fi
 }
 pack() { tar -czf "$OUT/results.tar.gz" "$results" /tmp/tta-runs/*/metrics.json 2>/dev/null; }
+set_up_device() {  # the device machine: wheels installed, FFCV built, data converted
+  phase "set-up"
+  source benchmarks/gpu/device_setup.sh || exit 1
+  set +e
+  python=python3; data=/tmp/datasets
+  results=benchmarks/results/gpu/$(date -u +%Y-%m-%d)
+}

@@ -23,11 +23,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   OUT=${OUT:-/tmp/check-out}
   mkdir -p "$OUT"
 else
-  phase "set-up"
-  source benchmarks/gpu/device_setup.sh || exit 1
-  set +e
-  python=python3
-  data=/tmp/datasets
+  set_up_device
   small=()
   decomposition_subset=()
   loader_small=()

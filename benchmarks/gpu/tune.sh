@@ -14,13 +14,9 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   OUT=${OUT:-/tmp/tune-out}; mkdir -p "$OUT"
   results=/tmp/tune-results
 else
-  phase "set-up"
-  source benchmarks/gpu/device_setup.sh || exit 1
-  set +e
-  python=python3; data=/tmp/datasets
+  set_up_device
   small=(); sweep_small=(--holdout 5000 --seeds 0 1)
   epochs_short=6; epochs_long=24; runs=3; eval_every=20
-  results=benchmarks/results/gpu/$(date -u +%Y-%m-%d)
 fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$results"
