@@ -58,6 +58,10 @@ for seed in $(seq 0 $(( runs - 1 ))); do
     --target 0.93 --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json"
   pack
 done
+# The seeds' median in one record (each row names its machine, date and commit).
+compgen -G "$results/long-time-to-accuracy-${epochs_long}ep-seed*.json" > /dev/null && \
+  $python benchmarks/seed_median.py "$results"/long-time-to-accuracy-${epochs_long}ep-seed*.json \
+  --out "$results/long-median-${epochs_long}ep" 2>&1 | tail -2
 
 phase "fp16 weights of the best $epochs_long-epoch run"
 best_run=$($python -c "
