@@ -105,7 +105,7 @@ def main() -> int:
     try:
         records = [(str(path), json.loads(path.read_text())) for path in arguments.records]
         report = summary(records)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     command = "python benchmarks/seed_median.py " + " ".join(sys.argv[1:])

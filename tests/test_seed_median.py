@@ -89,3 +89,12 @@ def test_main_writes_both_files_or_none(tmp_path, monkeypatch, capsys):
     assert seed_median.main() == 1
     assert "trains other settings" in capsys.readouterr().err
     assert not list(tmp_path.glob("refused*"))
+
+
+def test_a_record_that_is_not_an_object_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    monkeypatch.setattr("sys.argv", ["seed_median.py", str(bad), "--out", str(tmp_path / "m")])
+    assert seed_median.main() == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not list(tmp_path.glob("m.*"))
