@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The long-budget round in one device call (after check.sh, or on its own): recipe_sweep.py's
-# long plan (LONG_ROUND: the default recipe, + pad 4, + cutout 8/12, both, + lookahead) at 24
-# epochs on 5,000 held-out train images (2 seeds), then its choice on the test set at 24 epochs,
-# one seed per call (3 seeds), fp16 weights of the best of them, then the default recipe as it
-# is at a 6-epoch budget x 3 seeds (the short budget keeps its settings). Each phase is skipped when too
-# little of BUDGET_SECONDS (default 570) is left. Results go to benchmarks/results/gpu/DATE/long-*
-# and, packed, to $OUT.
+# The long-budget round in one device call (after check.sh, or on its own): the CUDA tests, then
+# recipe_sweep.py's long plan (LONG_ROUND: the default recipe, + pad 4, + cutout 8/12, both,
+# + lookahead) at 24 epochs on 5,000 held-out train images (2 seeds), then its choice on the test
+# set at 24 epochs, one seed per call (3 seeds), fp16 weights of the best of them, then the
+# default recipe as it is at a 6-epoch budget x 3 seeds (the short budget keeps its settings).
+# Each phase is skipped when too little of BUDGET_SECONDS (default 570) is left. Results go to
+# benchmarks/results/gpu/DATE/long-* and, packed, to $OUT.
 # Rehearse here with DRY_RUN=1 (./datasets, small subsets, 2 epochs, 2 seeds, the CPU):
 #   DRY_RUN=1 bash benchmarks/gpu/long.sh
 set -uo pipefail
@@ -30,10 +30,18 @@ tta() { timeout $(( $(left) - ${reserve:-5} )) $python -m fastcifar benchmark ti
   "$@" --data $data "${small[@]}" --out /tmp/tta-runs 2>&1 | grep -v "^\s*$" | tail -4; }
 rm -f "$results"/long-*  # a file of an earlier call is never read as this call's
 
+phase "gpu tests"
+# The CUDA paths' own tests first (skipped on the CPU): a broken path shows here, not as a
+# puzzling run below. torch.compile's test (~30 s of compiling) is left to check.sh.
+fits 480 gpu-tests && timeout 120 $python -m pytest -q -m gpu tests/test_gpu.py \
+  -k "not compiled" 2>&1 \
+  | tee "$results/long-pytest-gpu.log" | tail -3
+
 phase "long sweep, $epochs_long epochs (held-out images)"
-# Leave ~200 s for the test-set runs and the weights.
+# Leave ~230 s for the test-set runs (~55 s each at 24 epochs on an H100), the weights and the
+# short budget.
 fits 260 long-sweep && $python benchmarks/recipe_sweep.py --plan long --data $data \
-  --epochs $epochs_long "${sweep_small[@]}" --seconds $(( $(left) - 200 )) \
+  --epochs $epochs_long "${sweep_small[@]}" --seconds $(( $(left) - 230 )) \
   --json "$results/long-${epochs_long}ep.json" 2>&1 | tee "$results/long-${epochs_long}ep.log" \
   | grep -v "^\s*$" | tail -12
 # The winner's recipe and train options (the default recipe as it is when the sweep did not run).

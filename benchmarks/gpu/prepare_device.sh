@@ -20,6 +20,9 @@ runtime="libopencv-core406 libopencv-imgproc406 libturbojpeg0 libturbojpeg0-dev 
 for deb in .device/debs/*.deb; do dpkg -x "$deb" .device/sysroot; done
 # Keep headers, .so files and pkg-config files; drop docs and static archives.
 rm -rf .device/sysroot/usr/share .device/sysroot/usr/lib/x86_64-linux-gnu/*.a
+# The device-side CUDA headers: nothing opencv2/opencv.hpp reaches includes them, and the
+# carried tree must stay under the device's 64 MiB with the tracked weights file.
+rm -rf .device/sysroot/usr/include/opencv4/opencv2/core/cuda
 find .device/sysroot/usr/lib/x86_64-linux-gnu -name 'libopencv_*' \
   ! -name 'libopencv_core*' ! -name 'libopencv_imgproc*' -delete
 # FFCV only calls cv::resize: link core + imgproc rather than every module opencv4.pc names.
@@ -49,3 +52,7 @@ for package in fastargs terminaltables assertpy pytorch-pfn-extras torch-lr-find
 done
 cp -f ../shared/datasets/cifar10-jpeg.tar.gz .device/
 du -sh .device .device/*
+# What travels: the tracked files (a link as a link) and .device, at most 64 MiB in all.
+travel=$(( $(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s}') + $(find .device -type f -printf '%s\n' | awk '{s += $1} END {print s}') ))
+echo "travels $(( travel / 1048576 )) MiB of 64"
+[ $travel -le $(( 64 * 1048576 )) ] || { echo "error: the tree and .device exceed 64 MiB" >&2; exit 1; }
