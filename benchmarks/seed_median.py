@@ -18,7 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from fastcifar.atomic import write_json, write_text
+from fastcifar.atomic import write_texts
+from fastcifar.errors import WriteFailed
 
 # Config keys that say where a run wrote or how often it was scored, not what it trained.
 NOT_TRAINING = {"seed", "out_dir", "weights_dir", "resume", "local_rank", "make_plots",
@@ -96,6 +97,19 @@ def markdown(report: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def output_paths(out: Path) -> tuple[Path, Path]:
+    """OUT.json and OUT.md; a dot inside OUT's name is kept, a given .json or .md is dropped."""
+    stem = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
+
+
+def write_pair(out: Path, report: dict, command: str) -> None:
+    """Write OUT.json and OUT.md as a pair (neither is new if either write fails)."""
+    json_path, markdown_path = output_paths(out)
+    write_texts({json_path: json.dumps({**report, "command": command}, indent=2) + "\n",
+                 markdown_path: markdown(report, command)})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,8 +123,11 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     command = "python benchmarks/seed_median.py " + " ".join(sys.argv[1:])
-    write_json(arguments.out.with_suffix(".json"), {**report, "command": command})
-    write_text(arguments.out.with_suffix(".md"), markdown(report, command))
+    try:
+        write_pair(arguments.out, report, command)
+    except WriteFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     print(f"median final accuracy {report['median_final_accuracy']:.2%} over "
           f"{len(report['runs'])} seed(s)")
     return 0

@@ -80,6 +80,14 @@ def write_text(path: Path, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
+def write_texts(files: dict[Path, str]) -> None:
+    """Write several text files as a set: every one is written before any is renamed into
+    place, so a failed write (a full disk) leaves none of them new."""
+    with contextlib.ExitStack() as stack:
+        for path, text in files.items():
+            stack.enter_context(atomic_path(path)).write_text(text, encoding="utf-8")
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write bytes atomically."""
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:

@@ -325,3 +325,21 @@ def test_a_benchmark_report_on_a_full_disk_ends_in_one_line(tiny_dataset, tmp_pa
     (line,) = error_lines(result)
     assert "could not write" in line and "No space left on device" in line
     assert no_temporary_files(tmp_path)
+
+
+def test_a_set_of_files_on_a_full_disk_leaves_none_of_them_new(tmp_path, monkeypatch):
+    """write_texts writes every file before renaming any: a failed write keeps the old set."""
+    old = {tmp_path / "median.json": "old json", tmp_path / "median.md": "old table"}
+    atomic_module.write_texts(old)
+    real_write_text = Path.write_text
+
+    def second_write_fails(self: Path, text: str, *args, **kwargs) -> int:
+        if self.name.startswith(".median.md."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", second_write_fails)
+    with pytest.raises(WriteFailed, match="No space left on device"):
+        atomic_module.write_texts({path: "new" for path in old})
+    assert {path: path.read_text() for path in old} == old
+    assert no_temporary_files(tmp_path)

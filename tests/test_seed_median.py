@@ -98,3 +98,26 @@ def test_a_record_that_is_not_an_object_is_a_one_line_error(tmp_path, monkeypatc
     assert seed_median.main() == 1
     assert capsys.readouterr().err.startswith("error: ")
     assert not list(tmp_path.glob("m.*"))
+
+
+@pytest.mark.parametrize("out, written", [("median.24ep", "median.24ep"), ("m.json", "m"),
+                                          ("m.md", "m")])
+def test_out_keeps_a_dot_in_its_name(tmp_path, monkeypatch, out, written):
+    path = tmp_path / "seed0.json"
+    path.write_text(json.dumps(record(0, 0.92)))
+    monkeypatch.setattr("sys.argv", ["seed_median.py", str(path), "--out", str(tmp_path / out)])
+    assert seed_median.main() == 0
+    assert sorted(p.name for p in tmp_path.glob(f"{written}.*")) == [f"{written}.json",
+                                                                      f"{written}.md"]
+
+
+def test_a_failed_write_is_a_one_line_machine_fault(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "seed0.json"
+    path.write_text(json.dumps(record(0, 0.92)))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setattr("sys.argv", ["seed_median.py", str(path), "--out",
+                                     str(blocked / "median")])
+    assert seed_median.main() == 74
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: could not write")
