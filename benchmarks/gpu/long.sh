@@ -2,10 +2,17 @@
 # The long-budget round in one device call (after check.sh, or on its own): the CUDA tests, then
 # recipe_sweep.py's long plan (LONG_ROUND: the default recipe, + pad 4, + cutout 8/12, both,
 # + lookahead) at 24 epochs on 5,000 held-out train images (2 seeds), then its choice on the test
-# set at 24 epochs, one seed per call (3 seeds), fp16 weights of the best of them, then the
-# default recipe as it is at a 6-epoch budget x 3 seeds (the short budget keeps its settings).
+# set at 24 epochs, one seed per call (3 seeds), the default recipe as it is at a 6-epoch budget
+# x 3 seeds (the short budget keeps its settings), then fp16 weights of the best 24-epoch run.
 # Each phase is skipped when too little of BUDGET_SECONDS (default 570) is left. Results go to
 # benchmarks/results/gpu/DATE/long-* and, packed, to $OUT.
+# One call does not hold it all on an H200 (2026-11-28: ~70 s per 24-epoch run, sweep cell or
+# test-set seed), so LONG_PART picks a part: `all` (default; the sweep gets what the test-set
+# runs leave), `sweep` (the CUDA tests and the sweep, with the whole budget) or `testset` (no
+# sweep: the default recipe plus LONG_OPTIONS, e.g. LONG_OPTIONS="--pad 4 --cutout 12").
+# The weights come back unscored: scoring 10,000 images in three TTA modes in fp32 on the CPU
+# took over 70 s there. Score them here, the file as both paths:
+#   python benchmarks/ship_weights.py FILE FILE --data datasets
 # Rehearse here with DRY_RUN=1 (./datasets, small subsets, 2 epochs, 2 seeds, the CPU):
 #   DRY_RUN=1 bash benchmarks/gpu/long.sh
 set -uo pipefail
@@ -15,16 +22,16 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   small=(--train-subset 1024 --test-subset 256)
   sweep_small=(--train-subset 1536 --holdout 512 --seeds 0 --only express-progressive "+ pad 4")
   epochs_short=2; epochs_long=2; runs=2
-  score_weights=()  # scoring 10,000 test images in 6 passes takes minutes on 2 cores
   OUT=${OUT:-/tmp/long-out}; mkdir -p "$OUT"
   results=/tmp/long-results
 else
   set_up_device
   small=(); sweep_small=(--holdout 5000 --seeds 0 1)
   epochs_short=6; epochs_long=24; runs=3
-  score_weights=(--data $data)
 fi
 export PYTHONUNBUFFERED=1
+part=${LONG_PART:-all}
+case $part in all|sweep|testset) ;; *) echo "error: LONG_PART is all, sweep or testset" >&2; exit 2;; esac
 mkdir -p "$results"
 tta() { timeout $(( $(left) - ${reserve:-5} )) $python -m fastcifar benchmark time-to-accuracy \
   "$@" --data $data "${small[@]}" --out /tmp/tta-runs 2>&1 | grep -v "^\s*$" | tail -4; }
@@ -38,10 +45,12 @@ fits 480 gpu-tests && timeout 120 $python -m pytest -q -m gpu tests/test_gpu.py 
   | tee "$results/long-pytest-gpu.log" | tail -3
 
 phase "long sweep, $epochs_long epochs (held-out images)"
-# Leave ~230 s for the test-set runs (~55 s each at 24 epochs on an H100), the weights and the
-# short budget.
-fits 260 long-sweep && $python benchmarks/recipe_sweep.py --plan long --data $data \
-  --epochs $epochs_long "${sweep_small[@]}" --seconds $(( $(left) - 230 )) \
+# In `all`, leave ~320 s for three test-set runs (~73 s each on an H200), the short budget
+# (~80 s) and the weights.
+reserve_for_testset=0; [ $part = all ] && reserve_for_testset=320
+[ $part != testset ] && fits $(( reserve_for_testset + 30 )) long-sweep && $python \
+  benchmarks/recipe_sweep.py --plan long --data $data \
+  --epochs $epochs_long "${sweep_small[@]}" --seconds $(( $(left) - reserve_for_testset )) \
   --json "$results/long-${epochs_long}ep.json" 2>&1 | tee "$results/long-${epochs_long}ep.log" \
   | grep -v "^\s*$" | tail -12
 # The winner's recipe and train options (the default recipe as it is when the sweep did not run).
@@ -54,14 +63,16 @@ try:
 except (OSError, KeyError, TypeError, ValueError):
     print(DEFAULT_RECIPE)" "$results/long-${epochs_long}ep.json")
 read -r -a chosen <<< "${chosen_text:-}"
-echo "chosen on held-out images: $recipe ${chosen[*]}"
+[ $part = testset ] && read -r -a chosen <<< "${LONG_OPTIONS:-}"
+echo "chosen: $recipe ${chosen[*]}"
 pack
+[ $part = sweep ] && { ls -la "$OUT"; echo "done in $(elapsed) s"; exit 0; }
 
-# One seed per call, so a run cut short by the budget loses only itself; 60 s stay for the
-# weights and the short budget.
+# One seed per call, so a run cut short by the budget loses only itself; 95 s stay for the
+# short budget and the weights.
 for seed in $(seq 0 $(( runs - 1 ))); do
   phase "time to accuracy: $recipe ${chosen[*]}, $epochs_long epochs, seed $seed"
-  fits 90 "tta-long-seed$seed" && reserve=60 tta --recipe "$recipe" "${chosen[@]}" \
+  fits 170 "tta-long-seed$seed" && reserve=95 tta --recipe "$recipe" "${chosen[@]}" \
     --epochs $epochs_long --seed $seed --eval-from-epoch $epochs_long --target 0.925 \
     --target 0.93 --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json"
   pack
@@ -71,21 +82,22 @@ compgen -G "$results/long-time-to-accuracy-${epochs_long}ep-seed*.json" > /dev/n
   $python benchmarks/seed_median.py "$results"/long-time-to-accuracy-${epochs_long}ep-seed*.json \
   --out "$results/long-median-${epochs_long}ep" 2>&1 | tail -2
 
+phase "time to accuracy: default recipe, $epochs_short-epoch budget x $runs"
+default_recipe=$($python -c "from fastcifar.config import DEFAULT_RECIPE; print(DEFAULT_RECIPE)")
+fits 40 tta-short && tta --recipe "$default_recipe" --epochs $epochs_short --runs $runs \
+  --target 0.90 --json "$results/long-time-to-accuracy-${epochs_short}ep.json"
+pack
+
 phase "fp16 weights of the best $epochs_long-epoch run"
 best_run=$($python -c "
 import json, sys
 runs = [run for path in sys.argv[1:] for run in json.load(open(path))['runs']]
 print(max(runs, key=lambda run: run['final_accuracy'])['run_dir'] if runs else '')" \
   "$results"/long-time-to-accuracy-${epochs_long}ep-seed*.json 2>/dev/null)
-[ -n "$best_run" ] && fits 20 weights && timeout $(( $(left) - 3 )) $python \
+[ -n "$best_run" ] && fits 15 weights && timeout $(( $(left) - 3 )) $python \
   benchmarks/ship_weights.py "/tmp/tta-runs/weights/$(basename "$best_run")-final.safetensors" \
-  "$OUT/custresnet-cifar10.safetensors" "${score_weights[@]}"
+  "$OUT/custresnet-cifar10.safetensors"
 pack
 
-phase "time to accuracy: default recipe, $epochs_short-epoch budget x $runs"
-default_recipe=$($python -c "from fastcifar.config import DEFAULT_RECIPE; print(DEFAULT_RECIPE)")
-fits 40 tta-short && tta --recipe "$default_recipe" --epochs $epochs_short --runs $runs \
-  --target 0.90 --json "$results/long-time-to-accuracy-${epochs_short}ep.json"
-pack
 ls -la "$OUT"
 echo "done in $(elapsed) s"
