@@ -56,3 +56,13 @@ def test_the_best_cell_is_ranked_over_the_seeds_every_candidate_ran():
     cells["b"] = cell((0, 0.92), (1, 0.91))
     assert sweep.best_cell(cells, ["a", "b", "c"]) == "a"  # medians 0.93 against 0.915
     assert sweep.best_cell({"c": {"runs": []}}, ["c"]) is None
+
+
+def test_a_misspelt_cell_name_is_refused_before_anything_runs(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("sys.argv", ["recipe_sweep.py", "--plan", "long", "--only", "+ pad4",
+                                     "--data", str(tmp_path), "--json", str(tmp_path / "s.json")])
+    with pytest.raises(SystemExit) as stopped:
+        sweep.main()
+    assert stopped.value.code == 2
+    assert "--only names no cell of this plan: + pad4" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()

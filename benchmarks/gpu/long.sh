@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long-budget round in one device call (after check.sh, or on its own): the CUDA tests, then
 # recipe_sweep.py's long plan (LONG_ROUND: the default recipe, + pad 4, + cutout 8/12, both,
-# + lookahead) at 24 epochs on 5,000 held-out train images (2 seeds), then its choice on the test
+# + lookahead, both + lookahead, 32 px throughout) at 24 epochs on 5,000 held-out train images (2 seeds), then its choice on the test
 # set at 24 epochs, one seed per call (3 seeds), the default recipe as it is at a 6-epoch budget
 # x 3 seeds (the short budget keeps its settings), then fp16 weights of the best 24-epoch run.
 # Each phase is skipped when too little of BUDGET_SECONDS (default 570) is left. Results go to
@@ -10,6 +10,7 @@
 # test-set seed), so LONG_PART picks a part: `all` (default; the sweep gets what the test-set
 # runs leave), `sweep` (the CUDA tests and the sweep, with the whole budget) or `testset` (no
 # sweep: the default recipe plus LONG_OPTIONS, e.g. LONG_OPTIONS="--pad 4 --cutout 12").
+# LONG_CELLS picks the sweep's cells, ';' between names: LONG_CELLS="+ lookahead;32 px throughout".
 # The weights come back unscored: scoring 10,000 images in three TTA modes in fp32 on the CPU
 # took over 70 s there. Score them here, the file as both paths:
 #   python benchmarks/ship_weights.py FILE FILE --data datasets
@@ -31,6 +32,10 @@ else
 fi
 export PYTHONUNBUFFERED=1
 part=${LONG_PART:-all}
+if [ -n "${LONG_CELLS:-}" ]; then
+  IFS=';' read -r -a cells <<< "$LONG_CELLS"
+  sweep_small+=(--only "${cells[@]}")
+fi
 case $part in all|sweep|testset) ;; *) echo "error: LONG_PART is all, sweep or testset" >&2; exit 2;; esac
 mkdir -p "$results"
 tta() { timeout $(( $(left) - ${reserve:-5} )) $python -m fastcifar benchmark time-to-accuracy \
