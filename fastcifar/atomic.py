@@ -20,7 +20,15 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
     The body writes the temporary file with Python's own file objects (not a library's
     C-level writer), so that a failed write surfaces here as an OSError."""
-    final = Path(final)
+    with _temporary_beside(Path(final)) as temporary:
+        yield temporary
+        _commit(temporary, Path(final))
+
+
+@contextlib.contextmanager
+def _temporary_beside(final: Path) -> Iterator[Path]:
+    """A fresh temporary file beside `final`, removed at the end unless renamed; an OSError
+    inside becomes a WriteFailed naming `final`."""
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -30,7 +38,6 @@ def atomic_path(final: Path) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
-        _commit(temporary, final)
     except OSError as error:
         raise WriteFailed(final, _cause(error)) from None
     finally:
@@ -40,10 +47,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def _commit(temporary: Path, final: Path) -> None:
     """fsync the written file, give it the usual mode and rename it over `final`. (Tests make
     this raise ENOSPC or EACCES to stand for a machine fault at any write.)"""
+    _make_durable(temporary)
+    _put_in_place(temporary, final)
+
+
+def _make_durable(temporary: Path) -> None:
+    """fsync the written file and give it the mode a plain open() would (mkstemp's is 0600)."""
     with open(temporary, "rb+") as written:
         os.fsync(written.fileno())
-    # mkstemp makes the file private (0600); give it the mode a plain open() would.
     os.chmod(temporary, _new_file_mode())
+
+
+def _put_in_place(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
     _fsync_directory(final.parent)
 
@@ -81,11 +96,18 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_texts(files: dict[Path, str]) -> None:
-    """Write several text files as a set: every one is written before any is renamed into
-    place, so a failed write (a full disk) leaves none of them new."""
+    """Write several text files as a set: every one is written and fsynced before any is
+    renamed into place, so a full disk or a failed fsync leaves none of them new. (Only a
+    rename failing between two renames, say the folder taken away, could split the set.)"""
     with contextlib.ExitStack() as stack:
+        written = []
         for path, text in files.items():
-            stack.enter_context(atomic_path(path)).write_text(text, encoding="utf-8")
+            temporary = stack.enter_context(_temporary_beside(Path(path)))
+            temporary.write_text(text, encoding="utf-8")
+            _make_durable(temporary)
+            written.append((temporary, Path(path)))
+        for temporary, path in written:
+            _put_in_place(temporary, path)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

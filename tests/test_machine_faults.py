@@ -327,18 +327,27 @@ def test_a_benchmark_report_on_a_full_disk_ends_in_one_line(tiny_dataset, tmp_pa
     assert no_temporary_files(tmp_path)
 
 
-def test_a_set_of_files_on_a_full_disk_leaves_none_of_them_new(tmp_path, monkeypatch):
-    """write_texts writes every file before renaming any: a failed write keeps the old set."""
+@pytest.mark.parametrize("fault_at", ["write", "fsync"])
+def test_a_set_of_files_on_a_full_disk_leaves_none_of_them_new(tmp_path, monkeypatch, fault_at):
+    """write_texts writes and fsyncs every file before renaming any: a fault keeps the old set."""
     old = {tmp_path / "median.json": "old json", tmp_path / "median.md": "old table"}
     atomic_module.write_texts(old)
-    real_write_text = Path.write_text
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_write_text, real_make_durable = Path.write_text, atomic_module._make_durable
 
-    def second_write_fails(self: Path, text: str, *args, **kwargs) -> int:
-        if self.name.startswith(".median.md."):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def write_text(self: Path, text: str, *args, **kwargs) -> int:
+        if fault_at == "write" and self.name.startswith(".median.md."):
+            raise full
         return real_write_text(self, text, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", second_write_fails)
+    def make_durable(temporary: Path) -> None:
+        # The file renamed last where each is committed on its own context's exit.
+        if fault_at == "fsync" and temporary.name.startswith(".median.json."):
+            raise full
+        real_make_durable(temporary)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(atomic_module, "_make_durable", make_durable)
     with pytest.raises(WriteFailed, match="No space left on device"):
         atomic_module.write_texts({path: "new" for path in old})
     assert {path: path.read_text() for path in old} == old
