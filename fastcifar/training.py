@@ -35,6 +35,7 @@ from fastcifar.device import (
     measures_precision,
     plan_precision,
     select_device,
+    untimed_cpu_precision,
 )
 from fastcifar.distributed import (
     Distributed,
@@ -123,13 +124,22 @@ class Run:
 
     def _plan_precision(self, plan: PrecisionPlan, resume_state: dict | None) -> None:
         """auto on the CPU: fp32 or bf16, whichever trains faster on the first batch (timed
-        there, off the clock); a resumed run keeps the precision its checkpoint trained in."""
+        there, off the clock) unless the run is too short to repay the timing; a resumed run
+        keeps the precision its checkpoint trained in."""
         config, device = self.config, self.device
         self.plan = plan
-        self.measure_precision = measures_precision(config.precision, device)
-        if self.measure_precision and resume_state is not None:
+        auto_on_cpu = measures_precision(config.precision, device)
+        steps = config.epochs * self.steps_per_epoch
+        self.measure_precision = measures_precision(config.precision, device, steps)
+        if auto_on_cpu and resume_state is not None:
             self.measure_precision = False
             self.plan = plan_precision(Precision(resume_state.get("precision", "fp32")), device)
+        self.precision_label = ("auto (timed at the first batch)" if self.measure_precision
+                                else self.plan.name)
+        if auto_on_cpu and resume_state is None and not self.measure_precision:
+            self.plan = untimed_cpu_precision()
+            self.precision_label = (f"{self.plan.name} (auto, untimed: {steps} steps are too few "
+                                    f"to repay timing fp32 against bf16)")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
         self.record = run_record(config, device, "auto (timed at the first batch)"
                                  if self.measure_precision else self.plan.name)
@@ -384,7 +394,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             if distributed.is_main:
                 write_json(run.run_dir / "run.json", run.record)
             callbacks.on_train_start(config, run.steps_per_epoch, device,
-                                     run.record["precision"], run.run_dir)
+                                     run.precision_label, run.run_dir)
             # Every rank traps the signals; under torchrun they agree on the step to stop at.
             with stop_on_signals(handle_signals) as stop:
                 reached = train_epochs(run, stop)

@@ -14,7 +14,13 @@ import torch
 
 from fastcifar.checkpoint import load_checkpoint, read_weights_file
 from fastcifar.config import NO_AUGMENT, AugmentConfig, Device, LoaderConfig, Precision, TrainConfig, recipe
-from fastcifar.device import measure_precision, plan_precision, select_device
+from fastcifar.device import (
+    MIN_STEPS_TO_TIME_PRECISION,
+    measure_precision,
+    plan_precision,
+    select_device,
+    untimed_cpu_precision,
+)
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
 from fastcifar.training import Run, TrainCallbacks, TrainingInterrupted, train
@@ -330,7 +336,9 @@ def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_data
             self.choices.append(choice)
 
     callbacks = Record()
-    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, precision=Precision.auto,
+    epochs = 4  # 4 x 5 steps: long enough to time (MIN_STEPS_TO_TIME_PRECISION)
+    assert epochs * 5 >= MIN_STEPS_TO_TIME_PRECISION
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=epochs, precision=Precision.auto,
                                device=Device.cpu), callbacks=callbacks)
     (choice,) = callbacks.choices
     rates = json.loads((result.run_dir / "run.json").read_text())["precision_images_per_second"]
@@ -340,9 +348,45 @@ def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_data
     assert json.loads((result.run_dir / "run.json").read_text())["precision"] == faster
     assert load_checkpoint(result.run_dir / "last.pt")["precision"] == faster  # kept on resume
     # The timing steps leave no trace: the same run with that precision chosen by hand.
-    by_hand = train(tiny_config(tiny_dataset, tmp_path / "by-hand", epochs=1,
+    by_hand = train(tiny_config(tiny_dataset, tmp_path / "by-hand", epochs=epochs,
                                 precision=Precision(faster), device=Device.cpu))
     assert [row.train_loss for row in by_hand.history] == [row.train_loss for row in result.history]
+
+
+def test_precision_auto_on_cpu_trains_a_run_too_short_to_time_untimed(tiny_dataset, tmp_path):
+    class Record(TrainCallbacks):
+        choices, labels = [], []
+
+        def on_train_start(self, config, steps_per_epoch, device, precision, run_dir):
+            self.labels.append(precision)
+
+        def on_precision(self, choice):
+            self.choices.append(choice)
+
+    callbacks = Record()
+    assert 5 < MIN_STEPS_TO_TIME_PRECISION  # one epoch of 5 steps
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, precision=Precision.auto,
+                               device=Device.cpu), callbacks=callbacks)
+    untimed = untimed_cpu_precision().name
+    assert callbacks.choices == [] and result.plan.name == untimed
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["precision"] == untimed and "precision_images_per_second" not in run
+    assert callbacks.labels == [f"{untimed} (auto, untimed: 5 steps are too few to repay timing "
+                                "fp32 against bf16)"]
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16"),
+                                                        (False, True, "bf16"),
+                                                        (False, False, "fp32")])
+def test_untimed_cpu_precision_is_bf16_only_with_bf16_instructions(monkeypatch, avx512_bf16, amx,
+                                                                   expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert untimed_cpu_precision().name == expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert untimed_cpu_precision().name == "fp32"  # a torch without the probes
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_is_checked():
