@@ -121,6 +121,9 @@ LONG_ROUND: dict[str, tuple[dict, list[str]]] = {
     "+ pad 4 + cutout 12 + lookahead": ({**PAD4, **CUTOUT12, **TRICKS["lookahead"][0]},
                                         ["--pad", "4", "--cutout", "12", *LOOKAHEAD_OPTIONS]),
     "32 px throughout": ({"train_size_start": 32}, ["--train-size-start", "32"]),
+    # Muon's steps have a fixed size, so unnormalised filters grow and their effective LR falls
+    # with the steps taken: more so in a long run. airbench's Muon rescales them each step.
+    "+ normalized filters": ({"muon_normalize_filters": True}, ["--muon-normalize-filters"]),
 }
 # The rounds that choose train options: their base recipe and their cells.
 ROUNDS = {"tuning": (FIRST_EXPRESS, TUNING), "muon": (EXPRESS, MUON_ROUND),

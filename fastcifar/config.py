@@ -165,6 +165,10 @@ class TrainConfig:
     dirac_init: bool = False  # each 3x3 conv's first in-channel filters start as the identity
     muon_lr: float = 0.0  # > 0: Muon (this peak LR) for conv filters, SGD for the rest
     muon_momentum: float = 0.6
+    # Each filter matrix rescaled to Frobenius norm sqrt(its rows) before each Muon step, as
+    # airbench's Muon does: Muon's steps have a fixed size, so without this the filters grow
+    # and their effective LR (behind BN) falls with the number of steps taken.
+    muon_normalize_filters: bool = False
     whiten_init: bool = False  # prep conv starts as a whitening of 3x3 train patches:
     #                            +9 points after epoch 1, +0.0 at the end of 4 epochs
     zero_init_residual: bool = False  # residual branches start at zero: -3.5 points
@@ -219,6 +223,8 @@ class TrainConfig:
                  "it needs --tta")
         require(self.muon_lr >= 0, "Muon LR must be >= 0 (0: off)")
         require(0 <= self.muon_momentum < 1, "Muon momentum must be in [0, 1)")
+        require(self.muon_lr or not self.muon_normalize_filters,
+                 "--muon-normalize-filters rescales the filters Muon steps: it needs --muon-lr")
         require(not self.muon_lr or self.optimizer == OptimizerName.sgd,
                  "Muon pairs with SGD for the non-filter parameters: use --optimizer sgd, or "
                  "--muon-lr 0 to train without Muon")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -75,8 +77,10 @@ class FilterMuon(torch.optim.Muon):
     step's gradient to the last and Muon would orthogonalise their running sum.
     """
 
-    def __init__(self, filters: list[nn.Parameter], lr: float, momentum: float) -> None:
+    def __init__(self, filters: list[nn.Parameter], lr: float, momentum: float,
+                 normalize_filters: bool = False) -> None:
         self.filters = list(filters)
+        self.normalize_filters = normalize_filters
         self.matrices = [nn.Parameter(_matrix_view(filter_.data)) for filter_ in filters]
         for filter_, matrix in zip(filters, self.matrices, strict=True):
             filter_.register_post_accumulate_grad_hook(self._gradient_setter(matrix))
@@ -93,6 +97,14 @@ class FilterMuon(torch.optim.Muon):
                 gradient = gradient.permute(0, 2, 3, 1)
             matrix.grad = gradient.reshape(gradient.shape[0], -1)
         return set_gradient
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Muon's step, after rescaling each filter matrix to norm sqrt(rows) when asked."""
+        if self.normalize_filters:
+            for matrix in self.matrices:
+                matrix.mul_(matrix.shape[0] ** 0.5 / matrix.norm())
+        return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -142,8 +154,8 @@ class Optimizers:
                    if config.muon_lr > 0 else [])
         self.main = make_optimizer(model, config, exclude={id(p) for p in filters})
         self.main_schedule = make_scheduler(self.main, config, steps_per_epoch)
-        self.muon = (FilterMuon(filters, config.muon_lr, config.muon_momentum)
-                     if filters else None)
+        self.muon = (FilterMuon(filters, config.muon_lr, config.muon_momentum,
+                                config.muon_normalize_filters) if filters else None)
         self.muon_schedule = (make_scheduler(self.muon, config, steps_per_epoch, config.muon_lr)
                               if self.muon is not None else None)
 

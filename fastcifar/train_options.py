@@ -101,6 +101,10 @@ def optimisation_options(
                        "(SGD keeps the rest); 0 = off.", rich_help_panel=OPTIMISATION)] = None,
     muon_momentum: Annotated[float | None, typer.Option(help="Muon's Nesterov momentum "
                              "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    muon_normalize_filters: Annotated[bool | None, typer.Option(
+        "--muon-normalize-filters/--no-muon-normalize-filters", help="Rescale each conv filter "
+        "to a fixed norm before each Muon step (default: the recipe's).",
+        rich_help_panel=OPTIMISATION)] = None,
     train_size_start: Annotated[int | None, typer.Option(help="Progressive resizing: side (px) "
                                 "of epoch 1's train images, growing to 32 over "
                                 "--train-size-ramp of the run; 32 = off (default: the "
@@ -112,7 +116,8 @@ def optimisation_options(
     """The optimiser, its LR schedule, the batch and progressive resizing: one rule for
     --optimizer (see optimizer_rule), and --momentum refused where the run would ignore it."""
     changes = _given(optimizer=optimizer, pct_start=pct_start, momentum=momentum,
-                     muon_lr=muon_lr, muon_momentum=muon_momentum, min_lr=min_lr,
+                     muon_lr=muon_lr, muon_momentum=muon_momentum,
+                     muon_normalize_filters=muon_normalize_filters, min_lr=min_lr,
                      initial_lr_fraction=initial_lr_fraction, train_size_start=train_size_start,
                      train_size_ramp=train_size_ramp)
     changes.update(optimizer_rule(optimizer, muon_lr))

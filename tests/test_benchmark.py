@@ -442,7 +442,7 @@ def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
         "0.5", "--bn-momentum", "0.2", "--whiten-init", "--zero-init-residual", "--ema", "0.99",
         "--label-smoothing", "0.1", "--cutout", "0", "--no-tta", "--precision", "fp32",
         "--eval-every-steps", "20", "--eval-steps-epochs", "2", "--optimizer", "sgd",
-        "--muon-lr", "0.3", "--muon-momentum", "0.8",
+        "--muon-lr", "0.3", "--muon-momentum", "0.8", "--muon-normalize-filters",
         "--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "runs"),
         "--json", str(tmp_path / "t.json")]
     monkeypatch.setattr(sys, "argv", ["fastcifar", *arguments])  # as a shell would run it
@@ -454,6 +454,7 @@ def test_time_to_accuracy_cli_takes_every_train_option(monkeypatch, tmp_path):
     assert (train_config.recipe, train_config.epochs, train_config.seed) == ("seed", 8, 5)
     assert train_config.optimizer == OptimizerName.sgd  # Muon pairs with SGD
     assert (train_config.muon_lr, train_config.muon_momentum) == (0.3, 0.8)
+    assert train_config.muon_normalize_filters
     assert (train_config.loader.batch_size, train_config.max_lr, train_config.pct_start) == (
         256, 0.002, 0.3)
     assert (train_config.logit_scale, train_config.bn_momentum, train_config.ema_decay) == (

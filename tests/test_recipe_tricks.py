@@ -19,6 +19,7 @@ from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EXPRESS, LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import build_loaders, read_labels, split_holdout
 from fastcifar.device import DeviceStep
+from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import predict_logits
 from fastcifar.model import (
     CustResNet,
@@ -176,6 +177,38 @@ def test_filter_muon_steps_like_muon_on_the_filter_matrices_step_after_step():
         plain.step()
         torch.testing.assert_close(conv.weight.detach().permute(0, 2, 3, 1).reshape(8, -1),
                                    reference.detach())
+
+
+def test_filter_muon_normalizes_each_filter_before_its_step_when_asked():
+    # Rescaled to norm sqrt(rows) first, then Muon's step with the gradient taken before: the
+    # step plain Muon takes from the rescaled filters. Without the option the norm is kept.
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(4, 8, 3, bias=False).to(memory_format=torch.channels_last)
+             for _ in range(2)]
+    convs[1].load_state_dict(convs[0].state_dict())
+    images = torch.randn(2, 4, 6, 6)
+    normalized = FilterMuon([convs[0].weight], lr=0.1, momentum=0.5, normalize_filters=True)
+    untouched = FilterMuon([convs[1].weight], lr=0.1, momentum=0.5)
+    for conv in convs:
+        conv(images).square().mean().backward()
+    matrix = convs[1].weight.detach().permute(0, 2, 3, 1).reshape(8, -1)
+    reference = nn.Parameter(matrix * 8 ** 0.5 / matrix.norm())
+    reference.grad = convs[1].weight.grad.permute(0, 2, 3, 1).reshape(8, -1).clone()
+    plain = torch.optim.Muon([reference], lr=0.1, momentum=0.5, nesterov=True, weight_decay=0.0)
+    assert abs(matrix.norm() - 8 ** 0.5) > 0.5  # the check has teeth: init is not at sqrt(8)
+    normalized.step()
+    untouched.step()
+    plain.step()
+    torch.testing.assert_close(convs[0].weight.detach().permute(0, 2, 3, 1).reshape(8, -1),
+                               reference.detach())
+    moved = convs[1].weight.detach().permute(0, 2, 3, 1).reshape(8, -1) - matrix
+    assert moved.norm() <= 0.1 * 8 ** 0.5 + 1e-4  # one Muon step from the filters as they were
+
+
+def test_muon_normalize_filters_is_an_option_of_muon_runs():
+    assert recipe("express-muon", muon_normalize_filters=True).muon_normalize_filters
+    with pytest.raises(FastCifarError, match="needs --muon-lr"):
+        recipe("express", muon_normalize_filters=True)
 
 
 def test_lookahead_moves_the_average_and_resets_the_live_weights():
