@@ -109,6 +109,10 @@ LOOKAHEAD_OPTIONS = ["--lookahead-every", "5", "--bn-momentum", "0.6", "--bn-eps
 CUTOUT12 = {"augment__cutout_size": 12, "augment__cutout_count": 1}
 LONG_ROUND: dict[str, tuple[dict, list[str]]] = {
     "express-progressive": ({}, []),
+    # First after the base (cells run in this order): Muon's steps have a fixed size, so
+    # unnormalised filters grow and their effective LR falls with the steps taken, more so in a
+    # long run; airbench's Muon rescales them each step.
+    "+ normalized filters": ({"muon_normalize_filters": True}, ["--muon-normalize-filters"]),
     "+ pad 4": (PAD4, ["--pad", "4"]),
     "+ cutout 8": ({**CUTOUT12, "augment__cutout_size": 8}, ["--cutout", "8"]),
     "+ cutout 12": (CUTOUT12, ["--cutout", "12"]),
@@ -121,9 +125,6 @@ LONG_ROUND: dict[str, tuple[dict, list[str]]] = {
     "+ pad 4 + cutout 12 + lookahead": ({**PAD4, **CUTOUT12, **TRICKS["lookahead"][0]},
                                         ["--pad", "4", "--cutout", "12", *LOOKAHEAD_OPTIONS]),
     "32 px throughout": ({"train_size_start": 32}, ["--train-size-start", "32"]),
-    # Muon's steps have a fixed size, so unnormalised filters grow and their effective LR falls
-    # with the steps taken: more so in a long run. airbench's Muon rescales them each step.
-    "+ normalized filters": ({"muon_normalize_filters": True}, ["--muon-normalize-filters"]),
 }
 # The rounds that choose train options: their base recipe and their cells.
 ROUNDS = {"tuning": (FIRST_EXPRESS, TUNING), "muon": (EXPRESS, MUON_ROUND),
