@@ -18,6 +18,14 @@ TINY_CLASSES = ["apple", "berry", "cherry"]
 CLASS_COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 220]], dtype=np.int16)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow and real-data tests first (in their order, then the rest in theirs): pytest-xdist
+    hands tests out in this order, so no worker starts a minute-long test near the end while the
+    other sits idle."""
+    items.sort(key=lambda item: not (item.get_closest_marker("slow")
+                                     or item.get_closest_marker("realdata")))
+
+
 def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
     """(N, 32, 32, 3) uint8 images: the class colour, a bright square at a class position, noise."""
     rng = np.random.default_rng(seed)

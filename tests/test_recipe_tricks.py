@@ -289,6 +289,7 @@ def express_config(data_dir, tmp_path, **changes):
     return dataclasses.replace(base, **changes)
 
 
+@pytest.mark.slow
 def test_express_with_every_trick_learns_saves_plain_weights_and_resumes_bit_for_bit(
         tiny_dataset, tmp_path):
     from fastcifar.training import TrainCallbacks
