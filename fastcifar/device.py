@@ -64,7 +64,8 @@ def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
 # Timing takes 8 steps on the first batch (one untimed and three timed per precision). Where
 # bf16 steps twice as fast as fp32 (AMD EPYC) they cost about 12 bf16 steps, which a run repays
 # only in more than about 12 steps; a shorter run (a smoke test, a notebook's first look:
-# measured on a 4-step run, 44 of its 73 s) takes `untimed_cpu_precision` instead.
+# measured on a 4-step run, 44 of its 73 s) trains in fp32 untimed: bf16 instructions do not
+# settle it (a 2-core Intel Xeon with AVX-512 bf16 ran bf16 at 0.72x fp32), and fp32 is safe.
 MIN_STEPS_TO_TIME_PRECISION = 16
 
 
@@ -138,15 +139,6 @@ def measure_cpu_precision(model: nn.Module, device_step: DeviceStep,
     model.load_state_dict(snapshot)
     model.train(was_training)
     return choice
-
-
-def untimed_cpu_precision() -> PrecisionPlan:
-    """auto's pick on a CPU for a run too short to time: bf16 where the CPU has bf16
-    instructions (AVX512-BF16 or AMX), fp32 elsewhere. On the 2-core AMD EPYC (AVX512-BF16)
-    bf16 trained about 2x faster than fp32; on a 2-core Intel Xeon without them, 0.72x."""
-    has_bf16 = any(getattr(torch.cpu, probe, lambda: False)()  # private probes: may go
-                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return CPU_PRECISIONS[1] if has_bf16 else CPU_PRECISIONS[0]
 
 
 def autocast(device: torch.device, plan: PrecisionPlan):

@@ -35,7 +35,6 @@ from fastcifar.device import (
     measures_precision,
     plan_precision,
     select_device,
-    untimed_cpu_precision,
 )
 from fastcifar.distributed import (
     Distributed,
@@ -137,7 +136,6 @@ class Run:
         self.precision_label = ("auto (timed at the first batch)" if self.measure_precision
                                 else self.plan.name)
         if auto_on_cpu and resume_state is None and not self.measure_precision:
-            self.plan = untimed_cpu_precision()
             self.precision_label = (f"{self.plan.name} (auto, untimed: {steps} steps are too few "
                                     f"to repay timing fp32 against bf16)")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)

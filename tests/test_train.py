@@ -19,7 +19,6 @@ from fastcifar.device import (
     measure_precision,
     plan_precision,
     select_device,
-    untimed_cpu_precision,
 )
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
@@ -367,26 +366,11 @@ def test_precision_auto_on_cpu_trains_a_run_too_short_to_time_untimed(tiny_datas
     assert 5 < MIN_STEPS_TO_TIME_PRECISION  # one epoch of 5 steps
     result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, precision=Precision.auto,
                                device=Device.cpu), callbacks=callbacks)
-    untimed = untimed_cpu_precision().name
-    assert callbacks.choices == [] and result.plan.name == untimed
+    assert callbacks.choices == [] and result.plan.name == "fp32"
     run = json.loads((result.run_dir / "run.json").read_text())
-    assert run["precision"] == untimed and "precision_images_per_second" not in run
-    assert callbacks.labels == [f"{untimed} (auto, untimed: 5 steps are too few to repay timing "
-                                "fp32 against bf16)"]
-
-
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16"),
-                                                        (False, True, "bf16"),
-                                                        (False, False, "fp32")])
-def test_untimed_cpu_precision_is_bf16_only_with_bf16_instructions(monkeypatch, avx512_bf16, amx,
-                                                                   expected):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
-                        raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    assert untimed_cpu_precision().name == expected
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert untimed_cpu_precision().name == "fp32"  # a torch without the probes
+    assert run["precision"] == "fp32" and "precision_images_per_second" not in run
+    assert callbacks.labels == ["fp32 (auto, untimed: 5 steps are too few to repay timing fp32 "
+                                "against bf16)"]
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_is_checked():
