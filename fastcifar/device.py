@@ -63,9 +63,9 @@ def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
 
 # Timing takes 8 steps on the first batch (one untimed and three timed per precision). Where
 # bf16 steps twice as fast as fp32 (AMD EPYC) they cost about 12 bf16 steps, which a run repays
-# only in more than about 12 steps; a shorter run (a smoke test, a notebook's first look:
-# measured on a 4-step run, 44 of its 73 s) trains in fp32 untimed: bf16 instructions do not
-# settle it (a 2-core Intel Xeon with AVX-512 bf16 ran bf16 at 0.72x fp32), and fp32 is safe.
+# only in more than about 12 steps; a shorter run (a smoke test, a notebook's first look: 4
+# steps would add 8 of timing) trains in fp32 untimed. CPU flags do not settle it (a 2-core
+# Intel Xeon with AVX-512 ran bf16 at 0.72x fp32), and fp32 is the safe side.
 MIN_STEPS_TO_TIME_PRECISION = 16
 
 

@@ -169,7 +169,7 @@ def train_settings(config: LrFindConfig) -> TrainConfig:
     LR (`--max-lr`, which then steps the BN shifts and the head) and Muon keeps `--muon-lr`.
     """
     return dataclasses.replace(config.train, max_lr=config.start_lr, min_lr=config.start_lr,
-                               muon_lr=0.0, make_plots=False)
+                               muon_lr=0.0, muon_normalize_filters=False, make_plots=False)
 
 
 def _write_history(out_dir: Path, lrs: list[float], losses: list[float]) -> Path:

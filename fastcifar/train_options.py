@@ -102,8 +102,9 @@ def optimisation_options(
     muon_momentum: Annotated[float | None, typer.Option(help="Muon's Nesterov momentum "
                              "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
     muon_normalize_filters: Annotated[bool | None, typer.Option(
-        "--muon-normalize-filters/--no-muon-normalize-filters", help="Rescale each conv filter "
-        "to a fixed norm before each Muon step (default: the recipe's).",
+        "--muon-normalize-filters/--no-muon-normalize-filters", help="Rescale each conv "
+        "layer's filters to Frobenius norm sqrt(output channels) before each Muon step "
+        "(default: the recipe's).",
         rich_help_panel=OPTIMISATION)] = None,
     train_size_start: Annotated[int | None, typer.Option(help="Progressive resizing: side (px) "
                                 "of epoch 1's train images, growing to 32 over "

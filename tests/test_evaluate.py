@@ -201,17 +201,21 @@ def test_shipped_weights_score_their_recorded_accuracy_on_the_real_test_set(real
     # The trained run's own figure (measured before the fp16 cast) is the file's to 0.2 point.
     assert abs(recorded[metadata["tta"]] - metadata["accuracy"]) <= 0.002
     # The first 2,000 test images with no TTA (a fifth of a whole-set pass) score what
-    # ship_weights.py recorded for them, to one image: broken weights, colour order,
-    # normalisation or logit scale land far outside.
+    # ship_weights.py recorded for them, to 2 images (another CPU's kernels may flip a near
+    # tie): broken weights, colour order, normalisation or logit scale land far outside.
+    assert "accuracy_on_first_images" in metadata, (
+        "the shipped file is unscored: python benchmarks/ship_weights.py FILE FILE --data DIR")
     first = metadata["accuracy_on_first_images"]
     plain = evaluate_weights(EvaluateConfig(
         weights=SHIPPED_WEIGHTS, out_dir=tmp_path / "plain", tta="none", device=Device.cpu,
         precision=Precision.fp32,
         loader=LoaderConfig(data_dir=real_dataset, test_subset=first["images"])))
     assert plain.count == first["images"] == 2000 and plain.tta_mode == "none"
-    assert abs(plain.accuracy - first["none"]) <= 1 / first["images"], plain.accuracy
+    correct, recorded_correct = (round(accuracy * first["images"])
+                                 for accuracy in (plain.accuracy, first["none"]))
+    assert abs(correct - recorded_correct) <= 2, (correct, recorded_correct)
     # By default the stored TTA mode (6 passes) is used. On the first 256 images its confusion
-    # matrix is the direct multi-crop computation's; flip-only and no TTA move counts there.
+    # matrix is the direct multi-crop computation's, and flip-only's differs from it there.
     count = 256
     stored = evaluate_weights(EvaluateConfig(
         weights=SHIPPED_WEIGHTS, out_dir=tmp_path / "stored", device=Device.cpu,
@@ -223,7 +227,7 @@ def test_shipped_weights_score_their_recorded_accuracy_on_the_real_test_set(real
     images, labels = next(iter(loader))
     images, labels = images.permute(0, 2, 3, 1).contiguous().numpy(), labels.numpy()
     matrices = {mode: confusion_matrix(labels, direct_predictions(SHIPPED_WEIGHTS, images, mode),
-                                       10) for mode in ("none", "flip", "multicrop")}
+                                       10) for mode in ("flip", "multicrop")}
     assert stored.confusion_matrix == matrices["multicrop"].tolist()
     assert matrices["flip"].tolist() != matrices["multicrop"].tolist()  # the check has teeth
 

@@ -21,7 +21,7 @@ from fastcifar.config import DEFAULT_RECIPE, NO_AUGMENT, Device, LoaderConfig, P
 from fastcifar.device import DeviceStep, plan_precision
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
-from fastcifar.range_test import lr_find, run_range_test, suggest_lrs
+from fastcifar.range_test import lr_find, run_range_test, suggest_lrs, train_settings
 
 
 def test_suggestion_is_the_steepest_descent_before_the_lowest_loss():
@@ -120,6 +120,14 @@ def test_lr_find_on_the_real_loader_writes_plot_and_history(tiny_dataset, tmp_pa
     saved = json.loads(result.json_path.read_text())
     assert saved["suggested_lr"] == result.suggested_lr and saved["batch_size"] == 8
     assert saved["losses"] == result.losses and saved["config"]["iterations"] == 12
+
+
+def test_range_test_sweeps_with_muon_and_its_filter_normalization_off(tmp_path):
+    # The sweep drives SGD's LR alone: a Muon recipe with normalised filters must still build.
+    config = LrFindConfig(train=recipe("express-progressive", muon_normalize_filters=True),
+                          start_lr=1e-5, end_lr=1.0, iterations=12, out_dir=tmp_path)
+    settings = train_settings(config)
+    assert settings.muon_lr == 0.0 and not settings.muon_normalize_filters
 
 
 def tiny_train(data_dir, recipe_name: str, **changes):
