@@ -346,7 +346,10 @@ DEFAULT_RECIPE = "express-progressive"
 # benchmarks/results/cpu/long-proxy-12ep-10k.md) airbench's long-run augmentation lost to
 # express-progressive as it is: 85.82%, + pad 4 85.38%, + cutout 12 84.44%, both 84.30%; at 24
 # epochs on 45,000 images (H200, seed 0; benchmarks/results/gpu/2026-11-28/) both scored 92.04%
-# against 91.94%, a gain inside one seed's noise, so it is not a row yet.
+# against 91.94%, a gain inside one seed's noise, so it is not a row yet. On 25,000 train images
+# (12 epochs, 1 seed; benchmarks/results/cpu/long-proxy-12ep-25k-*.md) against 90.26%:
+# --muon-normalize-filters 90.50% (at Muon LR 0.08: 89.90%), lookahead 90.34%; a candidate
+# for the 24-epoch runs, not yet a row.
 BUDGET_SETTINGS: dict[str, tuple[tuple[int, dict[str, object]], ...]] = {}
 
 
