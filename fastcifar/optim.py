@@ -100,10 +100,13 @@ class FilterMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Muon's step, after rescaling each filter matrix to norm sqrt(rows) when asked."""
+        """Muon's step, after rescaling each filter matrix to norm sqrt(rows) when asked.
+
+        An all-zero matrix stays zero (its norm is floored) rather than turning into NaNs.
+        """
         if self.normalize_filters:
             for matrix in self.matrices:
-                matrix.mul_(matrix.shape[0] ** 0.5 / matrix.norm())
+                matrix.mul_(matrix.shape[0] ** 0.5 / matrix.norm().clamp_min(1e-12))
         return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -206,6 +206,16 @@ def test_filter_muon_normalizes_each_filter_before_its_step_when_asked():
                                    reference.detach())
 
 
+def test_filter_muon_normalize_keeps_an_all_zero_filter_finite():
+    # 0 / 0 would make the filter NaN and with it every later batch's loss.
+    conv = nn.Conv2d(4, 8, 3, bias=False).to(memory_format=torch.channels_last)
+    nn.init.zeros_(conv.weight)
+    muon = FilterMuon([conv.weight], lr=0.1, momentum=0.5, normalize_filters=True)
+    conv(torch.randn(2, 4, 6, 6)).square().mean().backward()
+    muon.step()
+    assert torch.isfinite(conv.weight).all()
+
+
 def test_muon_normalize_filters_is_an_option_of_muon_runs():
     assert recipe("express-muon", muon_normalize_filters=True).muon_normalize_filters
     with pytest.raises(FastCifarError, match="needs --muon-lr"):
