@@ -348,8 +348,10 @@ DEFAULT_RECIPE = "express-progressive"
 # epochs on 45,000 images (H200, seed 0; benchmarks/results/gpu/2026-11-28/) both scored 92.04%
 # against 91.94%, a gain inside one seed's noise, so it is not a row yet. On 25,000 train images
 # (12 epochs, 1 seed; benchmarks/results/cpu/long-proxy-12ep-25k-*.md) against 90.26%:
-# --muon-normalize-filters 90.50% (at Muon LR 0.08: 89.90%), lookahead 90.34%; a candidate
-# for the 24-epoch runs, not yet a row.
+# --muon-normalize-filters 90.50% (at Muon LR 0.08: 89.90%), lookahead 90.34%. At 24 epochs
+# on the test set (CPU, seed 0) normalized filters scored 91.85% against 92.14% without
+# (benchmarks/results/cpu/time-to-accuracy-express-progressive-normalized-filters-*), so no
+# row: the 12-epoch proxy's gain does not carry to the 24-epoch budget.
 BUDGET_SETTINGS: dict[str, tuple[tuple[int, dict[str, object]], ...]] = {}
 
 
