@@ -13,7 +13,8 @@ from fastcifar.checkpoint import read_weights_file, save_weights_file
 from fastcifar.cli import app
 from fastcifar.command_config import EvaluateConfig
 from fastcifar.config import Device, LoaderConfig, Precision
-from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+from fastcifar.data.loaders import make_loader, read_metadata
+from fastcifar.data.loaders import test_pipeline as unaugmented_pipeline  # not a test
 from fastcifar.data.sources import read_source
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import (
@@ -221,7 +222,7 @@ def test_shipped_weights_score_their_recorded_accuracy_on_the_real_test_set(real
         weights=SHIPPED_WEIGHTS, out_dir=tmp_path / "stored", device=Device.cpu,
         precision=Precision.fp32, loader=LoaderConfig(data_dir=real_dataset, test_subset=count)))
     assert stored.count == count and stored.tta_mode == metadata["tta"] == "multicrop"
-    loader = make_loader(read_metadata(real_dataset).test_path, test_pipeline(),
+    loader = make_loader(read_metadata(real_dataset).test_path, unaugmented_pipeline(),
                          LoaderConfig(data_dir=real_dataset, batch_size=count), False,
                          np.arange(count), 0)
     images, labels = next(iter(loader))
