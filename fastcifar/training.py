@@ -135,8 +135,8 @@ class Run:
             self.plan = plan_precision(Precision(resume_state.get("precision", "fp32")), device)
         recorded = "auto (timed at the first batch)" if self.measure_precision else self.plan.name
         untimed = auto_on_cpu and resume_state is None and not self.measure_precision
-        self.precision_label = (f"fp32 (auto, untimed: {steps} steps are too few to repay timing "
-                                "fp32 against bf16)" if untimed else recorded)
+        self.precision_label = (f"{self.plan.name} (auto, untimed: {steps} steps are too few to "
+                                "repay timing fp32 against bf16)" if untimed else recorded)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
         self.record = run_record(config, device, recorded)
         if resume_state is not None and "precision_images_per_second" in resume_state:

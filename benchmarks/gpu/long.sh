@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The long-budget round in one device call (after check.sh, or on its own): the CUDA tests, then
 # recipe_sweep.py's long plan (LONG_ROUND: the default recipe, + normalized filters at Muon's
-# LR, at a third and at half of it, + pad 4, + cutout 8/12, both, + lookahead, both + lookahead, 32 px
-# throughout) at 24 epochs on 5,000 held-out train images (2 seeds), then its choice on the test set at 24 epochs, one seed per call (3 seeds), the
+# LR, at a third and at half of it, + pad 4, + cutout 8/12, both, + lookahead, both +
+# lookahead, 32 px throughout) at 24 epochs on 5,000 held-out train images (2 seeds), then its choice on the test set at 24 epochs, one seed per call (3 seeds), the
 # default recipe as it is at a 6-epoch budget x 3 seeds (the short budget keeps its settings),
 # then fp16 weights of the best 24-epoch run.
 # Each phase is skipped when too little of BUDGET_SECONDS (default 570) is left. Results go to
