@@ -133,6 +133,13 @@ LONG_ROUND: dict[str, tuple[dict, list[str]]] = {
     "+ pad 4 + cutout 12 + lookahead": ({**PAD4, **CUTOUT12, **TRICKS["lookahead"][0]},
                                         ["--pad", "4", "--cutout", "12", *LOOKAHEAD_OPTIONS]),
     "32 px throughout": ({"train_size_start": 32}, ["--train-size-start", "32"]),
+    # Data selection (selection.py): batches of 1024, each step on the 512 a quarter-width proxy
+    # finds hardest, over twice the epochs: the model takes the base's steps on the same number
+    # of images, chosen from twice as many (the proxy costs ~1/8 more). Its options need --epochs
+    # at twice the budget.
+    "+ proxy selection, half of 1024, 2x epochs": (
+        {"select_fraction": 0.5, "loader__batch_size": 1024, "data_passes": 2},
+        ["--batch-size", "1024", "--select-fraction", "0.5"]),
 }
 # The rounds that choose train options: their base recipe and their cells.
 ROUNDS = {"tuning": (FIRST_EXPRESS, TUNING), "muon": (EXPRESS, MUON_ROUND),
@@ -163,9 +170,15 @@ def round_variants(plan: str) -> dict[str, tuple[TrainConfig, dict]]:
 def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
              epochs: int) -> dict:
     """One run; final holdout accuracy for each TTA mode, per-epoch holdout accuracy. A cell
-    whose changes name `epochs` runs that budget instead of `epochs`."""
+    whose changes name `epochs` runs that budget instead of `epochs`; one that names
+    `data_passes` runs `epochs` x that (the same steps when each step keeps 1/data_passes of
+    a batch data_passes times the size); its `loader__batch_size` replaces the loader's."""
+    changes = dict(changes)
+    data_passes = changes.pop("data_passes", 1)
+    if "loader__batch_size" in changes:
+        loader = dataclasses.replace(loader, batch_size=changes["loader__batch_size"])
     config = replace_nested(base, **changes)
-    config = replace_nested(config, seed=seed, epochs=changes.get("epochs", epochs),
+    config = replace_nested(config, seed=seed, epochs=changes.get("epochs", epochs * data_passes),
                             make_plots=False, loader=loader,
                             out_dir=Path("/tmp/sweep-runs"), weights_dir=Path("/tmp/sweep-weights"),
                             tta=True, tta_shifts=False)

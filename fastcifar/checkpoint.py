@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
     from fastcifar.data.loaders import Loaders
     from fastcifar.optim import Lookahead, Optimizers
     from fastcifar.records import EpochStats, Evaluation
+    from fastcifar.selection import BatchSelection
 
 # ---------------------------------------------------------------- resumable checkpoints
 
@@ -351,7 +352,7 @@ def run_state(model: torch.nn.Module, optimizers: Optimizers, scaler: torch.amp.
               epoch: int, steps: int, history: list[EpochStats],
               evaluations: list[Evaluation], record: dict, best_accuracy: float,
               warmup_seconds: float, lr_per_step: list[float],
-              partial: dict | None = None) -> dict:
+              partial: dict | None = None, selection: BatchSelection | None = None) -> dict:
     """Everything a resumed run needs, as tensors and plain values (loadable weights_only)."""
     return {
         "partial": partial,  # progress inside an interrupted epoch
@@ -363,6 +364,7 @@ def run_state(model: torch.nn.Module, optimizers: Optimizers, scaler: torch.amp.
         "scaler": scaler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "lookahead": lookahead.state_dict() if lookahead is not None else None,
+        "selection": selection.state_dict() if selection is not None else None,  # its proxy
         "epoch": epoch,  # completed epochs
         "steps": steps,
         "history": [asdict(stats) for stats in history],

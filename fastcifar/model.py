@@ -56,17 +56,19 @@ class CustResNet(nn.Module):
 
     `logit_scale` multiplies the logits (a fixed constant, no parameter): a small scale such as
     0.125 keeps early softmax outputs soft, which lets high learning rates train stably.
+    `width` (the prep layer's channels; 64 is CustResNet) narrows the same plan for the
+    data-selection proxy (selection.py).
     """
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.0,
-                 logit_scale: float = 1.0) -> None:
+                 logit_scale: float = 1.0, width: int = 64) -> None:
         super().__init__()
-        self.prep = ConvLayer(3, 64, dropout=dropout)
-        self.layer1 = CustBlock(64, 128, residual=True, dropout=dropout)
-        self.layer2 = CustBlock(128, 256, residual=False, dropout=dropout)
-        self.layer3 = CustBlock(256, 512, residual=True, dropout=dropout)
+        self.prep = ConvLayer(3, width, dropout=dropout)
+        self.layer1 = CustBlock(width, 2 * width, residual=True, dropout=dropout)
+        self.layer2 = CustBlock(2 * width, 4 * width, residual=False, dropout=dropout)
+        self.layer3 = CustBlock(4 * width, 8 * width, residual=True, dropout=dropout)
         self.pool = nn.AdaptiveMaxPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(8 * width, num_classes)
         self.logit_scale = logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,14 +191,15 @@ def zero_init_residuals_(model: CustResNet) -> None:
 
 
 def build_model(config: TrainConfig, device: torch.device,
-                whitening_images: torch.Tensor | None = None, num_classes: int = 10) -> nn.Module:
+                whitening_images: torch.Tensor | None = None, num_classes: int = 10,
+                width: int = 64) -> nn.Module:
     """CustResNet on the device, channels-last when asked, BN settings and initialisation set.
 
     `num_classes` is the data's (its metadata's class names), so the saved weights fit it.
     `whitening_images` (normalised train images) fit `whiten` / `whiten_init`.
     """
     model = CustResNet(num_classes=num_classes, dropout=config.dropout,
-                       logit_scale=config.logit_scale)
+                       logit_scale=config.logit_scale, width=width)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum, module.eps = config.bn_momentum, config.bn_eps

@@ -39,8 +39,13 @@ class TableCallbacks:
                        precision: str, run_dir: Path) -> None:
         if self.quiet:
             return
+        batch = config.loader.batch_size
+        if config.select_fraction < 1:  # train acc and images/s then count the kept images
+            from fastcifar.selection import kept_per_batch
+
+            batch = f"{batch}, the proxy's hardest {kept_per_batch(config.select_fraction, batch)}"
         console.print(f"recipe {config.recipe} | {config.epochs} epochs x {steps_per_epoch} "
-                      f"steps | batch {config.loader.batch_size} | {config.optimizer.value} "
+                      f"steps | batch {batch} | {config.optimizer.value} "
                       f"max LR {config.max_lr:g} | {device} {precision} | run folder {run_dir}")
         console.print(f"{'epoch':>5} {'px':>3} {'lr':>9} {'train loss':>10} {'train acc':>9} "
                       f"{'test loss':>9} {'test acc':>8} {'seconds':>8} {'images/s':>9}")

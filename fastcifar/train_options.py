@@ -64,10 +64,10 @@ def recipe_options(
     recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Named defaults: "
                            "express-progressive (the default: express-muon training on 20 to "
                            "32 px images over the first 60% of the epochs), express-muon "
-                           "(express with Muon on the conv filters), "
-                           "express (fast plus BN, whitening, flip and TTA tricks), fast "
-                           "(SGD-Nesterov, label smoothing, TTA) or seed (the original Adam "
-                           "recipe).", rich_help_panel=OPTIMISATION)] = DEFAULT_RECIPE_NAME,
+                           "(express with Muon on the conv filters), express (fast plus BN, "
+                           "whitening, flip and TTA tricks), fast (SGD-Nesterov, label "
+                           "smoothing, TTA) or seed (the original Adam recipe).",
+                           rich_help_panel=OPTIMISATION)] = DEFAULT_RECIPE_NAME,
     epochs: Annotated[int | None, typer.Option(help="Epochs; the OneCycle schedule is planned "
                       "for this budget (recipe default: 24).", rich_help_panel=OPTIMISATION)
                       ] = None,
@@ -81,6 +81,11 @@ def optimisation_options(
     batch_size: Annotated[int | None, typer.Option(help="Images per step (default 512); under "
                           "torchrun per process, and the LR is not rescaled for the total.",
                           rich_help_panel=OPTIMISATION)] = None,
+    select_fraction: Annotated[float | None, typer.Option(help="Step on this fraction of each "
+                               "batch: the images a quarter-width proxy net, trained alongside, "
+                               "finds hardest (0.5 with --batch-size 1024: 512 of 1024); 1 = "
+                               "all (default: the recipe's).", rich_help_panel=OPTIMISATION)
+                               ] = None,
     optimizer: Annotated[OptimizerName | None, typer.Option(help=OPTIMIZER_HELP,
                          rich_help_panel=OPTIMISATION)] = None,
     max_lr: Annotated[float | None, typer.Option(help="Peak LR of OneCycle, or 'auto' to run the "
@@ -114,13 +119,13 @@ def optimisation_options(
                                "which the train images grow to 32 px (default: the recipe's).",
                                rich_help_panel=OPTIMISATION)] = None,
 ) -> ConfigEdit:
-    """The optimiser, its LR schedule, the batch and progressive resizing: one rule for
-    --optimizer (see optimizer_rule), and --momentum refused where the run would ignore it."""
+    """The optimiser, its LR schedule, the batch (and what of it trains) and progressive
+    resizing: one rule for --optimizer (optimizer_rule); --momentum refused where ignored."""
     changes = _given(optimizer=optimizer, pct_start=pct_start, momentum=momentum,
                      muon_lr=muon_lr, muon_momentum=muon_momentum,
                      muon_normalize_filters=muon_normalize_filters, min_lr=min_lr,
                      initial_lr_fraction=initial_lr_fraction, train_size_start=train_size_start,
-                     train_size_ramp=train_size_ramp)
+                     train_size_ramp=train_size_ramp, select_fraction=select_fraction)
     changes.update(optimizer_rule(optimizer, muon_lr))
 
     def edit(config: TrainConfig) -> TrainConfig:
@@ -394,11 +399,8 @@ def _no_augment(cutout: int | None, jitter: float | None, hue: float | None,
 
 
 def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give `command` every train option (train_option_parameters) after its own.
-
-    The command is called with its own options plus `train_config`, the config the train
-    options build; `--max-lr auto` runs the LR range test first.
-    """
+    """Give `command` every train option after its own: it is called with its own options
+    plus `train_config`, the config they build (`--max-lr auto` runs the LR range test first)."""
     shared = train_option_parameters()
     own = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in
            inspect.signature(command, eval_str=True).parameters.values()

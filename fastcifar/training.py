@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastcifar.atomic import write_json, write_text
+from fastcifar.atomic import write_json
 from fastcifar.checkpoint import (
     CHECKPOINT_KEYS,
     check_resume_compatible,
@@ -51,10 +50,11 @@ from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import evaluate_loader
 from fastcifar.model import build_model, plain_state_dict
 from fastcifar.optim import Lookahead, Optimizers
-from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations, epochs_csv
+from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations, write_metrics
 from fastcifar.run_faults import RunFaults
 from fastcifar.run_log import TensorBoardLog
 from fastcifar.run_setup import check_steps, make_run_dir, warm_up
+from fastcifar.selection import batch_selection
 
 __all__ = ["EpochStats", "Evaluation", "Run", "TrainCallbacks", "TrainResult",
            "TrainingInterrupted", "epoch_end_evaluations", "train", "train_epochs"]
@@ -112,6 +112,7 @@ class Run:
         self.model = build_model(config, device, whitening_images,
                                  num_classes=len(self.loaders.metadata.class_names))
         self.optimizers = Optimizers(self.model, config, self.steps_per_epoch)
+        self.selection = batch_selection(config, self.model, self.steps_per_epoch)
         self.ema = (torch.optim.swa_utils.AveragedModel(
             self.model, use_buffers=True,
             multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
@@ -155,6 +156,8 @@ class Run:
             self.ema.load_state_dict(state["ema"])
         if self.lookahead is not None:
             self.lookahead.load_state_dict(state["lookahead"])
+        if self.selection is not None:
+            self.selection.load_state_dict(state["selection"])
         self.start_epoch, self.steps = state["epoch"], state["steps"]
         self.best_accuracy = state["best_accuracy"]
         self.warmup_seconds = state.get("warmup_seconds", 0.0)  # older checkpoints lack it
@@ -197,6 +200,8 @@ class Run:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, sums: TrainSums) -> None:
         """zero_grad -> autocast forward -> backward (scaled for fp16) -> steps -> averages."""
         images, labels = self.device_step(images, labels)
+        if self.selection is not None:  # the proxy's hardest images only
+            images, labels = self.selection(images, labels, self.plan, self.scaler)
         self.optimizers.zero_grad()
         with autocast(self.device, self.plan):
             logits = self.trained_model(images)
@@ -286,15 +291,10 @@ class Run:
         return stats
 
     def write_metrics(self, **extra: object) -> None:
-        """`metrics.json`, and `metrics.csv` for spreadsheets: every epoch row and test pass so
-        far (rank 0 writes them)."""
+        """metrics.json and metrics.csv (rank 0 writes them)."""
         if self.distributed.is_main:
-            write_json(self.run_dir / "metrics.json",
-                       {"epochs": [asdict(row) for row in self.history],
-                        "evaluations": [asdict(row) for row in self.evaluations],
-                        "warmup_seconds": self.warmup_seconds,
-                        "best_accuracy": self.best_accuracy, **extra})
-            write_text(self.run_dir / "metrics.csv", epochs_csv(self.history))
+            write_metrics(self.run_dir, self.history, self.evaluations, self.warmup_seconds,
+                          self.best_accuracy, **extra)
 
     def evaluates_at_end(self, epoch: int) -> bool:
         """Whether epoch `epoch` (0-based) ends with a test pass: from --eval-from-epoch on
@@ -320,7 +320,8 @@ class Run:
             save_checkpoint(self.last_checkpoint, run_state(
                 self.model, self.optimizers, self.scaler, self.ema, self.lookahead, epoch,
                 self.steps, self.history, self.evaluations, self.record, self.best_accuracy,
-                self.warmup_seconds, self.lr_per_step, partial=partial))
+                self.warmup_seconds, self.lr_per_step, partial=partial,
+                selection=self.selection))
             if partial is None:
                 self.faults.checkpoint_saved(self.last_checkpoint, epoch)
 
