@@ -199,6 +199,13 @@ def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
             "wall_seconds": time.perf_counter() - started}
 
 
+def cell_train_options(changes: dict, options: list[str], epochs: int) -> list[str]:
+    """The train options that rebuild a cell at an `epochs` budget: its own, and --epochs for a
+    cell that runs `data_passes` x the budget."""
+    passes = changes.get("data_passes", 1)
+    return [*options, "--epochs", str(epochs * passes)] if passes != 1 else list(options)
+
+
 def best_cell(cells: dict, candidates: list[str]) -> str | None:
     """The candidate with the best median multi-crop held-out accuracy over the seeds that every
     candidate run completed: a cell cut short by the time bound is not ranked by 1 seed
@@ -298,7 +305,8 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python " + shlex.join(sys.argv), "cells": cells, "skipped": skipped,
               "plan": arguments.plan, "candidates": candidates, "best": best,
-              "best_train_options": options[best][1] if best in options else None}
+              "best_train_options": (cell_train_options(*options[best], arguments.epochs)
+                                     if best in options else None)}
     arguments.json.parent.mkdir(parents=True, exist_ok=True)
     arguments.json.write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(arguments.json.with_suffix(".md"), report)

@@ -37,11 +37,11 @@ def test_every_round_but_tuning_starts_from_a_named_recipe():
 def test_a_cells_train_options_build_the_config_it_runs(monkeypatch, plan, cell):
     base, cells = sweep.ROUNDS[plan]
     changes, options = cells[cell]
+    options = sweep.cell_train_options(changes, options, base.epochs)  # + --epochs if it scales
     changes = dict(changes)
-    passes = changes.pop("data_passes", 1)  # a cell's budget x this: --epochs says it
+    passes = changes.pop("data_passes", 1)  # the cell runs the budget x this
     swept = replace_nested(base, **{**changes, "epochs": changes.get("epochs", base.epochs * passes)})
-    epochs = ["--epochs", str(base.epochs * passes)] if passes != 1 else []
-    built = built_train_config(monkeypatch, "--recipe", base.recipe, *options, *epochs)
+    built = built_train_config(monkeypatch, "--recipe", base.recipe, *options)
     assert built == swept  # loader (batch size included), augmentation, schedule: all of it
 
 

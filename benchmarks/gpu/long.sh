@@ -2,7 +2,9 @@
 # The long-budget round in one device call (after check.sh, or on its own): the CUDA tests, then
 # recipe_sweep.py's long plan (LONG_ROUND: the default recipe, + normalized filters at Muon's
 # LR, at a third and at half of it, + pad 4, + cutout 8/12, both, + lookahead, both +
-# lookahead, 32 px throughout) at 24 epochs on 5,000 held-out train images (2 seeds), then its choice on the test set at 24 epochs, one seed per call (3 seeds), the
+# lookahead, 32 px throughout, proxy data selection at twice the epochs) at 24 epochs on 5,000
+# held-out train images (2 seeds), then its choice on the test set at 24 epochs, one seed per
+# call (3 seeds), the
 # default recipe as it is at a 6-epoch budget x 3 seeds (the short budget keeps its settings),
 # then fp16 weights of the best 24-epoch run.
 # Each phase is skipped when too little of BUDGET_SECONDS (default 570) is left. Results go to
@@ -89,9 +91,10 @@ fi
 # short budget and the weights.
 for seed in $(seq 0 $(( runs - 1 ))); do
   phase "time to accuracy: $recipe ${chosen[*]}, $epochs_long epochs, seed $seed"
-  fits 170 "tta-long-seed$seed" && reserve=95 tta --recipe "$recipe" "${chosen[@]}" \
-    --epochs $epochs_long --seed $seed --eval-from-epoch $epochs_long --target 0.925 \
-    --target 0.93 --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json"
+  # The choice's options last: a cell that runs twice the epochs names its own --epochs.
+  fits 170 "tta-long-seed$seed" && reserve=95 tta --recipe "$recipe" --epochs $epochs_long \
+    --seed $seed --eval-from-epoch $epochs_long --target 0.925 --target 0.93 \
+    --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json" "${chosen[@]}"
   pack
 done
 # The seeds' median in one record (each row names its machine, date and commit).
