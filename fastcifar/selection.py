@@ -34,7 +34,8 @@ class BatchSelection:
 
     The proxy trains with the run's own optimisers and schedule (a copy of them over its
     parameters) on the whole batch; the loss that scores a batch is the one it then steps on,
-    so each batch costs the proxy one forward and one backward pass.
+    so each batch costs the proxy one forward and one backward pass. Under torchrun each rank's
+    proxy trains on its own shard (its steps are not all-reduced); a checkpoint keeps rank 0's.
     """
 
     def __init__(self, config: TrainConfig, device: torch.device, num_classes: int,
