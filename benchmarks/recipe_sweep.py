@@ -167,21 +167,28 @@ def round_variants(plan: str) -> dict[str, tuple[TrainConfig, dict]]:
     return {name: (base, changes) for name, (changes, _) in cells.items()}
 
 
-def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
-             epochs: int) -> dict:
-    """One run; final holdout accuracy for each TTA mode, per-epoch holdout accuracy. A cell
-    whose changes name `epochs` runs that budget instead of `epochs`; one that names
-    `data_passes` runs `epochs` x that (the same steps when each step keeps 1/data_passes of
-    a batch data_passes times the size); its `loader__batch_size` replaces the loader's."""
+def cell_config(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
+                epochs: int) -> TrainConfig:
+    """The config a cell runs at an `epochs` budget. A cell whose changes name `epochs` runs
+    that budget instead; one that names `data_passes` runs `epochs` x that (the same steps when
+    each keeps 1/data_passes of a batch data_passes times the size); its `loader__batch_size`
+    replaces the loader's."""
     changes = dict(changes)
     data_passes = changes.pop("data_passes", 1)
     if "loader__batch_size" in changes:
         loader = dataclasses.replace(loader, batch_size=changes["loader__batch_size"])
     config = replace_nested(base, **changes)
-    config = replace_nested(config, seed=seed, epochs=changes.get("epochs", epochs * data_passes),
-                            make_plots=False, loader=loader,
-                            out_dir=Path("/tmp/sweep-runs"), weights_dir=Path("/tmp/sweep-weights"),
-                            tta=True, tta_shifts=False)
+    return replace_nested(config, seed=seed, epochs=changes.get("epochs", epochs * data_passes),
+                          make_plots=False, loader=loader,
+                          out_dir=Path("/tmp/sweep-runs"), weights_dir=Path("/tmp/sweep-weights"),
+                          tta=True, tta_shifts=False)
+
+
+def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
+             epochs: int) -> dict:
+    """One run of `cell_config`; final holdout accuracy for each TTA mode, per-epoch holdout
+    accuracy."""
+    config = cell_config(base, changes, seed, loader, epochs)
     started = time.perf_counter()
     loaders = build_loaders(config.loader, config.augment, config.seed)
     result = train(config, loaders=loaders)
@@ -284,13 +291,14 @@ def main() -> int:
     started, skipped, last_wall = time.perf_counter(), [], 0.0
     for seed in arguments.seeds:
         for name, (base, changes) in table.items():
-            # A cell that would not end inside --seconds (judged by the last one's time) is
-            # skipped, so the sweep ends within its budget.
-            if time.perf_counter() - started + last_wall > arguments.seconds:
+            # A cell that would not end inside --seconds (judged by the last one's time per data
+            # pass) is skipped, so the sweep ends within its budget.
+            if (time.perf_counter() - started + last_wall * changes.get("data_passes", 1)
+                    > arguments.seconds):
                 skipped.append(f"{name} (seed {seed})")
                 continue
             run = run_cell(base, changes, seed, loader, arguments.epochs)
-            last_wall = run["wall_seconds"]
+            last_wall = run["wall_seconds"] / changes.get("data_passes", 1)
             cells[name]["runs"].append(run)
             print(f"{name:28s} seed {seed}: " + " ".join(
                 f"{mode} {value:.4f}" for mode, value in run["final_holdout"].items())

@@ -41,7 +41,7 @@ class TableCallbacks:
             return
         batch = config.loader.batch_size
         if config.select_fraction < 1:  # train acc and images/s then count the kept images
-            from fastcifar.selection import kept_per_batch
+            from fastcifar.config import kept_per_batch
 
             batch = f"{batch}, the proxy's hardest {kept_per_batch(config.select_fraction, batch)}"
         console.print(f"recipe {config.recipe} | {config.epochs} epochs x {steps_per_epoch} "

@@ -167,7 +167,11 @@ def train_settings(config: LrFindConfig) -> TrainConfig:
 
     Muon is off: the sweep drives one optimiser's LR, so with a Muon recipe it finds the SGD
     LR (`--max-lr`, which then steps the BN shifts and the head) and Muon keeps `--muon-lr`.
+    It steps on whole batches, so a run that keeps part of each (--select-fraction) is refused.
     """
+    if config.train.select_fraction < 1:
+        raise FastCifarError("the LR range test steps on whole batches, without the selection "
+                             "proxy: with --select-fraction give --max-lr a number")
     return dataclasses.replace(config.train, max_lr=config.start_lr, min_lr=config.start_lr,
                                muon_lr=0.0, muon_normalize_filters=False, make_plots=False)
 

@@ -6,15 +6,19 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from fastcifar.config import TrainConfig
+from fastcifar.config import TrainConfig, kept_per_batch
 from fastcifar.device import DeviceStep, PrecisionPlan, autocast
 from fastcifar.errors import FastCifarError, MachineFault
 from fastcifar.evaluation import predict_logits
+
+if TYPE_CHECKING:
+    from fastcifar.selection import BatchSelection
 
 
 def check_steps(config: TrainConfig, steps_per_epoch: int) -> None:
@@ -30,17 +34,32 @@ def check_steps(config: TrainConfig, steps_per_epoch: int) -> None:
 
 
 def warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
-             device: torch.device, plan: PrecisionPlan, device_step: DeviceStep,
-             sample: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Forward/backward and an eval pass on the real model, then restore its state.
+            device: torch.device, plan: PrecisionPlan, device_step: DeviceStep,
+            sample: tuple[torch.Tensor, torch.Tensor],
+            selection: BatchSelection | None = None) -> None:
+    """Forward/backward and an eval pass on the real model (at the size a step trains: the
+    selected part of a batch) and on the selection proxy, then restore their state.
 
     torch.compile and cudnn autotuning happen here, off the clock; the weights and BN
     statistics are put back, so the run is the same as without the warm-up.
     """
     if device.type != "cuda" and not config.compile:
         return
-    snapshot = copy.deepcopy(model.state_dict())
     images, labels = device_step(*sample)
+    kept = kept_per_batch(config.select_fraction, len(labels))
+    _warm_up_network(model, trained_model, images[:kept], labels[:kept], device, plan,
+                     config.tta)
+    if selection is not None:
+        _warm_up_network(selection.proxy, selection.proxy, images, labels, device, plan, False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warm_up_network(model: nn.Module, trained_model: nn.Module, images: torch.Tensor,
+                     labels: torch.Tensor, device: torch.device, plan: PrecisionPlan,
+                     tta: bool) -> None:
+    """Two forward/backward passes and an eval pass of `trained_model`; `model`'s state back."""
+    snapshot = copy.deepcopy(model.state_dict())
     trained_model.train()
     for _ in range(2):
         with autocast(device, plan):
@@ -49,11 +68,9 @@ def warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
     model.zero_grad(set_to_none=True)
     trained_model.eval()
     with torch.no_grad(), autocast(device, plan):
-        predict_logits(trained_model, images, config.tta)
+        predict_logits(trained_model, images, tta)
     model.load_state_dict(snapshot)
     trained_model.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_run_dir(config: TrainConfig) -> Path:

@@ -4,24 +4,18 @@ hardest (airbench96's proxy-loss selection, with the proxy trained jointly, not 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
-from fastcifar.config import TrainConfig
+from fastcifar.config import TrainConfig, kept_per_batch
 from fastcifar.device import PrecisionPlan, autocast
+from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet, build_model
 from fastcifar.optim import Optimizers
 
 # The proxy is CustResNet's plan at a quarter of its width: ~1/16 of its FLOPs and parameters.
 PROXY_WIDTH = 16
-
-
-def kept_per_batch(fraction: float, batch_size: int) -> int:
-    """How many of a `batch_size` batch the model steps on: the nearest to `fraction` of it,
-    at least one."""
-    return max(1, round(fraction * batch_size))
+DIVERGENCE_CHECK_CALLS = 16  # a host sync this often: a proxy gone non-finite would pick at random
 
 
 def hardest(losses: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -32,21 +26,20 @@ def hardest(losses: torch.Tensor, fraction: float) -> torch.Tensor:
 class BatchSelection:
     """Keeps the hardest `config.select_fraction` of each batch, by a proxy's per-image loss.
 
-    The proxy trains with the run's own optimisers and schedule (a copy of them over its
-    parameters) on the whole batch; the loss that scores a batch is the one it then steps on,
-    so each batch costs the proxy one forward and one backward pass. Under torchrun each rank's
-    proxy trains on its own shard (its steps are not all-reduced); a checkpoint keeps rank 0's.
+    The proxy is built and trained as the run's model is (its settings, whitening fitted on the
+    same images, its optimisers and schedule) on the whole batch, on plain cross-entropy (label
+    smoothing would only squeeze the scores); the loss that scores a batch is the one it then
+    steps on, so each batch costs the proxy one forward and one backward pass. Under torchrun
+    each rank's proxy trains on its own shard (not all-reduced); a checkpoint keeps rank 0's.
     """
 
     def __init__(self, config: TrainConfig, device: torch.device, num_classes: int,
-                 steps_per_epoch: int) -> None:
+                 steps_per_epoch: int, whitening_images: torch.Tensor | None = None) -> None:
         self.fraction, self.device = config.select_fraction, device
-        # Whitening fits 27 filters into the prep conv, more than the proxy's 16.
-        proxy_config = dataclasses.replace(config, whiten=False, whiten_init=False)
-        self.proxy = build_model(proxy_config, device, num_classes=num_classes,
-                                 width=PROXY_WIDTH)
-        self.optimizers = Optimizers(self.proxy, proxy_config, steps_per_epoch)
+        self.proxy = build_model(config, device, whitening_images, num_classes, PROXY_WIDTH)
+        self.optimizers = Optimizers(self.proxy, config, steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(reduction="none")
+        self.loss_sum, self.calls = torch.zeros((), device=device), 0
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, plan: PrecisionPlan,
                  scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +51,17 @@ class BatchSelection:
         scaler.scale(losses.mean()).backward()
         self.optimizers.step(scaler)
         self.optimizers.schedule_step()
+        self._check_finite(losses.detach().float().mean())
         chosen = hardest(losses.detach().float(), self.fraction)
         return images[chosen], labels[chosen]
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Refuse to go on once the proxy's loss is non-finite (checked every 16 calls)."""
+        self.loss_sum += loss
+        self.calls += 1
+        if self.calls % DIVERGENCE_CHECK_CALLS == 0 and not torch.isfinite(self.loss_sum):
+            raise FastCifarError("the data-selection proxy diverged (non-finite loss): lower "
+                                 "--max-lr / --muon-lr, or train without --select-fraction")
 
     def state_dict(self) -> dict:
         return {"model": self.proxy.state_dict(), **self.optimizers.state_dict()}
@@ -69,11 +71,11 @@ class BatchSelection:
         self.optimizers.load_state_dict(state)
 
 
-def batch_selection(config: TrainConfig, model: CustResNet,
-                    steps_per_epoch: int) -> BatchSelection | None:
-    """The selection for `model`'s run (a proxy on its device, for its classes), or None when
-    the run trains on every image (`select_fraction` 1)."""
+def batch_selection(config: TrainConfig, model: CustResNet, steps_per_epoch: int,
+                    whitening_images: torch.Tensor | None) -> BatchSelection | None:
+    """The selection for `model`'s run (a proxy on its device, for its classes, whitened on
+    the images that whitened it), or None when the run trains on every image."""
     if config.select_fraction >= 1:
         return None
     return BatchSelection(config, next(model.parameters()).device, model.fc.out_features,
-                          steps_per_epoch)
+                          steps_per_epoch, whitening_images)

@@ -78,9 +78,9 @@ def recipe_options(
 
 
 def optimisation_options(
-    batch_size: Annotated[int | None, typer.Option(help="Images per step (default 512); under "
-                          "torchrun per process, and the LR is not rescaled for the total.",
-                          rich_help_panel=OPTIMISATION)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch, a step each (default "
+                          "512; --select-fraction trains on part); per process under torchrun, "
+                          "the LR not rescaled.", rich_help_panel=OPTIMISATION)] = None,
     select_fraction: Annotated[float | None, typer.Option(help="Step on this fraction of each "
                                "batch: the images a quarter-width proxy net, trained alongside, "
                                "finds hardest (0.5 with --batch-size 1024: 512 of 1024); 1 = "

@@ -112,7 +112,7 @@ class Run:
         self.model = build_model(config, device, whitening_images,
                                  num_classes=len(self.loaders.metadata.class_names))
         self.optimizers = Optimizers(self.model, config, self.steps_per_epoch)
-        self.selection = batch_selection(config, self.model, self.steps_per_epoch)
+        self.selection = batch_selection(config, self.model, self.steps_per_epoch, whitening_images)
         self.ema = (torch.optim.swa_utils.AveragedModel(
             self.model, use_buffers=True,
             multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
@@ -179,6 +179,7 @@ class Run:
                 self.trained_model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.eval_model = self.ema if self.ema is not None else self.trained_model
+        self.evaluated_weights = self.ema.module if self.ema is not None else self.model
 
     # ------------------------------------------------------------ steps
 
@@ -195,7 +196,7 @@ class Run:
                 write_json(self.run_dir / "run.json", self.record)
             self.callbacks.on_precision(choice)
         warm_up(self.model, self.trained_model, self.config, self.device, self.plan,
-                self.device_step, (images, labels))
+                self.device_step, (images, labels), self.selection)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, sums: TrainSums) -> None:
         """zero_grad -> autocast forward -> backward (scaled for fp16) -> steps -> averages."""
@@ -257,14 +258,11 @@ class Run:
         # Non-essential: on a write fault the run goes on, and a later better pass tries again.
         if self.distributed.is_main and not self.faults.optional_write(
                 "the best-weights copy", lambda: save_weights_file(
-                    self.best_weights, plain_state_dict(self._evaluated_weights()),
+                    self.best_weights, plain_state_dict(self.evaluated_weights),
                     weights_metadata(self.config, self.record, self.loaders, evaluation,
                                      "best"))):
             return
         self.best_accuracy = evaluation.test_accuracy
-
-    def _evaluated_weights(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.model
 
     def end_epoch(self, epoch: int, clock: EpochClock, sums: TrainSums) -> EpochStats:
         """Close epoch `epoch` (0-based): its sums, a test pass (when due), the table row, a
@@ -350,7 +348,7 @@ class Run:
         else:
             self.write_metrics()
         if self.distributed.is_main and self.evaluations:
-            save_weights_file(self.final_weights, plain_state_dict(self._evaluated_weights()),
+            save_weights_file(self.final_weights, plain_state_dict(self.evaluated_weights),
                               weights_metadata(self.config, self.record, self.loaders,
                                                self.evaluations[-1], "final"))
         if self.config.make_plots and self.distributed.is_main:

@@ -92,3 +92,12 @@ def test_device_resident_batches_stay_on_cuda_and_match_the_cpu_path(tiny_datase
     kernel = augment_batch(source, np.arange(256), colour, 0, fill).astype(np.int16)
     on_gpu = augment_batch_torch(torch.from_numpy(source).cuda(), np.arange(256), colour, 0, fill)
     assert np.abs(on_gpu.cpu().numpy().astype(np.int16) - kernel).max() <= 1
+
+
+def test_a_selecting_run_learns_in_fp16_with_one_scaler_for_proxy_and_model(tiny_dataset,
+                                                                               tmp_path):
+    # CPU twin (bf16, no scaler): test_selection.py's test_a_selecting_run_learns_in_bf16.
+    result = train(gpu_config(tiny_dataset, tmp_path, precision=Precision.fp16,
+                              select_fraction=0.5))
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.history[-1].test_accuracy > 0.5  # 3 classes: chance is 1/3

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_cli import built_train_config
 
-from fastcifar.config import RECIPES, replace_nested
+from fastcifar.config import RECIPES, LoaderConfig, replace_nested
 
 SWEEP = Path(__file__).resolve().parent.parent / "benchmarks" / "recipe_sweep.py"
 
@@ -37,12 +37,13 @@ def test_every_round_but_tuning_starts_from_a_named_recipe():
 def test_a_cells_train_options_build_the_config_it_runs(monkeypatch, plan, cell):
     base, cells = sweep.ROUNDS[plan]
     changes, options = cells[cell]
-    options = sweep.cell_train_options(changes, options, base.epochs)  # + --epochs if it scales
-    changes = dict(changes)
-    passes = changes.pop("data_passes", 1)  # the cell runs the budget x this
-    swept = replace_nested(base, **{**changes, "epochs": changes.get("epochs", base.epochs * passes)})
-    built = built_train_config(monkeypatch, "--recipe", base.recipe, *options)
-    assert built == swept  # loader (batch size included), augmentation, schedule: all of it
+    loader = LoaderConfig()
+    swept = sweep.cell_config(base, changes, base.seed, loader, base.epochs)
+    built = built_train_config(monkeypatch, "--recipe", base.recipe,
+                               *sweep.cell_train_options(changes, options, base.epochs))
+    # The sweep's own settings (where runs go, TTA on for scoring) are not the cell's.
+    sweep_own = {"make_plots", "out_dir", "weights_dir", "tta", "tta_shifts"}
+    assert replace_nested(built, **{key: getattr(swept, key) for key in sweep_own}) == swept
 
 
 def cell(*scores: tuple[int, float]) -> dict:

@@ -10,11 +10,14 @@ import torch
 from torch import nn
 
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.command_config import LrFindConfig
 from fastcifar.config import AugmentConfig, LoaderConfig, Precision, recipe
-from fastcifar.device import plan_precision
+from fastcifar.device import DeviceStep, plan_precision
 from fastcifar.errors import FastCifarError
-from fastcifar.model import CustResNet
-from fastcifar.selection import BatchSelection, batch_selection, hardest
+from fastcifar.model import CustResNet, WhitenedConv2d, build_model
+from fastcifar.range_test import train_settings
+from fastcifar.run_setup import warm_up
+from fastcifar.selection import DIVERGENCE_CHECK_CALLS, BatchSelection, batch_selection, hardest
 from fastcifar.train_options import build_train_config
 from fastcifar.training import TrainCallbacks, train
 
@@ -22,7 +25,10 @@ CPU = torch.device("cpu")
 
 
 def _selecting_config(**changes):
-    return recipe("express-progressive", epochs=4, select_fraction=0.5, **changes)
+    """The default recipe selecting half of each batch; unwhitened unless asked (whitening
+    fits on train images)."""
+    return recipe("express-progressive", epochs=4, select_fraction=0.5,
+                  **{"whiten": False, **changes})
 
 
 def test_hardest_keeps_the_largest_losses_largest_first_and_at_least_one():
@@ -61,10 +67,20 @@ def test_the_proxy_is_custresnet_at_a_quarter_width_about_a_sixteenth_of_its_par
     assert selection.optimizers.muon is not None  # the run's own optimisers, Muon included
 
 
+def test_the_proxy_is_whitened_on_the_images_that_whiten_the_model():
+    config = _selecting_config(whiten=True)
+    images = torch.randn(64, 3, 32, 32)
+    selection = BatchSelection(config, CPU, 10, 5, whitening_images=images)
+    model = build_model(config, CPU, images)
+    proxy_prep, model_prep = selection.proxy.prep.layers[0], model.prep.layers[0]
+    assert isinstance(proxy_prep, WhitenedConv2d) and isinstance(model_prep, WhitenedConv2d)
+    torch.testing.assert_close(proxy_prep.whitening, model_prep.whitening)  # the same fit
+
+
 def test_no_selection_at_fraction_one_and_fractions_outside_zero_one_refused():
     model = CustResNet()
-    assert batch_selection(recipe("express-progressive"), model, 5) is None
-    assert batch_selection(_selecting_config(), model, 5) is not None
+    assert batch_selection(recipe("express-progressive"), model, 5, None) is None
+    assert batch_selection(_selecting_config(), model, 5, None) is not None
     for fraction in (0.0, 1.5):
         with pytest.raises(FastCifarError, match="select fraction"):
             recipe("express-progressive", select_fraction=fraction)
@@ -112,3 +128,51 @@ class _Stop(Exception):
 def test_select_fraction_option_sets_the_config_and_its_absence_keeps_the_recipes():
     assert build_train_config(select_fraction=0.5).select_fraction == 0.5
     assert build_train_config().select_fraction == 1.0
+
+
+def test_the_lr_range_test_refuses_a_selecting_run_it_would_not_match():
+    with pytest.raises(FastCifarError, match="with --select-fraction give --max-lr a number"):
+        train_settings(LrFindConfig(train=_selecting_config()))
+    assert train_settings(LrFindConfig(train=recipe("express-progressive"))).muon_lr == 0.0
+
+
+def test_a_diverged_proxy_stops_the_run_with_one_line():
+    selection = BatchSelection(_selecting_config(), CPU, num_classes=10, steps_per_epoch=40)
+    with torch.no_grad():
+        selection.proxy.fc.weight.fill_(float("nan"))
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    plan, scaler = plan_precision(Precision.fp32, CPU), torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(FastCifarError, match="proxy diverged"):
+        for _ in range(DIVERGENCE_CHECK_CALLS):
+            selection(images, labels, plan, scaler)
+
+
+def test_warm_up_runs_the_model_at_the_kept_size_and_the_proxy_whole_then_restores_both():
+    config = _selecting_config(compile=True)  # compile: the warm-up runs on the CPU too
+    model = build_model(config, CPU)
+    selection = BatchSelection(config, CPU, 10, 5)
+    sizes: dict[str, set[int]] = {"model": set(), "proxy": set()}
+    model.register_forward_hook(lambda _m, args, _o: sizes["model"].add(len(args[0])))
+    selection.proxy.register_forward_hook(lambda _m, args, _o: sizes["proxy"].add(len(args[0])))
+    before = [{k: v.clone() for k, v in net.state_dict().items()}
+              for net in (model, selection.proxy)]
+    step = DeviceStep([120.0] * 3, [60.0] * 3, CPU, True)
+    sample = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 10)
+    warm_up(model, model, config, CPU, plan_precision(Precision.fp32, CPU), step, sample,
+            selection)
+    assert sizes["model"] == {4} and sizes["proxy"] == {8}  # TTA passes keep the batch size
+    for net, state in zip((model, selection.proxy), before, strict=True):
+        assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+        assert net.training
+
+
+def test_a_selecting_run_learns_in_bf16(tiny_dataset, tmp_path):
+    # The CPU twin of test_gpu.py's fp16 selecting run (the same recipe and assertions).
+    config = recipe("fast", epochs=3, max_lr=0.05, make_plots=False, select_fraction=0.5,
+                    loader=LoaderConfig(data_dir=tiny_dataset, batch_size=24, workers=1),
+                    augment=AugmentConfig(cutout_size=4), out_dir=tmp_path / "runs",
+                    weights_dir=tmp_path / "weights", precision=Precision.bf16,
+                    eval_from_epoch=1, tensorboard=False)
+    result = train(config)
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.history[-1].test_accuracy > 0.5  # 3 classes: chance is 1/3

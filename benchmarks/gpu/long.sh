@@ -4,8 +4,9 @@
 # LR, at a third and at half of it, + pad 4, + cutout 8/12, both, + lookahead, both +
 # lookahead, 32 px throughout, proxy data selection at twice the epochs) at 24 epochs on 5,000
 # held-out train images (2 seeds), then its choice on the test set at 24 epochs, one seed per
-# call (3 seeds), the
-# default recipe as it is at a 6-epoch budget x 3 seeds (the short budget keeps its settings),
+# call (3 seeds; the selection cell, or LONG_OPTIONS="--batch-size 1024 --select-fraction 0.5
+# --epochs 48", runs 48 epochs: a 24-epoch run's model steps, plus the proxy and twice the
+# loading), the default recipe as it is at a 6-epoch budget x 3 seeds (the short budget keeps its settings),
 # then fp16 weights of the best 24-epoch run.
 # Each phase is skipped when too little of BUDGET_SECONDS (default 570) is left. Results go to
 # benchmarks/results/gpu/DATE/long-* and, packed, to $OUT.
@@ -81,7 +82,13 @@ except (OSError, KeyError, TypeError, ValueError):
     print(DEFAULT_RECIPE)" "$results/long-${epochs_long}ep.json")
 read -r -a chosen <<< "${chosen_text:-}"
 [ $part = testset ] && read -r -a chosen <<< "${LONG_OPTIONS:-}"
-echo "chosen: $recipe ${chosen[*]}"
+# A choice that runs more epochs for the budget (data selection: twice) names its --epochs;
+# its one test pass is at its last epoch.
+run_epochs=$epochs_long
+for i in "${!chosen[@]}"; do
+  [ "${chosen[$i]}" = --epochs ] && run_epochs=${chosen[$((i + 1))]}
+done
+echo "chosen: $recipe ${chosen[*]} ($run_epochs epochs)"
 pack
 if [ $part = sweep ]; then  # fails when the sweep wrote no table
   ls -la "$OUT"; echo "done in $(elapsed) s"; [ -f "$results/long-${epochs_long}ep.json" ]; exit
@@ -90,10 +97,9 @@ fi
 # One seed per call, so a run cut short by the budget loses only itself; 95 s stay for the
 # short budget and the weights.
 for seed in $(seq 0 $(( runs - 1 ))); do
-  phase "time to accuracy: $recipe ${chosen[*]}, $epochs_long epochs, seed $seed"
-  # The choice's options last: a cell that runs twice the epochs names its own --epochs.
-  fits 170 "tta-long-seed$seed" && reserve=95 tta --recipe "$recipe" --epochs $epochs_long \
-    --seed $seed --eval-from-epoch $epochs_long --target 0.925 --target 0.93 \
+  phase "time to accuracy: $recipe ${chosen[*]}, $run_epochs epochs, seed $seed"
+  fits 170 "tta-long-seed$seed" && reserve=95 tta --recipe "$recipe" --epochs $run_epochs \
+    --seed $seed --eval-from-epoch $run_epochs --target 0.925 --target 0.93 \
     --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json" "${chosen[@]}"
   pack
 done
