@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_train import _Stop, _StopAfterEpoch
 from torch import nn
 
 from fastcifar.checkpoint import load_checkpoint
@@ -19,7 +20,7 @@ from fastcifar.range_test import train_settings
 from fastcifar.run_setup import warm_up
 from fastcifar.selection import DIVERGENCE_CHECK_CALLS, BatchSelection, batch_selection, hardest
 from fastcifar.train_options import build_train_config
-from fastcifar.training import TrainCallbacks, train
+from fastcifar.training import train
 
 CPU = torch.device("cpu")
 
@@ -110,19 +111,6 @@ def test_a_selecting_run_steps_on_half_of_each_batch_and_resumes_as_if_never_sto
     assert [row.train_loss for row in resumed.history] == [row.train_loss for row in full.history]
     assert ([row.test_accuracy for row in resumed.history]
             == [row.test_accuracy for row in full.history])
-
-
-class _StopAfterEpoch(TrainCallbacks):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch(self, stats) -> None:
-        if stats.epoch == self.epoch:
-            raise _Stop
-
-
-class _Stop(Exception):
-    pass
 
 
 def test_select_fraction_option_sets_the_config_and_its_absence_keeps_the_recipes():
