@@ -365,7 +365,8 @@ DEFAULT_RECIPE = "express-progressive"
 # (benchmarks/results/cpu/time-to-accuracy-express-progressive-normalized-filters-*), so no
 # row: the 12-epoch proxy's gain does not carry to the 24-epoch budget. At half Muon's LR
 # (0.12) they scored 92.30% held out at 24 epochs (CPU, seed 0) against the base's 91.94%
-# (H200): a candidate row once the test set confirms it over seeds.
+# (H200): a candidate row once the test set confirms it over seeds. Data selection
+# (--select-fraction 0.5 of 1024 at twice the epochs) lost 0.62 point at the 25,000-image proxy.
 BUDGET_SETTINGS: dict[str, tuple[tuple[int, dict[str, object]], ...]] = {}
 
 
