@@ -265,14 +265,14 @@ class TrainConfig:
         return dataclasses.replace(self, max_lr=max_lr, min_lr=min(self.min_lr, max_lr))
 
 
-# The original notebook's recipe: Adam, OneCycle peaking at epoch 5 of 24 at the LR the range
-# test suggested, pad-crop/flip/cutout 8 plus light colour jitter and grayscale.
 def kept_per_batch(fraction: float, batch_size: int) -> int:
     """How many images of a `batch_size` batch a step trains on with `select_fraction`
     `fraction`: the nearest whole number, at least one."""
     return max(1, round(fraction * batch_size))
 
 
+# The original notebook's recipe: Adam, OneCycle peaking at epoch 5 of 24 at the LR the range
+# test suggested, pad-crop/flip/cutout 8 plus light colour jitter and grayscale.
 SEED = TrainConfig(
     recipe="seed",
     optimizer=OptimizerName.adam,

@@ -51,8 +51,9 @@ class BatchSelection:
         scaler.scale(losses.mean()).backward()
         self.optimizers.step(scaler)
         self.optimizers.schedule_step()
-        self._check_finite(losses.detach().float().mean())
-        chosen = hardest(losses.detach().float(), self.fraction)
+        scores = losses.detach().float()
+        self._check_finite(scores.mean())
+        chosen = hardest(scores, self.fraction)
         return images[chosen], labels[chosen]
 
     def _check_finite(self, loss: torch.Tensor) -> None:
