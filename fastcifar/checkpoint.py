@@ -27,9 +27,7 @@ from fastcifar.errors import FastCifarError
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
     from fastcifar.data.loaders import Loaders
-    from fastcifar.optim import Lookahead, Optimizers
     from fastcifar.records import EpochStats, Evaluation
-    from fastcifar.selection import BatchSelection
 
 # ---------------------------------------------------------------- resumable checkpoints
 
@@ -347,26 +345,18 @@ def without_machine_paths(value: object) -> object:
     return value
 
 
-def run_state(model: torch.nn.Module, optimizers: Optimizers, scaler: torch.amp.GradScaler,
-              ema: torch.optim.swa_utils.AveragedModel | None, lookahead: Lookahead | None,
-              epoch: int, steps: int, history: list[EpochStats],
+def run_state(trainer_state: dict, epoch: int, history: list[EpochStats],
               evaluations: list[Evaluation], record: dict, best_accuracy: float,
-              warmup_seconds: float, lr_per_step: list[float],
-              partial: dict | None = None, selection: BatchSelection | None = None) -> dict:
-    """Everything a resumed run needs, as tensors and plain values (loadable weights_only)."""
+              warmup_seconds: float, partial: dict | None = None) -> dict:
+    """Everything a resumed run needs, as tensors and plain values (loadable weights_only):
+    `trainer_state` (model, optimisers, averages, steps: `ModelTrainer.state_dict`) and the
+    run's records."""
     return {
         "partial": partial,  # progress inside an interrupted epoch
-        "lr_per_step": list(lr_per_step),  # of every sitting: a resumed run plots them all
         "warmup_seconds": warmup_seconds,  # of every sitting so far
         "evaluations": [asdict(evaluation) for evaluation in evaluations],
-        "model": model.state_dict(),
-        **optimizers.state_dict(),  # optimizer, scheduler (+ muon, muon_scheduler)
-        "scaler": scaler.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "lookahead": lookahead.state_dict() if lookahead is not None else None,
-        "selection": selection.state_dict() if selection is not None else None,  # its proxy
+        **trainer_state,
         "epoch": epoch,  # completed epochs
-        "steps": steps,
         "history": [asdict(stats) for stats in history],
         "best_accuracy": best_accuracy,
         "rng": rng_state(),  # tensors and plain values: loadable with weights_only

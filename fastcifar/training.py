@@ -1,14 +1,14 @@
-"""The training loop: a run's parts and records (`Run`), the epoch loop (`train_epochs`) and
-the per-epoch stats it reports."""
+"""The training loop: a run's records around what it trains (`Run`, holding a
+`model_trainer.ModelTrainer`) and the epoch loop (`train_epochs`)."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from fastcifar.atomic import write_json
 from fastcifar.checkpoint import (
@@ -24,17 +24,9 @@ from fastcifar.checkpoint import (
     seed_everything,
     weights_metadata,
 )
-from fastcifar.config import Precision, TrainConfig
-from fastcifar.data.loaders import Loaders, build_loaders, first_train_images
-from fastcifar.device import (
-    DeviceStep,
-    PrecisionPlan,
-    autocast,
-    measure_cpu_precision,
-    measures_precision,
-    plan_precision,
-    select_device,
-)
+from fastcifar.config import TrainConfig
+from fastcifar.data.loaders import Loaders, build_loaders
+from fastcifar.device import PrecisionPlan, plan_precision, select_device
 from fastcifar.distributed import (
     Distributed,
     StopRequest,
@@ -48,13 +40,12 @@ from fastcifar.distributed import (
 from fastcifar.epoch_state import EpochClock, TrainCallbacks, TrainingInterrupted, TrainSums
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import evaluate_loader
-from fastcifar.model import build_model, plain_state_dict
-from fastcifar.optim import Lookahead, Optimizers
+from fastcifar.model import plain_state_dict
+from fastcifar.model_trainer import ModelTrainer
 from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations, write_metrics
 from fastcifar.run_faults import RunFaults
 from fastcifar.run_log import TensorBoardLog
-from fastcifar.run_setup import check_steps, make_run_dir, warm_up
-from fastcifar.selection import batch_selection
+from fastcifar.run_setup import check_steps, make_run_dir
 
 __all__ = ["EpochStats", "Evaluation", "Run", "TrainCallbacks", "TrainResult",
            "TrainingInterrupted", "epoch_end_evaluations", "train", "train_epochs"]
@@ -66,8 +57,8 @@ DIVERGENCE_CHECK_STEPS = 16  # also how often torchrun's ranks agree on a stop
 
 
 class Run:
-    """A training run in progress: the model, its optimisers and averages, where the results
-    go, and what has been recorded so far (a checkpoint saves all of it)."""
+    """A training run in progress: what it trains (`trainer`), where the results go, and what
+    has been recorded so far (a checkpoint saves all of it)."""
 
     def __init__(self, config: TrainConfig, loaders: Loaders, device: torch.device,
                  plan: PrecisionPlan, distributed: Distributed, callbacks: TrainCallbacks,
@@ -75,22 +66,20 @@ class Run:
         self.config, self.loaders, self.device = config, loaders, device
         self.distributed, self.callbacks = distributed, callbacks
         self.steps_per_epoch = len(loaders.train)
-        self.device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
-                                      config.channels_last)
-        self._build_parts()
-        self._plan_precision(plan, resume_state)
+        self.trainer = ModelTrainer(config, loaders, device, plan, distributed, resume_state)
+        self.record = run_record(config, device, self.trainer.recorded_precision)
+        if self.trainer.untimed_reason:
+            self.record["precision_note"] = self.trainer.untimed_reason
         self.history: list[EpochStats] = []
         self.evaluations: list[Evaluation] = []
-        self.lr_per_step: list[float] = []  # of every sitting: a resumed run plots them all
-        self.start_epoch, self.steps, self.best_accuracy, self.warmup_seconds = 0, 0, -1.0, 0.0
+        self.start_epoch, self.best_accuracy, self.warmup_seconds = 0, -1.0, 0.0
         self.partial: dict | None = None  # progress inside the interrupted epoch resumed
         if resume_state is not None:
-            self._restore(resume_state)
+            self._restore_records(resume_state)
             self.run_dir = Path(config.resume).parent
         else:
             self.run_dir = share_run_dir(make_run_dir(config) if distributed.is_main
                                          else Path(config.out_dir), distributed)
-        self._wrap_for_training()
         self.best_weights = Path(config.weights_dir) / f"{self.run_dir.name}-best.safetensors"
         self.final_weights = Path(config.weights_dir) / f"{self.run_dir.name}-final.safetensors"
         self.last_checkpoint = self.run_dir / "last.pt"
@@ -104,64 +93,18 @@ class Run:
             saved = read_weights_file(self.best_weights)[1].get("accuracy", -1.0)
             self.best_accuracy = max(self.best_accuracy, saved)
 
-    def _build_parts(self) -> None:
-        config, device = self.config, self.device
-        whitening_images = (first_train_images(self.loaders, config.loader, config.seed,
-                                               self.device_step)
-                            if config.whiten_init or config.whiten else None)
-        self.model = build_model(config, device, whitening_images,
-                                 num_classes=len(self.loaders.metadata.class_names))
-        self.optimizers = Optimizers(self.model, config, self.steps_per_epoch)
-        self.selection = batch_selection(config, self.model, self.steps_per_epoch, whitening_images)
-        self.ema = (torch.optim.swa_utils.AveragedModel(
-            self.model, use_buffers=True,
-            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
-            if config.ema_decay > 0 else None)
-        self.lookahead = (Lookahead(self.model, config.lookahead_every,
-                                    config.epochs * self.steps_per_epoch)
-                          if config.lookahead_every else None)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    @property
+    def steps(self) -> int:
+        """Optimiser steps taken so far, over every sitting."""
+        return self.trainer.steps
 
-    def _plan_precision(self, plan: PrecisionPlan, resume_state: dict | None) -> None:
-        """auto on the CPU: fp32 or bf16, whichever trains faster on the first batch (timed
-        there, off the clock) unless the run is too short to repay the timing; a resumed run
-        keeps the precision its checkpoint trained in."""
-        config, device = self.config, self.device
-        self.plan = plan
-        auto_on_cpu = measures_precision(config.precision, device)
-        steps = config.epochs * self.steps_per_epoch
-        self.measure_precision = measures_precision(config.precision, device, steps)
-        if auto_on_cpu and resume_state is not None:
-            self.measure_precision = False
-            self.plan = plan_precision(Precision(resume_state.get("precision", "fp32")), device)
-        recorded = "auto (timed at the first batch)" if self.measure_precision else self.plan.name
-        untimed = auto_on_cpu and resume_state is None and not self.measure_precision
-        self.precision_label = (f"{self.plan.name} (auto, untimed: {steps} steps are too few to "
-                                "repay timing fp32 against bf16)" if untimed else recorded)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
-        self.record = run_record(config, device, recorded)
-        if resume_state is not None and "precision_images_per_second" in resume_state:
-            self.record["precision_images_per_second"] = resume_state[
-                "precision_images_per_second"]
-
-    def _restore(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as error:  # e.g. a head for another class count
-            raise FastCifarError(f"{self.config.resume} does not fit this data's model: "
-                                 f"{str(error).splitlines()[-1].strip()}") from error
-        self.optimizers.load_state_dict(state)
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        if self.lookahead is not None:
-            self.lookahead.load_state_dict(state["lookahead"])
-        if self.selection is not None:
-            self.selection.load_state_dict(state["selection"])
-        self.start_epoch, self.steps = state["epoch"], state["steps"]
+    def _restore_records(self, state: dict) -> None:
+        """The records a checkpoint holds besides the trainer's state, and the RNGs."""
+        if "precision_images_per_second" in state:
+            self.record["precision_images_per_second"] = state["precision_images_per_second"]
+        self.start_epoch = state["epoch"]
         self.best_accuracy = state["best_accuracy"]
         self.warmup_seconds = state.get("warmup_seconds", 0.0)  # older checkpoints lack it
-        self.lr_per_step = list(state.get("lr_per_step", []))  # older checkpoints lack it
         self.history = [EpochStats(**row) for row in state["history"]]
         self.evaluations = ([Evaluation(**row) for row in state["evaluations"]]
                             if "evaluations" in state  # older checkpoints lack them
@@ -169,57 +112,22 @@ class Run:
         self.partial = state.get("partial")
         restore_rng_state(state["rng"])
 
-    def _wrap_for_training(self) -> None:
-        """The model the loop steps (compiled, DDP) and the one it evaluates (EMA when kept)."""
-        self.trained_model: nn.Module = self.model
-        if self.config.compile:
-            self.trained_model = torch.compile(self.model)
-        if self.distributed.world_size > 1:
-            self.trained_model = nn.parallel.DistributedDataParallel(
-                self.trained_model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.eval_model = self.ema if self.ema is not None else self.trained_model
-        self.evaluated_weights = self.ema.module if self.ema is not None else self.model
-
     # ------------------------------------------------------------ steps
 
     def first_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Off the clock: time fp32 against bf16 when asked, and warm up compile/cudnn."""
-        if self.measure_precision:
-            choice = broadcast_from_main(
-                measure_cpu_precision(self.model, self.device_step, (images, labels))
-                if self.distributed.is_main else None, self.distributed)
-            self.plan = choice.plan
-            self.record.update(precision=self.plan.name,
-                               precision_images_per_second=choice.images_per_second)
-            if self.distributed.is_main:
-                write_json(self.run_dir / "run.json", self.record)
-            self.callbacks.on_precision(choice)
-        warm_up(self.model, self.trained_model, self.config, self.device, self.plan,
-                self.device_step, (images, labels), self.selection)
+        choice = self.trainer.first_batch(images, labels)
+        if choice is None:
+            return
+        self.record.update(precision=choice.plan.name,
+                           precision_images_per_second=choice.images_per_second)
+        if self.distributed.is_main:
+            write_json(self.run_dir / "run.json", self.record)
+        self.callbacks.on_precision(choice)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, sums: TrainSums) -> None:
-        """zero_grad -> autocast forward -> backward (scaled for fp16) -> steps -> averages."""
-        images, labels = self.device_step(images, labels)
-        if self.selection is not None:  # the proxy's hardest images only
-            images, labels = self.selection(images, labels, self.plan, self.scaler)
-        self.optimizers.zero_grad()
-        with autocast(self.device, self.plan):
-            logits = self.trained_model(images)
-            loss = self.criterion(logits, labels)
-        self.scaler.scale(loss).backward()  # the scale is 1 unless fp16
-        self.lr_per_step.append(self.optimizers.lr)  # the LR this step used
-        group_lrs = self.optimizers.group_lrs() if self.log.enabled else {}
-        self.optimizers.step(self.scaler)
-        self.scaler.update()
-        self.optimizers.schedule_step()
-        self.steps += 1
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        if self.lookahead is not None:
-            self.lookahead.after_step(self.model, self.steps)
-        sums.add(loss, logits, labels)
-        self.log.step(self.steps, loss, group_lrs, len(labels))
+        """One optimiser step on a batch (the trainer's), logged."""
+        self.trainer.step(images, labels, sums, self.log)
 
     # ------------------------------------------------------------ evaluations and records
 
@@ -228,9 +136,7 @@ class Run:
         the held-out score and the saving are off the clock."""
         clock.stop_training()
         started = time.perf_counter()
-        test_loss, test_accuracy = evaluate_loader(self.eval_model, self.loaders.test,
-                                                   self.device_step, self.plan, self.config.tta,
-                                                   self.config.tta_shifts)
+        test_loss, test_accuracy = self._evaluate(self.loaders.test)
         clock.eval_seconds += time.perf_counter() - started
         evaluation = Evaluation(epochs, self.steps, test_loss, test_accuracy,
                                 clock.trained_before + clock.train_seconds,
@@ -239,7 +145,7 @@ class Run:
         self.evaluations.append(evaluation)
         self.log.evaluation(evaluation)
         self._keep_if_best(evaluation)
-        self.trained_model.train()
+        self.trainer.trained_model.train()
         self.log.pause()
         clock.restart()
         return evaluation
@@ -248,8 +154,13 @@ class Run:
         """Accuracy on the held-out train images (a tuning aid, not a cost)."""
         if self.loaders.holdout is None:
             return None
-        return evaluate_loader(self.eval_model, self.loaders.holdout, self.device_step,
-                               self.plan, self.config.tta, self.config.tta_shifts)[1]
+        return self._evaluate(self.loaders.holdout)[1]
+
+    def _evaluate(self, loader: Iterable) -> tuple[float, float]:
+        """Loss and accuracy of the evaluated model (EMA when kept) on `loader`, with TTA."""
+        trainer = self.trainer
+        return evaluate_loader(trainer.eval_model, loader, trainer.device_step, trainer.plan,
+                               self.config.tta, self.config.tta_shifts)
 
     def _keep_if_best(self, evaluation: Evaluation) -> None:
         """Save the evaluated weights when this test pass is the best so far (any pass)."""
@@ -258,7 +169,7 @@ class Run:
         # Non-essential: on a write fault the run goes on, and a later better pass tries again.
         if self.distributed.is_main and not self.faults.optional_write(
                 "the best-weights copy", lambda: save_weights_file(
-                    self.best_weights, plain_state_dict(self.evaluated_weights),
+                    self.best_weights, plain_state_dict(self.trainer.evaluated_weights),
                     weights_metadata(self.config, self.record, self.loaders, evaluation,
                                      "best"))):
             return
@@ -273,8 +184,9 @@ class Run:
             raise self.diverged(epoch)
         evaluated = self.evaluates_at_end(epoch)
         evaluation = self.evaluate_and_record(epoch + 1, clock) if evaluated else None
+        lrs = self.trainer.lr_per_step
         stats = EpochStats(
-            epoch=epoch + 1, lr=self.lr_per_step[-1] if self.lr_per_step else self.config.max_lr,
+            epoch=epoch + 1, lr=lrs[-1] if lrs else self.config.max_lr,
             train_loss=loss_sum / seen, train_accuracy=correct / seen,
             test_loss=evaluation.test_loss if evaluated else None,
             test_accuracy=evaluation.test_accuracy if evaluated else None,
@@ -316,10 +228,8 @@ class Run:
         """`last.pt` after `epoch` completed epochs (+ `partial` progress in the next one)."""
         if self.distributed.is_main:
             save_checkpoint(self.last_checkpoint, run_state(
-                self.model, self.optimizers, self.scaler, self.ema, self.lookahead, epoch,
-                self.steps, self.history, self.evaluations, self.record, self.best_accuracy,
-                self.warmup_seconds, self.lr_per_step, partial=partial,
-                selection=self.selection))
+                self.trainer.state_dict(), epoch, self.history, self.evaluations, self.record,
+                self.best_accuracy, self.warmup_seconds, partial=partial))
             if partial is None:
                 self.faults.checkpoint_saved(self.last_checkpoint, epoch)
 
@@ -344,23 +254,23 @@ class Run:
         # that failed after it) has no epoch left to write it.
         if self.distributed.world_size > 1:
             self.write_metrics(world_size=self.distributed.world_size,
-                               ranks_agree=ranks_agree(self.model, self.distributed))
+                               ranks_agree=ranks_agree(self.trainer.model, self.distributed))
         else:
             self.write_metrics()
         if self.distributed.is_main and self.evaluations:
-            save_weights_file(self.final_weights, plain_state_dict(self.evaluated_weights),
+            save_weights_file(self.final_weights, plain_state_dict(self.trainer.evaluated_weights),
                               weights_metadata(self.config, self.record, self.loaders,
                                                self.evaluations[-1], "final"))
         if self.config.make_plots and self.distributed.is_main:
             from fastcifar.plots import plot_training_curves
 
             self.faults.optional_write("the training-curves plot", lambda: plot_training_curves(
-                self.history, self.lr_per_step, self.run_dir / "training_curves.png"))
+                self.history, self.trainer.lr_per_step, self.run_dir / "training_curves.png"))
         return TrainResult(
             self.history, self.run_dir,
             self.best_weights if self.best_accuracy >= 0 else None, self.best_accuracy,
-            self.warmup_seconds, self.lr_per_step, reached, self.eval_model, self.evaluations,
-            self.final_weights if self.evaluations else None, self.plan,
+            self.warmup_seconds, self.trainer.lr_per_step, reached, self.trainer.eval_model, self.evaluations,
+            self.final_weights if self.evaluations else None, self.trainer.plan,
             self.record.get("precision_images_per_second", {}))
 
 
@@ -389,7 +299,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
             if distributed.is_main:
                 write_json(run.run_dir / "run.json", run.record)
             callbacks.on_train_start(config, run.steps_per_epoch, device,
-                                     run.precision_label, run.run_dir)
+                                     run.trainer.precision_label, run.run_dir)
             # Every rank traps the signals; under torchrun they agree on the step to stop at.
             with stop_on_signals(handle_signals) as stop:
                 reached = train_epochs(run, stop)
@@ -402,7 +312,7 @@ def train_epochs(run: Run, stop: StopRequest) -> bool:
     """The epoch loop, from the run's start epoch; True when --stop-at-accuracy was met."""
     config, steps_per_epoch, partial = run.config, run.steps_per_epoch, run.partial
     for epoch in range(run.start_epoch, config.epochs):
-        run.trained_model.train()
+        run.trainer.trained_model.train()
         sums = TrainSums(run.device, partial, run.distributed.is_main)
         clock = EpochClock(run.device, run.history, partial)
         done_before = partial["step"] if partial else 0  # resuming inside this epoch

@@ -371,8 +371,10 @@ def test_precision_auto_on_cpu_trains_a_run_too_short_to_time_untimed(tiny_datas
     assert callbacks.choices == [] and result.plan.name == "fp32"
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["precision"] == "fp32" and "precision_images_per_second" not in run
-    assert callbacks.labels == ["fp32 (auto, untimed: 5 steps are too few to repay timing fp32 "
-                                "against bf16)"]
+    # run.json says why the auto run trained in fp32 untimed, as the header line does.
+    assert run["precision_note"] == ("auto, untimed: 5 steps are too few to repay timing fp32 "
+                                     "against bf16")
+    assert callbacks.labels == [f"fp32 ({run['precision_note']})"]
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_is_checked():
@@ -482,9 +484,10 @@ def test_ema_weights_are_the_ones_evaluated_and_saved(tiny_dataset, tmp_path):
     assert not torch.equal(final["fc.weight"], live["fc.weight"].float())  # not the live weights
 
 
-# A fixed-seed CPU run of the fast recipe, recorded at the session start (40c882f) and before
-# the device/distributed split (75445e9): both gave exactly these values on a 2-core AMD EPYC
-# with torch 2.14.1, as does the code now. Other CPUs may round differently, hence rel=1e-4.
+# A fixed-seed CPU run of the fast recipe, recorded at 40c882f and before the device/distributed
+# split (75445e9): both gave exactly these values on a 2-core AMD EPYC with AVX-512, torch
+# 2.14.1, as does the code now. One without AVX-512 rounds differently: its test loss is 3.6e-4
+# lower, at the code before and after the ModelTrainer split alike; hence rel=1e-3.
 RECORDED_FAST_RUN = [(0.8292058308919271, 0.6916666666666667, 1.0682563781738281, 1.0),
                      (0.4980067571004232, 1.0, 1.0024458567301433, 1.0)]
 
@@ -497,7 +500,7 @@ def test_fixed_seed_run_reproduces_the_metrics_recorded_before_the_split(tiny_da
            for row in history]
     assert len(got) == len(RECORDED_FAST_RUN)
     for row, recorded in zip(got, RECORDED_FAST_RUN, strict=True):
-        assert row == pytest.approx(recorded, rel=1e-4)
+        assert row == pytest.approx(recorded, rel=1e-3)
 
 
 def test_epoch_clock_pauses_for_evaluations_and_counts_a_pause_once():
