@@ -87,6 +87,14 @@ class ModelTrainer:
         self.precision_label = (f"{self.plan.name} ({self.untimed_reason})" if self.untimed_reason
                                 else self.recorded_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
+        self._orthogonalize_for_plan()
+
+    def _orthogonalize_for_plan(self) -> None:
+        """Muon's Newton-Schulz in fp32 in an fp32 run on the CPU (47x faster where bf16 is
+        emulated), for the model and the selection proxy alike."""
+        proxy = [self.selection.optimizers] if self.selection is not None else []
+        for optimizers in (self.optimizers, *proxy):
+            optimizers.orthogonalize_for(self.plan.autocast_dtype, self.device)
 
     def _wrap_for_training(self) -> None:
         """The model the loop steps (compiled, DDP) and the one it evaluates (EMA when kept)."""
@@ -109,6 +117,7 @@ class ModelTrainer:
                 measure_cpu_precision(self.model, self.device_step, (images, labels))
                 if self.distributed.is_main else None, self.distributed)
             self.plan = choice.plan
+            self._orthogonalize_for_plan()
         warm_up(self.model, self.trained_model, self.config, self.device, self.plan,
                 self.device_step, (images, labels), self.selection)
         return choice
