@@ -86,6 +86,7 @@ class StepTimer:
         whitening = self._batch(32)[0].float()
         self.model = build_model(config, device, whitening)
         self.optimizers = Optimizers(self.model, config, 10**6)
+        self.optimizers.orthogonalize_for(self.plan.autocast_dtype, device)  # as `train` does
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 

@@ -66,6 +66,7 @@ def main() -> int:
     whitening = step(sample, torch.zeros(len(sample), dtype=torch.long))[0].float()
     model = build_model(config, device, whitening, len(loaders.metadata.class_names))
     optimizers = Optimizers(model, config, len(loaders.train))
+    optimizers.orthogonalize_for(plan.autocast_dtype, device)  # as `train` does
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
