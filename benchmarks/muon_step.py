@@ -4,8 +4,9 @@ runs on the CPU use, timed interleaved in one process beside an fp32 forward and
 
     python benchmarks/muon_step.py --json benchmarks/results/cpu/muon-step.json
 
-Each round times one step of each kind, so the machine's speed swings hit all alike; the
-figures are medians over the rounds. The optimiser step is the recipe's whole step (SGD on BN
+Each round times a forward+backward at each side, each followed by one optimiser step per
+dtype (bf16 first), so the machine's speed swings hit all alike; the figures are medians over
+the rounds (2 optimiser steps per dtype and round). The optimiser step is the recipe's whole step (SGD on BN
 and the head, Muon on the conv filters) on the real CustResNet with the gradients of a batch.
 """
 
@@ -108,7 +109,8 @@ def main() -> None:
     lines = ["# Muon step: Newton-Schulz in bf16 (torch's) against fp32\n",
              f"`{report['command']}` on {report['machine'].get('cpu', '?')} "
              f"(flags: {', '.join(report['machine']['cpu_flags']) or 'none'}), "
-             f"batch {args.batch_size}, median of {args.rounds} interleaved rounds.\n",
+             f"batch {args.batch_size}, medians over {args.rounds} interleaved rounds "
+             "(2 optimiser steps per dtype and round).\n",
              "| part | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {value:.2f} |" for name, value in seconds.items()]
     lines += ["", f"Optimiser step: fp32 iteration **{bf16 / fp32:.1f}x** faster than bf16. "

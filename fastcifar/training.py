@@ -100,8 +100,9 @@ class Run:
 
     def _restore_records(self, state: dict) -> None:
         """The records a checkpoint holds besides the trainer's state, and the RNGs."""
-        if "precision_images_per_second" in state:
-            self.record["precision_images_per_second"] = state["precision_images_per_second"]
+        for key in ("precision_images_per_second", "precision_note"):  # how it was chosen
+            if key in state:
+                self.record[key] = state[key]
         self.start_epoch = state["epoch"]
         self.best_accuracy = state["best_accuracy"]
         self.warmup_seconds = state.get("warmup_seconds", 0.0)  # older checkpoints lack it

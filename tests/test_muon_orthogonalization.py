@@ -119,3 +119,20 @@ def test_the_precision_timing_sets_the_dtype_of_the_models_muon_and_the_proxys(
     trainer.first_batch(images, labels)
     expected = orthogonalization_dtype(timed.autocast_dtype, CPU)
     assert trainer.plan == timed and {muon.orthogonalize_dtype for muon in muons} == {expected}
+
+
+@pytest.mark.parametrize("saved", ["fp32", "bf16"])
+def test_a_resumed_auto_run_orthogonalizes_in_the_precision_its_checkpoint_trained_in(
+        tiny_dataset, tmp_path, saved):
+    # A resumed auto run is not timed again: its plan, and Muon's dtype, come from last.pt.
+    config = _muon_config(tiny_dataset, tmp_path, precision=Precision.auto, select_fraction=0.5,
+                          whiten=False)
+    loaders = build_loaders(config.loader, config.augment, config.seed, device=CPU)
+    plan = plan_precision(config.precision, CPU)
+    state = {**ModelTrainer(config, loaders, CPU, plan, Distributed(), None).state_dict(),
+             "precision": saved}
+    trainer = ModelTrainer(config, loaders, CPU, plan, Distributed(), state)
+    expected = torch.float32 if saved == "fp32" else torch.bfloat16
+    assert not trainer.measure_precision and trainer.plan.name == saved
+    muons = [trainer.optimizers.muon, trainer.selection.optimizers.muon]
+    assert {muon.orthogonalize_dtype for muon in muons} == {expected}
