@@ -3,6 +3,7 @@ and progress as a notebook would: images, no terminal escape codes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,15 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 @pytest.mark.slow
 def test_quickstart_runs_top_to_bottom_with_its_plots(tmp_path):
-    # Four batches of the default recipe (512 images): the fewest OneCycle plans for.
-    source = write_imagefolder(tmp_path / "source", per_class_train=690, per_class_test=40)
+    # Four batches of 64 (the fewest OneCycle plans for): a tenth of the default batch's images.
+    source = write_imagefolder(tmp_path / "source", per_class_train=90, per_class_test=40)
     data = tmp_path / "data"
     convert(ConvertConfig(source=source, out_dir=data))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     (parameters,) = [cell for cell in notebook.cells
                      if "parameters" in cell.metadata.get("tags", [])]
     parameters.source = (f"DATA = {str(data)!r}\nSOURCE = None\nEPOCHS = 1\n"
-                         "TRAIN_SUBSET = None\nTEST_SUBSET = None")
+                         "TRAIN_SUBSET = None\nTEST_SUBSET = None\nBATCH_SIZE = 64")
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
@@ -41,4 +42,7 @@ def test_quickstart_runs_top_to_bottom_with_its_plots(tmp_path):
                       if output.output_type == "stream")
     assert "epoch 1 (32 px)" in printed and "test accuracy" in printed
     assert "\x1b[" not in printed  # progress as a bar, not as escape codes
-    assert (tmp_path / "runs").is_dir() and list((tmp_path / "weights").glob("*.safetensors"))
+    assert list((tmp_path / "weights").glob("*.safetensors"))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"][-1]["steps"] == 4  # 270 images in batches of BATCH_SIZE
