@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -133,10 +134,15 @@ def saved_figures(monkeypatch) -> list:
 
 @pytest.fixture(scope="session")
 def real_dataset(tmp_path_factory) -> Path:
-    """The real CIFAR-10 JPEG copy converted to betons (skips without it)."""
+    """The real CIFAR-10 JPEG copy converted to betons (skips without it); do not modify it.
+
+    One conversion (~40 s) serves every pytest-xdist worker: they share the folder above their
+    own temporary ones, and `convert` locks it, so the second finds the betons up to date."""
     if not REAL_DATA.exists():
         pytest.skip("real CIFAR-10 JPEG copy not present")
-    out_dir = tmp_path_factory.mktemp("real-data")
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out_dir = shared / "real-data"
     convert(ConvertConfig(source=REAL_DATA, out_dir=out_dir))
     return out_dir
 

@@ -62,7 +62,7 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
 def _torchrun(tiny_dataset, tmp_path, name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fastcifar",
-            "train", "--recipe", "fast", "--epochs", "4", "--max-lr", "0.05", "--precision",
+            "train", "--recipe", "fast", "--epochs", "2", "--max-lr", "0.05", "--precision",
             "fp32", "--workers", "1", "--cutout", "4", "--no-tta", "--batch-size", "6", "--data",
             str(tiny_dataset),
             "--out", str(tmp_path / name), "--weights", str(tmp_path / f"{name}-weights"),

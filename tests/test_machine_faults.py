@@ -30,8 +30,10 @@ NON_ESSENTIAL = ("best.safetensors", "training_curves.png")
 
 
 def train_arguments(data: Path, folder: Path) -> list[str]:
-    """A 2-epoch tiny run with a test pass (and so a best-weights save) after each epoch."""
-    return ["train", "--recipe", "fast", "--epochs", "2", "--batch-size", "24", "--data",
+    """A 2-epoch tiny run (2 steps of 24 images an epoch) with a test pass (and so a
+    best-weights save) after each epoch."""
+    return ["train", "--recipe", "fast", "--epochs", "2", "--batch-size", "24",
+            "--train-subset", "48", "--data",
             str(data), "--precision", "fp32", "--device", "cpu", "--workers", "1", "--no-tta",
             "--eval-from-epoch", "1", "--seed", "3", "--out", str(folder / "runs"), "--weights",
             str(folder / "w")]
@@ -171,7 +173,7 @@ def test_out_of_memory_ends_the_run_in_one_line_with_the_checkpoint_intact(
     real_step = Run.train_step
 
     def step(self, images, labels, sums):
-        if self.steps == 7:  # inside epoch 2 (5 steps per epoch)
+        if self.steps == 3:  # inside epoch 2 (2 steps per epoch)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         real_step(self, images, labels, sums)
 
@@ -189,7 +191,7 @@ def test_out_of_memory_ends_the_run_in_one_line_with_the_checkpoint_intact(
     assert epoch_rows(run_dir) == reference_run[1]
 
 
-# The CLI in a child process whose FFCV pipeline raises at its 8th batch (epoch 2): a loader
+# The CLI in a child process whose FFCV pipeline raises at its 3rd batch (epoch 2): a loader
 # that dies must end the run, never leave it waiting (the timeout below would catch a hang).
 DYING_LOADER = textwrap.dedent("""
     import sys
@@ -199,7 +201,7 @@ DYING_LOADER = textwrap.dedent("""
     def run_pipeline(self, *args):
         if self.loader.drop_last:  # the train loader
             calls.append(1)
-            if len(calls) == 8:
+            if len(calls) == 3:
                 raise ValueError("record 17 cannot be decoded")
         return real(self, *args)
     EpochIterator.run_pipeline = run_pipeline
