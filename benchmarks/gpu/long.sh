@@ -2,7 +2,8 @@
 # The long-budget round in one device call (after check.sh, or on its own): the CUDA tests, then
 # recipe_sweep.py's long plan (LONG_ROUND: the default recipe, + normalized filters at Muon's
 # LR, at a third and at half of it, + pad 4, + cutout 8/12, both, + lookahead, both +
-# lookahead, 32 px throughout, proxy data selection at twice the epochs) at 24 epochs on 5,000
+# lookahead, 32 px throughout, normalized filters at LR 0.12 with pad 4 + cutout 12, a per-step
+# EMA, proxy data selection at twice the epochs) at 24 epochs on 5,000
 # held-out train images (2 seeds), then its choice on the test set at 24 epochs, one seed per
 # call (3 seeds; the selection cell, or LONG_OPTIONS="--batch-size 1024 --select-fraction 0.5
 # --epochs 48", runs 48 epochs: a 24-epoch run's model steps, plus the proxy and twice the
