@@ -100,12 +100,13 @@ def measure_precision(train_step: Callable[[PrecisionPlan], None], images_per_st
                       candidates: tuple[PrecisionPlan, ...] = CPU_PRECISIONS,
                       timed_steps: int = 3,
                       timer: Callable[[], float] = time.perf_counter) -> PrecisionChoice:
-    """Time `timed_steps` calls of `train_step(plan)` per candidate, after one untimed call.
+    """Time up to `timed_steps` calls of `train_step(plan)` per candidate, after one untimed call.
 
     The untimed call takes first-use costs (allocations, oneDNN kernel choice) off the timing.
-    A candidate stops once its timed steps outlast the fastest one's: it cannot win, and its rate
-    comes from the steps it took (where bf16 is emulated one such step is ~64 s, so this saves
-    two). Returns the candidate with the most images per second (the first one on a tie).
+    A candidate stops once its timed steps outlast the fastest earlier candidate's whole timing:
+    it cannot win, and its rate comes from the steps it took (where bf16 is emulated one such
+    step is ~64 s, so this saves two). Returns the candidate with the most images per second
+    (the first one on a tie).
     """
     rates: dict[str, float] = {}
     for plan in candidates:

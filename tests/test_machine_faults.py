@@ -30,8 +30,8 @@ NON_ESSENTIAL = ("best.safetensors", "training_curves.png")
 
 
 def train_arguments(data: Path, folder: Path) -> list[str]:
-    """A 2-epoch tiny run (2 steps of 24 images an epoch) with a test pass (and so a
-    best-weights save) after each epoch."""
+    """A 2-epoch tiny run (2 steps of 24 images an epoch) with a test pass after each epoch
+    (a best-weights save when it improves): 12 or 13 writes, each failed once below."""
     return ["train", "--recipe", "fast", "--epochs", "2", "--batch-size", "24",
             "--train-subset", "48", "--data",
             str(data), "--precision", "fp32", "--device", "cpu", "--workers", "1", "--no-tta",
@@ -97,7 +97,7 @@ def test_the_reference_run_makes_every_kind_of_write(reference_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("number", range(1, 10))
+@pytest.mark.parametrize("number", range(1, 14))
 def test_disk_full_at_any_write_of_a_run_loses_nothing(tiny_dataset, tmp_path, monkeypatch,
                                                        reference_run, number):
     names, expected_rows = reference_run

@@ -21,7 +21,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 @pytest.mark.slow
 def test_quickstart_runs_top_to_bottom_with_its_plots(tmp_path):
-    # Four batches of 64 (the fewest OneCycle plans for): a tenth of the default batch's images.
+    # Four batches of 64 (the fewest OneCycle plans for): an eighth of the default batch's images.
     source = write_imagefolder(tmp_path / "source", per_class_train=90, per_class_test=40)
     data = tmp_path / "data"
     convert(ConvertConfig(source=source, out_dir=data))

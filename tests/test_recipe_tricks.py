@@ -294,7 +294,7 @@ def test_holdout_must_leave_train_images(tiny_dataset):
 
 def express_config(data_dir, tmp_path, **changes):
     # 12 steps of 24 images: the real-data peak LR (0.8) is far too high for so few.
-    base = recipe("express", epochs=4, make_plots=False, precision=Precision.fp32,
+    base = recipe("express", epochs=3, make_plots=False, precision=Precision.fp32,
                   loader=LoaderConfig(data_dir=data_dir, batch_size=24, workers=1, holdout=24),
                   out_dir=tmp_path / "runs", weights_dir=tmp_path / "weights").with_max_lr(0.05)
     return dataclasses.replace(base, **changes)

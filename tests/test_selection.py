@@ -156,7 +156,7 @@ def test_warm_up_runs_the_model_at_the_kept_size_and_the_proxy_whole_then_restor
 
 
 def test_a_selecting_run_learns_in_bf16(tiny_dataset, tmp_path):
-    # The CPU twin of test_gpu.py's fp16 selecting run (the same recipe and assertions). One
+    # The CPU twin of test_gpu.py's fp16 selecting run (its recipe and assertions), with one
     # test pass without TTA, at the end: where bf16 is emulated, each pass costs ~10 s.
     config = recipe("fast", epochs=3, max_lr=0.05, make_plots=False, select_fraction=0.5,
                     loader=LoaderConfig(data_dir=tiny_dataset, batch_size=24, workers=1),

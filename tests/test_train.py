@@ -312,7 +312,8 @@ def test_precision_auto_outside_train_is_fp32_on_cpu_and_fp16_is_refused():
 
 # bf16 steps: one untimed, then timed ones until three, or until they outlast fp32's three.
 @pytest.mark.parametrize(("fp32_seconds", "bf16_seconds", "expected", "bf16_steps"),
-                         [(2.0, 1.0, "bf16", 4), (1.0, 2.0, "fp32", 3), (1.0, 10.0, "fp32", 2)])
+                         [(2.0, 1.0, "bf16", 4), (1.0, 2.0, "fp32", 3), (1.0, 10.0, "fp32", 2),
+                          (1.0, 1.0, "fp32", 4)])  # a tie: timed to the end, the first wins
 def test_measure_precision_picks_the_faster_and_reports_both_rates(fp32_seconds, bf16_seconds,
                                                                    expected, bf16_steps):
     clock = [0.0]
