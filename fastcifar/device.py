@@ -123,7 +123,9 @@ def measure_precision(train_step: Callable[[PrecisionPlan], None], images_per_st
 
 
 def measure_cpu_precision(model: nn.Module, device_step: DeviceStep,
-                           sample: tuple[torch.Tensor, torch.Tensor]) -> PrecisionChoice:
+                           sample: tuple[torch.Tensor, torch.Tensor],
+                           candidates: tuple[PrecisionPlan, ...] = CPU_PRECISIONS
+                           ) -> PrecisionChoice:
     """Forward/backward steps of the real model on the real first batch, fp32 against bf16.
 
     No optimiser step; the weights, BN statistics, gradients, train mode and torch RNG are put
@@ -143,7 +145,7 @@ def measure_cpu_precision(model: nn.Module, device_step: DeviceStep,
         model.zero_grad(set_to_none=True)
 
     with torch.random.fork_rng(devices=[]):  # dropout draws would shift the run's RNG
-        choice = measure_precision(train_step, len(labels))
+        choice = measure_precision(train_step, len(labels), candidates)
     model.load_state_dict(snapshot)
     model.train(was_training)
     return choice

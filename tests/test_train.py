@@ -16,7 +16,10 @@ import fastcifar.device
 from fastcifar.checkpoint import load_checkpoint, read_weights_file
 from fastcifar.config import NO_AUGMENT, AugmentConfig, Device, LoaderConfig, Precision, TrainConfig, recipe
 from fastcifar.device import (
+    CPU_PRECISIONS,
     MIN_STEPS_TO_TIME_PRECISION,
+    DeviceStep,
+    measure_cpu_precision,
     measure_precision,
     plan_precision,
     select_device,
@@ -330,6 +333,16 @@ def test_measure_precision_picks_the_faster_and_reports_both_rates(fp32_seconds,
                                                       "bf16": 100 / bf16_seconds})
     assert calls == ["fp32"] * 4 + ["bf16"] * bf16_steps
     assert expected in choice.describe() and "images/s" in choice.describe()
+
+
+def test_cpu_precision_timing_times_only_the_candidates_it_is_given():
+    # benchmarks/precision_timing.py times each precision alone through `candidates`.
+    model = CustResNet(num_classes=3).to(memory_format=torch.channels_last)
+    sample = (torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8), torch.tensor([0, 1]))
+    step = DeviceStep([128.0] * 3, [64.0] * 3, torch.device("cpu"), channels_last=True)
+    for plan in CPU_PRECISIONS:
+        choice = measure_cpu_precision(model, step, sample, (plan,))
+        assert choice.plan == plan and set(choice.images_per_second) == {plan.name}
 
 
 def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_dataset, tmp_path,
