@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from fastcifar.checkpoint import machine_description
-from fastcifar.device import CPU_PRECISIONS, DeviceStep, measure_cpu_precision
+from fastcifar.device import CPU_PRECISIONS, DeviceStep, PrecisionPlan, measure_cpu_precision
 from fastcifar.model import CustResNet
 
 
-def timed(model, step, sample, candidates) -> tuple[float, dict[str, float]]:
+def timed(model: torch.nn.Module, step: DeviceStep, sample: tuple[torch.Tensor, torch.Tensor],
+          candidates: tuple[PrecisionPlan, ...]) -> tuple[float, dict[str, float]]:
     """Seconds one timing takes, and the images per second it measured."""
     started = time.perf_counter()
     choice = measure_cpu_precision(model, step, sample, candidates)
