@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+from fastcifar.atomic import check_can_write, write_texts
 from fastcifar.checkpoint import machine_description
 from fastcifar.config import DEFAULT_RECIPE, recipe
+from fastcifar.errors import script_exit
 from fastcifar.model import build_model
 from fastcifar.optim import Optimizers
 
@@ -94,6 +96,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
+    markdown_path = args.json.with_suffix(".md")
+    with script_exit():
+        check_can_write(args.json, markdown_path)
     seconds = measure(args.rounds, args.batch_size)
     rates = {name: matmul_gflops(dtype) for name, dtype in DTYPES.items()}
     bf16, fp32 = (seconds[f"optimiser step, Newton-Schulz in {name}"] for name in DTYPES)
@@ -104,8 +109,6 @@ def main() -> None:
         "median_seconds": seconds, "matmul_gflops": rates,
         "optimiser_step_speedup_fp32_over_bf16": bf16 / fp32,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Muon step: Newton-Schulz in bf16 (torch's) against fp32\n",
              f"`{report['command']}` on {report['machine'].get('cpu', '?')} "
              f"(flags: {', '.join(report['machine']['cpu_flags']) or 'none'}), "
@@ -115,8 +118,10 @@ def main() -> None:
     lines += [f"| {name} | {value:.2f} |" for name, value in seconds.items()]
     lines += ["", f"Optimiser step: fp32 iteration **{bf16 / fp32:.1f}x** faster than bf16. "
               f"Matmul (1024^3): bf16 {rates['bf16']:.1f}, fp32 {rates['fp32']:.1f} GFLOP/s."]
-    args.json.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    with script_exit():
+        write_texts({args.json: json.dumps(report, indent=2) + "\n",
+                     markdown_path: "\n".join(lines) + "\n"})
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from fastcifar.api import test_images
+from fastcifar.atomic import check_can_write, write_texts
 from fastcifar.checkpoint import machine_description
 from fastcifar.command_config import SHIPPED_WEIGHTS, ExportConfig
 from fastcifar.config import Device
+from fastcifar.errors import script_exit
 from fastcifar.export import OnnxClassifier, export_onnx
 from fastcifar.prediction import open_scorer
 
@@ -52,6 +54,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
+    markdown_path = arguments.json.with_suffix(".md")
+    with script_exit():
+        check_can_write(arguments.json, markdown_path)
     nchw, _ = test_images(arguments.data, 10_000)
     nchw = np.ascontiguousarray(nchw.transpose(0, 3, 1, 2))
     with tempfile.TemporaryDirectory() as folder:
@@ -78,21 +83,26 @@ def main() -> int:
             torch.device("cpu")),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python " + shlex.join(sys.argv)}
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps(result, indent=2) + "\n")
-    arguments.json.with_suffix(".md").write_text(
-        f"# ONNX export against PyTorch ({result['machine']['cpu']})\n\n"
-        f"Weights `{result['weights']}`, {report.tta} TTA in both. Command: "
-        f"`{result['command']}`\n\n"
-        f"- same top-1 on **{share:.2%}** of the {len(nchw):,} test images; largest logit "
-        f"difference {largest:.1e}\n"
-        f"- cost per image (batch {arguments.batch}, median of {arguments.rounds} interleaved "
-        f"rounds): PyTorch {result['ms_per_image']['pytorch']:.2f} ms, onnxruntime "
-        f"{result['ms_per_image']['onnxruntime']:.2f} ms: onnxruntime takes "
-        f"**{result['onnxruntime_over_pytorch_time']:.2f}x** PyTorch's time\n")
+    with script_exit():
+        write_texts({arguments.json: json.dumps(result, indent=2) + "\n",
+                     markdown_path: markdown(result)})
     print(json.dumps({key: result[key] for key in ("top1_agreement", "max_logit_difference",
                                                    "ms_per_image")}, indent=2))
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The .md beside the JSON: agreement and cost per image in two lines."""
+    return (
+        f"# ONNX export against PyTorch ({result['machine']['cpu']})\n\n"
+        f"Weights `{result['weights']}`, {result['tta']} TTA in both. Command: "
+        f"`{result['command']}`\n\n"
+        f"- same top-1 on **{result['top1_agreement']:.2%}** of the {result['test_images']:,} test images; "
+        f"largest logit difference {result['max_logit_difference']:.1e}\n"
+        f"- cost per image (batch {result['batch']}, median of {result['rounds']} interleaved "
+        f"rounds): PyTorch {result['ms_per_image']['pytorch']:.2f} ms, onnxruntime "
+        f"{result['ms_per_image']['onnxruntime']:.2f} ms: onnxruntime takes "
+        f"**{result['onnxruntime_over_pytorch_time']:.2f}x** PyTorch's time\n")
 
 
 if __name__ == "__main__":

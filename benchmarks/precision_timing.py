@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from fastcifar.atomic import check_can_write, write_json
 from fastcifar.checkpoint import machine_description
 from fastcifar.device import CPU_PRECISIONS, DeviceStep, PrecisionPlan, measure_cpu_precision
+from fastcifar.errors import script_exit
 from fastcifar.model import CustResNet
 
 
@@ -35,6 +37,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=20)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
+    with script_exit():
+        check_can_write(args.json)
     torch.manual_seed(0)
     model = CustResNet().to(memory_format=torch.channels_last)
     sample = (torch.randint(0, 256, (args.batch_size, 3, args.side, args.side), dtype=torch.uint8),
@@ -51,8 +55,9 @@ def main() -> None:
                           "images_per_second": {name: rates[name]
                                                 for name, (_, rates) in alone.items()}},
     }
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    with script_exit():
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

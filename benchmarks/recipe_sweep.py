@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from fastcifar.atomic import check_can_write, write_texts
 from fastcifar.checkpoint import machine_description
 from fastcifar.config import (
     EXPRESS,
@@ -38,6 +39,7 @@ from fastcifar.config import (
 )
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, plan_precision, select_device
+from fastcifar.errors import script_exit
 from fastcifar.evaluation import evaluate_loader
 from fastcifar.training import train
 
@@ -243,7 +245,8 @@ def summarise(runs: list[dict]) -> dict:
     return {mode: statistics.median(run["final_holdout"][mode] for run in runs) for mode in modes}
 
 
-def write_markdown(path: Path, report: dict) -> None:
+def markdown(report: dict) -> str:
+    """The .md beside the JSON: one row per cell, then the best."""
     machine = report["machine"].get("gpu") or report["machine"]["cpu"]
     title = {"ablation": "Ablation", "tuning": "Tuning round", "resize": "Resizing round",
              "long": "Long-budget round"}.get(report["plan"], "Muon round")
@@ -266,7 +269,7 @@ def write_markdown(path: Path, report: dict) -> None:
     lines += ["", f"Best of {', '.join(report['candidates'])}: **{report['best']}**"]
     if report.get("best_train_options") is not None:
         lines.append(f"(train options: `{' '.join(report['best_train_options'])}`)")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -283,6 +286,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=float("inf"), help="wall-time budget")
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
+    markdown_path = arguments.json.with_suffix(".md")
+    with script_exit():
+        check_can_write(arguments.json, markdown_path)
     # The test set is not used for any choice: a small slice keeps the per-epoch pass cheap.
     loader = LoaderConfig(data_dir=arguments.data, holdout=arguments.holdout,
                           train_subset=arguments.train_subset, test_subset=512)
@@ -325,9 +331,9 @@ def main() -> int:
               "plan": arguments.plan, "candidates": candidates, "best": best,
               "best_train_options": (cell_train_options(*options[best], arguments.epochs)
                                      if best in options else None)}
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(arguments.json.with_suffix(".md"), report)
+    with script_exit():
+        write_texts({arguments.json: json.dumps(report, indent=2) + "\n",
+                     markdown_path: markdown(report)})
     print(f"best: {best}")
     return 0
 

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastcifar.atomic import check_can_write, write_texts
 from fastcifar.checkpoint import machine_description
 from fastcifar.config import Device, Precision, TrainConfig, recipe
 from fastcifar.device import DeviceStep, autocast, plan_precision, select_device
+from fastcifar.errors import script_exit
 from fastcifar.evaluation import predict_logits
 from fastcifar.model import CustResNet, build_model
 from fastcifar.optim import Optimizers
@@ -215,7 +217,8 @@ def step_rates(plans: list[Plan], measured: dict, flops: dict[int, float]) -> li
     return rows
 
 
-def write_markdown(path: Path, report: dict) -> None:
+def markdown(report: dict) -> str:
+    """The .md beside the JSON: the plans' modelled costs, then their step rates."""
     before, after = report["plans"][0], report["plans"][-1]
     lines = [f"# Run cost: {before['name']} against {after['name']}", "",
              f"`{report['command']}`", "",
@@ -247,7 +250,7 @@ def write_markdown(path: Path, report: dict) -> None:
               "GFLOP/s (medians over the rounds)."]
     for name, table in report.get("profiles", {}).items():
         lines += ["", f"## torch.profiler, one train step: {name}", "", "```", table, "```"]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -261,6 +264,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
+    markdown_path = arguments.json.with_suffix(".md")
+    with script_exit():
+        check_can_write(arguments.json, markdown_path)
     device = select_device(arguments.device)
     precision = arguments.precision or (Precision.bf16 if device.type == "cpu"
                                         else Precision.auto)
@@ -294,10 +300,10 @@ def main() -> int:
         timer = StepTimer(plans[-1].config, device, plans[-1].config.loader.batch_size)
         report["profiles"] = {f"{size} px": profile_step(timer, size)
                               for size in (32, min(sizes))}
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(arguments.json.with_suffix(".md"), report)
-    print(arguments.json.with_suffix(".md").read_text())
+    print(markdown(report))
+    with script_exit():
+        write_texts({arguments.json: json.dumps(report, indent=2) + "\n",
+                     markdown_path: markdown(report)})
     return 0
 
 

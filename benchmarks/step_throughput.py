@@ -9,16 +9,17 @@ is timed in the same process, so the ratios compare like with like.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fastcifar.atomic import check_can_write, write_json
 from fastcifar.checkpoint import machine_description
 from fastcifar.config import Device, Precision
 from fastcifar.device import autocast, plan_precision, select_device
+from fastcifar.errors import script_exit
 from fastcifar.model import CustResNet
 
 
@@ -58,6 +59,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
+    with script_exit():
+        check_can_write(arguments.json)
     device = select_device(Device(arguments.device))
     precisions = [Precision.fp32, Precision.bf16] + (
         [Precision.fp16] if device.type == "cuda" else [])
@@ -70,13 +73,13 @@ def main() -> int:
                             "images_per_s": round(rate, 1)})
             print(f"{precision.value:5s} channels_last={channels_last!s:5s} {rate:9.1f} images/s",
                   flush=True)
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps({
-        "benchmark": "train_step_throughput", "device": str(device),
-        "machine": machine_description(device), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "batch_size": arguments.batch_size,
-        "steps": arguments.steps, "command": "python " + " ".join(sys.argv),
-        "results": results}, indent=2) + "\n")
+    with script_exit():
+        write_json(arguments.json, {
+            "benchmark": "train_step_throughput", "device": str(device),
+            "machine": machine_description(device), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "batch_size": arguments.batch_size,
+            "steps": arguments.steps, "command": "python " + " ".join(sys.argv),
+            "results": results})
     return 0
 
 

@@ -12,17 +12,18 @@ train step. End to end well below the step alone means the loader limits trainin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fastcifar.atomic import check_can_write, write_json
 from fastcifar.checkpoint import machine_description
 from fastcifar.config import LoaderConfig, recipe
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, autocast, plan_precision, select_device
+from fastcifar.errors import script_exit
 from fastcifar.model import build_model
 from fastcifar.optim import Optimizers
 
@@ -55,6 +56,8 @@ def main() -> int:
                         help="the device-resident data path instead of FFCV's loader")
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
+    with script_exit():
+        check_can_write(arguments.json)
     config = recipe(arguments.recipe, make_plots=False, loader=LoaderConfig(
         data_dir=arguments.data, train_subset=arguments.train_subset,
         on_device=arguments.data_on_device))
@@ -107,15 +110,15 @@ def main() -> int:
 
     for name, value in rates.items():
         print(f"{name:28s} {value:12.2f}", flush=True)
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps({
-        "benchmark": "throughput_decomposition", "recipe": arguments.recipe,
-        "data_on_device": arguments.data_on_device,
-        "precision": plan.name, "batch_size": batch_size, "timed_epochs": arguments.epochs,
-        "train_images_per_epoch": loaders.train_count, "device": str(device),
-        "machine": machine_description(device), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
-        "images_per_second": rates}, indent=2) + "\n")
+    with script_exit():
+        write_json(arguments.json, {
+            "benchmark": "throughput_decomposition", "recipe": arguments.recipe,
+            "data_on_device": arguments.data_on_device,
+            "precision": plan.name, "batch_size": batch_size, "timed_epochs": arguments.epochs,
+            "train_images_per_epoch": loaders.train_count, "device": str(device),
+            "machine": machine_description(device), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
+            "images_per_second": rates})
     return 0
 
 

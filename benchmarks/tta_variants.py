@@ -16,7 +16,6 @@ the augmentation alone. Runs on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import time
@@ -25,10 +24,12 @@ from pathlib import Path
 import torch
 from torch.nn import functional
 
+from fastcifar.atomic import check_can_write, write_json
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.config import LoaderConfig, Precision
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.device import DeviceStep, autocast, plan_precision
+from fastcifar.errors import script_exit
 from fastcifar.evaluation import load_weights, model_from_weights
 
 VARIANTS = ("none", "flip", "flip+translate")
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument("--precision", type=Precision, default=Precision.fp32)
     parser.add_argument("--json", type=Path, default=None)
     arguments = parser.parse_args()
+    if arguments.json is not None:
+        with script_exit():
+            check_can_write(arguments.json)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     report = {"benchmark": "tta_variants", "precision": arguments.precision.value,
@@ -116,7 +120,8 @@ def main() -> None:
         accuracies = ", ".join(f"{name} {value:.2%}" for name, value in row["accuracy"].items())
         print(f"{path}: {accuracies} ({row['seconds_all_variants']:.0f} s)", flush=True)
     if arguments.json is not None:
-        arguments.json.write_text(json.dumps(report, indent=2) + "\n")
+        with script_exit():
+            write_json(arguments.json, report)
 
 
 if __name__ == "__main__":

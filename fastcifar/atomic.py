@@ -5,6 +5,7 @@ EACCES, EROFS, EIO, a folder gone) becomes one WriteFailed naming the file and t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -33,6 +34,9 @@ def _temporary_beside(final: Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(handle)
+    except FileExistsError:  # mkdir met a file where a folder of the path should be
+        raise WriteFailed(final, "its folder cannot be written "
+                          f"({os.strerror(errno.ENOTDIR)})") from None
     except OSError as error:
         raise WriteFailed(final, f"its folder cannot be written ({_cause(error)})") from None
     temporary = Path(name)
@@ -81,6 +85,14 @@ def _fsync_directory(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def check_can_write(*paths: Path) -> None:
+    """Raise WriteFailed now if any of `paths` could not be written later (its folder cannot be
+    made or written to), so that a long job finds out before it runs rather than after."""
+    for path in paths:
+        with _temporary_beside(Path(path)):
+            pass
 
 
 def write_json(path: Path, data: object) -> None:

@@ -3,6 +3,9 @@ script whether to fix its input (1) or the machine (74)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 # sysexits' EX_IOERR: the machine failed (disk full, folder gone, loader died, out of memory).
@@ -33,3 +36,14 @@ class WriteFailed(MachineFault):
     def __init__(self, path: Path, cause: str) -> None:
         self.path, self.cause = Path(path), cause
         super().__init__(f"could not write {path}: {cause}")
+
+
+@contextlib.contextmanager
+def script_exit() -> Iterator[None]:
+    """For the scripts under benchmarks/ (the CLI has terminal.run_command): a FastCifarError
+    inside ends the process with its one line on stderr and its exit code, not a traceback."""
+    try:
+        yield
+    except FastCifarError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(error.exit_code) from None

@@ -6,6 +6,7 @@ convert on a full disk. Faults are simulated at the one place every write goes t
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -354,3 +355,61 @@ def test_a_set_of_files_on_a_full_disk_leaves_none_of_them_new(tmp_path, monkeyp
         atomic_module.write_texts({path: "new" for path in old})
     assert {path: path.read_text() for path in old} == old
     assert no_temporary_files(tmp_path)
+
+
+def test_check_can_write_refuses_a_folder_that_cannot_be_made_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(WriteFailed, match="its folder cannot be written"):
+        atomic_module.check_can_write(tmp_path / "fine.json", blocker / "report.json")
+    atomic_module.check_can_write(tmp_path / "new" / "fine.json")
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["a-file", "new"]
+
+
+@pytest.mark.parametrize("command", [
+    ["benchmark", "time-to-accuracy", "--epochs", "1", "--runs", "1", "--precision", "fp32",
+     "--device", "cpu"],
+    ["benchmark", "loader", "--batch-size", "24", "--passes", "1", "--no-jit-startup"],
+])
+def test_a_benchmark_whose_report_cannot_be_written_stops_before_it_runs(
+        command, tiny_dataset, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.chdir(tmp_path)  # a run folder, were one made, would land here
+    result = runner.invoke(app, [*command, "--data", str(tiny_dataset), "--workers", "1",
+                                 "--json", str(blocker / "report.json")])
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert f"could not write {blocker / 'report.json'}: its folder cannot be written" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]
+
+
+BENCHMARK_SCRIPTS = {  # script: the arguments it needs besides --json
+    "muon_step": [], "onnx_cost": [], "precision_timing": [], "recipe_sweep": [],
+    "run_cost": [], "step_throughput": [], "throughput_decomposition": [],
+    "tta_variants": ["never-read.pt"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(BENCHMARK_SCRIPTS))
+def test_a_benchmark_script_whose_report_cannot_be_written_stops_before_it_runs(
+        script, tmp_path, monkeypatch, capsys):
+    """Each script checks its --json (and .md) up front: one line and exit 74, not a traceback
+    after minutes or hours of measuring."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(path), *BENCHMARK_SCRIPTS[script],
+                                      "--json", str(blocker / "report.json")])
+    with pytest.raises(SystemExit) as stopped:
+        module.main()
+    assert stopped.value.code == MACHINE_FAULT_EXIT
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: could not write {blocker / 'report.json'}: its folder cannot be "
+                    f"written ({os.strerror(errno.ENOTDIR)})")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]

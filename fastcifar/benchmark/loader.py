@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar.atomic import atomic_path, write_json
+from fastcifar.atomic import atomic_path, check_can_write, write_json
 from fastcifar.checkpoint import machine_description
 from fastcifar.command_config import LoaderBenchmarkConfig
 from fastcifar.config import AugmentConfig, LoaderConfig, PadMode
@@ -365,6 +365,8 @@ def benchmark_loader(config: LoaderBenchmarkConfig,
     if config.batch_size > metadata.train_count:
         raise FastCifarError(f"batch size {config.batch_size} is larger than the "
                              f"{metadata.train_count} train images")
+    if config.json_path is not None:  # before minutes of timing, not after
+        check_can_write(config.json_path, Path(config.json_path).with_suffix(".md"))
     load_before = os.getloadavg()[0]
     measure = _time_device_paths if config.compare_on_device else _time_host_pipelines
     results, fields = measure(config, metadata, workers, progress)

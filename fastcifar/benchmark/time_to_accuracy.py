@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastcifar.atomic import atomic_path, write_json
+from fastcifar.atomic import atomic_path, check_can_write, write_json
 from fastcifar.checkpoint import machine_description, run_record
 from fastcifar.command_config import TimeToAccuracyConfig
 from fastcifar.config import TrainConfig
@@ -105,6 +105,8 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
                                callbacks: TrainCallbacks | None = None) -> dict:
     """Run the recipe for each seed (and each budget in shortest-budget mode); write the JSON."""
     budgets = config.budgets or (config.train.epochs,)
+    if config.json_path is not None:  # before hours of training, not after
+        check_can_write(config.json_path, Path(config.json_path).with_suffix(".md"))
     report: dict[str, object] = {
         "benchmark": "time_to_accuracy", "recipe": config.train.recipe,
         "epochs": config.train.epochs, "targets": list(config.targets),
