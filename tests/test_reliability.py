@@ -25,7 +25,8 @@ from fastcifar.errors import FastCifarError
 def test_signal_stops_training_saves_and_exits_with_the_signal_code(tiny_dataset, tmp_path,
                                                                     signal_number, exit_code):
     command = [sys.executable, "-m", "fastcifar", "train", "--epochs", "50", "--batch-size", "24",
-               "--precision", "fp32", "--workers", "1", "--data", str(tiny_dataset),
+               "--train-subset", "48", "--precision", "fp32", "--workers", "1",
+               "--data", str(tiny_dataset),
                "--out", str(tmp_path / "runs"), "--weights", str(tmp_path / "weights")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
