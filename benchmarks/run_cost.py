@@ -300,10 +300,10 @@ def main() -> int:
         timer = StepTimer(plans[-1].config, device, plans[-1].config.loader.batch_size)
         report["profiles"] = {f"{size} px": profile_step(timer, size)
                               for size in (32, min(sizes))}
-    print(markdown(report))
+    table = markdown(report)
+    print(table)
     with script_exit():
-        write_texts({arguments.json: json.dumps(report, indent=2) + "\n",
-                     markdown_path: markdown(report)})
+        write_texts({arguments.json: json.dumps(report, indent=2) + "\n", markdown_path: table})
     return 0
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from fastcifar.atomic import write_texts
-from fastcifar.errors import WriteFailed
+from fastcifar.errors import script_exit
 
 # Config keys that say where a run wrote or how often it was scored, not what it trained.
 NOT_TRAINING = {"seed", "out_dir", "weights_dir", "resume", "local_rank", "make_plots",
@@ -123,11 +123,8 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     command = "python benchmarks/seed_median.py " + " ".join(sys.argv[1:])
-    try:
+    with script_exit():
         write_pair(arguments.out, report, command)
-    except WriteFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
     print(f"median final accuracy {report['median_final_accuracy']:.2%} over "
           f"{len(report['runs'])} seed(s)")
     return 0

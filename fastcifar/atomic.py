@@ -34,7 +34,7 @@ def _temporary_beside(final: Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(handle)
-    except FileExistsError:  # mkdir met a file where a folder of the path should be
+    except FileExistsError:  # a file stands where a folder of the path should be
         raise WriteFailed(final, "its folder cannot be written "
                           f"({os.strerror(errno.ENOTDIR)})") from None
     except OSError as error:
@@ -88,11 +88,21 @@ def _fsync_directory(folder: Path) -> None:
 
 
 def check_can_write(*paths: Path) -> None:
-    """Raise WriteFailed now if any of `paths` could not be written later (its folder cannot be
-    made or written to), so that a long job finds out before it runs rather than after."""
-    for path in paths:
-        with _temporary_beside(Path(path)):
-            pass
+    """Raise WriteFailed now if any of `paths` could not be written later (a folder in its place,
+    a file in the way of its folder, a folder that cannot be made or written to), so that a long
+    job finds out before it runs rather than after. Leaves nothing behind: a trial file beside
+    each path, and the folders made for it, are removed."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise WriteFailed(path, f"it is a folder ({os.strerror(errno.EISDIR)})")
+        made = [folder for folder in path.parents if not folder.exists()]  # deepest first
+        try:
+            with _temporary_beside(path):
+                pass
+        finally:
+            for folder in made:
+                with contextlib.suppress(OSError):  # not empty: another writer's by now
+                    folder.rmdir()
 
 
 def write_json(path: Path, data: object) -> None:

@@ -52,7 +52,7 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
     single = CliRunner().invoke(app, ["train", *TRAIN_ARGS, "--batch-size", "24",
                                       "--data", str(tiny_dataset), "--out", str(tmp_path / "single"),
                                       "--weights", str(tmp_path / "single-weights")])
-    assert single.exit_code == 0, single.output[-3000:]
+    assert single.exit_code == 0, (single.output[-3000:], single.exception)
     (single_dir,) = (tmp_path / "single").iterdir()
     single_metrics = json.loads((single_dir / "metrics.json").read_text())
     # Same global batch and schedule; per-rank BN statistics and shard order differ, so the

@@ -1,7 +1,8 @@
 """Machine faults end a run in one line and lose nothing: a full disk or an unwritable folder
 at each of a run's writes, out of memory, a dying loader, a beton changed under a run, and
 convert on a full disk. Faults are simulated at the one place every write goes through
-(`atomic._commit`), so no root or small filesystem is needed."""
+(`atomic._commit`), so no root or small filesystem is needed; a report path that cannot be
+written is a file standing where its folder should be."""
 
 from __future__ import annotations
 
@@ -360,13 +361,17 @@ def test_a_set_of_files_on_a_full_disk_leaves_none_of_them_new(tmp_path, monkeyp
     assert no_temporary_files(tmp_path)
 
 
-def test_check_can_write_refuses_a_folder_that_cannot_be_made_and_leaves_nothing(tmp_path):
+def test_check_can_write_refuses_what_could_not_be_written_and_leaves_nothing(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(WriteFailed, match="its folder cannot be written"):
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(WriteFailed, match=r"its folder cannot be written \(Not a directory\)"):
         atomic_module.check_can_write(tmp_path / "fine.json", blocker / "report.json")
-    atomic_module.check_can_write(tmp_path / "new" / "fine.json")
-    assert sorted(path.name for path in tmp_path.rglob("*")) == ["a-file", "new"]
+    with pytest.raises(WriteFailed, match=r"a-folder: it is a folder \(Is a directory\)"):
+        atomic_module.check_can_write(tmp_path / "a-folder")
+    # a path whose folders do not exist yet can be written: they are made, then taken away
+    atomic_module.check_can_write(tmp_path / "new" / "deeper" / "fine.json")
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["a-file", "a-folder"]
 
 
 @pytest.mark.parametrize("command", [
@@ -384,6 +389,8 @@ def test_a_benchmark_whose_report_cannot_be_written_stops_before_it_runs(
     assert result.exit_code == MACHINE_FAULT_EXIT, result.output
     (line,) = error_lines(result)
     assert f"could not write {blocker / 'report.json'}: its folder cannot be written" in line
+    # nothing measured: no progress or result line, no run folder
+    assert [text for text in result.output.splitlines() if text.strip()] == [line]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]
 
 
@@ -406,13 +413,22 @@ def test_a_benchmark_script_whose_report_cannot_be_written_stops_before_it_runs(
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
+    checked = []  # the up-front check must be what stops it, before any measuring
+
+    def check(*paths: Path) -> None:
+        checked.append(paths[0])
+        atomic_module.check_can_write(*paths)
+
+    monkeypatch.setattr(module, "check_can_write", check)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(path), *BENCHMARK_SCRIPTS[script],
                                       "--json", str(blocker / "report.json")])
     with pytest.raises(SystemExit) as stopped:
         module.main()
-    assert stopped.value.code == MACHINE_FAULT_EXIT
-    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == MACHINE_FAULT_EXIT and checked == [blocker / "report.json"]
+    output = capsys.readouterr()
+    assert output.out == ""  # no result line: nothing was measured
+    (line,) = output.err.strip().splitlines()
     assert line == (f"error: could not write {blocker / 'report.json'}: its folder cannot be "
                     f"written ({os.strerror(errno.ENOTDIR)})")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]

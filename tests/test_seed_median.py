@@ -118,6 +118,8 @@ def test_a_failed_write_is_a_one_line_machine_fault(tmp_path, monkeypatch, capsy
     blocked.write_text("not a folder")
     monkeypatch.setattr("sys.argv", ["seed_median.py", str(path), "--out",
                                      str(blocked / "median")])
-    assert seed_median.main() == 74
+    with pytest.raises(SystemExit) as stopped:  # script_exit: one line, exit 74
+        seed_median.main()
+    assert stopped.value.code == 74
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: could not write")
