@@ -90,6 +90,7 @@ def measure(rounds: int, batch_size: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+@script_exit()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -97,8 +98,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     markdown_path = args.json.with_suffix(".md")
-    with script_exit():
-        check_can_write(args.json, markdown_path)
+    check_can_write(args.json, markdown_path)
     seconds = measure(args.rounds, args.batch_size)
     rates = {name: matmul_gflops(dtype) for name, dtype in DTYPES.items()}
     bf16, fp32 = (seconds[f"optimiser step, Newton-Schulz in {name}"] for name in DTYPES)
@@ -119,9 +119,8 @@ def main() -> None:
     lines += ["", f"Optimiser step: fp32 iteration **{bf16 / fp32:.1f}x** faster than bf16. "
               f"Matmul (1024^3): bf16 {rates['bf16']:.1f}, fp32 {rates['fp32']:.1f} GFLOP/s."]
     print("\n".join(lines))
-    with script_exit():
-        write_texts({args.json: json.dumps(report, indent=2) + "\n",
-                     markdown_path: "\n".join(lines) + "\n"})
+    write_texts({args.json: json.dumps(report, indent=2) + "\n",
+                 markdown_path: "\n".join(lines) + "\n"})
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def seconds_per_image(score, images: np.ndarray) -> float:
     return (time.perf_counter() - started) / len(images)
 
 
+@script_exit()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
@@ -55,8 +56,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
     markdown_path = arguments.json.with_suffix(".md")
-    with script_exit():
-        check_can_write(arguments.json, markdown_path)
+    check_can_write(arguments.json, markdown_path)
     nchw, _ = test_images(arguments.data, 10_000)
     nchw = np.ascontiguousarray(nchw.transpose(0, 3, 1, 2))
     with tempfile.TemporaryDirectory() as folder:
@@ -83,9 +83,8 @@ def main() -> int:
             torch.device("cpu")),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python " + shlex.join(sys.argv)}
-    with script_exit():
-        write_texts({arguments.json: json.dumps(result, indent=2) + "\n",
-                     markdown_path: markdown(result)})
+    write_texts({arguments.json: json.dumps(result, indent=2) + "\n",
+                 markdown_path: markdown(result)})
     print(json.dumps({key: result[key] for key in ("top1_agreement", "max_logit_difference",
                                                    "ms_per_image")}, indent=2))
     return 0

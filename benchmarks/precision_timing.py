@@ -31,14 +31,14 @@ def timed(model: torch.nn.Module, step: DeviceStep, sample: tuple[torch.Tensor, 
     return time.perf_counter() - started, choice.images_per_second
 
 
+@script_exit()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--side", type=int, default=20)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
-    with script_exit():
-        check_can_write(args.json)
+    check_can_write(args.json)
     torch.manual_seed(0)
     model = CustResNet().to(memory_format=torch.channels_last)
     sample = (torch.randint(0, 256, (args.batch_size, 3, args.side, args.side), dtype=torch.uint8),
@@ -56,8 +56,7 @@ def main() -> None:
                                                 for name, (_, rates) in alone.items()}},
     }
     print(json.dumps(report, indent=2))
-    with script_exit():
-        write_json(args.json, report)
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

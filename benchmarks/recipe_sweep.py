@@ -272,6 +272,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@script_exit()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("datasets"))
@@ -287,8 +288,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
     markdown_path = arguments.json.with_suffix(".md")
-    with script_exit():
-        check_can_write(arguments.json, markdown_path)
+    check_can_write(arguments.json, markdown_path)
     # The test set is not used for any choice: a small slice keeps the per-epoch pass cheap.
     loader = LoaderConfig(data_dir=arguments.data, holdout=arguments.holdout,
                           train_subset=arguments.train_subset, test_subset=512)
@@ -331,9 +331,8 @@ def main() -> int:
               "plan": arguments.plan, "candidates": candidates, "best": best,
               "best_train_options": (cell_train_options(*options[best], arguments.epochs)
                                      if best in options else None)}
-    with script_exit():
-        write_texts({arguments.json: json.dumps(report, indent=2) + "\n",
-                     markdown_path: markdown(report)})
+    write_texts({arguments.json: json.dumps(report, indent=2) + "\n",
+                 markdown_path: markdown(report)})
     print(f"best: {best}")
     return 0
 

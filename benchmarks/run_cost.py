@@ -253,6 +253,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@script_exit()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -265,8 +266,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
     markdown_path = arguments.json.with_suffix(".md")
-    with script_exit():
-        check_can_write(arguments.json, markdown_path)
+    check_can_write(arguments.json, markdown_path)
     device = select_device(arguments.device)
     precision = arguments.precision or (Precision.bf16 if device.type == "cpu"
                                         else Precision.auto)
@@ -302,8 +302,7 @@ def main() -> int:
                               for size in (32, min(sizes))}
     table = markdown(report)
     print(table)
-    with script_exit():
-        write_texts({arguments.json: json.dumps(report, indent=2) + "\n", markdown_path: table})
+    write_texts({arguments.json: json.dumps(report, indent=2) + "\n", markdown_path: table})
     return 0
 
 

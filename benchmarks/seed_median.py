@@ -110,6 +110,7 @@ def write_pair(out: Path, report: dict, command: str) -> None:
                  markdown_path: markdown(report, command)})
 
 
+@script_exit()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,8 +124,7 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     command = "python benchmarks/seed_median.py " + " ".join(sys.argv[1:])
-    with script_exit():
-        write_pair(arguments.out, report, command)
+    write_pair(arguments.out, report, command)
     print(f"median final accuracy {report['median_final_accuracy']:.2%} over "
           f"{len(report['runs'])} seed(s)")
     return 0

@@ -27,6 +27,7 @@ from fastcifar.checkpoint import read_weights_file, save_weights_file, without_m
 from fastcifar.command_config import TTA_MODES, EvaluateConfig
 from fastcifar.config import Device, LoaderConfig, Precision
 from fastcifar.data.dataset import read_metadata
+from fastcifar.errors import script_exit
 from fastcifar.evaluation import evaluate_weights
 
 FIRST_IMAGES = 2000  # the real-data test's check: a fifth of a whole-set pass
@@ -47,6 +48,7 @@ def score_by_tta(weights: Path, data_dir: Path) -> dict[str, float]:
     return {mode: score(weights, data_dir, mode) for mode in TTA_MODES}
 
 
+@script_exit()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("final_weights", type=Path)

@@ -52,6 +52,7 @@ def images_per_second(device: torch.device, precision: Precision, channels_last:
     return batch_size * steps / (time.perf_counter() - started)
 
 
+@script_exit()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-size", type=int, default=512)
@@ -59,8 +60,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
-    with script_exit():
-        check_can_write(arguments.json)
+    check_can_write(arguments.json)
     device = select_device(Device(arguments.device))
     precisions = [Precision.fp32, Precision.bf16] + (
         [Precision.fp16] if device.type == "cuda" else [])
@@ -73,13 +73,12 @@ def main() -> int:
                             "images_per_s": round(rate, 1)})
             print(f"{precision.value:5s} channels_last={channels_last!s:5s} {rate:9.1f} images/s",
                   flush=True)
-    with script_exit():
-        write_json(arguments.json, {
-            "benchmark": "train_step_throughput", "device": str(device),
-            "machine": machine_description(device), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "batch_size": arguments.batch_size,
-            "steps": arguments.steps, "command": "python " + " ".join(sys.argv),
-            "results": results})
+    write_json(arguments.json, {
+        "benchmark": "train_step_throughput", "device": str(device),
+        "machine": machine_description(device), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "batch_size": arguments.batch_size,
+        "steps": arguments.steps, "command": "python " + " ".join(sys.argv),
+        "results": results})
     return 0
 
 

@@ -46,6 +46,7 @@ def loader_rate(loaders, epochs: int) -> tuple[float, torch.Tensor]:
     return count / (time.perf_counter() - started), sample
 
 
+@script_exit()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("datasets"))
@@ -56,8 +57,7 @@ def main() -> int:
                         help="the device-resident data path instead of FFCV's loader")
     parser.add_argument("--json", type=Path, required=True)
     arguments = parser.parse_args()
-    with script_exit():
-        check_can_write(arguments.json)
+    check_can_write(arguments.json)
     config = recipe(arguments.recipe, make_plots=False, loader=LoaderConfig(
         data_dir=arguments.data, train_subset=arguments.train_subset,
         on_device=arguments.data_on_device))
@@ -110,15 +110,14 @@ def main() -> int:
 
     for name, value in rates.items():
         print(f"{name:28s} {value:12.2f}", flush=True)
-    with script_exit():
-        write_json(arguments.json, {
-            "benchmark": "throughput_decomposition", "recipe": arguments.recipe,
-            "data_on_device": arguments.data_on_device,
-            "precision": plan.name, "batch_size": batch_size, "timed_epochs": arguments.epochs,
-            "train_images_per_epoch": loaders.train_count, "device": str(device),
-            "machine": machine_description(device), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
-            "images_per_second": rates})
+    write_json(arguments.json, {
+        "benchmark": "throughput_decomposition", "recipe": arguments.recipe,
+        "data_on_device": arguments.data_on_device,
+        "precision": plan.name, "batch_size": batch_size, "timed_epochs": arguments.epochs,
+        "train_images_per_epoch": loaders.train_count, "device": str(device),
+        "machine": machine_description(device), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
+        "images_per_second": rates})
     return 0
 
 

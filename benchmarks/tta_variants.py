@@ -98,6 +98,7 @@ def score_variants(checkpoint_path: Path, data_dir: Path, precision: Precision) 
     }
 
 
+@script_exit()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", type=Path, nargs="+")
@@ -106,8 +107,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     arguments = parser.parse_args()
     if arguments.json is not None:
-        with script_exit():
-            check_can_write(arguments.json)
+        check_can_write(arguments.json)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     report = {"benchmark": "tta_variants", "precision": arguments.precision.value,
@@ -120,8 +120,7 @@ def main() -> None:
         accuracies = ", ".join(f"{name} {value:.2%}" for name, value in row["accuracy"].items())
         print(f"{path}: {accuracies} ({row['seconds_all_variants']:.0f} s)", flush=True)
     if arguments.json is not None:
-        with script_exit():
-            write_json(arguments.json, report)
+        write_json(arguments.json, report)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ class WriteFailed(MachineFault):
 
 @contextlib.contextmanager
 def script_exit() -> Iterator[None]:
-    """For the scripts under benchmarks/ (the CLI has terminal.run_command): a FastCifarError
-    inside ends the process with its one line on stderr and its exit code, not a traceback."""
+    """For the scripts under benchmarks/ (the CLI has terminal.run_command), as a decorator on
+    their main(): a FastCifarError anywhere inside (bad input, a failed write) ends the process
+    with its one line on stderr and its exit code, not a traceback."""
     try:
         yield
     except FastCifarError as error:

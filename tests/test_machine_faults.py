@@ -401,6 +401,16 @@ BENCHMARK_SCRIPTS = {  # script: the arguments it needs besides --json
 }
 
 
+def load_benchmark_script(script: str, monkeypatch) -> tuple[Path, object]:
+    """(path, module) of benchmarks/SCRIPT.py, loaded as its own module."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return path, module
+
+
 @pytest.mark.parametrize("script", sorted(BENCHMARK_SCRIPTS))
 def test_a_benchmark_script_whose_report_cannot_be_written_stops_before_it_runs(
         script, tmp_path, monkeypatch, capsys):
@@ -408,11 +418,7 @@ def test_a_benchmark_script_whose_report_cannot_be_written_stops_before_it_runs(
     after minutes or hours of measuring."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{script}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{script}", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    path, module = load_benchmark_script(script, monkeypatch)
     checked = []  # the up-front check must be what stops it, before any measuring
 
     def check(*paths: Path) -> None:
@@ -432,3 +438,26 @@ def test_a_benchmark_script_whose_report_cannot_be_written_stops_before_it_runs(
     assert line == (f"error: could not write {blocker / 'report.json'}: its folder cannot be "
                     f"written ({os.strerror(errno.ENOTDIR)})")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("script, arguments, message", [
+    ("onnx_cost", ["--data", "no-data", "--json", "report.json"],
+     "error: no converted dataset in no-data: run `fastcifar convert` first (or pass --data)"),
+    ("ship_weights", ["not-weights.safetensors", "shipped.safetensors"],
+     "error: not-weights.safetensors is not a fastcifar weights file"),
+])
+def test_bad_input_deep_inside_a_benchmark_script_is_one_line_not_a_traceback(
+        script, arguments, message, tmp_path, monkeypatch, capsys):
+    """A FastCifarError anywhere in a script's main() (here after its report check: data that
+    was never converted, a file that is not weights) ends it with its line and exit 1."""
+    (tmp_path / "not-weights.safetensors").write_text("a text file, not tensors")
+    path, module = load_benchmark_script(script, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(path), *arguments])
+    with pytest.raises(SystemExit) as stopped:
+        module.main()
+    assert stopped.value.code == 1
+    output = capsys.readouterr()
+    (line,) = output.err.strip().splitlines()
+    assert line.startswith(message), line
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["not-weights.safetensors"]

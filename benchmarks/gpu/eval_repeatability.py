@@ -16,6 +16,7 @@ import torch
 from fastcifar.config import LoaderConfig, recipe
 from fastcifar.data.loaders import build_loaders
 from fastcifar.device import DeviceStep, plan_precision, select_device
+from fastcifar.errors import script_exit
 from fastcifar.evaluation import evaluate_loader
 from fastcifar.training import train
 
@@ -33,6 +34,7 @@ class ClonedBatches:
                 torch.cuda.synchronize()
 
 
+@script_exit()
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path("datasets"))
