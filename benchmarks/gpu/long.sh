@@ -17,6 +17,8 @@
 # with the whole budget) or `testset` (no CUDA tests, no sweep: the default recipe plus
 # LONG_OPTIONS, e.g. LONG_OPTIONS="--pad 4 --cutout 12"). LONG_CELLS picks the sweep's cells,
 # ';' between names (they run in the plan's order): LONG_CELLS="+ lookahead;32 px throughout".
+# The test-set seeds run side by side where the time left allows (LONG_PARALLEL=0: one after
+# the other).
 # The weights come back unscored: scoring 10,000 images in three TTA modes in fp32 on the CPU
 # did not finish in the 69 s it had there. Score them here, the file as both paths:
 #   python benchmarks/ship_weights.py FILE FILE --data datasets
@@ -97,13 +99,36 @@ fi
 
 # One seed per call, so a run cut short by the budget loses only itself; 95 s stay for the
 # short budget and the weights.
-for seed in $(seq 0 $(( runs - 1 ))); do
-  phase "time to accuracy: $recipe ${chosen[*]}, $run_epochs epochs, seed $seed"
-  fits 170 "tta-long-seed$seed" && reserve=95 tta --recipe "$recipe" --epochs $run_epochs \
-    --seed $seed --eval-from-epoch $run_epochs --target 0.925 --target 0.93 \
-    --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json" "${chosen[@]}"
+long_seed() {  # long_seed SEED: one test-set run of the choice
+  reserve=95 tta --recipe "$recipe" --epochs $run_epochs --seed "$1" \
+    --eval-from-epoch $run_epochs --target 0.925 --target 0.93 \
+    --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$1.json" "${chosen[@]}"
+}
+# LONG_PARALLEL=1 (the default) starts the seeds side by side, one process each: a run at batch
+# 512 leaves an H200 idle between its small kernels (2026-11-28: ~21,000 images/s trained in
+# a run, against ~96,000 for the bare step on an H100), so the others can fill the gaps. They
+# start together only when the time left would hold them one after the other (the worst case:
+# no gain), so the budget never cuts all of them; their seconds are then not speed figures.
+if [ "${LONG_PARALLEL:-1}" = 1 ] && [ "$runs" -gt 1 ] \
+    && [ "$(left)" -ge $(( runs * (3 * run_epochs + 5) + 95 + 20 )) ]; then
+  phase "time to accuracy: $recipe ${chosen[*]}, $run_epochs epochs, $runs seeds side by side"
+  group_start=$(elapsed)
+  for seed in $(seq 0 $(( runs - 1 ))); do
+    long_seed $seed > "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.log" 2>&1 &
+  done
+  wait
+  for seed in $(seq 0 $(( runs - 1 ))); do
+    echo "seed $seed:"; cat "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.log"
+  done
+  echo "$runs seeds side by side: $(( $(elapsed) - group_start )) s of wall time"
   pack
-done
+else
+  for seed in $(seq 0 $(( runs - 1 ))); do
+    phase "time to accuracy: $recipe ${chosen[*]}, $run_epochs epochs, seed $seed"
+    fits 170 "tta-long-seed$seed" && long_seed $seed
+    pack
+  done
+fi
 # The seeds' median in one record (each row names its machine, date and commit).
 compgen -G "$results/long-time-to-accuracy-${epochs_long}ep-seed*.json" > /dev/null && \
   $python benchmarks/seed_median.py "$results"/long-time-to-accuracy-${epochs_long}ep-seed*.json \
