@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -64,17 +64,42 @@ def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
 # Timing takes up to 8 steps on the first batch (one untimed and three timed per precision).
 # Where bf16 steps twice as fast as fp32 (AMD EPYC) they cost about 12 bf16 steps, which a run repays
 # only in more than about 12 steps; a shorter run (a smoke test, a notebook's first look: 4
-# steps would add 8 of timing) trains in fp32 untimed. CPU flags do not settle it (a 2-core
-# Intel Xeon with AVX-512 ran bf16 at 0.72x fp32), and fp32 is the safe side.
+# steps would add 8 of timing) trains in fp32 untimed. CPU flags do not settle it where bf16 is
+# native (a 2-core Intel Xeon with AVX-512 ran bf16 at 0.72x fp32), and fp32 is the safe side.
 MIN_STEPS_TO_TIME_PRECISION = 16
+
+# bf16 arithmetic in hardware, by architecture (torch.cpu.get_capabilities' names). Without it
+# bf16 is emulated and cannot win: 7.7 against 85-96 images/s on a 2-core AMD EPYC with AVX2
+# only, where timing the two cost 155 s at a batch of 512 (benchmarks/results/cpu/
+# precision-timing.json). Other architectures are timed.
+NATIVE_BF16_FLAGS = {"x86_64": ("avx512_bf16", "amx_bf16"), "arm64": ("bf16", "sve_bf16"),
+                     "aarch64": ("bf16", "sve_bf16")}
+
+
+def cpu_lacks_native_bf16(capabilities: Mapping[str, object] | None = None) -> bool:
+    """True where the CPU's flags show no bf16 arithmetic in hardware (False where they do, or
+    where the architecture is not one NATIVE_BF16_FLAGS knows: those are timed)."""
+    if capabilities is None:
+        capabilities = torch.cpu.get_capabilities()
+    flags = NATIVE_BF16_FLAGS.get(str(capabilities.get("architecture", "")).lower())
+    return flags is not None and not any(capabilities.get(flag) for flag in flags)
 
 
 def measures_precision(choice: Precision, device: torch.device,
                        training_steps: int | None = None) -> bool:
-    """Whether `train` picks the precision by timing: auto on the CPU, in a run of at least
-    MIN_STEPS_TO_TIME_PRECISION steps (`training_steps` None: a run whose length is not known)."""
+    """Whether `train` picks the precision by timing: auto on a CPU with native bf16, in a run
+    of at least MIN_STEPS_TO_TIME_PRECISION steps (`training_steps` None: a run whose length is
+    not known)."""
     long_enough = training_steps is None or training_steps >= MIN_STEPS_TO_TIME_PRECISION
-    return choice == Precision.auto and device.type == "cpu" and long_enough
+    return (choice == Precision.auto and device.type == "cpu" and long_enough
+            and not cpu_lacks_native_bf16())
+
+
+def untimed_auto_reason(training_steps: int) -> str:
+    """Why auto on the CPU trains in fp32 without timing bf16 (run.json and the header line)."""
+    if cpu_lacks_native_bf16():
+        return "auto, untimed: this CPU has no bf16 arithmetic in hardware (bf16 is emulated)"
+    return f"auto, untimed: {training_steps} steps are too few to repay timing fp32 against bf16"
 
 
 # What auto chooses between on the CPU.

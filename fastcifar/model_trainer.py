@@ -17,6 +17,7 @@ from fastcifar.device import (
     measure_cpu_precision,
     measures_precision,
     plan_precision,
+    untimed_auto_reason,
 )
 from fastcifar.distributed import Distributed, broadcast_from_main
 from fastcifar.epoch_state import TrainSums
@@ -70,7 +71,7 @@ class ModelTrainer:
         keeps the precision its checkpoint trained in."""
         config, device = self.config, self.device
         self.plan = plan
-        auto_on_cpu = measures_precision(config.precision, device)
+        auto_on_cpu = config.precision == Precision.auto and device.type == "cpu"
         steps = config.epochs * self.steps_per_epoch
         self.measure_precision = measures_precision(config.precision, device, steps)
         if auto_on_cpu and resume_state is not None:
@@ -80,8 +81,7 @@ class ModelTrainer:
         self.recorded_precision = ("auto (timed at the first batch)" if self.measure_precision
                                    else self.plan.name)
         # Why an untimed auto run trains in its plan, for run.json and the header line.
-        self.untimed_reason = (f"auto, untimed: {steps} steps are too few to repay timing fp32 "
-                               "against bf16"
+        self.untimed_reason = (untimed_auto_reason(steps)
                                if auto_on_cpu and resume_state is None
                                and not self.measure_precision else None)
         self.precision_label = (f"{self.plan.name} ({self.untimed_reason})" if self.untimed_reason

@@ -107,6 +107,7 @@ def test_the_precision_timing_sets_the_dtype_of_the_models_muon_and_the_proxys(
     # native bf16, so this checks the trainer, not a whole run.)
     monkeypatch.setattr("fastcifar.model_trainer.measure_cpu_precision",
                         lambda *args: PrecisionChoice(timed, {"fp32": 1.0, "bf16": 1.0}))
+    monkeypatch.setattr("fastcifar.device.cpu_lacks_native_bf16", lambda: False)  # any CPU
     config = _muon_config(tiny_dataset, tmp_path, precision=Precision.auto, select_fraction=0.5,
                           whiten=False)
     loaders = build_loaders(config.loader, config.augment, config.seed, device=CPU)

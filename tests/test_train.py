@@ -19,6 +19,7 @@ from fastcifar.device import (
     CPU_PRECISIONS,
     MIN_STEPS_TO_TIME_PRECISION,
     DeviceStep,
+    cpu_lacks_native_bf16,
     measure_cpu_precision,
     measure_precision,
     plan_precision,
@@ -313,6 +314,44 @@ def test_progressive_resizing_trains_each_epoch_at_its_side_and_scores_at_32(tin
     assert result.history[-1].test_accuracy >= 0.8  # scored at 32 px; chance is 1/3
 
 
+X86 = {"architecture": "x86_64", "avx2": True, "avx512_f": True}
+
+
+@pytest.mark.parametrize(("capabilities", "lacks"), [
+    (X86, True),  # AVX2 and AVX-512 alone: bf16 is emulated
+    ({**X86, "avx512_bf16": True}, False),  # AMD EPYC (Zen 4), Intel Cooper Lake
+    ({**X86, "amx_bf16": True}, False),  # Intel Sapphire Rapids
+    ({"architecture": "arm64", "neon": True}, True),
+    ({"architecture": "arm64", "bf16": True}, False),  # Apple M2, Graviton 3
+    ({"architecture": "riscv64"}, False),  # not known: timed
+    ({}, False),
+])
+def test_a_cpu_lacks_native_bf16_only_where_its_flags_say_so(capabilities, lacks):
+    assert cpu_lacks_native_bf16(capabilities) is lacks
+
+
+def test_precision_auto_on_a_cpu_without_native_bf16_trains_fp32_untimed(tiny_dataset, tmp_path,
+                                                                         monkeypatch):
+    # bf16 cannot win where it is emulated (7.7 against 85-96 images/s on an AVX2-only EPYC),
+    # so even a run long enough to time skips the timing (155 s at a batch of 512 there).
+    class Record(TrainCallbacks):
+        choices = []
+
+        def on_precision(self, choice):
+            self.choices.append(choice)
+
+    monkeypatch.setattr(fastcifar.device, "MIN_STEPS_TO_TIME_PRECISION", 5)
+    monkeypatch.setattr(fastcifar.device, "cpu_lacks_native_bf16", lambda: True)
+    callbacks = Record()
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, precision=Precision.auto,
+                               device=Device.cpu), callbacks=callbacks)
+    assert callbacks.choices == [] and result.plan.name == "fp32"
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["precision"] == "fp32" and "precision_images_per_second" not in run
+    assert run["precision_note"] == ("auto, untimed: this CPU has no bf16 arithmetic in "
+                                     "hardware (bf16 is emulated)")
+
+
 def test_precision_auto_outside_train_is_fp32_on_cpu_and_fp16_is_refused():
     cpu = torch.device("cpu")
     assert plan_precision(Precision.auto, cpu).name == "fp32"  # train measures instead
@@ -365,6 +404,7 @@ def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_data
     callbacks = Record()
     epochs = 1  # 5 steps: timed once the bar is lowered to them
     monkeypatch.setattr(fastcifar.device, "MIN_STEPS_TO_TIME_PRECISION", 5)
+    monkeypatch.setattr(fastcifar.device, "cpu_lacks_native_bf16", lambda: False)  # any CPU
     result = train(tiny_config(tiny_dataset, tmp_path, epochs=epochs, precision=Precision.auto,
                                device=Device.cpu), callbacks=callbacks)
     (choice,) = callbacks.choices
@@ -380,7 +420,10 @@ def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_data
     assert [row.train_loss for row in by_hand.history] == [row.train_loss for row in result.history]
 
 
-def test_precision_auto_on_cpu_trains_a_run_too_short_to_time_untimed(tiny_dataset, tmp_path):
+def test_precision_auto_on_cpu_trains_a_run_too_short_to_time_untimed(tiny_dataset, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(fastcifar.device, "cpu_lacks_native_bf16", lambda: False)  # any CPU
+
     class Record(TrainCallbacks):
         choices, labels = [], []
 
