@@ -14,6 +14,7 @@ from fastcifar.device import (
     PrecisionChoice,
     PrecisionPlan,
     autocast,
+    emulated_bf16_note,
     measure_cpu_precision,
     measures_precision,
     plan_precision,
@@ -80,11 +81,13 @@ class ModelTrainer:
         # What run.json records until the first batch is timed (the plan, once it is known).
         self.recorded_precision = ("auto (timed at the first batch)" if self.measure_precision
                                    else self.plan.name)
-        # Why an untimed auto run trains in its plan, for run.json and the header line.
-        self.untimed_reason = (untimed_auto_reason(steps)
+        # Why an untimed auto run trains in its plan, or that its bf16 is emulated, for
+        # run.json and the header line.
+        self.precision_note = (untimed_auto_reason(steps)
                                if auto_on_cpu and resume_state is None
-                               and not self.measure_precision else None)
-        self.precision_label = (f"{self.plan.name} ({self.untimed_reason})" if self.untimed_reason
+                               and not self.measure_precision
+                               else emulated_bf16_note(self.plan, device))
+        self.precision_label = (f"{self.plan.name} ({self.precision_note})" if self.precision_note
                                 else self.recorded_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
         self._orthogonalize_for_plan()

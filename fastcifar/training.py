@@ -68,8 +68,8 @@ class Run:
         self.steps_per_epoch = len(loaders.train)
         self.trainer = ModelTrainer(config, loaders, device, plan, distributed, resume_state)
         self.record = run_record(config, device, self.trainer.recorded_precision)
-        if self.trainer.untimed_reason:
-            self.record["precision_note"] = self.trainer.untimed_reason
+        if self.trainer.precision_note:
+            self.record["precision_note"] = self.trainer.precision_note
         self.history: list[EpochStats] = []
         self.evaluations: list[Evaluation] = []
         self.start_epoch, self.best_accuracy, self.warmup_seconds = 0, -1.0, 0.0

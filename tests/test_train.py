@@ -352,6 +352,31 @@ def test_precision_auto_on_a_cpu_without_native_bf16_trains_fp32_untimed(tiny_da
                                      "hardware (bf16 is emulated)")
 
 
+@pytest.mark.parametrize(("precision", "lacks", "note"), [
+    (Precision.bf16, True, "emulated: this CPU has no bf16 arithmetic in hardware; fp32 trains "
+                           "~10x faster"),
+    (Precision.bf16, False, None),  # native bf16: no note
+    (Precision.fp32, True, None),
+])
+def test_a_bf16_run_on_a_cpu_that_emulates_bf16_says_so(tiny_dataset, tmp_path, monkeypatch,
+                                                         precision, lacks, note):
+    # Asked for by hand, bf16 is ~10x slower than fp32 where the CPU emulates it: the header
+    # line and run.json's precision_note say so (the trainer only; no steps are taken).
+    from fastcifar.data.loaders import build_loaders
+    from fastcifar.distributed import Distributed
+    from fastcifar.model_trainer import ModelTrainer
+
+    monkeypatch.setattr(fastcifar.device, "cpu_lacks_native_bf16", lambda: lacks)
+    config = tiny_config(tiny_dataset, tmp_path, precision=precision, device=Device.cpu)
+    cpu = torch.device("cpu")
+    loaders = build_loaders(config.loader, config.augment, config.seed, device=cpu)
+    trainer = ModelTrainer(config, loaders, cpu, plan_precision(precision, cpu), Distributed(),
+                           None)
+    assert trainer.precision_note == note
+    assert trainer.precision_label == (f"{precision.value} ({note})" if note
+                                       else precision.value)
+
+
 def test_precision_auto_outside_train_is_fp32_on_cpu_and_fp16_is_refused():
     cpu = torch.device("cpu")
     assert plan_precision(Precision.auto, cpu).name == "fp32"  # train measures instead
