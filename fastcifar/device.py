@@ -76,11 +76,16 @@ NATIVE_BF16_FLAGS = {"x86_64": ("avx512_bf16", "amx_bf16"), "arm64": ("bf16", "s
                      "aarch64": ("bf16", "sve_bf16")}
 
 
+NO_NATIVE_BF16 = "this CPU has no bf16 arithmetic in hardware"
+
+
 def cpu_lacks_native_bf16(capabilities: Mapping[str, object] | None = None) -> bool:
-    """True where the CPU's flags show no bf16 arithmetic in hardware (False where they do, or
-    where the architecture is not one NATIVE_BF16_FLAGS knows: those are timed)."""
+    """True where the CPU's flags show no bf16 arithmetic in hardware (False where they do, where
+    the architecture is not one NATIVE_BF16_FLAGS knows, or where torch predates
+    torch.cpu.get_capabilities: those are timed)."""
     if capabilities is None:
-        capabilities = torch.cpu.get_capabilities()
+        get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+        capabilities = get_capabilities() if get_capabilities is not None else {}
     flags = NATIVE_BF16_FLAGS.get(str(capabilities.get("architecture", "")).lower())
     return flags is not None and not any(capabilities.get(flag) for flag in flags)
 
@@ -96,17 +101,17 @@ def measures_precision(choice: Precision, device: torch.device,
 
 
 def emulated_bf16_note(plan: PrecisionPlan, device: torch.device) -> str | None:
-    """A note for a bf16 run on a CPU that emulates bf16 (None otherwise): fp32 trained 11x
-    faster on an AVX2-only EPYC (benchmarks/results/cpu/precision-timing.json)."""
+    """A note for a bf16 run on a CPU that emulates bf16 (None otherwise), worked out afresh at
+    each sitting: fp32 trained 11x faster on an AVX2-only EPYC (precision-timing.json)."""
     if plan.autocast_dtype == torch.bfloat16 and device.type == "cpu" and cpu_lacks_native_bf16():
-        return "emulated: this CPU has no bf16 arithmetic in hardware; fp32 trains ~10x faster"
+        return f"emulated: {NO_NATIVE_BF16}; fp32 was ~10x faster on an AVX2-only CPU"
     return None
 
 
 def untimed_auto_reason(training_steps: int) -> str:
     """Why auto on the CPU trains in fp32 without timing bf16 (run.json and the header line)."""
     if cpu_lacks_native_bf16():
-        return "auto, untimed: this CPU has no bf16 arithmetic in hardware (bf16 is emulated)"
+        return f"auto, untimed: {NO_NATIVE_BF16} (bf16 is emulated)"
     return f"auto, untimed: {training_steps} steps are too few to repay timing fp32 against bf16"
 
 

@@ -81,13 +81,14 @@ class ModelTrainer:
         # What run.json records until the first batch is timed (the plan, once it is known).
         self.recorded_precision = ("auto (timed at the first batch)" if self.measure_precision
                                    else self.plan.name)
-        # Why an untimed auto run trains in its plan, or that its bf16 is emulated, for
-        # run.json and the header line.
+        # Why an untimed auto run trains in its plan (kept by its checkpoint), and whether this
+        # machine emulates its bf16 (this sitting's), for run.json and the header line.
         self.precision_note = (untimed_auto_reason(steps)
                                if auto_on_cpu and resume_state is None
-                               and not self.measure_precision
-                               else emulated_bf16_note(self.plan, device))
-        self.precision_label = (f"{self.plan.name} ({self.precision_note})" if self.precision_note
+                               and not self.measure_precision else None)
+        self.hardware_note = emulated_bf16_note(self.plan, device)
+        notes = "; ".join(note for note in (self.precision_note, self.hardware_note) if note)
+        self.precision_label = (f"{self.plan.name} ({notes})" if notes
                                 else self.recorded_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
         self._orthogonalize_for_plan()

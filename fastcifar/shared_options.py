@@ -25,7 +25,8 @@ DeviceOption = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, t
                                               rich_help_panel=SYSTEM)]
 PrecisionOption = Annotated[Precision, typer.Option(
     help="auto: bf16 on bf16-capable CUDA, else fp16 with a grad scaler; fp32 on MPS; on the "
-    "CPU train times fp32 and bf16 on its first batch and keeps the faster (lr-find and "
+    "CPU train times fp32 and bf16 on its first batch and keeps the faster, or trains fp32 "
+    "untimed in a run of under 16 steps or on a CPU without bf16 in hardware (lr-find and "
     "evaluate use fp32 there).",
     rich_help_panel=SYSTEM)]
 WorkersOption = Annotated[int, typer.Option(help="Loader threads, 0 = one per core.",

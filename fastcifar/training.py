@@ -70,6 +70,8 @@ class Run:
         self.record = run_record(config, device, self.trainer.recorded_precision)
         if self.trainer.precision_note:
             self.record["precision_note"] = self.trainer.precision_note
+        if self.trainer.hardware_note:  # not restored on resume: the machine may differ
+            self.record["precision_hardware_note"] = self.trainer.hardware_note
         self.history: list[EpochStats] = []
         self.evaluations: list[Evaluation] = []
         self.start_epoch, self.best_accuracy, self.warmup_seconds = 0, -1.0, 0.0

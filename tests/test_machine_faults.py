@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -401,7 +402,7 @@ BENCHMARK_SCRIPTS = {  # script: the arguments it needs besides --json
 }
 
 
-def load_benchmark_script(script: str, monkeypatch) -> tuple[Path, object]:
+def load_benchmark_script(script: str, monkeypatch) -> tuple[Path, types.ModuleType]:
     """(path, module) of benchmarks/SCRIPT.py, loaded as its own module."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{script}.py"
     spec = importlib.util.spec_from_file_location(f"benchmark_{script}", path)

@@ -353,8 +353,8 @@ def test_precision_auto_on_a_cpu_without_native_bf16_trains_fp32_untimed(tiny_da
 
 
 @pytest.mark.parametrize(("precision", "lacks", "note"), [
-    (Precision.bf16, True, "emulated: this CPU has no bf16 arithmetic in hardware; fp32 trains "
-                           "~10x faster"),
+    (Precision.bf16, True, "emulated: this CPU has no bf16 arithmetic in hardware; fp32 was "
+                           "~10x faster on an AVX2-only CPU"),
     (Precision.bf16, False, None),  # native bf16: no note
     (Precision.fp32, True, None),
 ])
@@ -372,9 +372,29 @@ def test_a_bf16_run_on_a_cpu_that_emulates_bf16_says_so(tiny_dataset, tmp_path, 
     loaders = build_loaders(config.loader, config.augment, config.seed, device=cpu)
     trainer = ModelTrainer(config, loaders, cpu, plan_precision(precision, cpu), Distributed(),
                            None)
-    assert trainer.precision_note == note
+    assert trainer.hardware_note == note and trainer.precision_note is None
     assert trainer.precision_label == (f"{precision.value} ({note})" if note
                                        else precision.value)
+
+
+def test_the_emulated_bf16_note_is_this_sittings_not_the_checkpoints(tiny_dataset, tmp_path,
+                                                                      monkeypatch):
+    # A run stopped on a CPU that emulates bf16 and resumed on one that does not: run.json
+    # speaks of the machine it now runs on. (fp32 here, with the note forced, to stay fast.)
+    class StopAfterFirstEpoch(TrainCallbacks):
+        def on_epoch(self, stats) -> None:
+            raise KeyboardInterrupt
+
+    config = tiny_config(tiny_dataset, tmp_path, epochs=2, eval_from_epoch=None)
+    monkeypatch.setattr("fastcifar.model_trainer.emulated_bf16_note", lambda plan, device: "x")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=StopAfterFirstEpoch())
+    (checkpoint,) = (tmp_path / "runs").glob("*/last.pt")
+    run_json = checkpoint.parent / "run.json"
+    assert json.loads(run_json.read_text())["precision_hardware_note"] == "x"
+    monkeypatch.setattr("fastcifar.model_trainer.emulated_bf16_note", lambda plan, device: None)
+    train(dataclasses.replace(config, resume=checkpoint))
+    assert "precision_hardware_note" not in json.loads(run_json.read_text())
 
 
 def test_precision_auto_outside_train_is_fp32_on_cpu_and_fp16_is_refused():

@@ -99,28 +99,39 @@ fi
 
 # One seed per call, so a run cut short by the budget loses only itself; 95 s stay for the
 # short budget and the weights.
-long_seed() {  # long_seed SEED: one test-set run of the choice
-  reserve=95 tta --recipe "$recipe" --epochs $run_epochs --seed "$1" \
+long_seed() {  # long_seed SEED [OPTION...]: one test-set run of the choice
+  local seed=$1; shift
+  reserve=95 tta --recipe "$recipe" --epochs $run_epochs --seed "$seed" \
     --eval-from-epoch $run_epochs --target 0.925 --target 0.93 \
-    --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$1.json" "${chosen[@]}"
+    --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json" "${chosen[@]}" "$@"
 }
 # LONG_PARALLEL=1 (the default) starts the seeds side by side, one process each: a run at batch
 # 512 leaves an H200 idle between its small kernels (2026-11-28: ~21,000 images/s trained in
-# a run, against ~96,000 for the bare step on an H100), so the others can fill the gaps. They
-# start together only when the time left would hold them one after the other (the worst case:
-# no gain), so the budget never cuts all of them; their seconds are then not speed figures.
+# a run, against ~96,000 for the bare step on an H100), so the others may fill the gaps (not
+# measured yet: the call's log gives the group's wall time against ~73 s a seed in turn). They
+# start together only when the time left would hold them one after the other with half again
+# to spare, each with its share of the CPU's loader threads; all share one deadline, so a
+# group slower than that loses every seed. Their seconds are not speed figures, and
+# long-seeds-side-by-side.txt says so beside their records.
 if [ "${LONG_PARALLEL:-1}" = 1 ] && [ "$runs" -gt 1 ] \
-    && [ "$(left)" -ge $(( runs * (3 * run_epochs + 5) + 95 + 20 )) ]; then
+    && [ "$(left)" -ge $(( runs * (3 * run_epochs + 5) * 3 / 2 + 95 + 20 )) ]; then
   phase "time to accuracy: $recipe ${chosen[*]}, $run_epochs epochs, $runs seeds side by side"
   group_start=$(elapsed)
+  workers=$(( $(nproc) / runs )); [ $workers -lt 1 ] && workers=1
+  trap 'kill $(jobs -p) 2>/dev/null' EXIT  # a killed call leaves no run behind
   for seed in $(seq 0 $(( runs - 1 ))); do
-    long_seed $seed > "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.log" 2>&1 &
+    long_seed $seed --workers $workers \
+      > "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.log" 2>&1 &
   done
   wait
+  trap - EXIT
   for seed in $(seq 0 $(( runs - 1 ))); do
     echo "seed $seed:"; cat "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.log"
   done
-  echo "$runs seeds side by side: $(( $(elapsed) - group_start )) s of wall time"
+  echo "$runs seeds side by side ($workers loader threads each): $(( $(elapsed) - group_start ))" \
+    "s of wall time" | tee "$results/long-seeds-side-by-side.txt"
+  echo "The seed records beside this file trained at the same time on one device: their" \
+    "seconds are not speed figures." >> "$results/long-seeds-side-by-side.txt"
   pack
 else
   for seed in $(seq 0 $(( runs - 1 ))); do
