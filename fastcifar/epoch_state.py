@@ -50,6 +50,10 @@ class TrainingInterrupted(FastCifarError):
         self.checkpoint = checkpoint
         how_to_continue = how_to_continue or f"continue with the same options plus `--resume {checkpoint}`"
         super().__init__(f"interrupted; checkpoint saved to {checkpoint}: {how_to_continue}")
+        # The benchmarks/ scripts take no --resume.
+        self.script_message = (f"interrupted; checkpoint saved to {checkpoint}: this script does "
+                               "not resume its runs, so run it again (the run's options are in "
+                               f"{Path(checkpoint).parent / 'run.json'})")
 
 
 # ---------------------------------------------------------------- the epoch's clock and sums

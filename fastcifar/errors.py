@@ -16,6 +16,7 @@ class FastCifarError(Exception):
     """A problem the user can fix (bad input, missing data, bad option); printed without traceback."""
 
     exit_code = 1
+    script_message: str | None = None  # what benchmarks/ scripts print, where it differs
 
 
 def require(condition: bool, message: str) -> None:
@@ -46,5 +47,5 @@ def script_exit() -> Iterator[None]:
     try:
         yield
     except FastCifarError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error.script_message or error}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None

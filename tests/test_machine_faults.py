@@ -462,3 +462,25 @@ def test_bad_input_deep_inside_a_benchmark_script_is_one_line_not_a_traceback(
     (line,) = output.err.strip().splitlines()
     assert line.startswith(message), line
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["not-weights.safetensors"]
+
+
+def test_an_interrupted_run_inside_a_benchmark_script_does_not_point_at_a_resume_it_lacks(
+        tmp_path, capsys):
+    """The CLI says `--resume CHECKPOINT`; a script (no --resume) says to run it again."""
+    from fastcifar.epoch_state import TrainingInterrupted
+    from fastcifar.errors import script_exit
+
+    checkpoint = tmp_path / "run" / "last.pt"
+
+    @script_exit()
+    def main() -> int:
+        raise TrainingInterrupted(15, checkpoint)
+
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 143
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: interrupted; checkpoint saved to {checkpoint}: this script does not "
+                    f"resume its runs, so run it again (the run's options are in "
+                    f"{tmp_path / 'run' / 'run.json'})")
+    assert "--resume" in str(TrainingInterrupted(15, checkpoint))  # the CLI's message keeps it
