@@ -314,6 +314,20 @@ def test_progressive_resizing_trains_each_epoch_at_its_side_and_scores_at_32(tin
     assert result.history[-1].test_accuracy >= 0.8  # scored at 32 px; chance is 1/3
 
 
+class RecordPrecision(TrainCallbacks):
+    """The header line's precision label and each timed precision choice of a run."""
+
+    def __init__(self) -> None:
+        self.labels: list[str] = []
+        self.choices: list = []
+
+    def on_train_start(self, config, steps_per_epoch, device, precision, run_dir) -> None:
+        self.labels.append(precision)
+
+    def on_precision(self, choice) -> None:
+        self.choices.append(choice)
+
+
 X86 = {"architecture": "x86_64", "avx2": True, "avx512_f": True}
 
 
@@ -328,28 +342,6 @@ X86 = {"architecture": "x86_64", "avx2": True, "avx512_f": True}
 ])
 def test_a_cpu_lacks_native_bf16_only_where_its_flags_say_so(capabilities, lacks):
     assert cpu_lacks_native_bf16(capabilities) is lacks
-
-
-def test_precision_auto_on_a_cpu_without_native_bf16_trains_fp32_untimed(tiny_dataset, tmp_path,
-                                                                         monkeypatch):
-    # bf16 cannot win where it is emulated (7.7 against 85-96 images/s on an AVX2-only EPYC),
-    # so even a run long enough to time skips the timing (155 s at a batch of 512 there).
-    class Record(TrainCallbacks):
-        choices = []
-
-        def on_precision(self, choice):
-            self.choices.append(choice)
-
-    monkeypatch.setattr(fastcifar.device, "MIN_STEPS_TO_TIME_PRECISION", 5)
-    monkeypatch.setattr(fastcifar.device, "cpu_lacks_native_bf16", lambda: True)
-    callbacks = Record()
-    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, precision=Precision.auto,
-                               device=Device.cpu), callbacks=callbacks)
-    assert callbacks.choices == [] and result.plan.name == "fp32"
-    run = json.loads((result.run_dir / "run.json").read_text())
-    assert run["precision"] == "fp32" and "precision_images_per_second" not in run
-    assert run["precision_note"] == ("auto, untimed: this CPU has no bf16 arithmetic in "
-                                     "hardware (bf16 is emulated)")
 
 
 @pytest.mark.parametrize(("precision", "lacks", "note"), [
@@ -440,13 +432,7 @@ def test_cpu_precision_timing_times_only_the_candidates_it_is_given():
 
 def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_dataset, tmp_path,
                                                                        monkeypatch):
-    class Record(TrainCallbacks):
-        choices = []
-
-        def on_precision(self, choice):
-            self.choices.append(choice)
-
-    callbacks = Record()
+    callbacks = RecordPrecision()
     epochs = 1  # 5 steps: timed once the bar is lowered to them
     monkeypatch.setattr(fastcifar.device, "MIN_STEPS_TO_TIME_PRECISION", 5)
     monkeypatch.setattr(fastcifar.device, "cpu_lacks_native_bf16", lambda: False)  # any CPU
@@ -465,30 +451,28 @@ def test_precision_auto_on_cpu_trains_in_the_measured_faster_precision(tiny_data
     assert [row.train_loss for row in by_hand.history] == [row.train_loss for row in result.history]
 
 
-def test_precision_auto_on_cpu_trains_a_run_too_short_to_time_untimed(tiny_dataset, tmp_path,
-                                                                       monkeypatch):
-    monkeypatch.setattr(fastcifar.device, "cpu_lacks_native_bf16", lambda: False)  # any CPU
-
-    class Record(TrainCallbacks):
-        choices, labels = [], []
-
-        def on_train_start(self, config, steps_per_epoch, device, precision, run_dir):
-            self.labels.append(precision)
-
-        def on_precision(self, choice):
-            self.choices.append(choice)
-
-    callbacks = Record()
-    assert 5 < MIN_STEPS_TO_TIME_PRECISION  # one epoch of 5 steps
+# Both reasons an auto run on the CPU trains fp32 untimed. bf16 cannot win where it is emulated
+# (7.7 against 85-96 images/s on an AVX2-only EPYC), so there even a run long enough to time
+# skips the timing (155 s at a batch of 512); elsewhere a run too short to repay it does.
+@pytest.mark.parametrize(("lacks_native_bf16", "min_steps", "note"), [
+    (True, 5, "auto, untimed: this CPU has no bf16 arithmetic in hardware (bf16 is emulated)"),
+    (False, MIN_STEPS_TO_TIME_PRECISION, "auto, untimed: 5 steps are too few to repay timing "
+                                         "fp32 against bf16"),
+])
+def test_precision_auto_on_cpu_trains_fp32_untimed_and_says_why(
+        tiny_dataset, tmp_path, monkeypatch, lacks_native_bf16, min_steps, note):
+    monkeypatch.setattr(fastcifar.device, "cpu_lacks_native_bf16", lambda: lacks_native_bf16)
+    monkeypatch.setattr(fastcifar.device, "MIN_STEPS_TO_TIME_PRECISION", min_steps)
+    assert 5 < MIN_STEPS_TO_TIME_PRECISION  # one epoch of 5 steps: too few unless lowered
+    callbacks = RecordPrecision()
     result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, precision=Precision.auto,
                                device=Device.cpu), callbacks=callbacks)
     assert callbacks.choices == [] and result.plan.name == "fp32"
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["precision"] == "fp32" and "precision_images_per_second" not in run
     # run.json says why the auto run trained in fp32 untimed, as the header line does.
-    assert run["precision_note"] == ("auto, untimed: 5 steps are too few to repay timing fp32 "
-                                     "against bf16")
-    assert callbacks.labels == [f"fp32 ({run['precision_note']})"]
+    assert run["precision_note"] == note
+    assert callbacks.labels == [f"fp32 ({note})"]
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_is_checked():
