@@ -74,8 +74,6 @@ MIN_STEPS_TO_TIME_PRECISION = 16
 # precision-timing.json). Other architectures are timed.
 NATIVE_BF16_FLAGS = {"x86_64": ("avx512_bf16", "amx_bf16"), "arm64": ("bf16", "sve_bf16"),
                      "aarch64": ("bf16", "sve_bf16")}
-
-
 NO_NATIVE_BF16 = "this CPU has no bf16 arithmetic in hardware"
 
 
@@ -102,7 +100,7 @@ def measures_precision(choice: Precision, device: torch.device,
 
 def emulated_bf16_note(plan: PrecisionPlan, device: torch.device) -> str | None:
     """A note for a bf16 run on a CPU that emulates bf16 (None otherwise), worked out afresh at
-    each sitting: fp32 trained 11x faster on an AVX2-only EPYC (precision-timing.json)."""
+    each sitting: fp32 trained 11-12x faster on an AVX2-only EPYC (precision-timing.json)."""
     if plan.autocast_dtype == torch.bfloat16 and device.type == "cpu" and cpu_lacks_native_bf16():
         return f"emulated: {NO_NATIVE_BF16}; fp32 was ~10x faster on an AVX2-only CPU"
     return None

@@ -97,7 +97,7 @@ if [ $part = sweep ]; then  # fails when the sweep wrote no table
   ls -la "$OUT"; echo "done in $(elapsed) s"; [ -f "$results/long-${epochs_long}ep.json" ]; exit
 fi
 
-# One seed per call, so a run cut short by the budget loses only itself; 95 s stay for the
+# One process per seed, so a run cut short by the budget loses only itself; 95 s stay for the
 # short budget and the weights.
 long_seed() {  # long_seed SEED [OPTION...]: one test-set run of the choice
   local seed=$1; shift
@@ -105,10 +105,11 @@ long_seed() {  # long_seed SEED [OPTION...]: one test-set run of the choice
     --eval-from-epoch $run_epochs --target 0.925 --target 0.93 \
     --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json" "${chosen[@]}" "$@"
 }
-# LONG_PARALLEL=1 (the default) starts the seeds side by side, one process each: a run at batch
-# 512 leaves an H200 idle between its small kernels (2026-11-28: ~21,000 images/s trained in
-# a run, against ~96,000 for the bare step on an H100), so the others may fill the gaps (not
-# measured yet: the call's log gives the group's wall time against ~73 s a seed in turn). They
+# LONG_PARALLEL=1 (the default) starts the seeds side by side: a run at batch 512 leaves the
+# GPU idle between its small kernels (~21,000 images/s trained: 24 x 45,000 images in 52 s,
+# gpu/2026-11-28/long-24ep.md, H200; ~96,000 for the bare step, gpu/2026-11-26/
+# throughput-decomposition.json, H100), so the others may fill the gaps (not measured yet: the
+# call's log gives the group's wall time against ~73 s a seed in turn, 2026-11-28/long.log). They
 # start together only when the time left would hold them one after the other with half again
 # to spare, each with its share of the CPU's loader threads; all share one deadline, so a
 # group slower than that loses every seed. Their seconds are not speed figures, and
