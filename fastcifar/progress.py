@@ -25,14 +25,20 @@ if TYPE_CHECKING:  # annotations only: the commands import these modules lazily
     from fastcifar.records import EpochStats, Evaluation
 
 
+def _bars_are_drawn() -> bool:
+    """Whether progress bars are drawn: on a terminal only. Elsewhere (a log file, a pipe) a
+    transient bar cannot be erased and each one left an empty line between the table's rows."""
+    return console.is_terminal
+
+
 class TableCallbacks:
-    """Draws a progress bar per epoch and one table row after it (rank 0 only)."""
+    """Draws a progress bar per epoch (on a terminal) and one table row after it (rank 0 only)."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.progress = Progress("epoch {task.fields[epoch]}", BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), console=console, transient=True,
-                                 disable=quiet)
+                                 disable=quiet or not _bars_are_drawn())
         self.task = None
 
     def on_train_start(self, config: TrainConfig, steps_per_epoch: int, device: object,
@@ -89,9 +95,9 @@ class TableCallbacks:
 
 @contextmanager
 def step_bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
-    """A transient bar; yields the `(done, total)` callback that moves it."""
+    """A transient bar (on a terminal); yields the `(done, total)` callback that moves it."""
     with Progress(label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
+                  console=console, transient=True, disable=not _bars_are_drawn()) as bar:
         task = bar.add_task("", total=total)
         yield lambda done, _total: bar.update(task, completed=done)
 

@@ -26,6 +26,9 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
         "--weights", str(tmp_path / "weights"), "--cutout", "4", "--eval-from-epoch", "2"])
     assert result.exit_code == 0, result.output
     assert "test acc" in result.output
+    # Not a terminal here, as in a log file: no progress bar, so no empty line in the table
+    table = result.output[result.output.index("epoch "):result.output.index("final test")]
+    assert "" not in table.strip().splitlines(), table
     epoch_one = next(line.split() for line in result.output.splitlines()
                      if line.split()[:1] == ["1"])
     assert epoch_one[5:7] == ["-", "-"]  # no test pass before --eval-from-epoch
