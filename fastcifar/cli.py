@@ -128,7 +128,7 @@ def train(
         console.print(f"final test accuracy {result.final_accuracy:.2%} (weights "
                       f"{result.final_weights}); best test pass {result.best_accuracy:.2%} "
                       f"(chosen on the test set; weights {result.best_weights}); run folder "
-                      f"{result.run_dir}", soft_wrap=True)
+                      f"{result.run_dir}")
 
 
 # ---------------------------------------------------------------- lr-find
@@ -320,7 +320,7 @@ def export(
                f"{report.top1_agreement:.2%}" if report.checked_images else
                "; not checked (no converted data)")
     console.print(f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {report.tta} TTA in the "
-                  f"graph){checked}", soft_wrap=True)
+                  f"graph){checked}")
 
 
 # ---------------------------------------------------------------- show-augment
@@ -343,7 +343,7 @@ def show_augment(
     augment = run_command(recipe, recipe_name.value).augment
     preview = run_command(write_grids, data, augment, count, seed, out)
     console.print(f"{preview.original_path} and {preview.augmented_path} ({recipe_name.value} "
-                  f"recipe's augmentation, seed {seed})", soft_wrap=True)
+                  f"recipe's augmentation, seed {seed})")
 
 
 def entry() -> None:

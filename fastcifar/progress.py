@@ -108,14 +108,13 @@ def print_range_test(recipe_name: str, train_config: TrainConfig, found: LrFindR
     console.print(f"{recipe_name} recipe ({train_config.optimizer.value}, weight decay "
                   f"{train_config.weight_decay:g}): {len(found.lrs)} steps at batch "
                   f"{train_config.loader.batch_size} on {found.device} {found.precision} in "
-                  f"{found.seconds:.0f} s{diverged}", soft_wrap=True)
+                  f"{found.seconds:.0f} s{diverged}")
     if train_config.muon_lr:
         console.print(f"Muon was off for the sweep (one optimiser's LR is swept): the suggestion "
-                      f"is the SGD LR; Muon keeps --muon-lr {train_config.muon_lr:g}",
-                      soft_wrap=True)
+                      f"is the SGD LR; Muon keeps --muon-lr {train_config.muon_lr:g}")
     console.print(f"suggested max LR {found.suggested_lr:.3g} (steepest descent); min-loss LR / "
                   f"10: {found.min_loss_lr_over_10:.3g}; plot {found.plot_path}, history "
-                  f"{found.history_path}", soft_wrap=True)
+                  f"{found.history_path}")
 
 
 def print_evaluation(report: EvaluationReport) -> None:
@@ -128,7 +127,7 @@ def print_evaluation(report: EvaluationReport) -> None:
     console.print(f"test accuracy {report.accuracy:.2%} on {report.count:,} images "
                   f"({report.tta_mode} TTA {tta_source}, {report.device} "
                   f"{report.precision}; {report.misclassified_total:,} wrong); figures and JSON "
-                  f"in {report.json_path.parent}", soft_wrap=True)
+                  f"in {report.json_path.parent}")
 
 
 def print_predictions(report: PredictReport, json_output: bool) -> None:
@@ -136,8 +135,7 @@ def print_predictions(report: PredictReport, json_output: bool) -> None:
     for row in report.predictions:
         if row.resized_from:
             warnings_console.print(f"[yellow]warning:[/yellow] {escape(str(row.path))}: resized "
-                                   f"from {row.resized_from[0]}x{row.resized_from[1]} to 32x32",
-                                   soft_wrap=True)
+                                   f"from {row.resized_from[0]}x{row.resized_from[1]} to 32x32")
     if json_output:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -145,7 +143,7 @@ def print_predictions(report: PredictReport, json_output: bool) -> None:
             typer.echo(f"{row.path}: " + ", ".join(f"{name} {probability:.1%}"
                                                    for name, probability in row.top))
     for problem in report.problems:
-        warnings_console.print(f"[red]error:[/red] {escape(str(problem))}", soft_wrap=True)
+        warnings_console.print(f"[red]error:[/red] {escape(str(problem))}")
 
 
 def print_time_to_accuracy(report: dict, json_path: Path) -> None:

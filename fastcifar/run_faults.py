@@ -42,7 +42,7 @@ class RunFaults:
             write()
         except WriteFailed as error:
             warnings_console.print(f"[yellow]warning:[/yellow] {error}; {what} skipped, "
-                                   "training goes on", soft_wrap=True)
+                                   "training goes on")
             return False
         return True
 

@@ -34,7 +34,7 @@ class TensorBoardLog:
         except ImportError:
             warnings_console.print("[yellow]warning:[/yellow] the tensorboard package is not "
                                    "installed: no event files (pip install "
-                                   "'fastcifar[tensorboard]')", soft_wrap=True)
+                                   "'fastcifar[tensorboard]')")
             return
         _quiet_writer_thread_errors()
         # purge_step: a resumed run drops what the interrupted sitting logged after its checkpoint.
@@ -108,7 +108,7 @@ class TensorBoardLog:
         except OSError as error:
             warnings_console.print(f"[yellow]warning:[/yellow] TensorBoard event files could "
                                    f"not be written ({error.strerror or error}); training goes "
-                                   "on without them", soft_wrap=True)
+                                   "on without them")
             self.writer = None
 
 

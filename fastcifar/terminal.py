@@ -11,8 +11,10 @@ from rich.console import Console
 
 from fastcifar.errors import FastCifarError
 
-console = Console(stderr=False, highlight=False)
-warnings_console = Console(stderr=True, highlight=False)  # kept off stdout, e.g. under --json
+# soft_wrap: a long line is one line, wrapped by the terminal if at all, so a path in it can be
+# copied whole; without it a log file or a pipe got a line break at column 80, mid-path.
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+warnings_console = Console(stderr=True, highlight=False, soft_wrap=True)  # off stdout (--json)
 _debug = {"on": False}
 
 Result = TypeVar("Result")
@@ -28,7 +30,7 @@ def fail(error: FastCifarError) -> None:
     1 for a user error, 74 for a machine fault (errors.MACHINE_FAULT_EXIT)."""
     if _debug["on"]:
         raise error
-    warnings_console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+    warnings_console.print(f"[red]error:[/red] {error}")
     raise typer.Exit(getattr(error, "exit_code", 1))
 
 

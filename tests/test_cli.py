@@ -29,6 +29,11 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
     # Not a terminal here, as in a log file: no progress bar, so no empty line in the table
     table = result.output[result.output.index("epoch "):result.output.index("final test")]
     assert "" not in table.strip().splitlines(), table
+    # ... and no line broken at column 80: the header's run folder is whole, to copy
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    header = next(line for line in result.output.splitlines() if line.startswith("recipe "))
+    assert len(header) > 80  # longer than the width a log file would have been wrapped at
+    assert header.endswith(f"run folder {run_dir}"), result.output
     epoch_one = next(line.split() for line in result.output.splitlines()
                      if line.split()[:1] == ["1"])
     assert epoch_one[5:7] == ["-", "-"]  # no test pass before --eval-from-epoch
