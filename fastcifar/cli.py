@@ -162,7 +162,7 @@ def lr_find(
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
                             "recipe's).", rich_help_panel=REGULARISATION)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step; the suggestion is for "
-                          "this batch size (default 512).", rich_help_panel=OPTIMISATION)
+                          "this batch size (default: the recipe's).", rich_help_panel=OPTIMISATION)
                           ] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="The recipe's train "
                        "augmentation on/off.", rich_help_panel=AUGMENTATION)] = True,
@@ -271,7 +271,7 @@ def predict(
                      "folders of them.", show_default=False)],
     weights: Annotated[Path | None, typer.Option(help="A .safetensors weights file from train, "
                        "or an .onnx file from export (run by onnxruntime); default: the "
-                       "shipped weights/custresnet-cifar10.safetensors.",
+                       "shipped weights, which install with the package.",
                        show_default=False)] = None,
     top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -147,10 +147,16 @@ def print_predictions(report: PredictReport, json_output: bool) -> None:
 
 
 def print_time_to_accuracy(report: dict, json_path: Path) -> None:
-    """Each budget's medians, then where the results file is."""
+    """Each budget's medians, which runs' target figures are upper bounds, then where the
+    results file is."""
+    from fastcifar.benchmark.time_to_accuracy import scoring_gap_note
+
     for budget, summary in report["median"].items():
         console.print(f"{budget} epochs: median " + ", ".join(
             f"{key}: {value}" for key, value in summary.items()))
+    note = scoring_gap_note(report.get("runs", []))
+    if note:
+        console.print(note)
     console.print(f"results: {json_path}")
 
 

@@ -93,12 +93,13 @@ def optimisation_options(
                       "express-progressive) it moves the SGD groups only (BN shifts, head): "
                       "--muon-lr sets the filters', and 'auto' sweeps with Muon off.",
                       rich_help_panel=OPTIMISATION)] = None,
-    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
-                      rich_help_panel=OPTIMISATION)] = None,
+    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule "
+                      "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
     initial_lr_fraction: Annotated[float | None, typer.Option(
-        help="The schedule starts at max LR x this.", rich_help_panel=OPTIMISATION)] = None,
+        help="The schedule starts at max LR x this (default: the recipe's).",
+        rich_help_panel=OPTIMISATION)] = None,
     pct_start: Annotated[float | None, typer.Option(help="Fraction of the steps spent warming "
-                         "up to the peak LR.", rich_help_panel=OPTIMISATION)] = None,
+                         "up to the peak LR (default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's); "
                         "refused where it would be ignored: under Adam and with a cycled "
                         "momentum (the seed recipe).", rich_help_panel=OPTIMISATION)] = None,
@@ -146,7 +147,8 @@ def regularisation_options(
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
                             "recipe's).", rich_help_panel=REGULARISATION)] = None,
     decay_norm: Annotated[bool | None, typer.Option(
-        "--decay-norm/--no-decay-norm", help="Weight decay on BatchNorm parameters too.",
+        "--decay-norm/--no-decay-norm", help="Weight decay on BatchNorm parameters too "
+        "(default: the recipe's).",
         rich_help_panel=REGULARISATION)] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the "
                                "recipe's).", rich_help_panel=REGULARISATION)] = None,
@@ -155,7 +157,8 @@ def regularisation_options(
     ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
                    "(default: the recipe's).", rich_help_panel=REGULARISATION)] = None,
     lookahead_every: Annotated[int | None, typer.Option(help="Lookahead weight average every "
-                               "N steps, copied back into the live weights; 0 = off.",
+                               "N steps, copied back into the live weights; 0 = off (default: "
+                               "the recipe's).",
                                rich_help_panel=REGULARISATION)] = None,
 ) -> ConfigEdit:
     """Weight decay, label smoothing, the logit scale and weight averaging."""
@@ -171,9 +174,9 @@ def network_options(
                       rich_help_panel=NETWORK)] = None,
     bn_frozen_scale: Annotated[bool | None, typer.Option(
         "--bn-frozen-scale/--no-bn-frozen-scale", help="Keep BatchNorm scales at 1 (not "
-        "trained).", rich_help_panel=NETWORK)] = None,
+        "trained; default: the recipe's).", rich_help_panel=NETWORK)] = None,
     bn_bias_lr_scale: Annotated[float | None, typer.Option(help="BatchNorm shifts train at LR x "
-                                "this and weight decay / this.",
+                                "this and weight decay / this (default: the recipe's).",
                                 rich_help_panel=NETWORK)] = None,
     whiten: Annotated[bool | None, typer.Option(
         "--whiten/--no-whiten", help="Prep conv as a fixed 3x3 PCA whitening of train patches "
@@ -211,8 +214,9 @@ def evaluation_options(
                                  rich_help_panel=EVALUATION)] = 1,
     eval_from_epoch: Annotated[int | None, typer.Option(help="Test passes at epoch ends from "
                                "this epoch on; the last epoch always gets one. Default: every "
-                               "epoch on CUDA or with a target accuracy, else the last only (on "
-                               "a CPU a multi-crop pass costs a third of an epoch).",
+                               "epoch on CUDA or with --stop-at-accuracy (the benchmark's "
+                               "--stop-at-target), else the last only (on a CPU a multi-crop "
+                               "pass costs a third of an epoch).",
                                rich_help_panel=EVALUATION)] = None,
 ) -> ConfigEdit:
     """Test-time augmentation and when the test passes run."""
@@ -240,13 +244,14 @@ def augmentation_options(
     hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn), applied "
                    "to half the images with the other colour jitter (any recipe).",
                    rich_help_panel=AUGMENTATION)] = None,
-    p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
+    p_gray: Annotated[float | None, typer.Option(help="Grayscale probability (default: the recipe's).",
                       rich_help_panel=AUGMENTATION)] = None,
-    pad: Annotated[int | None, typer.Option(help="Padding (pixels) before the random crop.",
+    pad: Annotated[int | None, typer.Option(help="Padding (pixels) before the random crop "
+                   "(default: the recipe's).",
                    rich_help_panel=AUGMENTATION)] = None,
     flip_alternate: Annotated[bool | None, typer.Option(
-        "--flip-alternate/--no-flip-alternate", help="Flip a random half in epoch 0, then each "
-        "image the other way every epoch.", rich_help_panel=AUGMENTATION)] = None,
+        "--flip-alternate/--no-flip-alternate", help="Flip a random half in the first epoch, "
+        "then each image the other way every epoch.", rich_help_panel=AUGMENTATION)] = None,
 ) -> ConfigEdit:
     """The recipe's train augmentation with these options replacing its settings, or none."""
     options = (cutout, jitter, hue, p_gray, pad, flip_alternate, cutout_count)

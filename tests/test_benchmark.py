@@ -400,14 +400,22 @@ def small_report(first_passes: list[float] | None) -> dict:
     (None, None), ([1, 0.5], None),
     ([5, 1], "First test pass: seed 0 (6-epoch budget) at epoch 5. A target"),
     ([1, 2.5], "First test pass: seed 1 (6-epoch budget) at epoch 2.5. A target")])
-def test_time_to_accuracy_table_says_when_early_epochs_had_no_test_pass(tmp_path,
+def test_time_to_accuracy_table_says_when_early_epochs_had_no_test_pass(tmp_path, capsys,
                                                                         first_passes, note):
+    from fastcifar.progress import print_time_to_accuracy
+
     path = tmp_path / "report.md"
     write_time_to_accuracy_markdown(path, small_report(first_passes))
     table = path.read_text()
     assert "| 6 | 0 | 6 | 5 ep, 100.0 s (90.0 + 10.0) |" in table
     assert ("upper bounds" in table) == (note is not None)
     assert note is None or note in table
+    # The terminal says it too: a CPU run scores only its last epoch unless told otherwise
+    print_time_to_accuracy(small_report(first_passes), path.with_suffix(".json"))
+    printed = capsys.readouterr().out
+    assert printed.startswith("6 epochs: median final_accuracy: 0.91")
+    assert ("upper bounds" in printed) == (note is not None)
+    assert note is None or note in printed
 
 
 def test_shortest_budget_mode_stops_at_the_first_budget_that_reaches_the_target(tiny_dataset,

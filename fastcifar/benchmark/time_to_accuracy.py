@@ -181,16 +181,22 @@ def _format_passes(run: dict) -> str:
     return str(len(evaluations)) + ("" if seconds is None else f", {seconds:,.1f}")
 
 
-def _scoring_gaps(runs: list[dict]) -> list[str]:
-    """A line naming the runs whose first test pass came after epoch 1 (`--eval-from-epoch`):
-    a target they first met there may have been met earlier, so those figures are upper bounds."""
+def scoring_gap_note(runs: list[dict]) -> str | None:
+    """A sentence naming the runs whose first test pass came after epoch 1 (`--eval-from-epoch`,
+    or a CPU run's default): a target they first met there may have been met earlier, so those
+    figures are upper bounds. None when every run scored from epoch 1."""
     late = [f"seed {run['seed']} ({run.get('budget_epochs', run['epochs_run'])}-epoch budget) "
             f"at epoch {round(run['evaluations'][0]['epochs'], 2):g}"
             for run in runs if run.get("evaluations") and run["evaluations"][0]["epochs"] > 1]
     if not late:  # older reports lack "evaluations": they scored every epoch
-        return []
-    return [f"First test pass: {'; '.join(late)}. A target first met at that pass may have been "
-            "met earlier, so read its epochs and seconds as upper bounds.", ""]
+        return None
+    return (f"First test pass: {'; '.join(late)}. A target first met at that pass may have been "
+            "met earlier, so read its epochs and seconds as upper bounds.")
+
+
+def _paragraph(text: str | None) -> list[str]:
+    """`text` as a Markdown paragraph's lines (none for None)."""
+    return [] if text is None else [text, ""]
 
 
 def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
@@ -207,7 +213,7 @@ def write_time_to_accuracy_markdown(path: Path, report: dict) -> None:
              f"{config['loader']['batch_size']}; data {report['data']}; commit "
              f"{report['commit'] or 'unknown'}. Seconds run from the first training step and "
              "hold train + eval time; the one-off warm-up (summed over sittings when resumed) is "
-             "apart.", "", *_scoring_gaps(report["runs"]),
+             "apart.", "", *_paragraph(scoring_gap_note(report["runs"])),
              "| budget (epochs) | seed | epochs run | " + " | ".join(
                  f"to {_percent(target)}" for target in targets)
              + " | test passes (s) | warm-up (s) | final acc | no TTA | flip TTA |",
