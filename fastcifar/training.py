@@ -153,6 +153,16 @@ class Run:
         clock.restart()
         return evaluation
 
+    def evaluate_inside(self, epoch: int, step: int, clock: EpochClock) -> None:
+        """The in-epoch test pass after step `step` (1-based) of epoch `epoch` (0-based), if
+        one is due: every --eval-every-steps steps in the last --eval-steps-epochs epochs, not
+        at the epoch's end (which evaluates anyway)."""
+        config = self.config
+        if (config.eval_every_steps > 0 and epoch >= config.epochs - config.eval_steps_epochs
+                and step % config.eval_every_steps == 0 and step < self.steps_per_epoch):
+            evaluation = self.evaluate_and_record(epoch + step / self.steps_per_epoch, clock)
+            self.callbacks.on_evaluation(evaluation)
+
     def _score_holdout(self) -> float | None:
         """Accuracy on the held-out train images (a tuning aid, not a cost)."""
         if self.loaders.holdout is None:
@@ -320,8 +330,6 @@ def train_epochs(run: Run, stop: StopRequest) -> bool:
         clock = EpochClock(run.device, run.history, partial)
         done_before = partial["step"] if partial else 0  # resuming inside this epoch
         partial = None
-        evaluate_inside = (config.eval_every_steps > 0
-                           and epoch >= config.epochs - config.eval_steps_epochs)
         # FFCV's order and the kernel's epoch-dependent flips both follow `epoch`.
         batches = run.loaders.train_epoch(epoch, config.train_image_size(epoch))
         step = 0
@@ -336,6 +344,8 @@ def train_epochs(run: Run, stop: StopRequest) -> bool:
             if step <= done_before:  # trained before the interrupt (the same order)
                 if step == done_before:
                     clock.restart()  # re-reading them is off the clock
+                    # A stop comes before its step's in-epoch pass, so that pass is made now.
+                    run.evaluate_inside(epoch, step, clock)
                 continue
             run.train_step(images, labels, sums)
             run.callbacks.on_step(epoch + 1, step, steps_per_epoch)
@@ -346,10 +356,7 @@ def train_epochs(run: Run, stop: StopRequest) -> bool:
             if stop_agreed(stop, run.steps, run.distributed, run.device,
                            DIVERGENCE_CHECK_STEPS):
                 break
-            if (evaluate_inside and step % config.eval_every_steps == 0
-                    and step < steps_per_epoch):  # the epoch end evaluates anyway
-                evaluation = run.evaluate_and_record(epoch + step / steps_per_epoch, clock)
-                run.callbacks.on_evaluation(evaluation)
+            run.evaluate_inside(epoch, step, clock)
         if stop.signal_number is not None:
             del batches  # FFCV's worker thread stops with its iterator
             raise run.interrupted(epoch, step, clock, sums, stop.signal_number)

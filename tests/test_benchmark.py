@@ -580,20 +580,26 @@ def test_interrupted_time_to_accuracy_run_resumes_with_its_earlier_epochs(tiny_d
     assert "| 3 | 0 (resumed) | 3 |" in config.json_path.with_suffix(".md").read_text()
 
 
+@pytest.mark.parametrize(("stop_step", "before_stop"), [(3, [1, 1.4]), (2, [1])])
 def test_evaluations_inside_an_interrupted_epoch_are_kept_on_resume(tiny_dataset, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, stop_step,
+                                                                   before_stop):
     import fastcifar.training
 
-    scripted = ScriptedAccuracy([0.5, 0.6, 0.8, 0.7])  # epochs 1, 1.4 | interrupt | 1.8, 2
+    # epochs 1, 1.4, 1.8, 2, with the interrupt at epoch 2's step 3 (after the 1.4 pass) or at
+    # its step 2 (before the 1.4 pass, which the resumed sitting then makes)
+    scripted = ScriptedAccuracy([0.5, 0.6, 0.8, 0.7])
     monkeypatch.setattr(fastcifar.training, "evaluate_loader", scripted)
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path, targets=(0.75,))
     config = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=2,
                                                                  eval_every_steps=2))
     with pytest.raises(TrainingInterrupted) as interrupted:
-        benchmark_time_to_accuracy(config, SignalAtStep(2, 3, signal.SIGINT))
+        benchmark_time_to_accuracy(config, SignalAtStep(2, stop_step, signal.SIGINT))
     saved = load_checkpoint(interrupted.value.checkpoint)
-    assert [row["epochs"] for row in saved["evaluations"]] == pytest.approx([1, 1.4])
-    assert saved["partial"]["eval_seconds"] >= 0.01 and saved["warmup_seconds"] > 0
+    assert saved["partial"]["step"] == stop_step
+    assert [row["epochs"] for row in saved["evaluations"]] == pytest.approx(before_stop)
+    assert (saved["partial"]["eval_seconds"] >= 0.01) == (len(before_stop) == 2)
+    assert saved["warmup_seconds"] > 0
     # an earlier sitting's warm-up, made long enough that only carrying it can explain it
     torch.save({**saved, "warmup_seconds": 1000.0}, interrupted.value.checkpoint)
     report = benchmark_time_to_accuracy(dataclasses.replace(
