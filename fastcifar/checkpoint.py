@@ -392,6 +392,19 @@ def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
                              + "): resume with the same options or start a new run")
 
 
+def check_resume_world_size(saved: int | None, current: int) -> None:
+    """Refuse a checkpoint made by another number of processes: --batch-size is per process,
+    so the steps per epoch, the schedule's length and each rank's shard would all change.
+    `saved` None: a checkpoint from before the count was stored (not checked)."""
+    if saved is not None and saved != current:
+        how = ("without torchrun" if saved == 1
+               else f"under torchrun --nproc_per_node {saved} (processes in all)")
+        raise FastCifarError(
+            f"checkpoint was made by {saved} training process(es), this run has {current}: "
+            f"--batch-size is per process, so the schedule would differ; resume {how}, or "
+            "start a new run")
+
+
 def find_latest_checkpoint(out_dir: Path) -> Path:
     """`--resume auto`: the newest `last.pt` of any run folder in `out_dir`."""
     candidates = sorted(Path(out_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)

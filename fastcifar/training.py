@@ -14,6 +14,7 @@ from fastcifar.atomic import write_json
 from fastcifar.checkpoint import (
     CHECKPOINT_KEYS,
     check_resume_compatible,
+    check_resume_world_size,
     load_checkpoint,
     read_weights_file,
     restore_rng_state,
@@ -240,9 +241,10 @@ class Run:
     def save_checkpoint(self, epoch: int, partial: dict | None = None) -> None:
         """`last.pt` after `epoch` completed epochs (+ `partial` progress in the next one)."""
         if self.distributed.is_main:
-            save_checkpoint(self.last_checkpoint, run_state(
+            save_checkpoint(self.last_checkpoint, {**run_state(
                 self.trainer.state_dict(), epoch, self.history, self.evaluations, self.record,
-                self.best_accuracy, self.warmup_seconds, partial=partial))
+                self.best_accuracy, self.warmup_seconds, partial=partial),
+                "world_size": self.distributed.world_size})
             if partial is None:
                 self.faults.checkpoint_saved(self.last_checkpoint, epoch)
 
@@ -304,6 +306,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     if config.resume is not None:
         resume_state = load_checkpoint(Path(config.resume), required=CHECKPOINT_KEYS)
         check_resume_compatible(resume_state.get("config", {}), config)
+        check_resume_world_size(resume_state.get("world_size"), distributed.world_size)
     loaders = loaders or build_loaders(config.loader, config.augment, config.seed, device=device)
     check_steps(config, len(loaders.train))
     run = Run(config, loaders, device, plan, distributed, callbacks, resume_state)

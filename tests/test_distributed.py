@@ -97,6 +97,7 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_that_resumes(t
     state = load_checkpoint(checkpoint)
     # 10 steps an epoch; ranks compare their stop flags every 16 steps: both stop at step 16
     assert state["epoch"] == 1 and state["partial"]["step"] == 6 and state["steps"] == 16, output
+    assert state["world_size"] == 2  # a resume with another process count is refused
     resumed = subprocess.run(_torchrun(tiny_dataset, tmp_path, "stopped", "--resume",
                                        str(checkpoint)),
                              capture_output=True, text=True, timeout=300, env=env)

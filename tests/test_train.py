@@ -202,11 +202,23 @@ def test_resume_after_sigint_mid_epoch_matches_uninterrupted_run(tiny_dataset, t
     assert resumed.lr_per_step == full.lr_per_step  # the steps before the interrupt included
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tiny_dataset, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_config_or_process_count(tiny_dataset,
+                                                                         tmp_path):
     first = train(tiny_config(tiny_dataset, tmp_path, epochs=1))
+    checkpoint = first.run_dir / "last.pt"
     with pytest.raises(FastCifarError, match="other settings.*max_lr"):
-        train(tiny_config(tiny_dataset, tmp_path, epochs=1, max_lr=0.2,
-                          resume=first.run_dir / "last.pt"))
+        train(tiny_config(tiny_dataset, tmp_path, epochs=1, max_lr=0.2, resume=checkpoint))
+    # --batch-size is per process: a checkpoint of a 2-process torchrun run does not fit one
+    state = load_checkpoint(checkpoint)
+    assert state["world_size"] == 1
+    torch.save({**state, "world_size": 2}, checkpoint)
+    with pytest.raises(FastCifarError, match="made by 2 training process.*this run has 1.*"
+                                             "torchrun --nproc_per_node 2"):
+        train(tiny_config(tiny_dataset, tmp_path, epochs=1, resume=checkpoint))
+    # a checkpoint from before the count was stored is not refused for it
+    torch.save({key: value for key, value in state.items() if key != "world_size"}, checkpoint)
+    resumed = train(tiny_config(tiny_dataset, tmp_path, epochs=1, resume=checkpoint))
+    assert resumed.run_dir == first.run_dir
 
 
 def test_resume_refuses_weights_of_another_class_count(tiny_dataset, tmp_path):
