@@ -360,7 +360,9 @@ def train_epochs(run: Run, stop: StopRequest) -> bool:
                            DIVERGENCE_CHECK_STEPS):
                 break
             run.evaluate_inside(epoch, step, clock)
-        if stop.signal_number is not None:
+        # Under torchrun the ranks agree once more: a signal that reached one rank after their
+        # last comparison must stop all of them here or none (else they would wait forever).
+        if stop_agreed(stop, run.steps, run.distributed, run.device, every=1):
             del batches  # FFCV's worker thread stops with its iterator
             raise run.interrupted(epoch, step, clock, sums, stop.signal_number)
         run.callbacks.on_epoch(run.end_epoch(epoch, clock, sums))

@@ -111,3 +111,28 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_that_resumes(t
     assert [row["test_accuracy"] for row in got] == [row["test_accuracy"] for row in expected]
     assert [row["train_loss"] for row in got] == pytest.approx(
         [row["train_loss"] for row in expected], rel=1e-6)
+
+
+def test_a_signal_another_rank_got_after_the_last_comparison_stops_this_one_too(
+        tiny_dataset, tmp_path, monkeypatch):
+    import signal
+
+    import fastcifar.training
+    from fastcifar.checkpoint import load_checkpoint
+
+    def other_rank_signalled_late(stop, steps, distributed, device, every: int) -> bool:
+        # Inside the epoch (the ranks compare every 16 steps) no rank had a signal; at the
+        # epoch's end the comparison brings another rank's SIGTERM, as stop_agreed does.
+        if every == 1:
+            stop.signal_number = signal.SIGTERM
+            return True
+        return False
+
+    monkeypatch.setattr(fastcifar.training, "stop_agreed", other_rank_signalled_late)
+    result = CliRunner().invoke(app, ["train", *TRAIN_ARGS, "--batch-size", "24",
+                                      "--data", str(tiny_dataset), "--out", str(tmp_path / "r"),
+                                      "--weights", str(tmp_path / "w")])
+    assert result.exit_code == 143, (result.output, result.exception)  # 128 + SIGTERM
+    (checkpoint,) = (tmp_path / "r").glob("*/last.pt")
+    state = load_checkpoint(checkpoint)
+    assert state["epoch"] == 0 and state["partial"]["step"] == 5  # all of epoch 1, no more
