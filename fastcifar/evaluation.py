@@ -26,8 +26,10 @@ from fastcifar.model import CustResNet
 
 
 def _flip_averaged(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
-    logits = model(images)
-    return (logits + model(torch.flip(images, dims=[3]))) / 2 if tta else logits
+    # In fp32: under bf16 autocast the averages (and the argmax after them) would round to
+    # bf16's 8 bits, where two close classes tie and the lower index wins.
+    logits = model(images).float()
+    return (logits + model(torch.flip(images, dims=[3])).float()) / 2 if tta else logits
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, tta: bool,

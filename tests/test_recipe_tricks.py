@@ -264,6 +264,24 @@ def test_multicrop_tta_weights_the_shifted_and_mirrored_views():
     torch.testing.assert_close(multicrop, 0.5 * plain + 0.25 * up_left + 0.25 * down_right)
 
 
+class _CloseCallInBf16(nn.Module):
+    """bf16 logits, as a model gives them under bf16 autocast: class 1 leads by bf16's smallest
+    step at 1 in the plain view and ties class 0 in the mirrored one."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        left = images[:, 0, 0, 0]  # 1 in the plain view, 0 mirrored
+        return torch.stack([torch.ones_like(left), 1 + left * 2 ** -7], 1).to(torch.bfloat16)
+
+
+def test_tta_averages_and_scores_bf16_logits_in_fp32():
+    images = torch.tensor([[[[1.0, 0.0]]]])
+    averaged = predict_logits(_CloseCallInBf16(), images, tta=True)
+    # (1 + 1.0078125) / 2 = 1.00390625 needs a 9th bit: in bf16 it rounds to 1, a tie with
+    # class 0 that argmax would give to class 0
+    assert averaged.dtype == torch.float32 and averaged.argmax(1).item() == 1
+    torch.testing.assert_close(averaged, torch.tensor([[1.0, 1.00390625]]))
+
+
 # ---------------------------------------------------------------- data
 
 
