@@ -91,6 +91,9 @@ class ModelTrainer:
         self.precision_label = (f"{self.plan.name} ({notes})" if notes
                                 else self.recorded_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
+        # The proxy's own: its overflows must not lower the model's loss scale (under torchrun
+        # each rank's proxy differs, so the ranks' scales, and so their weights, would part).
+        self.proxy_scaler = torch.amp.GradScaler(device.type, enabled=self.plan.use_grad_scaler)
         self._orthogonalize_for_plan()
 
     def _orthogonalize_for_plan(self) -> None:
@@ -131,7 +134,7 @@ class ModelTrainer:
         """zero_grad -> autocast forward -> backward (scaled for fp16) -> steps -> averages."""
         images, labels = self.device_step(images, labels)
         if self.selection is not None:  # the proxy's hardest images only
-            images, labels = self.selection(images, labels, self.plan, self.scaler)
+            images, labels = self.selection(images, labels, self.plan, self.proxy_scaler)
         self.optimizers.zero_grad()
         with autocast(self.device, self.plan):
             logits = self.trained_model(images)
@@ -156,6 +159,7 @@ class ModelTrainer:
             "model": self.model.state_dict(),
             **self.optimizers.state_dict(),  # optimizer, scheduler (+ muon, muon_scheduler)
             "scaler": self.scaler.state_dict(),
+            "proxy_scaler": self.proxy_scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "selection": (self.selection.state_dict() if self.selection is not None
@@ -173,6 +177,8 @@ class ModelTrainer:
                                  f"{str(error).splitlines()[-1].strip()}") from error
         self.optimizers.load_state_dict(state)
         self.scaler.load_state_dict(state["scaler"])
+        if "proxy_scaler" in state:  # older checkpoints: the proxy shared the model's
+            self.proxy_scaler.load_state_dict(state["proxy_scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.lookahead is not None:

@@ -43,13 +43,15 @@ class BatchSelection:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, plan: PrecisionPlan,
                  scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's hardest images and their labels, after one proxy step on all of it."""
+        """The batch's hardest images and their labels, after one proxy step on all of it.
+        `scaler` is the proxy's own (fp16): updated here, apart from the model's."""
         self.proxy.train()
         self.optimizers.zero_grad()
         with autocast(self.device, plan):
             losses = self.criterion(self.proxy(images), labels)
         scaler.scale(losses.mean()).backward()
         self.optimizers.step(scaler)
+        scaler.update()
         self.optimizers.schedule_step()
         scores = losses.detach().float()
         self._check_finite(scores.mean())

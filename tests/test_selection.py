@@ -110,7 +110,9 @@ def test_a_selecting_run_steps_on_half_of_each_batch_and_resumes_as_if_never_sto
     with pytest.raises(_Stop):  # a crash right after epoch 1's checkpoint
         train(_tiny(tiny_dataset, tmp_path / "b"), callbacks=_StopAfterEpoch(1))
     (checkpoint,) = (tmp_path / "b" / "runs").glob("*/last.pt")
-    assert load_checkpoint(checkpoint)["selection"]["model"]  # the proxy is saved
+    saved = load_checkpoint(checkpoint)
+    assert saved["selection"]["model"]  # the proxy is saved, and its loss scaler apart
+    assert "proxy_scaler" in saved and "scaler" in saved
     resumed = train(_tiny(tiny_dataset, tmp_path / "b", resume=checkpoint))
     assert [row.train_loss for row in resumed.history] == [row.train_loss for row in full.history]
     assert ([row.test_accuracy for row in resumed.history]
@@ -137,6 +139,21 @@ def test_a_diverged_proxy_stops_the_run_with_one_line():
     with pytest.raises(FastCifarError, match="proxy diverged"):
         for _ in range(DIVERGENCE_CHECK_CALLS):
             selection(images, labels, plan, scaler)
+
+
+def test_the_proxy_updates_its_own_loss_scale():
+    # fp16 runs: a proxy overflow lowers the scale the proxy was given (its own; the model's
+    # is another, ModelTrainer.proxy_scaler), and the proxy's step is skipped.
+    selection = BatchSelection(_selecting_config(), CPU, num_classes=10, steps_per_epoch=40)
+    with torch.no_grad():
+        selection.proxy.fc.weight.fill_(float("inf"))
+    before = copy.deepcopy(selection.proxy)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    selection(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)),
+              plan_precision(Precision.fp32, CPU), scaler)
+    assert scaler.get_scale() == 512.0
+    assert all(torch.equal(a, b) for a, b in zip(before.parameters(),
+                                                  selection.proxy.parameters(), strict=True))
 
 
 def test_warm_up_runs_the_model_at_the_kept_size_and_the_proxy_whole_then_restores_both():
