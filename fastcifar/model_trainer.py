@@ -176,9 +176,8 @@ class ModelTrainer:
             raise FastCifarError(f"{self.config.resume} does not fit this data's model: "
                                  f"{str(error).splitlines()[-1].strip()}") from error
         self.optimizers.load_state_dict(state)
-        self.scaler.load_state_dict(state["scaler"])
-        if "proxy_scaler" in state:  # older checkpoints: the proxy shared the model's
-            self.proxy_scaler.load_state_dict(state["proxy_scaler"])
+        load_scaler_state(self.scaler, state["scaler"])
+        load_scaler_state(self.proxy_scaler, state.get("proxy_scaler", {}))  # older: shared
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.lookahead is not None:
@@ -187,3 +186,11 @@ class ModelTrainer:
             self.selection.load_state_dict(state["selection"])
         self.steps = state["steps"]
         self.lr_per_step = list(state.get("lr_per_step", []))  # older checkpoints lack it
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """A saved loss scale, where there is one: a run resumed in fp16 (auto on a GPU without
+    bf16) from a checkpoint that trained unscaled (fp32, bf16) starts from a fresh scale, where
+    torch's load would refuse the empty state."""
+    if state:
+        scaler.load_state_dict(state)

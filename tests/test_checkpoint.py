@@ -230,3 +230,15 @@ def test_without_machine_paths_keeps_names_and_everything_else():
     assert without_machine_paths({"a": "/work/x/datasets", "b": ["runs", "/tmp/w.pt"], "c": 3,
                                   "d": "relative/path"}) == {
         "a": "datasets", "b": ["runs", "w.pt"], "c": 3, "d": "relative/path"}
+
+
+def test_a_run_resumed_in_fp16_from_an_unscaled_checkpoint_starts_from_a_fresh_scale():
+    from fastcifar.model_trainer import load_scaler_state
+
+    unscaled = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # fp32 or bf16: {}
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)  # fp16 here (enabled)
+    load_scaler_state(fresh, unscaled)
+    assert fresh.get_scale() == 1024.0
+    saved = torch.amp.GradScaler("cpu", init_scale=256.0)
+    load_scaler_state(fresh, saved.state_dict())  # an fp16 checkpoint's scale is taken
+    assert fresh.get_scale() == 256.0
