@@ -97,15 +97,18 @@ def _unpickler_reason(error: BaseException) -> str:
 
 
 def rng_state() -> dict:
-    """Python, numpy and torch RNG states as tensors and plain values (weights-only loadable)."""
+    """Python, numpy, torch and (where there is one) this CUDA device's RNG states, as tensors
+    and plain values (weights-only loadable)."""
     version, python_state, gauss = random.getstate()
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
     return {
         "python": {"version": version, "state": list(python_state), "gauss": gauss},
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
                   "position": int(position), "has_gauss": int(has_gauss),
                   "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
+        **cuda,
     }
 
 
@@ -117,6 +120,8 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32),
                          numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # dropout draws on the GPU
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------- weights files

@@ -40,17 +40,19 @@ def warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
     """Forward/backward and an eval pass on the real model (at the size a step trains: the
     selected part of a batch) and on the selection proxy, then restore their state.
 
-    torch.compile and cudnn autotuning happen here, off the clock; the weights and BN
-    statistics are put back, so the run is the same as without the warm-up.
+    torch.compile and cudnn autotuning happen here, off the clock; the weights, BN statistics
+    and RNG states (dropout draws) are put back, so the run is the same as without the warm-up.
     """
     if device.type != "cuda" and not config.compile:
         return
     images, labels = device_step(*sample)
     kept = kept_per_batch(config.select_fraction, len(labels))
-    _warm_up_network(model, trained_model, images[:kept], labels[:kept], device, plan,
-                     config.tta)
-    if selection is not None:
-        _warm_up_network(selection.proxy, selection.proxy, images, labels, device, plan, False)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _warm_up_network(model, trained_model, images[:kept], labels[:kept], device, plan,
+                         config.tta)
+        if selection is not None:
+            _warm_up_network(selection.proxy, selection.proxy, images, labels, device, plan,
+                             False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

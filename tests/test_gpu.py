@@ -94,10 +94,27 @@ def test_device_resident_batches_stay_on_cuda_and_match_the_cpu_path(tiny_datase
     assert np.abs(on_gpu.cpu().numpy().astype(np.int16) - kernel).max() <= 1
 
 
-def test_a_selecting_run_learns_in_fp16_with_one_scaler_for_proxy_and_model(tiny_dataset,
-                                                                               tmp_path):
-    # CPU twin (bf16, no scaler): test_selection.py's test_a_selecting_run_learns_in_bf16.
+def test_a_selecting_run_learns_in_fp16_with_a_loss_scaler_of_its_own_for_the_proxy(
+        tiny_dataset, tmp_path):
+    # CPU twins: test_selection.py's test_a_selecting_run_learns_in_bf16 (no scaler) and
+    # test_the_proxy_updates_its_own_loss_scale.
+    from fastcifar.checkpoint import load_checkpoint
+
     result = train(gpu_config(tiny_dataset, tmp_path, precision=Precision.fp16,
                               select_fraction=0.5))
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.history[-1].test_accuracy > 0.5  # 3 classes: chance is 1/3
+    saved = load_checkpoint(result.run_dir / "last.pt")
+    assert saved["scaler"] and saved["proxy_scaler"]  # two scales, both in use
+
+
+def test_checkpoint_rng_state_restores_the_cuda_generator():
+    # CPU twin: test_checkpoint.py's round trip of the Python, numpy and torch states.
+    from fastcifar.checkpoint import restore_rng_state, rng_state
+
+    torch.cuda.manual_seed(3)
+    state = rng_state()
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(9)
+    restore_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)  # dropout draws on the GPU

@@ -157,7 +157,8 @@ def test_the_proxy_updates_its_own_loss_scale():
 
 
 def test_warm_up_runs_the_model_at_the_kept_size_and_the_proxy_whole_then_restores_both():
-    config = _selecting_config(compile=True)  # compile: the warm-up runs on the CPU too
+    # compile: the warm-up runs on the CPU too; dropout: its draws must not move the RNG
+    config = _selecting_config(compile=True, dropout=0.1)
     model = build_model(config, CPU)
     selection = BatchSelection(config, CPU, 10, 5)
     sizes: dict[str, set[int]] = {"model": set(), "proxy": set()}
@@ -167,12 +168,14 @@ def test_warm_up_runs_the_model_at_the_kept_size_and_the_proxy_whole_then_restor
               for net in (model, selection.proxy)]
     step = DeviceStep([120.0] * 3, [60.0] * 3, CPU, True)
     sample = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 10)
+    rng_before = torch.get_rng_state()
     warm_up(model, model, config, CPU, plan_precision(Precision.fp32, CPU), step, sample,
             selection)
     assert sizes["model"] == {4} and sizes["proxy"] == {8}  # TTA passes keep the batch size
     for net, state in zip((model, selection.proxy), before, strict=True):
         assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
         assert net.training
+    assert torch.equal(torch.get_rng_state(), rng_before)  # a resumed run draws as one not
 
 
 def test_a_selecting_run_learns_in_bf16(tiny_dataset, tmp_path):
