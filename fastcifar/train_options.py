@@ -93,13 +93,12 @@ def optimisation_options(
                       "express-progressive) it moves the SGD groups only (BN shifts, head): "
                       "--muon-lr sets the filters', and 'auto' sweeps with Muon off.",
                       rich_help_panel=OPTIMISATION)] = None,
-    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule "
-                      "(default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
+    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
+                      rich_help_panel=OPTIMISATION)] = None,
     initial_lr_fraction: Annotated[float | None, typer.Option(
-        help="The schedule starts at max LR x this (default: the recipe's).",
-        rich_help_panel=OPTIMISATION)] = None,
+        help="The schedule starts at max LR x this.", rich_help_panel=OPTIMISATION)] = None,
     pct_start: Annotated[float | None, typer.Option(help="Fraction of the steps spent warming "
-                         "up to the peak LR (default: the recipe's).", rich_help_panel=OPTIMISATION)] = None,
+                         "up to the peak LR.", rich_help_panel=OPTIMISATION)] = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum (default: the recipe's); "
                         "refused where it would be ignored: under Adam and with a cycled "
                         "momentum (the seed recipe).", rich_help_panel=OPTIMISATION)] = None,
@@ -147,8 +146,7 @@ def regularisation_options(
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default: the "
                             "recipe's).", rich_help_panel=REGULARISATION)] = None,
     decay_norm: Annotated[bool | None, typer.Option(
-        "--decay-norm/--no-decay-norm", help="Weight decay on BatchNorm parameters too "
-        "(default: the recipe's).",
+        "--decay-norm/--no-decay-norm", help="Weight decay on BatchNorm parameters too.",
         rich_help_panel=REGULARISATION)] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default: the "
                                "recipe's).", rich_help_panel=REGULARISATION)] = None,
@@ -157,8 +155,7 @@ def regularisation_options(
     ema: Annotated[float | None, typer.Option(help="Per-step weight EMA decay, 0 = off "
                    "(default: the recipe's).", rich_help_panel=REGULARISATION)] = None,
     lookahead_every: Annotated[int | None, typer.Option(help="Lookahead weight average every "
-                               "N steps, copied back into the live weights; 0 = off (default: "
-                               "the recipe's).",
+                               "N steps, copied back into the live weights; 0 = off.",
                                rich_help_panel=REGULARISATION)] = None,
 ) -> ConfigEdit:
     """Weight decay, label smoothing, the logit scale and weight averaging."""
@@ -174,9 +171,9 @@ def network_options(
                       rich_help_panel=NETWORK)] = None,
     bn_frozen_scale: Annotated[bool | None, typer.Option(
         "--bn-frozen-scale/--no-bn-frozen-scale", help="Keep BatchNorm scales at 1 (not "
-        "trained; default: the recipe's).", rich_help_panel=NETWORK)] = None,
+        "trained).", rich_help_panel=NETWORK)] = None,
     bn_bias_lr_scale: Annotated[float | None, typer.Option(help="BatchNorm shifts train at LR x "
-                                "this and weight decay / this (default: the recipe's).",
+                                "this and weight decay / this.",
                                 rich_help_panel=NETWORK)] = None,
     whiten: Annotated[bool | None, typer.Option(
         "--whiten/--no-whiten", help="Prep conv as a fixed 3x3 PCA whitening of train patches "
@@ -213,10 +210,9 @@ def evaluation_options(
                                  "--eval-every-steps evaluations.",
                                  rich_help_panel=EVALUATION)] = 1,
     eval_from_epoch: Annotated[int | None, typer.Option(help="Test passes at epoch ends from "
-                               "this epoch on; the last epoch always gets one. Default: every "
-                               "epoch on CUDA or with --stop-at-accuracy (the benchmark's "
-                               "--stop-at-target), else the last only (on a CPU a multi-crop "
-                               "pass costs a third of an epoch).",
+                               "this epoch on; the last always gets one. Default: every epoch "
+                               "on CUDA or with --stop-at-accuracy/--stop-at-target, else the "
+                               "last only (on a CPU a multi-crop pass costs 1/3 of an epoch).",
                                rich_help_panel=EVALUATION)] = None,
 ) -> ConfigEdit:
     """Test-time augmentation and when the test passes run."""
@@ -244,10 +240,9 @@ def augmentation_options(
     hue: Annotated[float | None, typer.Option(help="Hue jitter (fraction of a turn), applied "
                    "to half the images with the other colour jitter (any recipe).",
                    rich_help_panel=AUGMENTATION)] = None,
-    p_gray: Annotated[float | None, typer.Option(help="Grayscale probability (default: the recipe's).",
+    p_gray: Annotated[float | None, typer.Option(help="Grayscale probability.",
                       rich_help_panel=AUGMENTATION)] = None,
-    pad: Annotated[int | None, typer.Option(help="Padding (pixels) before the random crop "
-                   "(default: the recipe's).",
+    pad: Annotated[int | None, typer.Option(help="Padding (pixels) before the random crop.",
                    rich_help_panel=AUGMENTATION)] = None,
     flip_alternate: Annotated[bool | None, typer.Option(
         "--flip-alternate/--no-flip-alternate", help="Flip a random half in the first epoch, "
