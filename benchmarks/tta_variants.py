@@ -37,7 +37,7 @@ VARIANTS = ("none", "flip", "flip+translate")
 
 def flip_mean(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Mean logits of the images and their mirrors."""
-    return (model(images) + model(torch.flip(images, dims=[3]))) / 2
+    return (model(images).float() + model(torch.flip(images, dims=[3])).float()) / 2
 
 
 def shifted(images: torch.Tensor, down_right: bool, reflect: bool) -> torch.Tensor:
@@ -79,8 +79,8 @@ def score_variants(checkpoint_path: Path, data_dir: Path, precision: Precision) 
     for images, labels in loader:
         images, labels = device_step(images, labels)
         with autocast(device, plan):
-            plain = model(images)
-            flip = (plain + model(torch.flip(images, dims=[3]))) / 2
+            plain = model(images).float()  # fp32 averages: bf16's would tie close classes
+            flip = (plain + model(torch.flip(images, dims=[3])).float()) / 2
             translate = (flip_mean(model, shifted(images, False, reflect))
                          + flip_mean(model, shifted(images, True, reflect))) / 2
         for name, logits in zip(VARIANTS, (plain, flip, (flip + translate) / 2), strict=True):

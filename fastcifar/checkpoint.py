@@ -96,12 +96,13 @@ def _unpickler_reason(error: BaseException) -> str:
     return _first_line(error)
 
 
-def rng_state() -> dict:
-    """Python, numpy, torch and (where there is one) this CUDA device's RNG states, as tensors
-    and plain values (weights-only loadable)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Python, numpy, torch and (for a CUDA `device`) that GPU's RNG states, as tensors and
+    plain values (weights-only loadable)."""
     version, python_state, gauss = random.getstate()
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    cuda = ({"cuda": torch.cuda.get_rng_state(device)}
+            if device is not None and device.type == "cuda" else {})
     return {
         "python": {"version": version, "state": list(python_state), "gauss": gauss},
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
@@ -112,16 +113,17 @@ def rng_state() -> dict:
     }
 
 
-def restore_rng_state(state: dict) -> None:
-    """Put back the RNG states `rng_state` returned."""
+def restore_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Put back the RNG states `rng_state` returned (a GPU's on the CUDA `device` this run
+    trains on: under torchrun each rank's own, which is rank 0's saved state)."""
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     numpy = state["numpy"]
     np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32),
                          numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():  # dropout draws on the GPU
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":  # dropout draws
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---------------------------------------------------------------- weights files
@@ -352,10 +354,11 @@ def without_machine_paths(value: object) -> object:
 
 def run_state(trainer_state: dict, epoch: int, history: list[EpochStats],
               evaluations: list[Evaluation], record: dict, best_accuracy: float,
-              warmup_seconds: float, partial: dict | None = None) -> dict:
+              warmup_seconds: float, partial: dict | None = None,
+              device: torch.device | None = None) -> dict:
     """Everything a resumed run needs, as tensors and plain values (loadable weights_only):
-    `trainer_state` (model, optimisers, averages, steps: `ModelTrainer.state_dict`) and the
-    run's records."""
+    `trainer_state` (model, optimisers, averages, steps: `ModelTrainer.state_dict`), the
+    run's records and the RNG states (with `device`'s, when it is a GPU)."""
     return {
         "partial": partial,  # progress inside an interrupted epoch
         "warmup_seconds": warmup_seconds,  # of every sitting so far
@@ -364,7 +367,7 @@ def run_state(trainer_state: dict, epoch: int, history: list[EpochStats],
         "epoch": epoch,  # completed epochs
         "history": [asdict(stats) for stats in history],
         "best_accuracy": best_accuracy,
-        "rng": rng_state(),  # tensors and plain values: loadable with weights_only
+        "rng": rng_state(device),  # tensors and plain values: loadable with weights_only
         **record,
     }
 

@@ -27,6 +27,7 @@ from fastcifar.config import (
 from fastcifar.errors import FastCifarError
 from fastcifar.progress import (
     TableCallbacks,
+    bars_are_drawn,
     print_evaluation,
     print_predictions,
     print_range_test,
@@ -85,7 +86,7 @@ def convert(
     from fastcifar.data.convert import convert as convert_dataset
 
     def progress(stage: str, done: int, total: int) -> None:
-        if total:
+        if total and bars_are_drawn():
             console.print(f"  {stage}: {done:,}/{total:,}", end="\r")
 
     config = run_command(ConvertConfig, source=source, out_dir=out, force=force,
@@ -114,7 +115,10 @@ def train(
                                 "set, as are the -best weights).",
                                 rich_help_panel=EVALUATION)] = None,
 ) -> None:
-    """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, final and best weights saved."""
+    """Train CustResNet: OneCycle LR, mixed precision, per-epoch table, final and best weights saved.
+
+    Options that show no default take the recipe's (--recipe).
+    """
     from fastcifar.checkpoint import find_latest_checkpoint
     from fastcifar.training import train as run_training
 

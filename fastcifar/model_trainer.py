@@ -177,7 +177,8 @@ class ModelTrainer:
                                  f"{str(error).splitlines()[-1].strip()}") from error
         self.optimizers.load_state_dict(state)
         load_scaler_state(self.scaler, state["scaler"])
-        load_scaler_state(self.proxy_scaler, state.get("proxy_scaler", {}))  # older: shared
+        # Older checkpoints: the proxy shared the model's scaler, so it carries on from that scale
+        load_scaler_state(self.proxy_scaler, state.get("proxy_scaler", state["scaler"]))
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.lookahead is not None:

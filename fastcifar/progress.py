@@ -25,10 +25,11 @@ if TYPE_CHECKING:  # annotations only: the commands import these modules lazily
     from fastcifar.records import EpochStats, Evaluation
 
 
-def _bars_are_drawn() -> bool:
-    """Whether progress bars are drawn: on a terminal only. Elsewhere (a log file, a pipe) a
-    transient bar cannot be erased and each one left an empty line between the table's rows."""
-    return console.is_terminal
+def bars_are_drawn() -> bool:
+    """Whether progress bars and one-line counters are drawn: on a terminal only (not a dumb
+    one). Elsewhere (a log file, a pipe) a transient bar cannot be erased: each one left an
+    empty line between the table's rows, and the counters piled up on one line."""
+    return console.is_terminal and not console.is_dumb_terminal
 
 
 class TableCallbacks:
@@ -38,7 +39,7 @@ class TableCallbacks:
         self.quiet = quiet
         self.progress = Progress("epoch {task.fields[epoch]}", BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), console=console, transient=True,
-                                 disable=quiet or not _bars_are_drawn())
+                                 disable=quiet or not bars_are_drawn())
         self.task = None
 
     def on_train_start(self, config: TrainConfig, steps_per_epoch: int, device: object,
@@ -97,7 +98,7 @@ class TableCallbacks:
 def step_bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
     """A transient bar (on a terminal); yields the `(done, total)` callback that moves it."""
     with Progress(label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=not _bars_are_drawn()) as bar:
+                  console=console, transient=True, disable=not bars_are_drawn()) as bar:
         task = bar.add_task("", total=total)
         yield lambda done, _total: bar.update(task, completed=done)
 
@@ -161,7 +162,9 @@ def print_time_to_accuracy(report: dict, json_path: Path) -> None:
 
 
 def show_pass(stage: str, done: int, total: int) -> None:
-    """The loader benchmark's progress, on one line."""
+    """The loader benchmark's progress, on one line (on a terminal)."""
+    if not bars_are_drawn():
+        return
     console.print(f"  {stage}: pass {done}/{total} (the first warms up)   ", end="\r")
 
 

@@ -114,7 +114,7 @@ class Run:
                             if "evaluations" in state  # older checkpoints lack them
                             else epoch_end_evaluations(self.history))
         self.partial = state.get("partial")
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], self.device)
 
     # ------------------------------------------------------------ steps
 
@@ -243,7 +243,7 @@ class Run:
         if self.distributed.is_main:
             save_checkpoint(self.last_checkpoint, {**run_state(
                 self.trainer.state_dict(), epoch, self.history, self.evaluations, self.record,
-                self.best_accuracy, self.warmup_seconds, partial=partial),
+                self.best_accuracy, self.warmup_seconds, partial=partial, device=self.device),
                 "world_size": self.distributed.world_size})
             if partial is None:
                 self.faults.checkpoint_saved(self.last_checkpoint, epoch)

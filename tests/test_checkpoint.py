@@ -146,7 +146,7 @@ def test_checkpoint_round_trips_with_weights_only_and_restores_rng_states(tmp_pa
     torch.manual_seed(9)
     restore_rng_state(loaded["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
-    assert ("cuda" in loaded["rng"]) == torch.cuda.is_available()  # test_gpu.py restores it
+    assert "cuda" not in loaded["rng"]  # a CPU run's; test_gpu.py saves and restores a GPU's
     assert loaded["history"] == state["history"]
     assert torch.equal(loaded["model"]["fc.weight"], state["model"]["fc.weight"])
 

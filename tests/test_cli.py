@@ -18,6 +18,7 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
     result = runner.invoke(app, ["convert", "--source", str(tiny_imagefolder), "--out", str(data)])
     assert result.exit_code == 0, result.output
     assert "written" in result.output
+    assert "write train: " not in result.output  # its one-line counter: a terminal's, not a log's
     again = runner.invoke(app, ["convert", "--source", str(tiny_imagefolder), "--out", str(data)])
     assert "up to date" in again.output
     result = runner.invoke(app, [

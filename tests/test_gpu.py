@@ -112,9 +112,10 @@ def test_checkpoint_rng_state_restores_the_cuda_generator():
     # CPU twin: test_checkpoint.py's round trip of the Python, numpy and torch states.
     from fastcifar.checkpoint import restore_rng_state, rng_state
 
-    torch.cuda.manual_seed(3)
-    state = rng_state()
-    expected = torch.rand(4, device="cuda")
-    torch.cuda.manual_seed(9)
-    restore_rng_state(state)
-    assert torch.equal(torch.rand(4, device="cuda"), expected)  # dropout draws on the GPU
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # under torchrun: a rank's
+    torch.cuda.manual_seed_all(3)
+    state = rng_state(device)
+    expected = torch.rand(4, device=device)
+    torch.cuda.manual_seed_all(9)
+    restore_rng_state(state, device)
+    assert torch.equal(torch.rand(4, device=device), expected)  # dropout draws on the GPU

@@ -156,6 +156,37 @@ def test_the_proxy_updates_its_own_loss_scale():
                                                   selection.proxy.parameters(), strict=True))
 
 
+def test_the_trainer_gives_the_proxy_a_scaler_apart_from_the_models(tiny_dataset, tmp_path,
+                                                                     monkeypatch):
+    from fastcifar.data.loaders import build_loaders
+    from fastcifar.distributed import Distributed
+    from fastcifar.model_trainer import ModelTrainer
+
+    given = []
+    real_call = BatchSelection.__call__
+
+    def recording_call(selection, images, labels, plan, scaler):
+        given.append(scaler)
+        return real_call(selection, images, labels, plan, scaler)
+
+    monkeypatch.setattr(BatchSelection, "__call__", recording_call)
+    config = _tiny(tiny_dataset, tmp_path)
+    loaders = build_loaders(config.loader, config.augment, config.seed, device=CPU)
+    trainer = ModelTrainer(config, loaders, CPU, plan_precision(config.precision, CPU),
+                           Distributed(), None)
+
+    class Ignored:  # the step's sums and TensorBoard log
+        enabled = False
+
+        def add(self, *values) -> None: ...
+
+        def step(self, *values) -> None: ...
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    trainer.step(images, torch.arange(16) % 3, Ignored(), Ignored())
+    assert given == [trainer.proxy_scaler] and trainer.proxy_scaler is not trainer.scaler
+
+
 def test_warm_up_runs_the_model_at_the_kept_size_and_the_proxy_whole_then_restores_both():
     # compile: the warm-up runs on the CPU too; dropout: its draws must not move the RNG
     config = _selecting_config(compile=True, dropout=0.1)
