@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The long-budget round in one device call (after check.sh, or on its own): the CUDA tests, then
-# recipe_sweep.py's long plan (LONG_ROUND: the default recipe, + normalized filters at Muon's
-# LR, at a third and at half of it, + pad 4, + cutout 8/12, both, + lookahead, both +
-# lookahead, 32 px throughout, normalized filters at LR 0.12 with pad 4 + cutout 12, a per-step
-# EMA, proxy data selection at twice the epochs) at 24 epochs on 5,000
+# recipe_sweep.py's long plan (LONG_ROUND: the default recipe at 24 epochs, its budget row
+# taken off in parts (normalized filters off, Muon LR back to 0.24, both), + pad 4, + cutout
+# 8/12, both, + lookahead, both + lookahead, 32 px throughout, a per-step EMA, proxy data
+# selection at twice the epochs) at 24 epochs on 5,000
 # held-out train images (2 seeds), then its choice on the test set at 24 epochs, one seed per
 # call (3 seeds; the selection cell, or LONG_OPTIONS="--batch-size 1024 --select-fraction 0.5
 # --epochs 48", runs 48 epochs: a 24-epoch run's model steps, plus the proxy and twice the
@@ -17,8 +17,8 @@
 # with the whole budget) or `testset` (no CUDA tests, no sweep: the default recipe plus
 # LONG_OPTIONS, e.g. LONG_OPTIONS="--pad 4 --cutout 12"). LONG_CELLS picks the sweep's cells,
 # ';' between names (they run in the plan's order): LONG_CELLS="+ lookahead;32 px throughout".
-# The test-set seeds run side by side where the time left allows (LONG_PARALLEL=0: one after
-# the other).
+# The test-set seeds run one after the other (LONG_PARALLEL=1: side by side where the time
+# left allows; two of three such runs died with a CUDA error on 2026-11-29).
 # The weights come back unscored: scoring 10,000 images in three TTA modes in fp32 on the CPU
 # did not finish in the 69 s it had there. Score them here, the file as both paths:
 #   python benchmarks/ship_weights.py FILE FILE --data datasets
@@ -53,7 +53,8 @@ if [ -n "${LONG_CELLS:-}" ]; then
 fi
 mkdir -p "$results"
 tta() { timeout $(( $(left) - ${reserve:-5} )) $python -m fastcifar benchmark time-to-accuracy \
-  "$@" --data $data "${small[@]}" --out /tmp/tta-runs 2>&1 | grep -v "^\s*$" | tail -4; }
+  "$@" --data $data "${small[@]}" --out /tmp/tta-runs 2>&1 | grep -v "^\s*$" \
+  | tail -"${keep_lines:-4}"; }
 rm -f "$results"/long-*  # a file of an earlier call is never read as this call's
 
 phase "gpu tests"
@@ -105,7 +106,7 @@ long_seed() {  # long_seed SEED [OPTION...]: one test-set run of the choice
     --eval-from-epoch $run_epochs --target 0.925 --target 0.93 \
     --json "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.json" "${chosen[@]}" "$@"
 }
-# LONG_PARALLEL=1 (the default) starts the seeds side by side: a run at batch 512 leaves the
+# LONG_PARALLEL=1 (off by default) starts the seeds side by side: a run at batch 512 leaves the
 # GPU idle between its small kernels (~21,000 images/s trained: 24 x 45,000 images in 52 s,
 # gpu/2026-11-28/long-24ep.md, H200; ~96,000 for the bare step, gpu/2026-11-26/
 # throughput-decomposition.json, H100), so the others may fill the gaps (not measured yet: the
@@ -113,15 +114,19 @@ long_seed() {  # long_seed SEED [OPTION...]: one test-set run of the choice
 # start together only when the time left would hold them one after the other with half again
 # to spare, each with its share of the CPU's loader threads; all share one deadline, so a
 # group slower than that loses every seed. Their seconds are not speed figures, and
-# long-seeds-side-by-side.txt says so beside their records.
-if [ "${LONG_PARALLEL:-1}" = 1 ] && [ "$runs" -gt 1 ] \
+# long-seeds-side-by-side.txt says so beside their records. Off by default: on an H200
+# (2026-11-29, gpu/2026-11-29/side-by-side/) two of three such runs died with a CUDA error, at
+# epochs 15 and 5 (each ran ~27,000-30,000 images/s until then, against medians of ~35,000 a
+# run alone on 2026-11-28); their logs kept only the last lines, so each keeps its whole
+# output now.
+if [ "${LONG_PARALLEL:-0}" = 1 ] && [ "$runs" -gt 1 ] \
     && [ "$(left)" -ge $(( runs * (3 * run_epochs + 5) * 3 / 2 + 95 + 20 )) ]; then
   phase "time to accuracy: $recipe ${chosen[*]}, $run_epochs epochs, $runs seeds side by side"
   group_start=$(elapsed)
   workers=$(( $(nproc) / runs )); [ $workers -lt 1 ] && workers=1
   trap 'kill $(jobs -p) 2>/dev/null' EXIT  # a killed call leaves no run behind
   for seed in $(seq 0 $(( runs - 1 ))); do
-    long_seed $seed --workers $workers \
+    keep_lines=100000 long_seed $seed --workers $workers \
       > "$results/long-time-to-accuracy-${epochs_long}ep-seed$seed.log" 2>&1 &
   done
   wait
