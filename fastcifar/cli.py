@@ -22,6 +22,7 @@ from fastcifar.config import (
     OptimizerName,
     Precision,
     TrainConfig,
+    optimizer_rule,
     recipe,
 )
 from fastcifar.errors import FastCifarError
@@ -51,7 +52,7 @@ from fastcifar.shared_options import (
     WorkersOption,
 )
 from fastcifar.terminal import console, fail, run_command, show_tracebacks
-from fastcifar.train_options import optimizer_rule, with_train_options
+from fastcifar.train_options import with_train_options
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False,

@@ -20,6 +20,7 @@ from fastcifar.config import (
     OptimizerName,
     Precision,
     TrainConfig,
+    optimizer_rule,
     recipe,
 )
 from fastcifar.errors import FastCifarError
@@ -45,13 +46,6 @@ from fastcifar.terminal import console, fail, run_command
 
 # What each train option group gives: an edit of the recipe's config.
 ConfigEdit = Callable[[TrainConfig], TrainConfig]
-
-def optimizer_rule(optimizer: OptimizerName | None, muon_lr: float | None) -> dict:
-    """The one rule for --optimizer on a Muon recipe, in train and lr-find alike: Muon pairs
-    with SGD only, so Adam turns it off, unless --muon-lr asks for it (refused by the config)."""
-    if optimizer not in (None, OptimizerName.sgd) and muon_lr is None:
-        return {"muon_lr": 0.0}
-    return {}
 
 
 def _torchrun_environment() -> tuple[bool, int]:
@@ -126,7 +120,7 @@ def optimisation_options(
                      muon_normalize_filters=muon_normalize_filters, min_lr=min_lr,
                      initial_lr_fraction=initial_lr_fraction, train_size_start=train_size_start,
                      train_size_ramp=train_size_ramp, select_fraction=select_fraction)
-    changes.update(optimizer_rule(optimizer, muon_lr))
+    changes.update(optimizer_rule(optimizer, muon_lr, muon_normalize_filters))
 
     def edit(config: TrainConfig) -> TrainConfig:
         if momentum is not None and (config.cycle_momentum or changes.get(

@@ -155,6 +155,13 @@ def test_adam_on_a_muon_recipe_trains_without_muon_as_lr_find_sweeps_it(monkeypa
     assert adam.optimizer == OptimizerName.adam and adam.muon_lr == 0
     both = runner.invoke(app, ["train", "--optimizer", "adam", "--muon-lr", "0.2"])
     assert both.exit_code == 1 and "Muon pairs with SGD" in both.output
+    # At 24 epochs the recipe also normalizes Muon's filters: without Muon that goes too,
+    # unless asked for (then refused, as it has nothing to act on)
+    assert RECIPES[DEFAULT_RECIPE].epochs == 24 and not adam.muon_normalize_filters
+    assert not built_train_config(monkeypatch, "--muon-lr", "0").muon_normalize_filters
+    assert built_train_config(monkeypatch, "--epochs", "24").muon_normalize_filters
+    asked = runner.invoke(app, ["train", "--muon-lr", "0", "--muon-normalize-filters"])
+    assert asked.exit_code == 1 and "it needs --muon-lr" in asked.output
 
 
 def test_train_help_says_what_options_do_where_it_is_not_obvious():
