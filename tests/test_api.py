@@ -39,6 +39,9 @@ def test_train_config_is_the_recipe_at_the_budget_with_the_settings_given(tiny_d
     assert config.augment.pad == 3 and config.loader.data_dir == tiny_dataset
     with pytest.raises(FastCifarError, match="unknown train setting"):
         fastcifar.train_config(learning_rate=0.1)
+    # From 24 epochs the recipe normalizes Muon's filters; without Muon that goes too
+    assert fastcifar.train_config(epochs=24).muon_normalize_filters
+    assert not fastcifar.train_config(epochs=24, muon_lr=0).muon_normalize_filters
 
 
 def test_predict_takes_paths_pillow_images_and_arrays_alike(trained, tiny_dataset, tmp_path):
