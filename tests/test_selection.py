@@ -141,9 +141,11 @@ def test_a_diverged_proxy_stops_the_run_with_one_line():
             selection(images, labels, plan, scaler)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_the_proxy_updates_its_own_loss_scale():
     # fp16 runs: a proxy overflow lowers the scale the proxy was given (its own; the model's
-    # is another, ModelTrainer.proxy_scaler), and the proxy's step is skipped.
+    # is another, ModelTrainer.proxy_scaler), and the proxy's step is skipped (its schedule
+    # steps anyway, which torch warns of).
     selection = BatchSelection(_selecting_config(), CPU, num_classes=10, steps_per_epoch=40)
     with torch.no_grad():
         selection.proxy.fc.weight.fill_(float("inf"))
