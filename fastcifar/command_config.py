@@ -147,8 +147,12 @@ class TimeToAccuracyConfig:
         require(self.runs >= 1, f"runs must be >= 1, got {self.runs}")
         require(all(b > 0 for b in self.budgets), "budgets must be positive epoch counts")
         # Budget rows are applied when the config is built for one --epochs: a --budget run
-        # would train every budget with the settings of that one.
-        require(not (self.budgets and BUDGET_SETTINGS.get(self.train.recipe)),
+        # would train every budget with the settings of that one, so its budgets must reach
+        # the rows that --epochs reaches (below 24 epochs the default recipe has none).
+        rows = BUDGET_SETTINGS.get(self.train.recipe, ())
+        reached = {sum(budget >= start for start, _ in rows)
+                   for budget in (*self.budgets, self.train.epochs)}
+        require(not self.budgets or len(reached) == 1,
                  f"{self.train.recipe}'s settings follow its epoch budget: run one "
                  "--epochs per budget instead of --budget")
 

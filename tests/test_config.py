@@ -91,3 +91,4 @@ def test_budget_rows_follow_the_epochs_and_give_way_to_explicit_settings(monkeyp
     with pytest.raises(FastCifarError, match="run one --epochs per budget"):
         TimeToAccuracyConfig(train=long, budgets=(6, 24))
     TimeToAccuracyConfig(train=recipe("fast"), budgets=(6, 24))  # no rows: budgets allowed
+    TimeToAccuracyConfig(train=short, budgets=(4, 6))  # the same rows (none): allowed

@@ -115,10 +115,10 @@ long_seed() {  # long_seed SEED [OPTION...]: one test-set run of the choice
 # to spare, each with its share of the CPU's loader threads; all share one deadline, so a
 # group slower than that loses every seed. Their seconds are not speed figures, and
 # long-seeds-side-by-side.txt says so beside their records. Off by default: on an H200
-# (2026-11-29, gpu/2026-11-29/side-by-side/) two of three such runs died with a CUDA error, at
-# epochs 15 and 5 (each ran ~27,000-30,000 images/s until then, against medians of ~35,000 a
-# run alone on 2026-11-28); their logs kept only the last lines, so each keeps its whole
-# output now.
+# (2026-11-29, gpu/2026-11-29/side-by-side/) two of three such runs died with a CUDA error,
+# after 15 and 5 epochs (per-run medians of ~29,000-31,000 images/s until then, against
+# ~35,000 for a run alone on 2026-11-28); their logs kept only the last lines, so each keeps
+# its whole output now.
 if [ "${LONG_PARALLEL:-0}" = 1 ] && [ "$runs" -gt 1 ] \
     && [ "$(left)" -ge $(( runs * (3 * run_epochs + 5) * 3 / 2 + 95 + 20 )) ]; then
   phase "time to accuracy: $recipe ${chosen[*]}, $run_epochs epochs, $runs seeds side by side"
