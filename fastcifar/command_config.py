@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcifar.config import (
-    BUDGET_SETTINGS,
     DEFAULT_RECIPE,
     SEED,
     AugmentConfig,
@@ -16,6 +15,7 @@ from fastcifar.config import (
     LoaderConfig,
     Precision,
     TrainConfig,
+    budget_rows,
     recipe,
 )
 from fastcifar.errors import FastCifarError, require
@@ -149,8 +149,7 @@ class TimeToAccuracyConfig:
         # Budget rows are applied when the config is built for one --epochs: a --budget run
         # would train every budget with the settings of that one, so its budgets must reach
         # the rows that --epochs reaches (below 24 epochs the default recipe has none).
-        rows = BUDGET_SETTINGS.get(self.train.recipe, ())
-        reached = {sum(budget >= start for start, _ in rows)
+        reached = {len(budget_rows(self.train.recipe, budget))
                    for budget in (*self.budgets, self.train.epochs)}
         require(not self.budgets or len(reached) == 1,
                  f"{self.train.recipe}'s settings follow its epoch budget: run one "

@@ -396,12 +396,18 @@ def recipe(name: str, **overrides: object) -> TrainConfig:
                                **overrides)
 
 
+def budget_rows(name: str, epochs: int) -> tuple[dict[str, object], ...]:
+    """The changes of the BUDGET_SETTINGS rows of recipe `name` that an `epochs`-epoch run
+    reaches, in order."""
+    return tuple(changes for from_epochs, changes in BUDGET_SETTINGS.get(name, ())
+                 if epochs >= from_epochs)
+
+
 def at_budget(name: str, epochs: int) -> TrainConfig:
     """Recipe `name` with the BUDGET_SETTINGS rows that an `epochs`-epoch run reaches."""
     config = RECIPES[name]
-    for from_epochs, changes in BUDGET_SETTINGS.get(name, ()):
-        if epochs >= from_epochs:
-            config = replace_nested(config, **changes)
+    for changes in budget_rows(name, epochs):
+        config = replace_nested(config, **changes)
     return config
 
 
