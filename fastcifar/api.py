@@ -43,9 +43,10 @@ def train_config(epochs: int | None = None, recipe_name: str = DEFAULT_RECIPE,
                  holdout: int = 0, workers: int = 0, **settings: object) -> TrainConfig:
     """The recipe at `epochs` (its budget settings included) with `settings` replacing its
     fields (TrainConfig's names; `augment__pad=4` for a nested one). As in `fastcifar train`,
-    `muon_lr=0` also drops the recipe's filter normalization unless it is given."""
+    `optimizer="adam"` turns Muon off unless `muon_lr` is given, and a run without Muon drops
+    the recipe's filter normalization unless it is given."""
     base = recipe(recipe_name, **({} if epochs is None else {"epochs": epochs}))
-    settings = {**optimizer_rule(None, settings.get("muon_lr"),
+    settings = {**optimizer_rule(settings.get("optimizer"), settings.get("muon_lr"),
                                  settings.get("muon_normalize_filters")), **settings}
     loader = LoaderConfig(data_dir=Path(data), train_subset=train_subset,
                           test_subset=test_subset, holdout=holdout, workers=workers,

@@ -42,6 +42,12 @@ def test_train_config_is_the_recipe_at_the_budget_with_the_settings_given(tiny_d
     # From 24 epochs the recipe normalizes Muon's filters; without Muon that goes too
     assert fastcifar.train_config(epochs=24).muon_normalize_filters
     assert not fastcifar.train_config(epochs=24, muon_lr=0).muon_normalize_filters
+    # Adam on a Muon recipe turns Muon off, as `train --optimizer adam` does
+    adam = fastcifar.train_config(epochs=24, optimizer="adam")
+    assert adam.optimizer == "adam" and adam.muon_lr == 0 and not adam.muon_normalize_filters
+    assert fastcifar.train_config(epochs=6, optimizer="sgd").muon_lr > 0
+    with pytest.raises(FastCifarError, match="Muon pairs with SGD"):
+        fastcifar.train_config(optimizer="adam", muon_lr=0.1)
 
 
 def test_predict_takes_paths_pillow_images_and_arrays_alike(trained, tiny_dataset, tmp_path):

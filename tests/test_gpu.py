@@ -105,14 +105,18 @@ def test_a_selecting_run_learns_in_fp16_with_a_loss_scaler_of_its_own_for_the_pr
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.history[-1].test_accuracy > 0.5  # 3 classes: chance is 1/3
     saved = load_checkpoint(result.run_dir / "last.pt")
-    assert saved["scaler"] and saved["proxy_scaler"]  # two scales, both in use
+    # Both scales were saved; that the proxy steps its own is the CPU test
+    # test_the_trainer_gives_the_proxy_a_scaler_apart_from_the_models.
+    assert saved["scaler"] and saved["proxy_scaler"]
 
 
 def test_checkpoint_rng_state_restores_the_cuda_generator():
     # CPU twin: test_checkpoint.py's round trip of the Python, numpy and torch states.
     from fastcifar.checkpoint import restore_rng_state, rng_state
 
-    device = torch.device("cuda", torch.cuda.device_count() - 1)  # under torchrun: a rank's
+    # The last GPU, as a rank's under torchrun. On a one-GPU machine it is the default one,
+    # so there this cannot tell the run's device from cuda:0.
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
     torch.cuda.manual_seed_all(3)
     state = rng_state(device)
     expected = torch.rand(4, device=device)
