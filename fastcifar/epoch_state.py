@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastcifar.distributed import Distributed, all_reduce_sum
+from fastcifar.distributed import Distributed, all_reduce_max, all_reduce_sum
 from fastcifar.errors import FastCifarError
 
 if TYPE_CHECKING:
@@ -111,8 +111,12 @@ class TrainSums:
         self.correct += (logits.detach().argmax(1) == labels).sum()
         self.seen += len(labels)
 
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.loss_sum).item())  # a host sync: call it sparingly
+    def finite(self, distributed: Distributed) -> bool:
+        """Whether every rank's loss so far is finite: one host sync (and under torchrun one
+        all-reduce), so call it every few steps. All ranks get the same answer and stop at the
+        same step; a rank that stopped alone left the others waiting at the next collective."""
+        bad_here = int(not torch.isfinite(self.loss_sum).item())
+        return not all_reduce_max(bad_here, distributed, self.loss_sum.device)
 
     def totals(self, distributed: Distributed) -> tuple[float, float, float]:
         """(loss sum, correct, seen) over all ranks: one sync."""

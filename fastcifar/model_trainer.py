@@ -56,7 +56,8 @@ class ModelTrainer:
         self.model = build_model(config, device, whitening_images,
                                  num_classes=len(loaders.metadata.class_names))
         self.optimizers = Optimizers(self.model, config, self.steps_per_epoch)
-        self.selection = batch_selection(config, self.model, self.steps_per_epoch, whitening_images)
+        self.selection = batch_selection(config, self.model, self.steps_per_epoch,
+                                         whitening_images, self.distributed)
         self.ema = (torch.optim.swa_utils.AveragedModel(
             self.model, use_buffers=True,
             multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))

@@ -9,6 +9,7 @@ from torch import nn
 
 from fastcifar.config import TrainConfig, kept_per_batch
 from fastcifar.device import PrecisionPlan, autocast
+from fastcifar.distributed import Distributed, all_reduce_max
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet, build_model
 from fastcifar.optim import Optimizers
@@ -34,8 +35,10 @@ class BatchSelection:
     """
 
     def __init__(self, config: TrainConfig, device: torch.device, num_classes: int,
-                 steps_per_epoch: int, whitening_images: torch.Tensor | None = None) -> None:
+                 steps_per_epoch: int, whitening_images: torch.Tensor | None = None,
+                 distributed: Distributed | None = None) -> None:
         self.fraction, self.device = config.select_fraction, device
+        self.distributed = distributed or Distributed()
         self.proxy = build_model(config, device, whitening_images, num_classes, PROXY_WIDTH)
         self.optimizers = Optimizers(self.proxy, config, steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(reduction="none")
@@ -59,10 +62,15 @@ class BatchSelection:
         return images[chosen], labels[chosen]
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        """Refuse to go on once the proxy's loss is non-finite (checked every 16 calls)."""
+        """Refuse to go on once the proxy's loss is non-finite (checked every 16 calls). Each
+        rank's proxy is its own, so under torchrun the ranks compare (one all-reduce) and all
+        stop at the same call, none left waiting for a rank that stopped alone."""
         self.loss_sum += loss
         self.calls += 1
-        if self.calls % DIVERGENCE_CHECK_CALLS == 0 and not torch.isfinite(self.loss_sum):
+        if self.calls % DIVERGENCE_CHECK_CALLS:
+            return
+        bad_here = int(not torch.isfinite(self.loss_sum).item())
+        if all_reduce_max(bad_here, self.distributed, self.device):
             raise FastCifarError("the data-selection proxy diverged (non-finite loss): lower "
                                  "--max-lr / --muon-lr, or train without --select-fraction")
 
@@ -75,10 +83,11 @@ class BatchSelection:
 
 
 def batch_selection(config: TrainConfig, model: CustResNet, steps_per_epoch: int,
-                    whitening_images: torch.Tensor | None) -> BatchSelection | None:
+                    whitening_images: torch.Tensor | None,
+                    distributed: Distributed) -> BatchSelection | None:
     """The selection for `model`'s run (a proxy on its device, for its classes, whitened on
     the images that whitened it), or None when the run trains on every image."""
     if config.select_fraction >= 1:
         return None
     return BatchSelection(config, next(model.parameters()).device, model.fc.out_features,
-                          steps_per_epoch, whitening_images)
+                          steps_per_epoch, whitening_images, distributed)

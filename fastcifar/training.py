@@ -354,7 +354,7 @@ def train_epochs(run: Run, stop: StopRequest) -> bool:
             run.callbacks.on_step(epoch + 1, step, steps_per_epoch)
             # One host sync every DIVERGENCE_CHECK_STEPS steps (not per step): a run whose
             # loss went non-finite stops within that many steps, its last checkpoint intact.
-            if run.steps % DIVERGENCE_CHECK_STEPS == 0 and not sums.finite():
+            if run.steps % DIVERGENCE_CHECK_STEPS == 0 and not sums.finite(run.distributed):
                 raise run.diverged(epoch)
             if stop_agreed(stop, run.steps, run.distributed, run.device,
                            DIVERGENCE_CHECK_STEPS):

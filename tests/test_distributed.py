@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -136,3 +137,49 @@ def test_a_signal_another_rank_got_after_the_last_comparison_stops_this_one_too(
     (checkpoint,) = (tmp_path / "r").glob("*/last.pt")
     state = load_checkpoint(checkpoint)
     assert state["epoch"] == 0 and state["partial"]["step"] == 5  # all of epoch 1, no more
+
+
+def _rank_checks_a_loss_only_rank_1_saw_go_non_finite(rank: int, port: int, out_dir: str
+                                                       ) -> None:
+    """One of two gloo ranks (spawned): only rank 1's train and proxy losses are NaN; writes
+    what this rank's checks answered."""
+    import torch
+    import torch.distributed as dist
+
+    from fastcifar.config import recipe
+    from fastcifar.distributed import Distributed
+    from fastcifar.epoch_state import TrainSums
+    from fastcifar.errors import FastCifarError
+    from fastcifar.selection import DIVERGENCE_CHECK_CALLS, BatchSelection
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        distributed, cpu = Distributed(rank=rank, world_size=2), torch.device("cpu")
+        loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+        sums = TrainSums(cpu)
+        sums.add(loss, torch.eye(2), torch.tensor([0, 1]))
+        answers = {"train_finite": sums.finite(distributed)}
+        selection = BatchSelection(recipe("express-progressive", epochs=4, select_fraction=0.5,
+                                          whiten=False), cpu, 10, 5, distributed=distributed)
+        selection.calls = DIVERGENCE_CHECK_CALLS - 1  # the next call checks
+        try:
+            selection._check_finite(loss)
+            answers["proxy_stopped"] = False
+        except FastCifarError:
+            answers["proxy_stopped"] = True
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loss_that_went_non_finite_on_one_rank_stops_every_rank_at_the_same_check(
+        tmp_path):
+    # A rank that stopped alone left the others waiting at their next collective until
+    # torchrun tore the job down; each check is now one all-reduce, so all ranks answer alike.
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(_rank_checks_a_loss_only_rank_1_saw_go_non_finite,
+                                args=(_free_port(), str(tmp_path)), nprocs=2)
+    answers = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert answers == [{"train_finite": False, "proxy_stopped": True}] * 2
