@@ -191,7 +191,7 @@ def test_convert_reports_unwritable_output_even_as_root(tiny_imagefolder, tmp_pa
         convert(ConvertConfig(source=tiny_imagefolder, out_dir=out_file))
     taken = tmp_path / "beton-is-a-folder"
     (taken / TRAIN_BETON).mkdir(parents=True)
-    with pytest.raises(FastCifarError, match=f"could not write .*{TRAIN_BETON}"):
+    with pytest.raises(FastCifarError, match=f"{TRAIN_BETON} is not a file: move it away"):
         convert(ConvertConfig(source=tiny_imagefolder, out_dir=taken))
     assert not (taken / METADATA).exists() and not list(taken.glob(".*.tmp"))
 
@@ -212,3 +212,27 @@ def test_convert_real_jpeg_copy_has_all_records(real_dataset):
     assert set(metadata["counts_per_class"]["train"].values()) == {5000}
     assert set(metadata["counts_per_class"]["test"].values()) == {1000}
     assert metadata["class_names"][:3] == ["airplane", "automobile", "bird"]
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([10] + [0] * 19, r"\(data_batch_1\.\.data_batch_5\): labels 0\.\.10, but 10 class names allow 0\.\.9"),
+    ([-1] + [0] * 19, r"labels -1\.\.9,"),
+    ([0] * 21, "100 images and 101 labels"),
+    ([0.5] * 20, "float64 labels, not class indices"),
+])
+def test_bad_labels_are_refused_before_an_earlier_conversion_is_touched(tmp_path, labels,
+                                                                       message):
+    # FFCV's writer processes died on such labels and left convert waiting forever, after
+    # the earlier conversion's metadata was gone.
+    import pickle
+
+    write_official_archive(tmp_path / "src" / "cifar-small.tar.gz")
+    folder = tmp_path / "src" / "cifar-10-batches-py"
+    out = tmp_path / "data"
+    convert(ConvertConfig(source=folder, out_dir=out))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    batch = pickle.loads((folder / "data_batch_3").read_bytes())
+    (folder / "data_batch_3").write_bytes(pickle.dumps({**batch, b"labels": labels}))
+    with pytest.raises(FastCifarError, match=message):
+        convert(ConvertConfig(source=folder, out_dir=out, force=True))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

@@ -123,6 +123,41 @@ def test_metadata_that_does_not_match_its_betons_is_rejected(tiny_dataset, tmp_p
         read_metadata(copy)
 
 
+@pytest.mark.parametrize("change, problem", [
+    ({"betons": {"train": {"file": "cifar10_train.beton", "bytes": 1}}}, "betons.test is not"),
+    ({"betons": []}, "betons.train is not a file name"),
+    ({"counts": {"train": 120}}, "counts.test is not a count"),
+    ({"mean": "grey"}, "mean is not 3 pixel values"),
+    ({"mean": [1.0, 2.0]}, "mean is not 3 pixel values"),
+    ({"class_names": ["a", "a", "b"]}, "class_names is not a list of distinct names"),
+    ({"format_version": True}, "format_version is not a whole number"),
+    ({"std": None}, "std is not 3 pixel values"),
+])
+def test_metadata_of_the_wrong_shape_is_refused_in_one_line(tiny_dataset, tmp_path, change,
+                                                            problem):
+    # A valid JSON file of another shape gave a KeyError or TypeError traceback in every
+    # command that reads --data.
+    copy = shutil.copytree(tiny_dataset, tmp_path / "data")
+    metadata = json.loads((copy / METADATA).read_text())
+    (copy / METADATA).write_text(json.dumps({**metadata, **change}))
+    with pytest.raises(FastCifarError, match=f"corrupt metadata file .*{problem}") as refused:
+        read_metadata(copy)
+    assert "\n" not in str(refused.value)
+
+
+def test_convert_redoes_metadata_of_the_wrong_shape(tiny_dataset, tiny_imagefolder, tmp_path):
+    # Its is-it-up-to-date check gave an AttributeError traceback on these.
+    from fastcifar.config import ConvertConfig
+    from fastcifar.data.convert import convert
+
+    copy = shutil.copytree(tiny_dataset, tmp_path / "data")
+    metadata = json.loads((copy / METADATA).read_text())
+    for damaged in ({**metadata, "betons": []}, {**metadata, "source": None}, None):
+        (copy / METADATA).write_text(json.dumps(damaged))
+        assert not convert(ConvertConfig(source=tiny_imagefolder, out_dir=copy)).skipped
+        assert read_metadata(copy).train_count == 120
+
+
 def test_subset_and_batch_size_larger_than_data_are_rejected(tiny_dataset):
     with pytest.raises(FastCifarError, match="larger than the 120 train"):
         build_loaders(LoaderConfig(data_dir=tiny_dataset, train_subset=500), NO_AUGMENT, 0)

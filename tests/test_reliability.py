@@ -64,25 +64,41 @@ def test_two_concurrent_converts_leave_one_valid_result(tiny_imagefolder, tmp_pa
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_failed_write_leaves_no_metadata_and_no_partial_beton(tiny_imagefolder, tmp_path,
-                                                               monkeypatch):
+def _failing_on_the_test_beton(monkeypatch) -> None:
+    """The disk fills up while the second beton is written."""
     real_write = convert_module._write_beton
 
     def write_then_fail(split, path, workers):
-        if path.name == TEST_BETON:  # the disk fills up during the second beton
+        if TEST_BETON in path.name:  # the temporary file beside it
             raise FastCifarError(f"could not write {path}: No space left on device")
         real_write(split, path, workers)
 
     monkeypatch.setattr(convert_module, "_write_beton", write_then_fail)
+
+
+def test_failed_write_leaves_no_metadata_and_no_partial_beton(tiny_imagefolder, tmp_path,
+                                                               monkeypatch):
+    _failing_on_the_test_beton(monkeypatch)
     with pytest.raises(FastCifarError, match="No space left"):
         convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
-    assert not (tmp_path / METADATA).exists() and not (tmp_path / TEST_BETON).exists()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".convert.lock"]
     with pytest.raises(FastCifarError, match="run `fastcifar convert` first"):
         read_metadata(tmp_path)
     monkeypatch.undo()
     assert not convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path)).skipped
     assert (tmp_path / TRAIN_BETON).exists()
+
+
+def test_a_failed_forced_conversion_keeps_the_earlier_one_whole(tiny_imagefolder, tmp_path,
+                                                                 monkeypatch):
+    convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in (TRAIN_BETON, TEST_BETON, METADATA)}
+    _failing_on_the_test_beton(monkeypatch)
+    with pytest.raises(FastCifarError, match="No space left"):
+        convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path, force=True))
+    # The new train beton was whole, but it never replaced the old one alone.
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not list(tmp_path.glob("*.tmp")) and read_metadata(tmp_path).train_count == 120
 
 
 def test_atomic_writer_removes_its_temporary_file_on_failure(tmp_path):
@@ -134,7 +150,8 @@ def test_metadata_is_written_last_and_records_the_beton_sizes(tiny_imagefolder, 
 
     monkeypatch.setattr(fastcifar.atomic, "_commit", commit)
     convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
-    assert [name for name, _ in committed] == [TRAIN_BETON, TEST_BETON, METADATA]
+    names = [name for name, _ in committed]
+    assert sorted(names[:2]) == sorted([TRAIN_BETON, TEST_BETON]) and names[2:] == [METADATA]
     assert METADATA not in committed[1][1]  # absent until both betons were in place
     metadata = json.loads((tmp_path / METADATA).read_text())
     for entry in metadata["betons"].values():

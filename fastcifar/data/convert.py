@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,14 +60,27 @@ def _write_beton(split: Split, path: Path, workers: int) -> None:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    with atomic_path(path) as temporary:
-        # raw mode: CIFAR images are tiny, so decoding JPEG would cost more than reading bytes.
-        writer = DatasetWriter(
-            str(temporary),
-            {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()},
-            num_workers=workers,
-        )
-        writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
+    # raw mode: CIFAR images are tiny, so decoding JPEG would cost more than reading bytes.
+    writer = DatasetWriter(
+        str(path),
+        {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()},
+        num_workers=workers,
+    )
+    writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
+
+
+def _replace_betons(data: CifarArrays, out_dir: Path, workers: int,
+                    progress: Progress) -> None:
+    """Write both betons beside the old ones; only once both are whole does the old metadata
+    go and do they replace the old betons, so a failed write leaves an earlier conversion as
+    it was, and a crash while replacing never leaves a set that looks complete."""
+    with (atomic_path(out_dir / TRAIN_BETON) as new_train,
+          atomic_path(out_dir / TEST_BETON) as new_test):
+        progress("write train", 0, len(data.train.labels))
+        _write_beton(data.train, new_train, workers)
+        progress("write test", 0, len(data.test.labels))
+        _write_beton(data.test, new_test, workers)
+        (out_dir / METADATA).unlink(missing_ok=True)
 
 
 def channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -117,6 +131,46 @@ def build_metadata(data: CifarArrays, train_path: Path, test_path: Path) -> dict
     }
 
 
+def metadata_problem(metadata: object) -> str | None:
+    """What is wrong with the metadata's shape, or None: the keys and types readers rely on."""
+    if not isinstance(metadata, dict):
+        return "not a JSON object"
+    missing = [key for key in ("format_version", "betons", "class_names", "mean", "std",
+                               "counts") if key not in metadata]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not _is_count(metadata["format_version"]):
+        return "format_version is not a whole number"
+    names = metadata["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        return "class_names is not a list of distinct names"
+    for key in ("mean", "std"):
+        values = metadata[key]
+        if not (isinstance(values, list) and len(values) == 3
+                and all(_is_number(v) and 0 <= v <= 255 for v in values)):
+            return f"{key} is not 3 pixel values (one per channel)"
+    if not all(v > 0 for v in metadata["std"]):
+        return "std is not positive"
+    betons, counts = metadata["betons"], metadata["counts"]
+    for split in ("train", "test"):
+        entry = betons.get(split) if isinstance(betons, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and _is_count(entry.get("bytes"))):
+            return f"betons.{split} is not a file name and its size"
+        if not (isinstance(counts, dict) and _is_count(counts.get(split))):
+            return f"counts.{split} is not a count"
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _source_fingerprint_quick(source: Path) -> str | None:
     """sha256 of an archive source, cheap enough to decide whether a conversion is stale."""
     from fastcifar.data.sources import file_sha256
@@ -131,20 +185,21 @@ def _up_to_date(out_dir: Path, source: Path) -> dict | None:
         metadata = json.loads(metadata_path.read_text())
     except (OSError, ValueError):
         return None
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata_problem(metadata) or metadata["format_version"] != FORMAT_VERSION:
         return None
-    for entry in metadata.get("betons", {}).values():
+    for entry in metadata["betons"].values():
         beton = out_dir / entry["file"]
         if not beton.is_file() or beton.stat().st_size != entry["bytes"]:
             return None
-    recorded = metadata.get("source", {})
-    if recorded.get("path") != str(source):
+    recorded = metadata.get("source")
+    if not isinstance(recorded, dict) or recorded.get("path") != str(source):
         return None
     if source.is_file():
         return metadata if recorded.get("sha256") == _source_fingerprint_quick(source) else None
     # Folders: stale once anything inside is newer than the metadata file.
     made = metadata_path.stat().st_mtime
-    newest = max((p.stat().st_mtime for p in source.rglob("*")), default=0.0)
+    # lstat: a broken link inside the source has no target to stat
+    newest = max((p.lstat().st_mtime for p in source.rglob("*")), default=0.0)
     return metadata if newest <= made else None
 
 
@@ -191,6 +246,10 @@ def convert(config: ConvertConfig, progress: Progress = _no_progress) -> Convert
     train_path, test_path, metadata_path = (out_dir / TRAIN_BETON, out_dir / TEST_BETON,
                                             out_dir / METADATA)
     with _exclusive_lock(out_dir):
+        for path in (train_path, test_path, metadata_path):
+            if path.exists() and not path.is_file():
+                raise FastCifarError(f"{path} is not a file: move it away or convert to "
+                                     "another --out")
         existing = None if config.force else _up_to_date(out_dir, source)
         if existing is not None:
             return ConvertResult(train_path, test_path, metadata_path, existing, True,
@@ -199,12 +258,7 @@ def convert(config: ConvertConfig, progress: Progress = _no_progress) -> Convert
         data = read_source(source, fix_images=config.fix_images, progress=progress)
         workers = max(1, min(8, _cpu_count()))
         _check_free_space(out_dir, data, workers)
-        # The metadata goes before the betons so that a crash between them never looks complete.
-        metadata_path.unlink(missing_ok=True)
-        progress("write train", 0, len(data.train.labels))
-        _write_beton(data.train, train_path, workers)
-        progress("write test", 0, len(data.test.labels))
-        _write_beton(data.test, test_path, workers)
+        _replace_betons(data, out_dir, workers, progress)
         metadata = build_metadata(data, train_path, test_path)
         write_json(metadata_path, metadata)
     return ConvertResult(train_path, test_path, metadata_path, metadata, False,

@@ -13,7 +13,7 @@ import numpy as np
 
 from fastcifar.config import FULL_TRAIN_SIZE, LoaderConfig
 from fastcifar.data.augment import EpochCell
-from fastcifar.data.convert import FORMAT_VERSION, METADATA
+from fastcifar.data.convert import FORMAT_VERSION, METADATA, metadata_problem
 from fastcifar.data.loader_guard import check_unchanged, guarded_batches
 from fastcifar.errors import FastCifarError
 
@@ -51,13 +51,15 @@ def read_metadata(data_dir: Path) -> DatasetMetadata:
         )
     try:
         metadata = json.loads(metadata_path.read_text())
-        version = metadata["format_version"]
-        betons = metadata["betons"]
-        names, mean, std = metadata["class_names"], metadata["mean"], metadata["std"]
-        counts = metadata["counts"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise FastCifarError(f"corrupt metadata file {metadata_path}: rerun `fastcifar convert "
                              "--force`") from error
+    problem = metadata_problem(metadata)
+    if problem:
+        raise FastCifarError(f"corrupt metadata file {metadata_path} ({problem}): rerun "
+                             "`fastcifar convert --force`")
+    version, betons, counts = metadata["format_version"], metadata["betons"], metadata["counts"]
+    names, mean, std = metadata["class_names"], metadata["mean"], metadata["std"]
     if version != FORMAT_VERSION:
         raise FastCifarError(f"{metadata_path} is format {version}, this fastcifar reads "
                              f"{FORMAT_VERSION}: rerun `fastcifar convert --force`")

@@ -94,20 +94,37 @@ def _read_batches(read_member: Callable[[str], bytes]) -> tuple[Split, Split, li
     def load(name: str) -> dict:
         return _load_batch(name, read_member(name))
 
-    def split(names: list[str]) -> Split:
+    def split(names: list[str], class_count: int) -> Split:
         batches = [load(name) for name in names]
         data = np.concatenate([batch[b"data"] for batch in batches])
         labels = np.concatenate([np.asarray(batch[b"labels"]) for batch in batches])
         images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
+        where = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+        check_labels(labels, len(images), class_count, where)
         return Split(np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64))
 
     try:
         class_names = [name.decode() for name in load("batches.meta")[b"label_names"]]
-        train = split([f"data_batch_{i}" for i in range(1, 6)])
-        return train, split(["test_batch"]), class_names
+        train = split([f"data_batch_{i}" for i in range(1, 6)], len(class_names))
+        return train, split(["test_batch"], len(class_names)), class_names
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise FastCifarError(f"not the CIFAR-10 batch layout (b'data', b'labels', "
                              f"b'label_names' of 3x32x32 images): {error!r}") from error
+
+
+def check_labels(labels: np.ndarray, image_count: int, class_count: int, where: str) -> None:
+    """Refuse labels that are not one whole class index per image, before anything is
+    written: FFCV's writer processes die on them and leave convert waiting forever."""
+    problem = None
+    if labels.ndim != 1 or len(labels) != image_count:
+        problem = f"{image_count} images and {labels.size} labels"
+    elif len(labels) and not np.issubdtype(labels.dtype, np.integer):
+        problem = f"{labels.dtype} labels, not class indices"
+    elif len(labels) and (labels.min() < 0 or labels.max() >= class_count):
+        problem = (f"labels {labels.min()}..{labels.max()}, but {class_count} class names "
+                   f"allow 0..{class_count - 1}")
+    if problem:
+        raise FastCifarError(f"corrupt CIFAR-10 batches ({where}): {problem}")
 
 
 def file_sha256(path: Path) -> str:
