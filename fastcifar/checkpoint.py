@@ -133,6 +133,8 @@ WEIGHTS_FORMAT_VERSION = 1
 # What a reader needs to use the weights; everything else in the metadata is for people
 # (recipe, accuracy, epochs, data variant, commit, config, versions, hardware).
 REQUIRED_METADATA = ("class_names", "mean", "std", "logit_scale", "tta")
+# Below this a channel is all but constant, and dividing by it blows the images up to inf.
+MIN_PIXEL_STD = 1e-3
 
 
 def tta_mode(tta: bool, shifts: bool) -> str:
@@ -202,8 +204,25 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if metadata.get("format_version") != WEIGHTS_FORMAT_VERSION:
         raise _not_weights(path, f"format {metadata.get('format_version')}, this fastcifar reads "
                                  f"{WEIGHTS_FORMAT_VERSION}")
+    problem = _tensor_problem(tensors)
+    if problem:
+        raise _not_weights(path, problem)
     return {name: tensor.float() if tensor.is_floating_point() else tensor
             for name, tensor in tensors.items()}, metadata
+
+
+def _tensor_problem(tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the tensors, or None: weights are finite floats, and only the
+    BatchNorm step counters are whole numbers (a diverged run's NaN would score at random)."""
+    for name, tensor in tensors.items():
+        if name.endswith("num_batches_tracked"):
+            if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+                return f"{name} is {tensor.dtype}, not a count"
+        elif not tensor.is_floating_point():
+            return f"{name} is {tensor.dtype}, not floating point"
+        elif not bool(torch.isfinite(tensor).all()):
+            return f"{name} holds NaN or infinite values"
+    return None
 
 
 def _metadata_problem(metadata: object) -> str | None:
@@ -221,8 +240,10 @@ def _metadata_problem(metadata: object) -> str | None:
         if not (isinstance(values, list) and len(values) == 3
                 and all(_is_finite_number(v) for v in values)):
             return f"{key} is not 3 numbers (one per channel)"
-    if not all(v > 0 for v in metadata["std"]):
-        return "std is not positive"
+    if not all(0 <= v <= 255 for v in metadata["mean"]):
+        return "mean is not in 0..255 (pixel values)"
+    if not all(MIN_PIXEL_STD <= v <= 255 for v in metadata["std"]):
+        return f"std is not in {MIN_PIXEL_STD:g}..255 (pixel values)"
     if not (_is_finite_number(metadata["logit_scale"]) and metadata["logit_scale"] > 0):
         return "logit_scale is not a positive number"
     if metadata["tta"] not in TTA_MODES:

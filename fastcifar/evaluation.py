@@ -102,6 +102,12 @@ class TestPredictions:
     images: np.ndarray  # uint8 (N, 32, 32, 3)
 
 
+# A file can pass every check and still score inf or NaN (an extreme logit_scale, an exported
+# graph with damaged weights); its answers would be noise, so it is refused.
+NON_FINITE_SCORES = ("the weights give non-finite scores (inf or NaN) for these images: the "
+                     "file is damaged or was saved from a diverged run")
+
+
 def load_weights(path: Path) -> dict:
     """A weights file (safetensors) as one dict: its metadata plus the state dict as "model".
 
@@ -119,13 +125,25 @@ def model_from_weights(checkpoint: dict, device: torch.device, channels_last: bo
     logit_scale = float(checkpoint.get("logit_scale",
                                        (checkpoint.get("config") or {}).get("logit_scale", 1.0)))
     model = CustResNet(num_classes=len(checkpoint["class_names"]), logit_scale=logit_scale)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        first_line = str(error).splitlines()[0]
-        raise FastCifarError(f"the saved weights do not fit CustResNet: {first_line}") from error
+    problem = fit_problem(model.state_dict(), checkpoint["model"])
+    if problem:
+        raise FastCifarError(f"the saved weights do not fit CustResNet for "
+                             f"{len(checkpoint['class_names'])} classes: {problem}")
+    model.load_state_dict(checkpoint["model"])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return model.to(device=device, memory_format=memory_format).eval()
+
+
+def fit_problem(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    """Which tensors are missing, extra or of another shape (the first of each), or None."""
+    missing = [name for name in expected if name not in given]
+    extra = [name for name in given if name not in expected]
+    reshaped = [f"{name} is {tuple(given[name].shape)}, not {tuple(tensor.shape)}"
+                for name, tensor in expected.items()
+                if name in given and given[name].shape != tensor.shape]
+    parts = [f"{what} {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+             for what, names in (("missing", missing), ("extra", extra), ("", reshaped)) if names]
+    return "; ".join(part.strip() for part in parts) or None
 
 
 @torch.no_grad()
@@ -134,15 +152,20 @@ def predict_test_set(model: nn.Module, loader: Iterable, device_step: DeviceStep
     """Predictions over the whole loader; images are copied to the host for the figures."""
     model.eval()
     predictions, labels, images = [], [], []
+    finite = torch.ones((), dtype=torch.bool, device=device_step.device)
     for batch_images, batch_labels in loader:
         # FFCV reuses its batch buffers: copy the host images before the next batch arrives.
         images.append(batch_images.permute(0, 2, 3, 1).numpy().copy())
         labels.append(batch_labels.numpy().copy())
         device_images, _ = device_step(batch_images, batch_labels)
         with autocast(device_step.device, plan):
-            predictions.append(predict_logits(model, device_images, tta, shifts).argmax(1))
+            logits = predict_logits(model, device_images, tta, shifts)
+        finite &= torch.isfinite(logits).all()
+        predictions.append(logits.argmax(1))
     if not predictions:
         raise FastCifarError("the test loader yielded no images")
+    if not bool(finite):
+        raise FastCifarError(NON_FINITE_SCORES)
     # One host-device sync for the whole pass.
     return TestPredictions(torch.cat(predictions).cpu().numpy().astype(np.int64),
                            np.concatenate(labels).astype(np.int64), np.concatenate(images))

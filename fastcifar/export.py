@@ -75,7 +75,7 @@ def export_onnx(config: ExportConfig) -> ExportReport:
         checked = len(images)
         difference = float(np.abs(got - expected).max())
         agreement = float((got.argmax(1) == expected.argmax(1)).mean())
-        if difference > config.tolerance:
+        if not difference <= config.tolerance:  # NaN too
             raise FastCifarError(f"the ONNX graph's logits differ from PyTorch's by {difference:.2g} "
                                  f"(tolerance {config.tolerance:g}); nothing was written")
     write_bytes(config.out, data)

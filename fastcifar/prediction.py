@@ -18,7 +18,13 @@ from fastcifar.command_config import PredictConfig
 from fastcifar.config import Device
 from fastcifar.device import DeviceStep, select_device
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluation import load_weights, model_from_weights, predict_logits, tta_flags
+from fastcifar.evaluation import (
+    NON_FINITE_SCORES,
+    load_weights,
+    model_from_weights,
+    predict_logits,
+    tta_flags,
+)
 
 IMAGE_SIZE = 32  # the side CustResNet was trained on
 
@@ -158,8 +164,10 @@ def score_images(scorer: Scorer, images: list[_Image], top_k: int, batch_size: i
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         pixels = torch.from_numpy(np.stack([image.pixels for image in batch])).permute(0, 3, 1, 2)
-        probabilities, indices = torch.softmax(scorer.logits(pixels).float(), dim=1).topk(
-            top_k, dim=1)
+        logits = scorer.logits(pixels).float()
+        if not bool(torch.isfinite(logits).all()):
+            raise FastCifarError(NON_FINITE_SCORES)
+        probabilities, indices = torch.softmax(logits, dim=1).topk(top_k, dim=1)
         for image, row_probabilities, row_indices in zip(batch, probabilities.tolist(),
                                                           indices.tolist(), strict=True):
             predictions.append(ImagePrediction(

@@ -125,6 +125,35 @@ def test_files_that_are_not_weights_files_are_refused_in_one_line(tmp_path):
         read_weights_file(tmp_path / "missing.safetensors")
 
 
+def test_weights_with_damaged_tensors_or_impossible_pixel_statistics_are_refused(tmp_path):
+    # They loaded before and scored at random ("ship nan%", or a bool model at 100%).
+    from safetensors.torch import save_file
+
+    state = CustResNet(num_classes=3).state_dict()
+    nan = {**state, "fc.weight": torch.full_like(state["fc.weight"], float("nan"))}
+    whole = {**state, "fc.weight": state["fc.weight"].to(torch.int32)}
+    flags = {**state, "fc.weight": state["fc.weight"] > 0}
+    counter = "layer1.conv.layers.2.num_batches_tracked"
+    float_counter = {**state, counter: state[counter].float()}
+    for name, tensors, pattern in (
+            ("nan", nan, "fc.weight holds NaN or infinite values"),
+            ("int32", whole, "fc.weight is torch.int32, not floating point"),
+            ("bool", flags, "fc.weight is torch.bool, not floating point"),
+            ("counter", float_counter, f"{counter} is torch.float32, not a count")):
+        path = tmp_path / f"{name}.safetensors"
+        save_weights_file(path, tensors, METADATA)
+        _assert_one_line_refusal(path, pattern)
+    for key, values, pattern in (("mean", [1e308, 0.0, 0.0], r"mean is not in 0\.\.255"),
+                                 ("std", [1e-320, 60.0, 60.0], r"std is not in 0\.001\.\.255")):
+        path = tmp_path / f"{key}.safetensors"
+        save_file(dict(state), str(path), metadata={"fastcifar": json.dumps(
+            {**METADATA, "format_version": 1, key: values})})
+        _assert_one_line_refusal(path, pattern)
+    good = tmp_path / "good.safetensors"
+    save_weights_file(good, state, METADATA)
+    assert read_weights_file(good)[0][counter].dtype == torch.int64
+
+
 def test_a_header_claiming_a_huge_length_is_refused(tmp_path):
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(struct.pack("<Q", 2**40) + b"{}")

@@ -178,6 +178,29 @@ def test_weights_of_other_classes_are_refused(tiny_weights, tiny_dataset, tmp_pa
         evaluate_weights(evaluate_config(renamed, tiny_dataset, tmp_path))
 
 
+def test_weights_that_do_not_fit_or_score_inf_are_refused_naming_why(tiny_weights,
+                                                                     tiny_dataset, tmp_path):
+    import fastcifar
+
+    state, metadata = read_weights_file(tiny_weights)
+    cut = {name: tensor for name, tensor in state.items() if name != "fc.weight"}
+    save_weights_file(tmp_path / "w.safetensors", {**cut, "extra.bias": torch.zeros(2)}, metadata)
+    config = evaluate_config(tmp_path / "w.safetensors", tiny_dataset, tmp_path / "eval")
+    with pytest.raises(FastCifarError, match=r"for 3 classes: missing fc\.weight; extra "
+                                             r"extra\.bias$"):
+        evaluate_weights(config)
+    narrow = {**state, "fc.weight": state["fc.weight"][:, :8]}
+    save_weights_file(config.weights, narrow, metadata)
+    with pytest.raises(FastCifarError, match=r"fc\.weight is \(3, 8\), not \(3, 512\)$"):
+        evaluate_weights(config)
+    # Every check passes, yet the scores overflow: refused, not reported as an accuracy.
+    save_weights_file(config.weights, state, {**metadata, "logit_scale": 1e308})
+    with pytest.raises(FastCifarError, match="non-finite scores"):
+        evaluate_weights(config)
+    with pytest.raises(FastCifarError, match="non-finite scores"):
+        fastcifar.predict(np.zeros((32, 32, 3), np.uint8), weights=config.weights, device="cpu")
+
+
 def test_evaluate_command_prints_accuracy_and_writes_beside_the_weights(tiny_weights,
                                                                        tiny_dataset):
     result = CliRunner().invoke(app, ["evaluate", str(tiny_weights), "--data", str(tiny_dataset),
