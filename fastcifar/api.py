@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ def train_config(epochs: int | None = None, recipe_name: str = DEFAULT_RECIPE,
     `optimizer="adam"` turns Muon off unless `muon_lr` is given, and a run without Muon drops
     the recipe's filter normalization unless it is given."""
     base = recipe(recipe_name, **({} if epochs is None else {"epochs": epochs}))
+    settings = {key: _as_field_type(base, key, value) for key, value in settings.items()}
     settings = {**optimizer_rule(settings.get("optimizer"), settings.get("muon_lr"),
                                  settings.get("muon_normalize_filters")), **settings}
     loader = LoaderConfig(data_dir=Path(data), train_subset=train_subset,
@@ -56,6 +58,25 @@ def train_config(epochs: int | None = None, recipe_name: str = DEFAULT_RECIPE,
     except TypeError as error:
         raise FastCifarError(f"unknown train setting: {error}; settings are TrainConfig's "
                              "fields") from None
+
+
+def _as_field_type(config: TrainConfig, key: str, value: object) -> object:
+    """`value` as the enum its field holds (`device="cpu"` -> Device.cpu), so the run gets the
+    types the CLI gives it; other values pass as they are."""
+    current: object = config
+    for part in key.split("__"):
+        current = getattr(current, part, None)
+    if isinstance(current, Enum) and isinstance(value, str):
+        return _enum_value(type(current), value, key)
+    return value
+
+
+def _enum_value(kind: type[Enum], value: str, name: str) -> Enum:
+    try:
+        return kind(value)
+    except ValueError:
+        raise FastCifarError(f"{name} must be one of {', '.join(item.value for item in kind)}, "
+                             f"got {value!r}") from None
 
 
 def train(epochs: int | None = None, recipe_name: str = DEFAULT_RECIPE,
@@ -86,7 +107,8 @@ def evaluate(weights: str | Path, data: str | Path = "datasets", tta: str | None
 
     return evaluate_weights(EvaluateConfig(
         weights=Path(weights), loader=LoaderConfig(data_dir=Path(data), test_subset=test_subset),
-        tta=tta, out_dir=None if out_dir is None else Path(out_dir), device=Device(device)))
+        tta=tta, out_dir=None if out_dir is None else Path(out_dir),
+        device=_enum_value(Device, device, "device")))
 
 
 def predict(images, weights: str | Path | None = None, top_k: int = 3, device: str = "auto"):
@@ -95,7 +117,8 @@ def predict(images, weights: str | Path | None = None, top_k: int = 3, device: s
     file unless given (a .safetensors from training or an exported .onnx)."""
     from fastcifar.prediction import open_scorer, score_images
 
-    config = PredictConfig(paths=("<in memory>",), top_k=top_k, device=Device(device),
+    config = PredictConfig(paths=("<in memory>",), top_k=top_k,
+                           device=_enum_value(Device, device, "device"),
                            **({} if weights is None else {"weights": Path(weights)}))
     scorer = open_scorer(Path(config.weights), config.device)
     return score_images(scorer, _as_images(images), top_k, config.batch_size)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import fastcifar
 from fastcifar.cli import app
-from fastcifar.config import DEFAULT_RECIPE, Precision, recipe
+from fastcifar.config import DEFAULT_RECIPE, Device, OptimizerName, PadMode, Precision, recipe
 from fastcifar.errors import FastCifarError
 
 
@@ -48,6 +48,14 @@ def test_train_config_is_the_recipe_at_the_budget_with_the_settings_given(tiny_d
     assert fastcifar.train_config(epochs=6, optimizer="sgd").muon_lr > 0
     with pytest.raises(FastCifarError, match="Muon pairs with SGD"):
         fastcifar.train_config(optimizer="adam", muon_lr=0.1)
+    # Enum fields take their names, as on the command line
+    named = fastcifar.train_config(device="cpu", precision="fp32", augment__pad_mode="constant")
+    assert named.device is Device.cpu and named.precision is Precision.fp32
+    assert named.augment.pad_mode is PadMode.constant and type(adam.optimizer) is OptimizerName
+    with pytest.raises(FastCifarError, match="device must be one of .*cuda.*, got 'gpu'"):
+        fastcifar.train_config(device="gpu")
+    with pytest.raises(FastCifarError, match="device must be one of"):
+        fastcifar.predict(np.zeros((32, 32, 3), np.uint8), device="gpu")
 
 
 def test_predict_takes_paths_pillow_images_and_arrays_alike(trained, tiny_dataset, tmp_path):
