@@ -223,9 +223,9 @@ def summary(
         fail(FastCifarError(f"batch size must be positive, got {batch_size}"))
     model = CustResNet()
     if json_output:
-        typer.echo(json.dumps(summary_record(model, batch_size), indent=2))
+        typer.echo(json.dumps(run_command(summary_record, model, batch_size), indent=2))
         return
-    typer.echo(str(torchinfo_summary(model, batch_size)))
+    typer.echo(str(run_command(torchinfo_summary, model, batch_size)))
     table = Table("layer", "kernel", "stride", "pad", "RF", "jump", "start",
                   title="receptive field (RF, pixels) along the deepest path")
     for row in receptive_field_table(model):

@@ -17,6 +17,7 @@ from fastcifar.config import (
     TrainConfig,
     budget_rows,
     recipe,
+    require_seed,
 )
 from fastcifar.errors import FastCifarError, require
 
@@ -122,6 +123,14 @@ class ExportConfig:
         require(self.check_images >= 0, "check images must be >= 0")
 
 
+def require_report_path(json_path: Path | None) -> None:
+    """A benchmark's Markdown table goes beside its JSON as .md: a --json ending in .md would
+    be overwritten by it, and the results lost."""
+    require(json_path is None or Path(json_path).suffix.lower() != ".md",
+            f"--json {json_path}: the Markdown table is written beside it as .md and would "
+            "replace it; give the results file another suffix (.json)")
+
+
 @dataclass(frozen=True)
 class TimeToAccuracyConfig:
     """Settings of `fastcifar benchmark time-to-accuracy`; `train` defaults to the default
@@ -140,6 +149,8 @@ class TimeToAccuracyConfig:
     resume: Path | None = None
 
     def __post_init__(self) -> None:
+        require_report_path(self.json_path)
+        require_seed(self.train.seed + self.runs - 1, "the last run's seed (--seed + --runs - 1)")
         require(bool(self.targets) and all(0 < t <= 1 for t in self.targets),
                  "targets must be accuracies in (0, 1]")
         require(self.resume is None or (self.runs == 1 and not self.budgets),
@@ -177,6 +188,8 @@ class LoaderBenchmarkConfig:
     max_batches: int | None = None  # time every pipeline over this many batches per pass
 
     def __post_init__(self) -> None:
+        require_report_path(self.json_path)
+        require_seed(self.seed)
         require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
         require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         require(self.passes >= 1, f"passes must be >= 1, got {self.passes}")

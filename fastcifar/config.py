@@ -205,6 +205,7 @@ class TrainConfig:
     tensorboard: bool = True  # event files in the run folder (needs the tensorboard package)
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         require(self.epochs > 0, f"epochs must be positive, got {self.epochs}")
         require(self.max_lr > 0, f"max LR must be positive, got {self.max_lr}")
         require(0 < self.min_lr <= self.max_lr, "min LR must be in (0, max LR]")
@@ -263,6 +264,13 @@ class TrainConfig:
     def with_max_lr(self, max_lr: float) -> TrainConfig:
         """This config peaking at `max_lr`, its schedule's floor kept at or below the new peak."""
         return dataclasses.replace(self, max_lr=max_lr, min_lr=min(self.min_lr, max_lr))
+
+
+MAX_SEED = 2**32 - 1  # numpy's and FFCV's seeds are 32-bit
+
+
+def require_seed(seed: int, what: str = "--seed") -> None:
+    require(0 <= seed <= MAX_SEED, f"{what} must be in 0..{MAX_SEED}, got {seed}")
 
 
 def optimizer_rule(optimizer: OptimizerName | None, muon_lr: float | None,

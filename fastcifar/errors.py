@@ -31,6 +31,19 @@ class MachineFault(FastCifarError):
     exit_code = MACHINE_FAULT_EXIT
 
 
+def is_out_of_memory(error: BaseException | None) -> bool:
+    """A failed allocation: MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError
+    torch raises when the CPU allocator is refused, also when another error wraps it (as
+    torchinfo's does)."""
+    while error is not None:
+        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or (
+                isinstance(error, RuntimeError)
+                and ("out of memory" in str(error) or "can't allocate memory" in str(error))):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class WriteFailed(MachineFault):
     """A file could not be written; `path` names it and `cause` says why (strerror)."""
 

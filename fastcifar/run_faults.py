@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar.errors import MachineFault, WriteFailed
+from fastcifar.errors import MachineFault, WriteFailed, is_out_of_memory
 from fastcifar.terminal import warnings_console
 
 
@@ -54,10 +54,8 @@ class RunFaults:
             yield
         except MachineFault as error:
             raise MachineFault(f"{error}; {self.how_to_continue()}") from error
-        except (torch.OutOfMemoryError, MemoryError) as error:
-            raise self._out_of_memory() from error
-        except RuntimeError as error:
-            if "can't allocate memory" not in str(error):
+        except (MemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
                 raise
             raise self._out_of_memory() from error
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastcifar.config import AugmentConfig, LoaderConfig
+from fastcifar.config import AugmentConfig, LoaderConfig, require_seed
 from fastcifar.data.augment import augment_batch, fill_colour
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.errors import FastCifarError
@@ -45,6 +45,7 @@ def show_augment(data_dir: Path, augment: AugmentConfig, count: int, seed: int,
     """Write samples.png (first train images) and augmented.png (the same, augmented)."""
     from fastcifar.plots import plot_image_grid
 
+    require_seed(seed)
     images, class_names = read_train_samples(data_dir, count)
     mean = read_metadata(data_dir).mean
     # The draws of the loader for a batch of these sample indices with this seed.

@@ -9,7 +9,7 @@ from typing import TypeVar
 import typer
 from rich.console import Console
 
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, MachineFault, is_out_of_memory
 
 # soft_wrap: a long line is one line, wrapped by the terminal if at all, so a path in it can be
 # copied whole; without it a log file or a pipe got a line break at column 80, mid-path.
@@ -40,6 +40,10 @@ def run_command(function: Callable[..., Result], *args, **kwargs) -> Result:
         return function(*args, **kwargs)
     except FastCifarError as error:
         fail(error)
+    except (MemoryError, RuntimeError) as error:  # train says more (run_faults.py)
+        if not is_out_of_memory(error):
+            raise
+        fail(MachineFault("out of memory: try a smaller --batch-size, or free memory"))
     except KeyboardInterrupt:  # a second Ctrl-C: stop now; checkpoints are written atomically
         if _debug["on"]:
             raise

@@ -650,6 +650,17 @@ def test_interrupting_one_of_several_runs_says_how_to_finish_it_alone(tiny_datas
             in str(interrupted.value))
 
 
+@pytest.mark.parametrize("command", [["loader"], ["time-to-accuracy"]])
+def test_a_results_file_its_own_markdown_table_would_replace_is_refused(tmp_path, command):
+    # The JSON was written, then overwritten by the table: "results: x.md and x.md".
+    from fastcifar.cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", *command, "--json", str(tmp_path / "x.MD"),
+                                      "--data", str(tmp_path)])
+    assert result.exit_code == 1 and "would replace it" in result.output, result.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_time_to_accuracy_resume_is_for_one_run(tmp_path):
     from fastcifar.cli import app
 
@@ -666,6 +677,7 @@ def test_time_to_accuracy_resume_is_for_one_run(tmp_path):
     (["--eval-steps-epochs", "0"], "eval-steps-epochs must be >= 1"),
     (["--pct-start", "0.6"], "pct_start must be in (0, 0.5], got 0.6"),
     (["--batch-size", "0"], "batch size must be positive, got 0"),  # not the default 512
+    (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),  # numpy raised
     (["--no-augment", "--cutout", "4", "--hue", "0.1"],
      "--no-augment turns all augmentation off: drop it or --cutout, --hue"),
 ])

@@ -194,6 +194,27 @@ def test_out_of_memory_ends_the_run_in_one_line_with_the_checkpoint_intact(
     assert epoch_rows(run_dir) == reference_run[1]
 
 
+@pytest.mark.parametrize("arguments", [["summary", "--batch-size", "8"],
+                                       ["summary", "--json", "--batch-size", "8"]])
+def test_out_of_memory_outside_training_ends_in_one_line(monkeypatch, arguments):
+    # The allocator's RuntimeError, wrapped by torchinfo's own, gave a 66-line traceback.
+    import fastcifar.model
+
+    real_forward = fastcifar.model.CustResNet.forward
+
+    def forward(self, images):
+        if len(images) == 8:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                               "allocate memory: you tried to allocate 1099511627776 bytes.")
+        return real_forward(self, images)
+
+    monkeypatch.setattr(fastcifar.model.CustResNet, "forward", forward)
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (line,) = error_lines(result)
+    assert "out of memory: try a smaller --batch-size" in line
+
+
 # The CLI in a child process whose FFCV pipeline raises at its 3rd batch (epoch 2): a loader
 # that dies must end the run, never leave it waiting (the timeout below would catch a hang).
 DYING_LOADER = textwrap.dedent("""
