@@ -99,6 +99,11 @@ def test_convert_rejects_truncated_archive(tmp_path):
     with pytest.raises(FastCifarError, match="corrupt or truncated archive"):
         convert(ConvertConfig(source=archive, out_dir=tmp_path / "out"))
     assert not list((tmp_path / "out").glob("*.beton"))
+    empty = tmp_path / "empty.tar.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(FastCifarError, match="corrupt or truncated archive") as refused:
+        convert(ConvertConfig(source=empty, out_dir=tmp_path / "out"))
+    assert "\n" not in str(refused.value)  # tarfile lists every method it tried, a line each
 
 
 def test_convert_rejects_official_name_with_wrong_md5(tmp_path):
@@ -164,6 +169,16 @@ def test_convert_rejects_non_image_file(tmp_path):
     root = write_imagefolder(tmp_path / "src", per_class_train=3, per_class_test=2)
     (root / "train" / TINY_CLASSES[2] / "0002.png").write_bytes(b"not an image")
     with pytest.raises(FastCifarError, match="not a readable image"):
+        convert(ConvertConfig(source=root, out_dir=tmp_path / "out"))
+
+
+def test_convert_refuses_an_image_too_large_to_decode(tmp_path, monkeypatch):
+    # Pillow's DecompressionBombError is not an OSError: it gave a traceback.
+    from PIL import Image as PILImage
+
+    root = write_imagefolder(tmp_path / "src", per_class_train=3, per_class_test=2)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # a 32x32 image counts as a bomb
+    with pytest.raises(FastCifarError, match="is too large to decode"):
         convert(ConvertConfig(source=root, out_dir=tmp_path / "out"))
 
 

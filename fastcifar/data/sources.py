@@ -158,6 +158,8 @@ def _decode_image(data: bytes, name: str, fix_images: bool) -> np.ndarray:
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise FastCifarError(f"not a readable image: {name}") from error
+    except Image.DecompressionBombError as error:  # Pillow refuses to decode it at all
+        raise FastCifarError(f"image {name} is too large to decode ({error})") from error
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         if not fix_images:
             raise FastCifarError(
@@ -290,7 +292,9 @@ def _read_archive(path: Path, fix_images: bool, progress: Progress) -> CifarArra
     try:
         batches, entries = _read_members(path, progress)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-        raise FastCifarError(f"corrupt or truncated archive {path}: {error}") from error
+        # tarfile's "r:*" lists each compression it tried, one per line: keep the first.
+        reason = (str(error).splitlines() or [type(error).__name__])[0].rstrip(":")
+        raise FastCifarError(f"corrupt or truncated archive {path}: {reason}") from error
     fingerprint = file_sha256(path)
     if batches:
         def member(name: str) -> bytes:
