@@ -157,6 +157,8 @@ def test_images(data: str | Path = "datasets", count: int = 16) -> tuple[np.ndar
     names: something to try `predict` on."""
     from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 
+    if count < 1:
+        raise FastCifarError(f"count must be positive, got {count}")
     metadata = read_metadata(Path(data))
     count = min(count, metadata.test_count)
     loader = make_loader(metadata.test_path, test_pipeline(), LoaderConfig(data_dir=Path(data)),

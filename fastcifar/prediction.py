@@ -118,6 +118,8 @@ def read_image(path: Path) -> _Image:
         raise FastCifarError(f"{path}: not an image file Pillow can read") from None
     except Image.DecompressionBombError:
         raise FastCifarError(f"{path}: too many pixels to be a photo to classify") from None
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise FastCifarError(f"{path}: {error.strerror.lower()}") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for damaged files
         detail = " ".join(str(error).split()) or type(error).__name__
         raise FastCifarError(f"{path}: corrupt or truncated image ({detail})") from None
@@ -126,6 +128,8 @@ def read_image(path: Path) -> _Image:
 
 def image_from_pil(rgb: Image.Image, name: Path, mode: str, size: tuple[int, int]) -> _Image:
     """An RGB Pillow image as the 32x32 pixels the model scores (bicubic when resized)."""
+    if 0 in size:
+        raise FastCifarError(f"{name}: an empty image ({size[0]}x{size[1]} pixels)")
     resized_from = None
     if size != (IMAGE_SIZE, IMAGE_SIZE):
         rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)

@@ -79,6 +79,12 @@ def test_predict_takes_paths_pillow_images_and_arrays_alike(trained, tiny_datase
     assert single[0].top == fastcifar.predict(images[:1], weights=weights, device="cpu")[0].top
     with pytest.raises(FastCifarError, match="uint8 RGB"):
         fastcifar.predict(images.astype(np.float32), weights=weights)
+    with pytest.raises(FastCifarError, match=r"image 0: an empty image \(0x0 pixels\)"):
+        fastcifar.predict(np.zeros((1, 0, 0, 3), np.uint8), weights=weights)  # scored "cat"
+    with pytest.raises(FastCifarError, match=r"nowhere\.png: no such file or directory$"):
+        fastcifar.predict(tmp_path / "nowhere.png", weights=weights)  # "corrupt or truncated"
+    with pytest.raises(FastCifarError, match="count must be positive, got 0"):
+        fastcifar.api.test_images(tiny_dataset, 0)
 
 
 def test_evaluate_scores_the_weights_in_the_mode_asked(trained, tiny_dataset, tmp_path):
