@@ -156,7 +156,7 @@ def save_weights_file(path: Path, state_dict: dict[str, torch.Tensor], metadata:
     torch.float16 for the shipped file) casts the floating-point tensors; integer buffers such as
     BatchNorm's `num_batches_tracked` stay integers.
     """
-    problem = _metadata_problem(metadata)
+    problem = metadata_problem(metadata)
     if problem:
         raise FastCifarError(f"cannot write weights file {path}: metadata {problem}")
     from safetensors.torch import save
@@ -198,7 +198,7 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         metadata = json.loads(header[METADATA_KEY])
     except ValueError:
         raise _not_weights(path, "its metadata is not valid JSON") from None
-    problem = _metadata_problem(metadata)
+    problem = metadata_problem(metadata)
     if problem:
         raise _not_weights(path, f"metadata {problem}")
     if metadata.get("format_version") != WEIGHTS_FORMAT_VERSION:
@@ -225,8 +225,9 @@ def _tensor_problem(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _metadata_problem(metadata: object) -> str | None:
-    """What is wrong with weights metadata, or None: the keys and types a reader relies on."""
+def metadata_problem(metadata: object) -> str | None:
+    """What is wrong with weights metadata (a weights file's or an exported graph's), or None:
+    the keys and types a reader relies on."""
     if not isinstance(metadata, dict):
         return "is not a JSON object"
     missing = [key for key in REQUIRED_METADATA if key not in metadata]

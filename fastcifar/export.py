@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from fastcifar.atomic import write_bytes
-from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, tta_flags
-from fastcifar.command_config import TTA_MODES, ExportConfig
+from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, metadata_problem, tta_flags
+from fastcifar.command_config import ExportConfig
 from fastcifar.config import LoaderConfig
 from fastcifar.data.convert import METADATA
 from fastcifar.errors import FastCifarError
@@ -130,7 +130,11 @@ class OnnxClassifier:
             raise FastCifarError(f"{name} is not a readable ONNX model: "
                                  f"{str(error).splitlines()[0] if str(error) else error}"
                                  ) from None
-        return cls(session, _metadata(proto, name))
+        metadata = _metadata(proto, name)
+        problem = _graph_problem(session, len(metadata["class_names"]))
+        if problem:
+            raise FastCifarError(f"{name} is not a graph `fastcifar export` wrote: {problem}")
+        return cls(session, metadata)
 
     @classmethod
     def load(cls, path: Path) -> OnnxClassifier:
@@ -152,8 +156,23 @@ def _metadata(proto, name: str) -> dict:
     except (KeyError, ValueError):
         raise FastCifarError(f"{name} has no fastcifar metadata (class names, mean/std, TTA "
                              "mode): export it with `fastcifar export WEIGHTS --onnx OUT`") from None
-    missing = [key for key in REQUIRED_METADATA if key not in metadata]
-    if missing or metadata.get("tta") not in TTA_MODES:
-        raise FastCifarError(f"{name}'s fastcifar metadata lacks {', '.join(missing) or 'tta'}: "
-                             "export it again with `fastcifar export`")
+    problem = metadata_problem(metadata)
+    if problem:
+        raise FastCifarError(f"{name}'s fastcifar metadata {problem}: export it again with "
+                             "`fastcifar export`")
     return metadata
+
+
+def _graph_problem(session, class_count: int) -> str | None:
+    """What keeps the graph from scoring as `export` writes it (uint8 NCHW images in, one logit
+    per class out), or None."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [(node.name, node.type) for node in inputs] != [(INPUT_NAME, "tensor(uint8)")]:
+        return (f"its inputs are {[(node.name, node.type) for node in inputs]}, not "
+                f"{INPUT_NAME} (uint8 images)")
+    if OUTPUT_NAME not in [node.name for node in outputs]:
+        return f"it has no {OUTPUT_NAME} output"
+    width = next(node.shape for node in outputs if node.name == OUTPUT_NAME)[-1:]
+    if width and isinstance(width[0], int) and width[0] != class_count:
+        return f"it gives {width[0]} logits for {class_count} class names"
+    return None

@@ -135,6 +135,27 @@ def test_onnx_files_without_fastcifar_metadata_are_refused_in_one_line(tiny_weig
     onnx.save(proto, str(tmp_path / "partial.onnx"))
     with pytest.raises(FastCifarError, match="metadata lacks mean, std, logit_scale"):
         OnnxClassifier.load(tmp_path / "partial.onnx")
+    # Metadata or a graph that would not score as exported: an IndexError, a TypeError or an
+    # onnxruntime traceback before.
+    saved = json.loads(onnx.load(str(report.path)).metadata_props[0].value)
+    for name, change, message in (
+            ("two.onnx", {"class_names": ["a", "b"]}, "gives 3 logits for 2 class names"),
+            ("five.onnx", {"class_names": 5}, "class_names is not a list of names")):
+        del proto.metadata_props[:]
+        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps({**saved, **change}))
+        onnx.save(proto, str(tmp_path / name))
+        with pytest.raises(FastCifarError, match=message):
+            OnnxClassifier.load(tmp_path / name)
+    from onnx import TensorProto, helper
+
+    floats = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    foreign = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["logits"])], "foreign", [floats],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])]))
+    foreign.metadata_props.add(key=METADATA_KEY, value=json.dumps(saved))
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(FastCifarError, match=r"its inputs are \[\('x', 'tensor\(float\)'\)\]"):
+        OnnxClassifier.load(tmp_path / "foreign.onnx")
 
 
 def test_export_refuses_bad_options_in_one_line(tiny_weights, tmp_path):
