@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from fastcifar.atomic import write_json
+from fastcifar.atomic import check_can_write, write_json
 from fastcifar.checkpoint import read_weights_file, tta_flags, tta_mode
 from fastcifar.command_config import EvaluateConfig
 from fastcifar.data.loader_guard import guarded_batches
@@ -197,12 +197,18 @@ def _test_subset(count: int | None, available: int) -> np.ndarray | None:
     return np.arange(count)
 
 
+EVALUATION_FILES = ("confusion_matrix.png", "misclassified.png", "evaluation.json")
+
+
 def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
     """Score the weights on the test set; write confusion/misclassified PNGs and a JSON."""
     from fastcifar.plots import plot_confusion_matrix, plot_image_grid
 
     started = time.perf_counter()
     checkpoint = load_weights(config.weights)
+    out_dir = config.output_dir
+    # Before the test pass, and so that a folder in the way never leaves half the set written.
+    check_can_write(*(out_dir / name for name in EVALUATION_FILES))
     class_names = list(checkpoint["class_names"])
     metadata = read_metadata(config.loader.data_dir)
     if metadata.class_names != class_names:
@@ -227,7 +233,6 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
                       "predicted": class_names[result.predictions[i]]} for i in wrong]
     misclassified_total = int((result.predictions != result.labels).sum())
 
-    out_dir = config.output_dir
     tta_note = {"none": "", "flip": " with flip TTA", "multicrop": " with multi-crop TTA"}[
         tta_mode(tta, shifts)]
     confusion_plot = plot_confusion_matrix(

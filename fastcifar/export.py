@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastcifar.atomic import write_bytes
+from fastcifar.atomic import check_can_write, write_bytes
 from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, metadata_problem, tta_flags
 from fastcifar.command_config import ExportConfig
 from fastcifar.config import LoaderConfig
@@ -58,6 +58,7 @@ class ExportReport:
 def export_onnx(config: ExportConfig) -> ExportReport:
     """Write the ONNX file for `config.weights` and check it with onnxruntime."""
     checkpoint = load_weights(config.weights)
+    check_can_write(config.out)  # before the minute of exporting, not after
     tta = config.tta or checkpoint["tta"]
     classifier = Uint8Classifier(model_from_weights(checkpoint, torch.device("cpu"), False),
                                  checkpoint["mean"], checkpoint["std"], tta).eval()

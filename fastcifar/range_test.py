@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
-from fastcifar.atomic import atomic_path, write_json
+from fastcifar.atomic import atomic_path, check_can_write, write_json
 from fastcifar.checkpoint import config_to_dict, machine_description, seed_everything
 from fastcifar.command_config import LrFindConfig
 from fastcifar.config import TrainConfig
@@ -186,11 +186,15 @@ def _write_history(out_dir: Path, lrs: list[float], losses: list[float]) -> Path
     return path
 
 
+LR_FIND_FILES = ("png", "csv", "json")  # lr_find.* in the output folder
+
+
 def lr_find(config: LrFindConfig, progress: StepProgress | None = None) -> LrFindResult:
     """Run the range test on the train loader; write lr_find.{png,csv,json} into config.out_dir."""
     from fastcifar.plots import plot_lr_finder
 
     started = time.perf_counter()
+    check_can_write(*(Path(config.out_dir) / f"lr_find.{suffix}" for suffix in LR_FIND_FILES))
     settings = train_settings(config)
     device = select_device(settings.device)
     plan = plan_precision(settings.precision, device)

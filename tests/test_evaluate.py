@@ -201,6 +201,19 @@ def test_weights_that_do_not_fit_or_score_inf_are_refused_naming_why(tiny_weight
         fastcifar.predict(np.zeros((32, 32, 3), np.uint8), weights=config.weights, device="cpu")
 
 
+def test_evaluate_finds_an_output_it_cannot_write_before_the_test_pass(tiny_weights,
+                                                                        tiny_dataset, tmp_path,
+                                                                        monkeypatch):
+    # It scored, wrote the confusion matrix and then failed at misclassified.png.
+    import fastcifar.evaluation
+
+    monkeypatch.setattr(fastcifar.evaluation, "predict_test_set", None)  # scoring would fail
+    (tmp_path / "out" / "misclassified.png").mkdir(parents=True)
+    with pytest.raises(FastCifarError, match="misclassified.png: it is a folder"):
+        evaluate_weights(evaluate_config(tiny_weights, tiny_dataset, tmp_path / "out"))
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["misclassified.png"]
+
+
 def test_evaluate_command_prints_accuracy_and_writes_beside_the_weights(tiny_weights,
                                                                        tiny_dataset):
     result = CliRunner().invoke(app, ["evaluate", str(tiny_weights), "--data", str(tiny_dataset),

@@ -158,6 +158,18 @@ def test_onnx_files_without_fastcifar_metadata_are_refused_in_one_line(tiny_weig
         OnnxClassifier.load(tmp_path / "foreign.onnx")
 
 
+def test_export_finds_an_output_it_cannot_write_before_it_exports(tiny_weights, tmp_path,
+                                                                  monkeypatch):
+    # It spent about a minute exporting before the write failed.
+    import fastcifar.export
+
+    monkeypatch.setattr(fastcifar.export, "_onnx_bytes", None)  # exporting would fail
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    result = runner.invoke(app, ["export", str(tiny_weights), "--onnx",
+                                 str(tmp_path / "taken" / "m.onnx")])
+    assert result.exit_code == 74 and "could not write" in result.output, result.output
+
+
 def test_export_refuses_bad_options_in_one_line(tiny_weights, tmp_path):
     with pytest.raises(FastCifarError, match="must end in .onnx"):
         ExportConfig(weights=tiny_weights, out=tmp_path / "m.bin")

@@ -192,6 +192,19 @@ def test_lr_find_config_rejects_a_backwards_range():
         LrFindConfig(start_lr=1.0, end_lr=1e-3)
 
 
+def test_lr_find_finds_an_output_it_cannot_write_before_it_sweeps(tiny_dataset, tmp_path,
+                                                                   monkeypatch):
+    # It swept first, then wrote the plot and the CSV and failed at the JSON: half a set.
+    import fastcifar.range_test
+
+    monkeypatch.setattr(fastcifar.range_test, "build_loaders", None)  # sweeping would fail
+    (tmp_path / "out" / "lr_find.json").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["lr-find", "--data", str(tiny_dataset),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 74 and "lr_find.json: it is a folder" in result.output
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["lr_find.json"]
+
+
 def test_lr_find_refuses_a_zero_batch_size(tmp_path):
     result = CliRunner().invoke(app, ["lr-find", "--batch-size", "0", "--data", str(tmp_path),
                                       "--out", str(tmp_path / "out")])
