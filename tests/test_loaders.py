@@ -158,6 +158,23 @@ def test_convert_redoes_metadata_of_the_wrong_shape(tiny_dataset, tiny_imagefold
         assert read_metadata(copy).train_count == 120
 
 
+def test_a_beton_whose_index_records_another_image_size_is_rejected(tiny_dataset, tmp_path):
+    # The right size, one record's height damaged: a 120-line TypeError traceback before.
+    from ffcv.reader import Reader
+    from ffcv.types import HeaderType
+
+    copy = shutil.copytree(tiny_dataset, tmp_path / "data")
+    beton = copy / TRAIN_BETON
+    reader = Reader(str(beton))
+    records = reader.metadata.copy()
+    records["f0"]["height"][0] = 64
+    with open(beton, "r+b") as handle:  # the index follows the header and field descriptors
+        handle.seek(HeaderType.itemsize + reader.field_descriptors.nbytes)
+        handle.write(records.tobytes())
+    with pytest.raises(FastCifarError, match="images that are not 32x32 .*convert --force"):
+        read_metadata(copy)
+
+
 def test_subset_and_batch_size_larger_than_data_are_rejected(tiny_dataset):
     with pytest.raises(FastCifarError, match="larger than the 120 train"):
         build_loaders(LoaderConfig(data_dir=tiny_dataset, train_subset=500), NO_AUGMENT, 0)

@@ -95,6 +95,12 @@ def _check_beton_fields(path: Path, expected_count: int) -> None:
     if reader.num_samples != expected_count:
         raise FastCifarError(f"{path} holds {reader.num_samples} records, the metadata says "
                              f"{expected_count}: rerun `fastcifar convert --force`")
+    # Each record's stored side, from the index: one that is not 32 px means a damaged file
+    # (FFCV's decoder would fail with a TypeError when the loader is built).
+    images = reader.metadata[f"f{list(reader.handlers).index('image')}"]
+    if not ((images["height"] == STORED_SIZE).all() and (images["width"] == STORED_SIZE).all()):
+        raise FastCifarError(f"{path} records images that are not {STORED_SIZE}x{STORED_SIZE} "
+                             "(a damaged file): rerun `fastcifar convert --force`")
 
 
 def _subset(count: int | None, available: int, split: str) -> np.ndarray | None:
