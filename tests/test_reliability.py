@@ -101,6 +101,29 @@ def test_a_failed_forced_conversion_keeps_the_earlier_one_whole(tiny_imagefolder
     assert not list(tmp_path.glob("*.tmp")) and read_metadata(tmp_path).train_count == 120
 
 
+def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path):
+    # FFCV's writer polled its workers' progress forever once one had died (here of an
+    # IndexError: more labels than images; on a full disk, of SIGBUS).
+    import numpy as np
+
+    from fastcifar.data.sources import Split
+    from fastcifar.errors import MachineFault
+
+    def hung(signal_number, frame):
+        raise AssertionError("the write still waited for its dead worker after 180 s")
+
+    split = Split(np.zeros((4, 32, 32, 3), np.uint8), np.zeros(8, np.int64))
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(180)  # a hang fails the test instead of holding the suite
+    try:
+        with pytest.raises(MachineFault, match=r"a beton writer process died \(exit code 1\)"), \
+                convert_module._writer_deaths_raise():
+            convert_module._write_beton(split, tmp_path / "x.beton", 2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_atomic_writer_removes_its_temporary_file_on_failure(tmp_path):
     from fastcifar.atomic import atomic_path
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import json
 import math
+import multiprocessing
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +59,9 @@ class _SplitDataset:
         return self.split.images[index], int(self.split.labels[index])
 
 
+WRITER_WATCH_SECONDS = 0.2  # how often the watcher looks at the writer processes
+
+
 def _write_beton(split: Split, path: Path, workers: int) -> None:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -69,13 +75,47 @@ def _write_beton(split: Split, path: Path, workers: int) -> None:
     writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
 
 
+@contextlib.contextmanager
+def _writer_deaths_raise() -> Iterator[None]:
+    """FFCV's writer waits forever for a worker process that died (a full disk's SIGBUS, a
+    record it could not read): a watcher thread sees the death and interrupts the wait, which
+    ends as one MachineFault. Only in the main thread, the one `interrupt_main` reaches."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    died: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        seen: dict[int, multiprocessing.Process] = {}
+        while not done.wait(WRITER_WATCH_SECONDS):
+            seen.update((child.pid, child) for child in multiprocessing.active_children())
+            died.extend(child.exitcode for child in seen.values() if child.exitcode)
+            if died:
+                _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, name="beton-writer-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not died:
+            raise  # the user's Ctrl-C
+        raise MachineFault(f"a beton writer process died (exit code {died[0]}): the disk may "
+                           "be full; nothing was replaced") from None
+    finally:
+        done.set()
+        watcher.join()
+
+
 def _replace_betons(data: CifarArrays, out_dir: Path, workers: int,
                     progress: Progress) -> None:
     """Write both betons beside the old ones; only once both are whole does the old metadata
     go and do they replace the old betons, so a failed write leaves an earlier conversion as
     it was, and a crash while replacing never leaves a set that looks complete."""
     with (atomic_path(out_dir / TRAIN_BETON) as new_train,
-          atomic_path(out_dir / TEST_BETON) as new_test):
+          atomic_path(out_dir / TEST_BETON) as new_test, _writer_deaths_raise()):
         progress("write train", 0, len(data.train.labels))
         _write_beton(data.train, new_train, workers)
         progress("write test", 0, len(data.test.labels))

@@ -113,8 +113,8 @@ def _read_batches(read_member: Callable[[str], bytes]) -> tuple[Split, Split, li
 
 
 def check_labels(labels: np.ndarray, image_count: int, class_count: int, where: str) -> None:
-    """Refuse labels that are not one whole class index per image, before anything is
-    written: FFCV's writer processes die on them and leave convert waiting forever."""
+    """Refuse labels that are not one whole class index per image, naming the batches,
+    before anything is written (FFCV's writer processes die on them)."""
     problem = None
     if labels.ndim != 1 or len(labels) != image_count:
         problem = f"{image_count} images and {labels.size} labels"
