@@ -319,8 +319,8 @@ def beton_bytes_needed(image_count: int, image_bytes: int, workers: int) -> int:
 
 
 def _check_free_space(out_dir: Path, data: CifarArrays, workers: int) -> None:
-    """Refuse before writing when the betons cannot fit: FFCV's writer processes die on a full
-    disk and leave their parent waiting, so the check comes first. The old betons stay until
+    """Refuse before writing when the betons cannot fit, saying how much room they need (a
+    writer process that dies on a full disk only ends the write). The old betons stay until
     the new ones replace them, so the new ones need all their room."""
     import shutil
 
