@@ -84,7 +84,7 @@ class BatchSelection:
 
 def batch_selection(config: TrainConfig, model: CustResNet, steps_per_epoch: int,
                     whitening_images: torch.Tensor | None,
-                    distributed: Distributed) -> BatchSelection | None:
+                    distributed: Distributed | None = None) -> BatchSelection | None:
     """The selection for `model`'s run (a proxy on its device, for its classes, whitened on
     the images that whitened it), or None when the run trains on every image."""
     if config.select_fraction >= 1:
