@@ -101,9 +101,13 @@ def test_a_failed_forced_conversion_keeps_the_earlier_one_whole(tiny_imagefolder
     assert not list(tmp_path.glob("*.tmp")) and read_metadata(tmp_path).train_count == 120
 
 
-def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path):
-    # FFCV's writer polled its workers' progress forever once one had died (here of an
-    # IndexError: more labels than images; on a full disk, of SIGBUS).
+@pytest.mark.parametrize("death", ["exception", "at once"])
+def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, monkeypatch,
+                                                                     death):
+    # FFCV's writer polled its workers' progress forever once one had died: of an exception
+    # (an IndexError, as more labels than images gave), or at once (a full disk's SIGBUS).
+    import multiprocessing
+
     import numpy as np
 
     from fastcifar.data.sources import Split
@@ -112,16 +116,27 @@ def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path):
     def hung(signal_number, frame):
         raise AssertionError("the write still waited for its dead worker after 180 s")
 
-    split = Split(np.zeros((4, 32, 32, 3), np.uint8), np.zeros(8, np.int64))
+    # Two chunks of 1000 records: the worker of the second waits for the first one's page
+    # forever once that worker died, until it is stopped.
+    images = 4 if death == "exception" else 2000
+    split = Split(np.zeros((images, 32, 32, 3), np.uint8), np.zeros(images * 2, np.int64)
+                  if death == "exception" else np.zeros(images, np.int64))
+    if death == "at once":  # the forked workers inherit this
+        real_item = convert_module._SplitDataset.__getitem__
+        monkeypatch.setattr(convert_module._SplitDataset, "__getitem__",
+                            lambda self, index: os._exit(3) if index < 1000
+                            else real_item(self, index))
+    before = set(multiprocessing.active_children())
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(180)  # a hang fails the test instead of holding the suite
     try:
-        with pytest.raises(MachineFault, match=r"a beton writer process died \(exit code 1\)"), \
+        with pytest.raises(MachineFault, match=r"a beton writer process died \(exit code"), \
                 convert_module._writer_deaths_raise():
-            convert_module._write_beton(split, tmp_path / "x.beton", 2)
+            convert_module._write_beton(split, tmp_path / "x.beton", 3)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+    assert set(multiprocessing.active_children()) <= before  # no worker left waiting
 
 
 def test_atomic_writer_removes_its_temporary_file_on_failure(tmp_path):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import fcntl
 import json
 import math
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -72,41 +72,81 @@ def _write_beton(split: Split, path: Path, workers: int) -> None:
         {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()},
         num_workers=workers,
     )
-    writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
+    try:
+        writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
+    except BaseException:
+        # FFCV frees its shared index only when the write completes.
+        with contextlib.suppress(AttributeError, OSError):
+            writer.metadata_sm.close()
+            writer.metadata_sm.unlink()
+        raise
+
+
+class _WriterDied(Exception):
+    """Raised in the main thread (by a signal) once a beton writer process has died."""
 
 
 @contextlib.contextmanager
 def _writer_deaths_raise() -> Iterator[None]:
     """FFCV's writer waits forever for a worker process that died (a full disk's SIGBUS, a
-    record it could not read): a watcher thread sees the death and interrupts the wait, which
-    ends as one MachineFault. Only in the main thread, the one `interrupt_main` reaches."""
+    record it could not read): the workers it starts are recorded, a watcher thread looks at
+    their exit codes, and a death interrupts the main thread's wait with a signal; the other
+    workers are then stopped, and the write ends as one MachineFault. Main thread only (the
+    one a signal handler runs in)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    import ffcv.writer
+
+    started: list[multiprocessing.Process] = []
     died: list[int] = []
     done = threading.Event()
+    real_process = ffcv.writer.Process
+
+    class RecordedProcess(real_process):
+        def start(self) -> None:
+            started.append(self)
+            super().start()
+
+    def on_death_signal(number: int, frame) -> None:
+        if not done.is_set():
+            raise _WriterDied
 
     def watch() -> None:
-        seen: dict[int, multiprocessing.Process] = {}
         while not done.wait(WRITER_WATCH_SECONDS):
-            seen.update((child.pid, child) for child in multiprocessing.active_children())
-            died.extend(child.exitcode for child in seen.values() if child.exitcode)
+            died.extend(code for code in (worker.exitcode for worker in list(started)) if code)
             if died:
-                _thread.interrupt_main()
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
                 return
 
+    previous_handler = signal.signal(signal.SIGUSR1, on_death_signal)
+    ffcv.writer.Process = RecordedProcess
     watcher = threading.Thread(target=watch, name="beton-writer-watch", daemon=True)
     watcher.start()
     try:
         yield
-    except KeyboardInterrupt:
-        if not died:
-            raise  # the user's Ctrl-C
+    except _WriterDied:
         raise MachineFault(f"a beton writer process died (exit code {died[0]}): the disk may "
                            "be full; nothing was replaced") from None
     finally:
         done.set()
         watcher.join()
+        ffcv.writer.Process = real_process
+        signal.signal(signal.SIGUSR1, previous_handler)
+        _stop_processes(started)
+
+
+def _stop_processes(processes: list[multiprocessing.Process]) -> None:
+    """Terminate, then kill, the writer processes still running: after one died the others
+    wait for its page forever, and the interpreter would wait for them at exit."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(2)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _replace_betons(data: CifarArrays, out_dir: Path, workers: int,
@@ -238,9 +278,16 @@ def _up_to_date(out_dir: Path, source: Path) -> dict | None:
         return metadata if recorded.get("sha256") == _source_fingerprint_quick(source) else None
     # Folders: stale once anything inside is newer than the metadata file.
     made = metadata_path.stat().st_mtime
-    # lstat: a broken link inside the source has no target to stat
-    newest = max((p.lstat().st_mtime for p in source.rglob("*")), default=0.0)
+    newest = max((_modified(path) for path in source.rglob("*")), default=0.0)
     return metadata if newest <= made else None
+
+
+def _modified(path: Path) -> float:
+    """When `path` (a link's target) last changed; a broken link's own time."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return path.lstat().st_mtime
 
 
 @contextlib.contextmanager
