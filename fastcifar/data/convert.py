@@ -154,8 +154,9 @@ def _replace_betons(data: CifarArrays, out_dir: Path, workers: int,
     """Write both betons beside the old ones; only once both are whole does the old metadata
     go and do they replace the old betons, so a failed write leaves an earlier conversion as
     it was, and a crash while replacing never leaves a set that looks complete."""
-    with (atomic_path(out_dir / TRAIN_BETON) as new_train,
-          atomic_path(out_dir / TEST_BETON) as new_test, _writer_deaths_raise()):
+    # Renamed into place in reverse order of entry: the train beton first, then the test one.
+    with (atomic_path(out_dir / TEST_BETON) as new_test,
+          atomic_path(out_dir / TRAIN_BETON) as new_train, _writer_deaths_raise()):
         progress("write train", 0, len(data.train.labels))
         _write_beton(data.train, new_train, workers)
         progress("write test", 0, len(data.test.labels))
