@@ -114,10 +114,12 @@ def _writer_deaths_raise() -> Iterator[None]:
 
     def watch() -> None:
         while not done.wait(WRITER_WATCH_SECONDS):
-            died.extend(code for code in (worker.exitcode for worker in list(started)) if code)
-            if died:
+            if not died:
+                died.extend(code for code in (worker.exitcode for worker in list(started))
+                            if code)
+            if died:  # again at each look until the wait ends: where the signal lands in an
+                # at-fork callback or a __del__, Python swallows the handler's exception
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-                return
 
     previous_handler = signal.signal(signal.SIGUSR1, on_death_signal)
     ffcv.writer.Process = RecordedProcess
@@ -126,6 +128,7 @@ def _writer_deaths_raise() -> Iterator[None]:
     try:
         yield
     except _WriterDied:
+        done.set()  # first: a later signal must not raise inside this handler
         raise MachineFault(f"a beton writer process died (exit code {died[0]}): the disk may "
                            "be full; nothing was replaced") from None
     finally:
