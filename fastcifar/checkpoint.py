@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import platform
 import random
@@ -23,6 +22,7 @@ import torch
 from fastcifar.atomic import write_bytes
 from fastcifar.command_config import TTA_MODES
 from fastcifar.config import TrainConfig
+from fastcifar.data.convert import class_names_problem, is_finite_number, pixel_statistics_problem
 from fastcifar.errors import FastCifarError
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
@@ -133,8 +133,6 @@ WEIGHTS_FORMAT_VERSION = 1
 # What a reader needs to use the weights; everything else in the metadata is for people
 # (recipe, accuracy, epochs, data variant, commit, config, versions, hardware).
 REQUIRED_METADATA = ("class_names", "mean", "std", "logit_scale", "tta")
-# Below this a channel is all but constant, and dividing by it blows the images up to inf.
-MIN_PIXEL_STD = 1e-3
 
 
 def tta_mode(tta: bool, shifts: bool) -> str:
@@ -233,27 +231,15 @@ def metadata_problem(metadata: object) -> str | None:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         return f"lacks {', '.join(missing)}"
-    names = metadata["class_names"]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        return "class_names is not a list of names"
-    for key in ("mean", "std"):
-        values = metadata[key]
-        if not (isinstance(values, list) and len(values) == 3
-                and all(_is_finite_number(v) for v in values)):
-            return f"{key} is not 3 numbers (one per channel)"
-    if not all(0 <= v <= 255 for v in metadata["mean"]):
-        return "mean is not in 0..255 (pixel values)"
-    if not all(MIN_PIXEL_STD <= v <= 255 for v in metadata["std"]):
-        return f"std is not in {MIN_PIXEL_STD:g}..255 (pixel values)"
-    if not (_is_finite_number(metadata["logit_scale"]) and metadata["logit_scale"] > 0):
+    problem = (class_names_problem(metadata["class_names"])
+               or pixel_statistics_problem(metadata["mean"], metadata["std"]))
+    if problem:
+        return problem
+    if not (is_finite_number(metadata["logit_scale"]) and metadata["logit_scale"] > 0):
         return "logit_scale is not a positive number"
     if metadata["tta"] not in TTA_MODES:
         return f"tta is {metadata['tta']!r}, not one of {', '.join(TTA_MODES)}"
     return None
-
-
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _not_weights(path: Path, reason: str) -> FastCifarError:

@@ -143,8 +143,9 @@ def test_weights_with_damaged_tensors_or_impossible_pixel_statistics_are_refused
         path = tmp_path / f"{name}.safetensors"
         save_weights_file(path, tensors, METADATA)
         _assert_one_line_refusal(path, pattern)
-    for key, values, pattern in (("mean", [1e308, 0.0, 0.0], r"mean is not in 0\.\.255"),
-                                 ("std", [1e-320, 60.0, 60.0], r"std is not in 0\.001\.\.255")):
+    for key, values, pattern in (
+            ("mean", [1e308, 0.0, 0.0], r"mean is not 3 pixel values in 0\.\.255"),
+            ("std", [1e-320, 60.0, 60.0], r"std is not 3 pixel values in 0\.001\.\.255")):
         path = tmp_path / f"{key}.safetensors"
         save_file(dict(state), str(path), metadata={"fastcifar": json.dumps(
             {**METADATA, "format_version": 1, key: values})})

@@ -140,7 +140,7 @@ def test_onnx_files_without_fastcifar_metadata_are_refused_in_one_line(tiny_weig
     saved = json.loads(onnx.load(str(report.path)).metadata_props[0].value)
     for name, change, message in (
             ("two.onnx", {"class_names": ["a", "b"]}, "gives 3 logits for 2 class names"),
-            ("five.onnx", {"class_names": 5}, "class_names is not a list of names")):
+            ("five.onnx", {"class_names": 5}, "class_names is not a list of distinct names")):
         del proto.metadata_props[:]
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps({**saved, **change}))
         onnx.save(proto, str(tmp_path / name))

@@ -225,17 +225,10 @@ def metadata_problem(metadata: object) -> str | None:
         return f"lacks {', '.join(missing)}"
     if not _is_count(metadata["format_version"]):
         return "format_version is not a whole number"
-    names = metadata["class_names"]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
-            and len(set(names)) == len(names)):
-        return "class_names is not a list of distinct names"
-    for key in ("mean", "std"):
-        values = metadata[key]
-        if not (isinstance(values, list) and len(values) == 3
-                and all(_is_number(v) and 0 <= v <= 255 for v in values)):
-            return f"{key} is not 3 pixel values (one per channel)"
-    if not all(v > 0 for v in metadata["std"]):
-        return "std is not positive"
+    problem = (class_names_problem(metadata["class_names"])
+               or pixel_statistics_problem(metadata["mean"], metadata["std"]))
+    if problem:
+        return problem
     betons, counts = metadata["betons"], metadata["counts"]
     for split in ("train", "test"):
         entry = betons.get(split) if isinstance(betons, dict) else None
@@ -247,7 +240,29 @@ def metadata_problem(metadata: object) -> str | None:
     return None
 
 
-def _is_number(value: object) -> bool:
+# Below this a channel is all but constant, and dividing by it blows the images up to inf.
+MIN_PIXEL_STD = 1e-3
+
+
+def class_names_problem(names: object) -> str | None:
+    """What is wrong with recorded class names (the metadata's, a weights file's), or None."""
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        return "class_names is not a list of distinct names"
+    return None
+
+
+def pixel_statistics_problem(mean: object, std: object) -> str | None:
+    """What is wrong with a per-channel mean and std on the 0-255 scale (the metadata's, a
+    weights file's), or None."""
+    for key, values, low in (("mean", mean, 0), ("std", std, MIN_PIXEL_STD)):
+        if not (isinstance(values, list) and len(values) == 3
+                and all(is_finite_number(v) and low <= v <= 255 for v in values)):
+            return f"{key} is not 3 pixel values in {low:g}..255 (one per channel)"
+    return None
+
+
+def is_finite_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
