@@ -78,6 +78,13 @@ def all_reduce_sum(values: torch.Tensor, distributed: Distributed) -> torch.Tens
     return values
 
 
+def finite_on_every_rank(value: torch.Tensor, distributed: Distributed) -> bool:
+    """Whether the device scalar `value` is finite on every rank: one host sync, and under
+    torchrun one all-reduce beside it, so all ranks get the same answer at the same step."""
+    non_finite = (~torch.isfinite(value)).float().reshape(1)
+    return all_reduce_sum(non_finite, distributed).item() == 0
+
+
 def all_reduce_max(value: int, distributed: Distributed, device: torch.device) -> int:
     """The largest of every rank's `value` (a host sync: call it every few steps, not each)."""
     if distributed.world_size == 1:

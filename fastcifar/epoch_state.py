@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastcifar.distributed import Distributed, all_reduce_max, all_reduce_sum
+from fastcifar.distributed import Distributed, all_reduce_sum, finite_on_every_rank
 from fastcifar.errors import FastCifarError
 
 if TYPE_CHECKING:
@@ -115,8 +115,7 @@ class TrainSums:
         """Whether every rank's loss so far is finite: one host sync (and under torchrun one
         all-reduce), so call it every few steps. All ranks get the same answer and stop at the
         same step; a rank that stopped alone left the others waiting at the next collective."""
-        bad_here = int(not torch.isfinite(self.loss_sum).item())
-        return not all_reduce_max(bad_here, distributed, self.loss_sum.device)
+        return finite_on_every_rank(self.loss_sum, distributed)
 
     def totals(self, distributed: Distributed) -> tuple[float, float, float]:
         """(loss sum, correct, seen) over all ranks: one sync."""

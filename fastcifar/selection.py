@@ -9,7 +9,7 @@ from torch import nn
 
 from fastcifar.config import TrainConfig, kept_per_batch
 from fastcifar.device import PrecisionPlan, autocast
-from fastcifar.distributed import Distributed, all_reduce_max
+from fastcifar.distributed import Distributed, finite_on_every_rank
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet, build_model
 from fastcifar.optim import Optimizers
@@ -69,8 +69,7 @@ class BatchSelection:
         self.calls += 1
         if self.calls % DIVERGENCE_CHECK_CALLS:
             return
-        bad_here = int(not torch.isfinite(self.loss_sum).item())
-        if all_reduce_max(bad_here, self.distributed, self.device):
+        if not finite_on_every_rank(self.loss_sum, self.distributed):
             raise FastCifarError("the data-selection proxy diverged (non-finite loss): lower "
                                  "--max-lr / --muon-lr, or train without --select-fraction")
 
