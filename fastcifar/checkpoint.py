@@ -152,7 +152,8 @@ def save_weights_file(path: Path, state_dict: dict[str, torch.Tensor], metadata:
     The metadata is stored as one JSON string under the header key "fastcifar" and must hold
     REQUIRED_METADATA (mean/std on the 0-255 scale, `tta` one of TTA_MODES). `dtype` (e.g.
     torch.float16 for the shipped file) casts the floating-point tensors; integer buffers such as
-    BatchNorm's `num_batches_tracked` stay integers.
+    BatchNorm's `num_batches_tracked` stay integers. Tensors `read_weights_file` would refuse
+    (NaN or infinite, say from an fp16 cast that overflowed) are refused before anything is written.
     """
     problem = metadata_problem(metadata)
     if problem:
@@ -165,6 +166,10 @@ def save_weights_file(path: Path, state_dict: dict[str, torch.Tensor], metadata:
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[name] = tensor.contiguous()
+    problem = _tensor_problem(tensors)  # read_weights_file would refuse the file: never write it
+    if problem:
+        cast = f" after the cast to {dtype}" if dtype is not None else ""
+        raise FastCifarError(f"cannot write weights file {path}: {problem}{cast}")
     header = json.dumps({"format_version": WEIGHTS_FORMAT_VERSION, **metadata}, default=str,
                         allow_nan=False)
     # Serialised in memory and written by Python: safetensors' own writer reports a full disk

@@ -84,6 +84,23 @@ def test_weights_file_without_required_metadata_is_not_written(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_weights_the_reader_would_refuse_are_not_written(tmp_path):
+    path = tmp_path / "w.safetensors"
+    state = trained_looking_model().state_dict()
+    too_large = {**state, "fc.weight": state["fc.weight"] + 1e5}  # fp16 tops out at 65504
+    with pytest.raises(FastCifarError, match=r"fc\.weight holds NaN or infinite values after "
+                                             r"the cast to torch\.float16") as refused:
+        save_weights_file(path, too_large, METADATA, dtype=torch.float16)
+    assert "\n" not in str(refused.value) and str(path) in str(refused.value)
+    diverged = {**state, "layer3.conv.layers.0.weight": torch.full_like(
+        state["layer3.conv.layers.0.weight"], float("nan"))}
+    with pytest.raises(FastCifarError, match=r"layer3\.conv\.layers\.0\.weight holds NaN"):
+        save_weights_file(path, diverged, METADATA)
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+    save_weights_file(path, too_large, METADATA)  # in fp32 the same values are fine
+    assert read_weights_file(path)[0]["fc.weight"].max() > 1e5
+
+
 def _assert_one_line_refusal(path, pattern: str) -> None:
     with pytest.raises(FastCifarError, match=pattern) as refused:
         read_weights_file(path)
