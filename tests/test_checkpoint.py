@@ -16,6 +16,8 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from fastcifar.checkpoint import (
+    METADATA_KEY,
+    WEIGHTS_FORMAT_VERSION,
     load_checkpoint,
     read_weights_file,
     restore_rng_state,
@@ -157,8 +159,9 @@ def test_weights_with_damaged_tensors_or_impossible_pixel_statistics_are_refused
             ("int32", whole, "fc.weight is torch.int32, not floating point"),
             ("bool", flags, "fc.weight is torch.bool, not floating point"),
             ("counter", float_counter, f"{counter} is torch.float32, not a count")):
-        path = tmp_path / f"{name}.safetensors"
-        save_weights_file(path, tensors, METADATA)
+        path = tmp_path / f"{name}.safetensors"  # as a damaged copy would hold them:
+        header = {"format_version": WEIGHTS_FORMAT_VERSION, **METADATA}  # save_weights_file
+        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header)})  # refuses
         _assert_one_line_refusal(path, pattern)
     for key, values, pattern in (
             ("mean", [1e308, 0.0, 0.0], r"mean is not 3 pixel values in 0\.\.255"),
