@@ -48,6 +48,11 @@ class CustBlock(nn.Module):
         return x + self.residual(x) if self.residual is not None else x
 
 
+# The prep layer's channels in CustResNet's plan (the blocks have 2, 4 and 8 times as many).
+# Read when a model is built: the test suite narrows it for its many short training runs.
+CUSTRESNET_WIDTH = 64
+
+
 class CustResNet(nn.Module):
     """prep 64 -> block 128 + res -> block 256 -> block 512 + res -> global max-pool -> linear 10.
 
@@ -56,13 +61,14 @@ class CustResNet(nn.Module):
 
     `logit_scale` multiplies the logits (a fixed constant, no parameter): a small scale such as
     0.125 keeps early softmax outputs soft, which lets high learning rates train stably.
-    `width` (the prep layer's channels; 64 is CustResNet) narrows the same plan for the
-    data-selection proxy (selection.py).
+    `width` (the prep layer's channels; None: CUSTRESNET_WIDTH, 64) narrows the same plan for
+    the data-selection proxy (selection.py).
     """
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.0,
-                 logit_scale: float = 1.0, width: int = 64) -> None:
+                 logit_scale: float = 1.0, width: int | None = None) -> None:
         super().__init__()
+        width = CUSTRESNET_WIDTH if width is None else width
         self.prep = ConvLayer(3, width, dropout=dropout)
         self.layer1 = CustBlock(width, 2 * width, residual=True, dropout=dropout)
         self.layer2 = CustBlock(2 * width, 4 * width, residual=False, dropout=dropout)
@@ -192,7 +198,7 @@ def zero_init_residuals_(model: CustResNet) -> None:
 
 def build_model(config: TrainConfig, device: torch.device,
                 whitening_images: torch.Tensor | None = None, num_classes: int = 10,
-                width: int = 64) -> nn.Module:
+                width: int | None = None) -> nn.Module:
     """CustResNet on the device, channels-last when asked, BN settings and initialisation set.
 
     `num_classes` is the data's (its metadata's class names), so the saved weights fit it.

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny synthetic CIFAR-like sources (ImageFolder PNGs, official pickle format)."""
+"""Shared fixtures: tiny synthetic CIFAR-like sources (ImageFolder PNGs, official pickle format),
+and the narrow CustResNet the suite trains."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fastcifar.model
+import fastcifar.selection
 from fastcifar.config import ConvertConfig
 from fastcifar.data.convert import convert
+from narrow_custresnet import narrow
 
 TINY_CLASSES = ["apple", "berry", "cherry"]
 # Easy classes: a distinct base colour per class plus noise, so a model learns them in a few steps.
@@ -25,6 +29,48 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     other sits idle."""
     items.sort(key=lambda item: not (item.get_closest_marker("slow")
                                      or item.get_closest_marker("realdata")))
+
+
+# CustResNet's plan at a quarter of its width (~1/16 of its FLOPs) for the tests: they check
+# the training machinery, and at full width their steps were most of the suite's time on 2
+# cores. The model's own tests, the real-data tests (the shipped weights), the ones marked
+# full_width and the CLI subprocesses (`python -m fastcifar`) build the real 6,573,130-parameter
+# network; torchrun's ranks run narrow_custresnet.py to match the test that compares with them.
+FULL_WIDTH, FULL_PROXY_WIDTH = fastcifar.model.CUSTRESNET_WIDTH, fastcifar.selection.PROXY_WIDTH
+
+
+@pytest.fixture(scope="session", autouse=True)
+def narrow_custresnet():
+    """CustResNet at TEST_WIDTH for the whole session, module and session fixtures that train
+    included (they are set up before any test's own fixtures)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        narrow(monkeypatch)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def full_width_when_marked(request, monkeypatch) -> None:
+    """The real width for the tests marked full_width or realdata."""
+    if request.node.get_closest_marker("full_width") or request.node.get_closest_marker(
+            "realdata"):
+        monkeypatch.setattr(fastcifar.model, "CUSTRESNET_WIDTH", FULL_WIDTH)
+        monkeypatch.setattr(fastcifar.selection, "PROXY_WIDTH", FULL_PROXY_WIDTH)
+
+
+def sharpened_untrained_custresnet(logit_scale: float):
+    """An untrained 3-class CustResNet (the suite's narrow one) whose TTA modes disagree on the
+    tiny test set: an untrained head gives one class for every image, so its weights are scaled
+    up (x100), and seed 8's filters then answer 9 of the 60 test images differently with and
+    without flip (17 without TTA and with multi-crop, 8 with flip and with multi-crop)."""
+    import torch
+
+    from fastcifar.model import CustResNet
+
+    torch.manual_seed(8)
+    model = CustResNet(num_classes=3, logit_scale=logit_scale)
+    with torch.no_grad():
+        model.fc.weight.mul_(100)
+    return model
 
 
 def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -230,7 +230,8 @@ def test_data_on_device_is_refused_under_torchrun(tiny_dataset, monkeypatch, tmp
 def test_short_train_run_with_data_on_device_learns(tiny_dataset, tmp_path):
     from fastcifar.training import train
 
-    base = recipe("fast", epochs=3, max_lr=0.05, tta=False, make_plots=False,
+    # LR 0.1: the suite's narrow CustResNet scored 2/3 at 0.05 with seeds 0 and 1, 1.0 at 0.1.
+    base = recipe("fast", epochs=3, max_lr=0.1, tta=False, make_plots=False,
                   loader=config(tiny_dataset, batch_size=24, holdout=12),
                   augment=AugmentConfig(cutout_size=4), precision=Precision.fp32,
                   out_dir=tmp_path / "runs", weights_dir=tmp_path / "weights")

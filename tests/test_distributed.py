@@ -21,6 +21,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+# The ranks run `fastcifar` through this file: the suite's narrow CustResNet, as in this process.
+NARROW_FASTCIFAR = str(Path(__file__).with_name("narrow_custresnet.py"))
+
 # The fast recipe (plain SGD): the tolerances below were set for it.
 TRAIN_ARGS = ["--recipe", "fast", "--epochs", "2", "--max-lr", "0.05", "--precision", "fp32",
               "--workers", "1", "--cutout", "4", "--no-tta", "--eval-from-epoch", "1"]
@@ -30,7 +33,7 @@ TRAIN_ARGS = ["--recipe", "fast", "--epochs", "2", "--max-lr", "0.05", "--precis
 def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fastcifar",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", NARROW_FASTCIFAR,
                "train", *TRAIN_ARGS, "--batch-size", "12", "--eval-every-steps", "2",
                "--data", str(tiny_dataset),
                "--out", str(tmp_path / "ddp"), "--weights", str(tmp_path / "ddp-weights")]
@@ -65,7 +68,7 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
 
 def _torchrun(tiny_dataset, tmp_path, name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fastcifar",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", NARROW_FASTCIFAR,
             "train", "--recipe", "fast", "--epochs", "2", "--max-lr", "0.05", "--precision",
             "fp32", "--workers", "1", "--cutout", "4", "--no-tta", "--batch-size", "6", "--data",
             str(tiny_dataset),

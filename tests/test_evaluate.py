@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import sharpened_untrained_custresnet
 from fastcifar.checkpoint import read_weights_file, save_weights_file
 from fastcifar.cli import app
 from fastcifar.command_config import EvaluateConfig
@@ -30,13 +31,8 @@ LOGIT_SCALE = 0.5
 
 def write_tiny_weights(path, data_dir, tta: str = "none"):
     """A weights file as training writes it, for an untrained 3-class CustResNet whose
-    predictions on the tiny test set differ with and without flip TTA: an untrained head
-    gives one class for every image, so its weights are scaled up (x100), and seed 9's
-    filters give different answers for 11 of the 60 test images in the two modes."""
-    torch.manual_seed(9)
-    model = CustResNet(num_classes=3, logit_scale=LOGIT_SCALE)
-    with torch.no_grad():
-        model.fc.weight.mul_(100)
+    predictions on the tiny test set differ in each TTA mode."""
+    model = sharpened_untrained_custresnet(LOGIT_SCALE)
     metadata = read_metadata(data_dir)
     save_weights_file(path, model.state_dict(), {
         "accuracy": 0.5, "epochs": 2, "class_names": metadata.class_names,
@@ -191,7 +187,8 @@ def test_weights_that_do_not_fit_or_score_inf_are_refused_naming_why(tiny_weight
         evaluate_weights(config)
     narrow = {**state, "fc.weight": state["fc.weight"][:, :8]}
     save_weights_file(config.weights, narrow, metadata)
-    with pytest.raises(FastCifarError, match=r"fc\.weight is \(3, 8\), not \(3, 512\)$"):
+    features = state["fc.weight"].shape[1]
+    with pytest.raises(FastCifarError, match=rf"fc\.weight is \(3, 8\), not \(3, {features}\)$"):
         evaluate_weights(config)
     # Every check passes, yet the scores overflow: refused, not reported as an accuracy.
     save_weights_file(config.weights, state, {**metadata, "logit_scale": 1e308})

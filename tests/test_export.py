@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import sharpened_untrained_custresnet
 from fastcifar.checkpoint import METADATA_KEY, save_weights_file
 from fastcifar.cli import app
 from fastcifar.command_config import ExportConfig
@@ -30,10 +31,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tiny_weights(tiny_dataset, tmp_path_factory):
     """An untrained 3-class CustResNet with a sharpened head (its TTA modes disagree)."""
-    torch.manual_seed(9)
-    model = CustResNet(num_classes=3, logit_scale=0.5)
-    with torch.no_grad():
-        model.fc.weight.mul_(100)
+    model = sharpened_untrained_custresnet(logit_scale=0.5)
     metadata = read_metadata(tiny_dataset)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     save_weights_file(path, model.state_dict(), {

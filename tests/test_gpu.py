@@ -12,7 +12,7 @@ from fastcifar.config import AugmentConfig, Device, LoaderConfig, Precision, rec
 from fastcifar.device import DeviceStep, plan_precision
 from fastcifar.training import train
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu, pytest.mark.full_width,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 

@@ -1,8 +1,11 @@
 """CustResNet: parameter count, shapes, receptive field."""
 
+import pytest
 import torch
 
 from fastcifar.model import CustResNet, count_parameters, receptive_field, receptive_field_table
+
+pytestmark = pytest.mark.full_width  # the real network, not the suite's narrow one
 
 
 def test_custresnet_has_exactly_6_573_130_parameters():

@@ -185,6 +185,7 @@ def test_predict_command_prints_top_k_and_json(tmp_path):
     assert "Traceback" not in bad.output
 
 
+@pytest.mark.full_width
 def test_default_weights_are_the_shipped_file_with_a_clear_error_when_absent(tmp_path,
                                                                             monkeypatch):
     image = tmp_path / "cat.png"

@@ -55,6 +55,7 @@ def test_whitening_filters_decorrelate_the_patches():
                                rtol=0)
 
 
+@pytest.mark.full_width
 def test_whitened_prep_folds_into_the_plain_conv_and_keeps_the_parameter_count():
     model = CustResNet()
     whitened = whiten_prep_(model, smooth_batch(), eps=1e-2)
@@ -79,6 +80,7 @@ def test_whitened_prep_trains_the_mixing_weights_only():
     assert whitened.mixing.grad is not None and whitened.mixing.grad.abs().sum() > 0
 
 
+@pytest.mark.full_width  # its inputs have the real network's channel counts
 def test_dirac_init_makes_each_conv_pass_its_inputs_through():
     model = CustResNet()
     assert dirac_init_(model) == 8  # every 3x3 conv of the layer plan
@@ -89,6 +91,7 @@ def test_dirac_init_makes_each_conv_pass_its_inputs_through():
     assert torch.equal(prep(x[:, :3])[:, :3], x[:, :3])
 
 
+@pytest.mark.full_width
 def test_build_model_freezes_bn_scales_and_sets_bn_eps_and_momentum():
     config = dataclasses.replace(EXPRESS, whiten=False, channels_last=False, bn_eps=1e-12,
                                  bn_momentum=0.6)

@@ -60,6 +60,7 @@ def test_selection_returns_the_images_the_proxy_scored_hardest_and_steps_the_pro
     assert any(moved)  # the proxy took its step on the whole batch
 
 
+@pytest.mark.full_width
 def test_the_proxy_is_custresnet_at_a_quarter_width_about_a_sixteenth_of_its_parameters():
     selection = BatchSelection(_selecting_config(), CPU, num_classes=10, steps_per_epoch=5)
     proxy_parameters = sum(p.numel() for p in selection.proxy.parameters())

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from fastcifar.cli import app
 from fastcifar.model import CustResNet, summary_record
+
+pytestmark = pytest.mark.full_width  # the real network, not the suite's narrow one
 
 
 def test_summary_record_counts_parameters_layers_and_receptive_field():

@@ -226,7 +226,8 @@ def test_resume_refuses_weights_of_another_class_count(tiny_dataset, tmp_path):
         train(tiny_config(tiny_dataset, tmp_path, epochs=2), callbacks=_StopAfterEpoch(1))
     (checkpoint,) = (tmp_path / "runs").glob("*/last.pt")
     state = load_checkpoint(checkpoint)
-    state["model"]["fc.weight"] = torch.zeros(10, 512)  # as saved by a 10-class head
+    features = state["model"]["fc.weight"].shape[1]
+    state["model"]["fc.weight"] = torch.zeros(10, features)  # as saved by a 10-class head
     state["model"]["fc.bias"] = torch.zeros(10)
     torch.save(state, checkpoint)
     with pytest.raises(FastCifarError, match="does not fit this data's model"):
@@ -602,6 +603,7 @@ RECORDED_FAST_RUN = [(0.8292058308919271, 0.6916666666666667, 1.0682563781738281
                      (0.4980067571004232, 1.0, 1.0024458567301433, 1.0)]
 
 
+@pytest.mark.full_width
 def test_fixed_seed_run_reproduces_the_metrics_recorded_before_the_split(tiny_dataset,
                                                                          tmp_path):
     config = tiny_config(tiny_dataset, tmp_path, epochs=2, seed=3)

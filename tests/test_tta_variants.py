@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import sharpened_untrained_custresnet
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.config import LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import make_loader, read_metadata
@@ -114,12 +115,8 @@ def test_flip_translate_weighs_the_mirror_pair_half_and_each_shifted_pair_a_quar
 def test_each_column_holds_its_own_mode(tta_variants, tiny_dataset, tmp_path):
     """Weights whose plain and flip accuracies differ: a swapped column shows."""
     from fastcifar.checkpoint import save_weights_file
-    from fastcifar.model import CustResNet
 
-    torch.manual_seed(9)  # an untrained net with a sharpened head: its TTA modes disagree
-    model = CustResNet(num_classes=3, logit_scale=0.5)
-    with torch.no_grad():
-        model.fc.weight.mul_(100)
+    model = sharpened_untrained_custresnet(logit_scale=0.5)  # its TTA modes disagree
     metadata = read_metadata(tiny_dataset)
     weights = tmp_path / "sharp.safetensors"
     save_weights_file(weights, model.state_dict(), {
