@@ -39,6 +39,18 @@ def tiny_config(data_dir, tmp_path, **changes) -> TrainConfig:
     return dataclasses.replace(base, **changes)
 
 
+def test_runs_in_the_suite_train_its_narrow_custresnet(tiny_dataset, tmp_path):
+    # The suite's time rests on it (conftest.py): the run's own model, not only CustResNet().
+    result = train(tiny_config(tiny_dataset, tmp_path, epochs=1, eval_from_epoch=2))
+    narrow = sum(p.numel() for p in result.final_model.parameters())
+    assert narrow < 6_573_130 / 10 and result.final_model.prep.layers[0].out_channels == 16
+
+
+@pytest.mark.full_width
+def test_a_full_width_test_builds_the_real_custresnet():
+    assert sum(p.numel() for p in CustResNet().parameters()) == 6_573_130
+
+
 def test_short_cpu_run_lowers_loss_and_beats_chance(tiny_dataset, tmp_path):
     # fp32: bf16 on the CPU trains in test_selection.py (a CPU without native bf16 emulates it,
     # ~10x slower).
