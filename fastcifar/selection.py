@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import fastcifar.model
 from fastcifar.config import TrainConfig, kept_per_batch
 from fastcifar.device import PrecisionPlan, autocast
 from fastcifar.distributed import Distributed, finite_on_every_rank
@@ -15,7 +16,7 @@ from fastcifar.model import CustResNet, build_model
 from fastcifar.optim import Optimizers
 
 # The proxy is CustResNet's plan at a quarter of its width: ~1/16 of its FLOPs and parameters.
-PROXY_WIDTH = 16
+PROXY_WIDTH_DIVISOR = 4
 DIVERGENCE_CHECK_CALLS = 16  # a host sync this often: a proxy gone non-finite would pick at random
 
 
@@ -39,7 +40,8 @@ class BatchSelection:
                  distributed: Distributed | None = None) -> None:
         self.fraction, self.device = config.select_fraction, device
         self.distributed = distributed or Distributed()
-        self.proxy = build_model(config, device, whitening_images, num_classes, PROXY_WIDTH)
+        self.proxy = build_model(config, device, whitening_images, num_classes,
+                                 fastcifar.model.CUSTRESNET_WIDTH // PROXY_WIDTH_DIVISOR)
         self.optimizers = Optimizers(self.proxy, config, steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(reduction="none")
         self.loss_sum, self.calls = torch.zeros((), device=device), 0

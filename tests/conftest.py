@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 import fastcifar.model
-import fastcifar.selection
 from fastcifar.config import ConvertConfig
 from fastcifar.data.convert import convert
 from narrow_custresnet import narrow
@@ -33,10 +32,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # CustResNet's plan at a quarter of its width (~1/16 of its FLOPs) for the tests: they check
 # the training machinery, and at full width their steps were most of the suite's time on 2
-# cores. The model's own tests, the real-data tests (the shipped weights), the ones marked
-# full_width and the CLI subprocesses (`python -m fastcifar`) build the real 6,573,130-parameter
-# network; torchrun's ranks run narrow_custresnet.py to match the test that compares with them.
-FULL_WIDTH, FULL_PROXY_WIDTH = fastcifar.model.CUSTRESNET_WIDTH, fastcifar.selection.PROXY_WIDTH
+# cores. The model's own tests and the real-data tests (the shipped weights), marked full_width
+# or realdata, build the real 6,573,130-parameter network, and so does every fresh process that
+# runs `python -m fastcifar` (or `-c`). torchrun's ranks in the DDP comparison and the notebook's
+# kernel narrow themselves through narrow_custresnet.py, to match this process.
+FULL_WIDTH = fastcifar.model.CUSTRESNET_WIDTH
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,7 +54,6 @@ def full_width_when_marked(request, monkeypatch) -> None:
     if request.node.get_closest_marker("full_width") or request.node.get_closest_marker(
             "realdata"):
         monkeypatch.setattr(fastcifar.model, "CUSTRESNET_WIDTH", FULL_WIDTH)
-        monkeypatch.setattr(fastcifar.selection, "PROXY_WIDTH", FULL_PROXY_WIDTH)
 
 
 def sharpened_untrained_custresnet(logit_scale: float):

@@ -7,22 +7,22 @@ TEST_WIDTH = 16  # a quarter of CustResNet's 64: ~1/16 of its FLOPs
 
 
 def narrow(monkeypatch=None) -> None:
-    """CUSTRESNET_WIDTH at TEST_WIDTH and the selection proxy at a quarter of it (through
-    `monkeypatch` where given, so a test can undo it)."""
+    """CUSTRESNET_WIDTH at TEST_WIDTH (the selection proxy follows it), through `monkeypatch`
+    where given, so a test can undo it."""
     import fastcifar.model
-    import fastcifar.selection
 
-    for module, name, value in ((fastcifar.model, "CUSTRESNET_WIDTH", TEST_WIDTH),
-                                (fastcifar.selection, "PROXY_WIDTH", TEST_WIDTH // 4)):
-        if monkeypatch is None:
-            setattr(module, name, value)
-        else:
-            monkeypatch.setattr(module, name, value)
+    if monkeypatch is None:
+        fastcifar.model.CUSTRESNET_WIDTH = TEST_WIDTH
+    else:
+        monkeypatch.setattr(fastcifar.model, "CUSTRESNET_WIDTH", TEST_WIDTH)
 
 
 if __name__ == "__main__":
     import sys
+    from pathlib import Path
 
+    # The checkout this file is in, first, as `python -m fastcifar` from its root would have it.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     narrow()
     from fastcifar.cli import entry
 

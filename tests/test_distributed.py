@@ -67,8 +67,10 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
 
 
 def _torchrun(tiny_dataset, tmp_path, name: str, *extra: str) -> list[str]:
+    # The real network: the signal must land in the 6 steps between epoch 1's end and the
+    # ranks' comparison at step 16, ~2 s at full width on 2 cores, a few tenths narrow.
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", NARROW_FASTCIFAR,
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fastcifar",
             "train", "--recipe", "fast", "--epochs", "2", "--max-lr", "0.05", "--precision",
             "fp32", "--workers", "1", "--cutout", "4", "--no-tta", "--batch-size", "6", "--data",
             str(tiny_dataset),
@@ -186,3 +188,4 @@ def test_a_loss_that_went_non_finite_on_one_rank_stops_every_rank_at_the_same_ch
                                 args=(_free_port(), str(tmp_path)), nprocs=2)
     answers = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert answers == [{"train_finite": False, "proxy_stopped": True}] * 2
+

@@ -279,8 +279,8 @@ def test_ship_weights_stores_fp16_and_the_files_own_scores_by_tta_mode(tiny_data
     spec.loader.exec_module(ship_weights)
     final = write_tiny_weights(tmp_path / "run-final.safetensors", tiny_dataset, tta="multicrop")
     shipped = tmp_path / "shipped.safetensors"
-    # The tiny untrained net scores the same in every mode: mark each mode's real report with
-    # its own figure to see that each lands under its own name.
+    # Each mode's real report is marked with its own figure, to see that each lands under its
+    # own name (the untrained net's scores could coincide).
     marks, scored = {"none": 0.1, "flip": 0.2, "multicrop": 0.3}, []
 
     def evaluate_marked(config):
