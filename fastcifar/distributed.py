@@ -1,10 +1,11 @@
-"""torchrun scale-out: the process group, rank 0's choices shared with the other ranks, sums
-over ranks, a check that every rank holds the same weights, and stop signals all ranks obey."""
+"""torchrun scale-out: the process group, rank 0's choices and write faults shared with the other
+ranks, sums over ranks, a check that every rank holds the same weights, and stop signals all
+ranks obey."""
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from fastcifar.config import TrainConfig
+from fastcifar.errors import MachineFault
 
 T = TypeVar("T")
 
@@ -68,6 +70,25 @@ def broadcast_from_main(value: T, distributed: Distributed) -> T:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def main_writes_agreed(write: Callable[[], None], distributed: Distributed) -> None:
+    """Rank 0 runs `write` (the files only it writes); if that fails, every rank stops here with
+    it. Alone, rank 0 would exit while the others waited at their next collective until torchrun
+    tore the job down. One pickled broadcast: call it once an epoch, not each step."""
+    error = None
+    if distributed.is_main:
+        try:
+            write()
+        except Exception as caught:  # a full disk's MachineFault, or anything else
+            if distributed.world_size == 1:
+                raise
+            error = caught
+    failure = broadcast_from_main(None if error is None else str(error), distributed)
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise MachineFault(f"rank 0 stopped: {failure}")
 
 
 def all_reduce_sum(values: torch.Tensor, distributed: Distributed) -> torch.Tensor:

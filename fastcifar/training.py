@@ -33,6 +33,7 @@ from fastcifar.distributed import (
     StopRequest,
     broadcast_from_main,
     init_distributed,
+    main_writes_agreed,
     ranks_agree,
     share_run_dir,
     stop_agreed,
@@ -209,10 +210,14 @@ class Run:
             holdout_accuracy=evaluation.holdout_accuracy if evaluated else None,
             train_size=self.config.train_image_size(epoch))
         self.history.append(stats)
-        self.save_checkpoint(epoch + 1)
-        self.write_metrics()
+        main_writes_agreed(lambda: self.save_epoch_end(epoch + 1), self.distributed)
         self.log.flush_steps()
         return stats
+
+    def save_epoch_end(self, epoch: int) -> None:
+        """`last.pt` and the metrics after `epoch` completed epochs."""
+        self.save_checkpoint(epoch)
+        self.write_metrics()
 
     def write_metrics(self, **extra: object) -> None:
         """metrics.json and metrics.csv (rank 0 writes them)."""
@@ -312,8 +317,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
     run = Run(config, loaders, device, plan, distributed, callbacks, resume_state)
     with run.faults.end_in_one_line():
         try:
-            if distributed.is_main:
-                write_json(run.run_dir / "run.json", run.record)
+            main_writes_agreed(lambda: write_json(run.run_dir / "run.json", run.record),
+                               distributed)
             callbacks.on_train_start(config, run.steps_per_epoch, device,
                                      run.trainer.precision_label, run.run_dir)
             # Every rank traps the signals; under torchrun they agree on the step to stop at.

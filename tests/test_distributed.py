@@ -189,3 +189,74 @@ def test_a_loss_that_went_non_finite_on_one_rank_stops_every_rank_at_the_same_ch
     answers = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert answers == [{"train_finite": False, "proxy_stopped": True}] * 2
 
+
+def _rank_runs_a_write_only_rank_0_makes(rank: int, port: int, out_dir: str, fails: bool
+                                         ) -> None:
+    """One of two gloo ranks (spawned): rank 0's write fails (a full disk) when `fails`; writes
+    who called the write and what each rank's check raised."""
+    import torch.distributed as dist
+
+    from fastcifar.distributed import Distributed, main_writes_agreed
+    from fastcifar.errors import MachineFault, WriteFailed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    calls = []
+
+    def write() -> None:
+        calls.append(rank)
+        if fails:
+            raise WriteFailed(Path(out_dir, "last.pt"), "No space left on device")
+
+    try:
+        main_writes_agreed(write, Distributed(rank=rank, world_size=2))
+        raised = None
+    except MachineFault as error:
+        raised = [type(error).__name__, str(error)]
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"calls": calls, "raised": raised}))
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_reason(tmp_path, fails):
+    # Before, rank 0 ended alone and the others waited at their next collective until
+    # torchrun tore the job down.
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(_rank_runs_a_write_only_rank_0_makes,
+                                args=(_free_port(), str(tmp_path), fails), nprocs=2)
+    answers = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [answer["calls"] for answer in answers] == [[0], []]  # rank 0 alone writes
+    if not fails:
+        assert [answer["raised"] for answer in answers] == [None, None]
+        return
+    reason = f"could not write {tmp_path / 'last.pt'}: No space left on device"
+    assert answers[0]["raised"] == ["WriteFailed", reason]
+    assert answers[1]["raised"] == ["MachineFault", f"rank 0 stopped: {reason}"]
+
+
+def test_a_runs_start_and_each_epoch_end_write_through_the_agreed_check(tiny_dataset, tmp_path,
+                                                                        monkeypatch):
+    import fastcifar.training
+    from fastcifar.distributed import main_writes_agreed
+
+    written = []
+
+    def files() -> set[tuple[str, int, int]]:  # TensorBoard's writer thread keeps its own time
+        return {(path.name, path.stat().st_ino, path.stat().st_mtime_ns)
+                for path in tmp_path.rglob("*")
+                if path.is_file() and not path.name.startswith("events.out.tfevents")}
+
+    def recording(write, distributed) -> None:
+        before = files()
+        main_writes_agreed(write, distributed)
+        written.append(sorted(name for name, _, _ in files() - before))
+
+    monkeypatch.setattr(fastcifar.training, "main_writes_agreed", recording)
+    result = CliRunner().invoke(app, ["train", *TRAIN_ARGS, "--batch-size", "24",
+                                      "--data", str(tiny_dataset), "--out", str(tmp_path / "r"),
+                                      "--weights", str(tmp_path / "w")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert written[0] == ["run.json"]
+    assert written[1:] == [["last.pt", "metrics.csv", "metrics.json"]] * 2  # epochs 1 and 2
