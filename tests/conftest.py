@@ -34,8 +34,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # the training machinery, and at full width their steps were most of the suite's time on 2
 # cores. The model's own tests and the real-data tests (the shipped weights), marked full_width
 # or realdata, build the real 6,573,130-parameter network, and so does every fresh process that
-# runs `python -m fastcifar` (or `-c`). torchrun's ranks in the DDP comparison and the notebook's
-# kernel narrow themselves through narrow_custresnet.py, to match this process.
+# runs `python -m fastcifar` (or `-c`). torchrun's ranks and the notebook's kernel narrow
+# themselves through narrow_custresnet.py, to match this process.
 FULL_WIDTH = fastcifar.model.CUSTRESNET_WIDTH
 
 

@@ -17,13 +17,36 @@ def narrow(monkeypatch=None) -> None:
         monkeypatch.setattr(fastcifar.model, "CUSTRESNET_WIDTH", TEST_WIDTH)
 
 
+# Seconds each train step is held (unset: none): a test that must signal the ranks within a few
+# steps paces them, since narrow steps take hundredths of a second.
+STEP_SECONDS = "NARROW_CUSTRESNET_STEP_SECONDS"
+
+
+def pace_steps(seconds: float) -> None:
+    """Hold each train step `seconds` longer (timing only: the maths is untouched)."""
+    import time
+
+    import fastcifar.training
+
+    step = fastcifar.training.Run.train_step
+
+    def paced(self, *arguments) -> None:
+        step(self, *arguments)
+        time.sleep(seconds)
+
+    fastcifar.training.Run.train_step = paced
+
+
 if __name__ == "__main__":
+    import os
     import sys
     from pathlib import Path
 
     # The checkout this file is in, first, as `python -m fastcifar` from its root would have it.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     narrow()
+    if os.environ.get(STEP_SECONDS):
+        pace_steps(float(os.environ[STEP_SECONDS]))
     from fastcifar.cli import entry
 
     sys.argv[0] = "fastcifar"

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fastcifar.cli import app
+from narrow_custresnet import STEP_SECONDS
 
 
 def _free_port() -> int:
@@ -67,10 +68,8 @@ def test_torchrun_two_processes_train_and_agree(tiny_dataset, tmp_path):
 
 
 def _torchrun(tiny_dataset, tmp_path, name: str, *extra: str) -> list[str]:
-    # The real network: the signal must land in the 6 steps between epoch 1's end and the
-    # ranks' comparison at step 16, ~2 s at full width on 2 cores, a few tenths narrow.
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fastcifar",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", NARROW_FASTCIFAR,
             "train", "--recipe", "fast", "--epochs", "2", "--max-lr", "0.05", "--precision",
             "fp32", "--workers", "1", "--cutout", "4", "--no-tta", "--batch-size", "6", "--data",
             str(tiny_dataset),
@@ -87,7 +86,10 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_that_resumes(t
     from fastcifar.checkpoint import load_checkpoint
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(_torchrun(tiny_dataset, tmp_path, "stopped"), env=env,
+    # The signal must land in the 6 steps between epoch 1's end and the ranks' comparison at
+    # step 16: each step held 0.4 s gives it over 2 s (narrow steps alone, a few tenths).
+    launcher = subprocess.Popen(_torchrun(tiny_dataset, tmp_path, "stopped"),
+                                env={**env, STEP_SECONDS: "0.4"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not list((tmp_path / "stopped").glob("*/last.pt")):  # epoch 1 is done (step 10)
@@ -103,6 +105,7 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_that_resumes(t
     state = load_checkpoint(checkpoint)
     # 10 steps an epoch; ranks compare their stop flags every 16 steps: both stop at step 16
     assert state["epoch"] == 1 and state["partial"]["step"] == 6 and state["steps"] == 16, output
+    assert state["partial"]["train_seconds"] >= 6 * 0.4  # the ranks' steps were paced
     assert state["world_size"] == 2  # a resume with another process count is refused
     resumed = subprocess.run(_torchrun(tiny_dataset, tmp_path, "stopped", "--resume",
                                        str(checkpoint)),
