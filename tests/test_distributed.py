@@ -25,8 +25,9 @@ def _free_port() -> int:
 # The ranks run `fastcifar` through this file: the suite's narrow CustResNet, as in this process.
 NARROW_FASTCIFAR = str(Path(__file__).with_name("narrow_custresnet.py"))
 
-# The fast recipe (plain SGD): the tolerances below were set for it.
-TRAIN_ARGS = ["--recipe", "fast", "--epochs", "2", "--max-lr", "0.05", "--precision", "fp32",
+# The fast recipe (plain SGD): the tolerances below were set for it. LR 0.1: after 2 epochs on
+# the tiny set the narrow net scored 1.0 with 3 of seeds 0-3 at 0.1, with 1 of them at 0.05.
+TRAIN_ARGS = ["--recipe", "fast", "--epochs", "2", "--max-lr", "0.1", "--precision", "fp32",
               "--workers", "1", "--cutout", "4", "--no-tta", "--eval-from-epoch", "1"]
 
 

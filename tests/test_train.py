@@ -31,7 +31,9 @@ from fastcifar.training import Run, TrainCallbacks, TrainingInterrupted, train
 
 
 def tiny_config(data_dir, tmp_path, **changes) -> TrainConfig:
-    base = recipe("fast", epochs=4, max_lr=0.05, tta=False, make_plots=False,
+    # LR 0.1: on the tiny set the narrow net reached 1.0 test accuracy after 3 epochs with
+    # seeds 0-5 at 0.1, and under 0.8 with 3 of them at 0.05 (this AVX2 EPYC, 2026-11-30).
+    base = recipe("fast", epochs=4, max_lr=0.1, tta=False, make_plots=False,
                   loader=LoaderConfig(data_dir=data_dir, batch_size=24, workers=1),
                   augment=AugmentConfig(cutout_size=4), precision=Precision.fp32,
                   out_dir=tmp_path / "runs", weights_dir=tmp_path / "weights",
@@ -618,7 +620,7 @@ RECORDED_FAST_RUN = [(0.8292058308919271, 0.6916666666666667, 1.0682563781738281
 @pytest.mark.full_width
 def test_fixed_seed_run_reproduces_the_metrics_recorded_before_the_split(tiny_dataset,
                                                                          tmp_path):
-    config = tiny_config(tiny_dataset, tmp_path, epochs=2, seed=3)
+    config = tiny_config(tiny_dataset, tmp_path, epochs=2, seed=3, max_lr=0.05)  # as recorded
     history = train(config).history
     got = [(row.train_loss, row.train_accuracy, row.test_loss, row.test_accuracy)
            for row in history]
