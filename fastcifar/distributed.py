@@ -76,13 +76,14 @@ def main_writes_agreed(write: Callable[[], None], distributed: Distributed) -> N
     """Rank 0 runs `write` (the files only it writes); if that fails, every rank stops here with
     it. Alone, rank 0 would exit while the others waited at their next collective until torchrun
     tore the job down. One pickled broadcast: call it once an epoch, not each step."""
+    if distributed.world_size == 1:
+        write()
+        return
     error = None
     if distributed.is_main:
         try:
             write()
         except Exception as caught:  # a full disk's MachineFault, or anything else
-            if distributed.world_size == 1:
-                raise
             error = caught
     failure = broadcast_from_main(None if error is None else str(error), distributed)
     if error is not None:

@@ -198,14 +198,15 @@ def zero_init_residuals_(model: CustResNet) -> None:
 
 def build_model(config: TrainConfig, device: torch.device,
                 whitening_images: torch.Tensor | None = None, num_classes: int = 10,
-                width: int | None = None) -> nn.Module:
+                width_divisor: int = 1) -> nn.Module:
     """CustResNet on the device, channels-last when asked, BN settings and initialisation set.
 
     `num_classes` is the data's (its metadata's class names), so the saved weights fit it.
     `whitening_images` (normalised train images) fit `whiten` / `whiten_init`.
+    `width_divisor` narrows the plan (the data-selection proxy's quarter width).
     """
     model = CustResNet(num_classes=num_classes, dropout=config.dropout,
-                       logit_scale=config.logit_scale, width=width)
+                       logit_scale=config.logit_scale, width=CUSTRESNET_WIDTH // width_divisor)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum, module.eps = config.bn_momentum, config.bn_eps

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import fastcifar.model
 from fastcifar.config import TrainConfig, kept_per_batch
 from fastcifar.device import PrecisionPlan, autocast
 from fastcifar.distributed import Distributed, finite_on_every_rank
@@ -41,7 +40,7 @@ class BatchSelection:
         self.fraction, self.device = config.select_fraction, device
         self.distributed = distributed or Distributed()
         self.proxy = build_model(config, device, whitening_images, num_classes,
-                                 fastcifar.model.CUSTRESNET_WIDTH // PROXY_WIDTH_DIVISOR)
+                                 width_divisor=PROXY_WIDTH_DIVISOR)
         self.optimizers = Optimizers(self.proxy, config, steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(reduction="none")
         self.loss_sum, self.calls = torch.zeros((), device=device), 0

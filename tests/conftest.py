@@ -15,7 +15,7 @@ from PIL import Image
 import fastcifar.model
 from fastcifar.config import ConvertConfig
 from fastcifar.data.convert import convert
-from narrow_custresnet import narrow
+from narrow_custresnet import TEST_WIDTH
 
 TINY_CLASSES = ["apple", "berry", "cherry"]
 # Easy classes: a distinct base colour per class plus noise, so a model learns them in a few steps.
@@ -44,7 +44,7 @@ def narrow_custresnet():
     """CustResNet at TEST_WIDTH for the whole session, module and session fixtures that train
     included (they are set up before any test's own fixtures)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        narrow(monkeypatch)
+        monkeypatch.setattr(fastcifar.model, "CUSTRESNET_WIDTH", TEST_WIDTH)
         yield
 
 

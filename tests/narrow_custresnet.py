@@ -6,17 +6,6 @@ ranks) run this file instead of `-m fastcifar`, so they train the same network a
 TEST_WIDTH = 16  # a quarter of CustResNet's 64: ~1/16 of its FLOPs
 
 
-def narrow(monkeypatch=None) -> None:
-    """CUSTRESNET_WIDTH at TEST_WIDTH (the selection proxy follows it), through `monkeypatch`
-    where given, so a test can undo it."""
-    import fastcifar.model
-
-    if monkeypatch is None:
-        fastcifar.model.CUSTRESNET_WIDTH = TEST_WIDTH
-    else:
-        monkeypatch.setattr(fastcifar.model, "CUSTRESNET_WIDTH", TEST_WIDTH)
-
-
 # Seconds each train step is held (unset: none): a test that must signal the ranks within a few
 # steps paces them, since narrow steps take hundredths of a second.
 STEP_SECONDS = "NARROW_CUSTRESNET_STEP_SECONDS"
@@ -44,7 +33,9 @@ if __name__ == "__main__":
 
     # The checkout this file is in, first, as `python -m fastcifar` from its root would have it.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    narrow()
+    import fastcifar.model
+
+    fastcifar.model.CUSTRESNET_WIDTH = TEST_WIDTH
     if os.environ.get(STEP_SECONDS):
         pace_steps(float(os.environ[STEP_SECONDS]))
     from fastcifar.cli import entry

@@ -11,13 +11,13 @@ import pytest
 from conftest import write_imagefolder
 from fastcifar.config import ConvertConfig
 from fastcifar.data.convert import convert
+from narrow_custresnet import TEST_WIDTH
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-TESTS = Path(__file__).resolve().parent
-NOTEBOOK = TESTS.parent / "examples" / "quickstart.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 
 @pytest.mark.slow
@@ -32,8 +32,7 @@ def test_quickstart_runs_top_to_bottom_with_its_plots(tmp_path):
     # The suite's narrow CustResNet, set in the kernel as conftest.py sets it here.
     parameters.source = (f"DATA = {str(data)!r}\nSOURCE = None\nEPOCHS = 1\n"
                          "TRAIN_SUBSET = None\nTEST_SUBSET = None\nBATCH_SIZE = 64\n"
-                         f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-                         "from narrow_custresnet import narrow\nnarrow()")
+                         f"import fastcifar.model\nfastcifar.model.CUSTRESNET_WIDTH = {TEST_WIDTH}")
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
