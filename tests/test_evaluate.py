@@ -248,9 +248,10 @@ def test_shipped_weights_score_their_recorded_accuracy_on_the_real_test_set(real
     correct, recorded_correct = (round(accuracy * first["images"])
                                  for accuracy in (plain.accuracy, first["none"]))
     assert abs(correct - recorded_correct) <= 2, (correct, recorded_correct)
-    # By default the stored TTA mode (6 passes) is used. On the first 256 images its confusion
-    # matrix is the direct multi-crop computation's, and flip-only's differs from it there.
-    count = 256
+    # By default the stored TTA mode (6 passes) is used. On the first 128 images its confusion
+    # matrix is the direct multi-crop computation's, and flip-only's differs from it there (the
+    # two predict differently for 3 of those images; 0 of the first 32).
+    count = 128
     stored = evaluate_weights(EvaluateConfig(
         weights=SHIPPED_WEIGHTS, out_dir=tmp_path / "stored", device=Device.cpu,
         precision=Precision.fp32, loader=LoaderConfig(data_dir=real_dataset, test_subset=count)))
