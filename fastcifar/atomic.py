@@ -5,6 +5,7 @@ EACCES, EROFS, EIO, a folder gone) becomes one WriteFailed naming the file and t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import os
@@ -14,10 +15,15 @@ from pathlib import Path
 
 from fastcifar.errors import WriteFailed
 
+# The (temporary, final) pairs of the file set being written, if any (see file_set).
+_PENDING_SET: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
+    "pending file set", default=None)
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; on success fsync and rename it into place.
+    """Yield a temporary path beside `final`; on success fsync and rename it into place (inside
+    a `file_set`, when the whole set is written).
 
     The body writes the temporary file with Python's own file objects (not a library's
     C-level writer), so that a failed write surfaces here as an OSError."""
@@ -27,9 +33,37 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def file_set() -> Iterator[None]:
+    """Write the files of the block as one set: each is written and fsynced as it comes, and
+    none is renamed into place until all are, so a full disk or any error inside the block
+    leaves none of them new. (Only a rename failing between two renames, say the folder taken
+    away, could split the set.) A set inside a set joins it."""
+    if _PENDING_SET.get() is not None:
+        yield
+        return
+    pending: list[tuple[Path, Path]] = []
+    token = _PENDING_SET.set(pending)
+    try:
+        yield
+        _PENDING_SET.reset(token)
+        for index, (temporary, final) in enumerate(pending):
+            try:
+                _put_in_place(temporary, final)
+            except OSError as error:
+                raise WriteFailed(final, _cause(error)) from None
+            pending[index] = (final, final)  # in place: not a temporary to remove
+    finally:
+        if _PENDING_SET.get() is pending:
+            _PENDING_SET.reset(token)
+        for temporary, final in pending:
+            if temporary != final:
+                temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def _temporary_beside(final: Path) -> Iterator[Path]:
-    """A fresh temporary file beside `final`, removed at the end unless renamed; an OSError
-    inside becomes a WriteFailed naming `final`."""
+    """A fresh temporary file beside `final`, removed at the end unless renamed or queued in
+    a file set; an OSError inside becomes a WriteFailed naming `final`."""
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -45,14 +79,20 @@ def _temporary_beside(final: Path) -> Iterator[Path]:
     except OSError as error:
         raise WriteFailed(final, _cause(error)) from None
     finally:
-        temporary.unlink(missing_ok=True)
+        if not any(temporary == queued for queued, _ in _PENDING_SET.get() or ()):
+            temporary.unlink(missing_ok=True)
 
 
 def _commit(temporary: Path, final: Path) -> None:
-    """fsync the written file, give it the usual mode and rename it over `final`. (Tests make
-    this raise ENOSPC or EACCES to stand for a machine fault at any write.)"""
+    """fsync the written file, give it the usual mode and rename it over `final`: now, or with
+    the rest of its file set. (Tests make this raise ENOSPC or EACCES to stand for a machine
+    fault at any write.)"""
     _make_durable(temporary)
-    _put_in_place(temporary, final)
+    pending = _PENDING_SET.get()
+    if pending is None:
+        _put_in_place(temporary, final)
+    else:
+        pending.append((temporary, final))
 
 
 def _make_durable(temporary: Path) -> None:
@@ -118,18 +158,10 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_texts(files: dict[Path, str]) -> None:
-    """Write several text files as a set: every one is written and fsynced before any is
-    renamed into place, so a full disk or a failed fsync leaves none of them new. (Only a
-    rename failing between two renames, say the folder taken away, could split the set.)"""
-    with contextlib.ExitStack() as stack:
-        written = []
+    """Write several text files as a set (`file_set`): a fault leaves none of them new."""
+    with file_set():
         for path, text in files.items():
-            temporary = stack.enter_context(_temporary_beside(Path(path)))
-            temporary.write_text(text, encoding="utf-8")
-            _make_durable(temporary)
-            written.append((temporary, Path(path)))
-        for temporary, path in written:
-            _put_in_place(temporary, path)
+            write_text(path, text)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from fastcifar.atomic import check_can_write, write_json
+from fastcifar.atomic import check_can_write, file_set, write_json
 from fastcifar.checkpoint import read_weights_file, tta_flags, tta_mode
 from fastcifar.command_config import EvaluateConfig
 from fastcifar.data.loader_guard import guarded_batches
@@ -235,26 +235,27 @@ def evaluate_weights(config: EvaluateConfig) -> EvaluationReport:
 
     tta_note = {"none": "", "flip": " with flip TTA", "multicrop": " with multi-crop TTA"}[
         tta_mode(tta, shifts)]
-    confusion_plot = plot_confusion_matrix(
-        matrix, class_names, out_dir / "confusion_matrix.png",
-        title=f"test accuracy {accuracy:.2%}{tta_note} ({len(result.labels):,} images)")
-    misclassified_plot = plot_image_grid(
-        result.images[wrong], [f"pred: {row['predicted']}\ntrue: {row['true']}"
-                               for row in misclassified],
-        out_dir / "misclassified.png", columns=5,
-        title=f"misclassified test images: {len(wrong)} of {misclassified_total}")
-    report = EvaluationReport(
-        weights=Path(config.weights), accuracy=accuracy,
-        per_class_accuracy=dict(zip(class_names, map(float, per_class_accuracy(matrix)),
-                                    strict=True)),
-        confusion_matrix=matrix.tolist(), class_names=class_names, count=len(result.labels),
-        tta=tta, tta_mode=tta_mode(tta, shifts), tta_from_weights=config.tta is None,
-        trained_accuracy=checkpoint.get("accuracy"),
-        epoch=checkpoint.get("epochs"), misclassified=misclassified,
-        misclassified_total=misclassified_total, confusion_plot=confusion_plot,
-        misclassified_plot=misclassified_plot, json_path=out_dir / "evaluation.json",
-        device=str(device), precision=plan.name, seconds=time.perf_counter() - started)
-    write_json(report.json_path, _report_to_dict(report))
+    with file_set():  # the plots and the report: all new or none
+        confusion_plot = plot_confusion_matrix(
+            matrix, class_names, out_dir / "confusion_matrix.png",
+            title=f"test accuracy {accuracy:.2%}{tta_note} ({len(result.labels):,} images)")
+        misclassified_plot = plot_image_grid(
+            result.images[wrong], [f"pred: {row['predicted']}\ntrue: {row['true']}"
+                                   for row in misclassified],
+            out_dir / "misclassified.png", columns=5,
+            title=f"misclassified test images: {len(wrong)} of {misclassified_total}")
+        report = EvaluationReport(
+            weights=Path(config.weights), accuracy=accuracy,
+            per_class_accuracy=dict(zip(class_names, map(float, per_class_accuracy(matrix)),
+                                        strict=True)),
+            confusion_matrix=matrix.tolist(), class_names=class_names, count=len(result.labels),
+            tta=tta, tta_mode=tta_mode(tta, shifts), tta_from_weights=config.tta is None,
+            trained_accuracy=checkpoint.get("accuracy"),
+            epoch=checkpoint.get("epochs"), misclassified=misclassified,
+            misclassified_total=misclassified_total, confusion_plot=confusion_plot,
+            misclassified_plot=misclassified_plot, json_path=out_dir / "evaluation.json",
+            device=str(device), precision=plan.name, seconds=time.perf_counter() - started)
+        write_json(report.json_path, _report_to_dict(report))
     return report
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
-from fastcifar.atomic import atomic_path, check_can_write, write_json
+from fastcifar.atomic import atomic_path, check_can_write, file_set, write_json
 from fastcifar.checkpoint import config_to_dict, machine_description, seed_everything
 from fastcifar.command_config import LrFindConfig
 from fastcifar.config import TrainConfig
@@ -217,18 +217,19 @@ def lr_find(config: LrFindConfig, progress: StepProgress | None = None) -> LrFin
     stopped_early = len(lrs) < config.iterations
 
     out_dir = Path(config.out_dir)
-    plot_path = plot_lr_finder(lrs, losses, suggested, out_dir / "lr_find.png",
-                               min_loss_lr_over_10=second_opinion)
-    history_path = _write_history(out_dir, lrs, losses)
-    json_path = out_dir / "lr_find.json"
     seconds = time.perf_counter() - started
-    write_json(json_path, {
-        "suggested_lr": suggested, "min_loss_lr_over_10": second_opinion,
-        "stopped_early": stopped_early, "batch_size": settings.loader.batch_size,
-        "recipe": settings.recipe,
-        "lrs": lrs, "losses": losses, "config": config_to_dict(config),
-        "device": str(device), "precision": plan.name, "seconds": seconds,
-        "hardware": machine_description(device),
-    })
+    with file_set():  # lr_find.png, .csv and .json: all new or none
+        plot_path = plot_lr_finder(lrs, losses, suggested, out_dir / "lr_find.png",
+                                   min_loss_lr_over_10=second_opinion)
+        history_path = _write_history(out_dir, lrs, losses)
+        json_path = out_dir / "lr_find.json"
+        write_json(json_path, {
+            "suggested_lr": suggested, "min_loss_lr_over_10": second_opinion,
+            "stopped_early": stopped_early, "batch_size": settings.loader.batch_size,
+            "recipe": settings.recipe,
+            "lrs": lrs, "losses": losses, "config": config_to_dict(config),
+            "device": str(device), "precision": plan.name, "seconds": seconds,
+            "hardware": machine_description(device),
+        })
     return LrFindResult(lrs, losses, suggested, second_opinion, stopped_early, plot_path,
                         history_path, json_path, str(device), plan.name, seconds)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastcifar.atomic import write_json, write_text
+from fastcifar.atomic import file_set, write_json, write_text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,12 +61,14 @@ def epochs_csv(history: list[EpochStats]) -> str:
 
 def write_metrics(run_dir: Path, history: list[EpochStats], evaluations: list[Evaluation],
                   warmup_seconds: float, best_accuracy: float, **extra: object) -> None:
-    """`metrics.json`, and `metrics.csv` for spreadsheets: every epoch row and test pass so far."""
-    write_json(run_dir / "metrics.json",
-               {"epochs": [asdict(row) for row in history],
-                "evaluations": [asdict(row) for row in evaluations],
-                "warmup_seconds": warmup_seconds, "best_accuracy": best_accuracy, **extra})
-    write_text(run_dir / "metrics.csv", epochs_csv(history))
+    """`metrics.json`, and `metrics.csv` for spreadsheets: every epoch row and test pass so far
+    (one file set: a fault leaves both as they were)."""
+    with file_set():
+        write_json(run_dir / "metrics.json",
+                   {"epochs": [asdict(row) for row in history],
+                    "evaluations": [asdict(row) for row in evaluations],
+                    "warmup_seconds": warmup_seconds, "best_accuracy": best_accuracy, **extra})
+        write_text(run_dir / "metrics.csv", epochs_csv(history))
 
 
 def epoch_end_evaluations(history: list[EpochStats]) -> list[Evaluation]:

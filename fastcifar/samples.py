@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastcifar.atomic import file_set
 from fastcifar.config import AugmentConfig, LoaderConfig, require_seed
 from fastcifar.data.augment import augment_batch, fill_colour
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
@@ -50,8 +51,9 @@ def show_augment(data_dir: Path, augment: AugmentConfig, count: int, seed: int,
     mean = read_metadata(data_dir).mean
     # The draws of the loader for a batch of these sample indices with this seed.
     augmented = augment_batch(images, np.arange(count), augment, seed, fill_colour(mean))
-    original_path = plot_image_grid(images, class_names, Path(out_dir) / "samples.png",
-                                     title=f"first {count} train images")
-    augmented_path = plot_image_grid(augmented, class_names, Path(out_dir) / "augmented.png",
-                                     title=f"the same images augmented (seed {seed})")
+    with file_set():  # both grids new, or neither
+        original_path = plot_image_grid(images, class_names, Path(out_dir) / "samples.png",
+                                         title=f"first {count} train images")
+        augmented_path = plot_image_grid(augmented, class_names, Path(out_dir) / "augmented.png",
+                                         title=f"the same images augmented (seed {seed})")
     return AugmentPreview(original_path, augmented_path, images, augmented, class_names)

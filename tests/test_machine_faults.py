@@ -383,6 +383,60 @@ def test_a_set_of_files_on_a_full_disk_leaves_none_of_them_new(tmp_path, monkeyp
     assert no_temporary_files(tmp_path)
 
 
+def test_a_file_set_renames_nothing_until_its_block_ends(tmp_path):
+    old = {tmp_path / "report.json": "old json", tmp_path / "plot.png": "old plot"}
+    atomic_module.write_texts(old)
+    with pytest.raises(RuntimeError), atomic_module.file_set():  # not only OSError
+        atomic_module.write_text(tmp_path / "report.json", "new json")
+        atomic_module.write_bytes(tmp_path / "plot.png", b"new plot")
+        assert (tmp_path / "report.json").read_text() == "old json"  # written, not in place
+        raise RuntimeError("the set's last step failed")
+    assert {path: path.read_text() for path in old} == old and no_temporary_files(tmp_path)
+    with atomic_module.file_set():
+        with atomic_module.file_set():  # a set inside a set joins it
+            atomic_module.write_text(tmp_path / "report.json", "new json")
+        assert (tmp_path / "report.json").read_text() == "old json"
+        atomic_module.write_bytes(tmp_path / "plot.png", b"new plot")
+    assert [(tmp_path / name).read_text() for name in ("report.json", "plot.png")] == [
+        "new json", "new plot"]
+    assert no_temporary_files(tmp_path)
+
+
+def _output_set_arguments(command: str, data: Path, weights: Path, out: Path) -> list[str]:
+    if command == "evaluate":
+        return ["evaluate", str(weights), "--data", str(data), "--out", str(out),
+                "--workers", "1"]
+    if command == "lr-find":
+        return ["lr-find", "--iters", "12", "--batch-size", "24", "--precision", "fp32",
+                "--workers", "1", "--data", str(data), "--out", str(out)]
+    return ["show-augment", "--count", "8", "--data", str(data), "--out", str(out)]
+
+
+@pytest.mark.parametrize(("command", "files"), [("evaluate", 3), ("lr-find", 3),
+                                                ("show-augment", 2)])
+def test_a_command_whose_last_file_meets_a_full_disk_leaves_none_of_its_files_new(
+        tiny_dataset, tmp_path, monkeypatch, command, files):
+    from test_evaluate import write_tiny_weights
+
+    weights = write_tiny_weights(tmp_path / "tiny.safetensors", tiny_dataset)
+    out = tmp_path / "out"
+    arguments = _output_set_arguments(command, tiny_dataset, weights, out)
+    first = runner.invoke(app, arguments)
+    assert first.exit_code == 0, first.output
+    def files_there() -> dict[str, tuple[int, bytes]]:  # a file renamed in has a new inode
+        return {path.name: (path.stat().st_ino, path.read_bytes()) for path in out.iterdir()}
+
+    before = files_there()
+    assert len(before) == files
+    attempted = fail_at_write(monkeypatch, files)  # the set's last file
+    again = runner.invoke(app, arguments)
+    assert len(attempted) == files and again.exit_code == MACHINE_FAULT_EXIT, again.output
+    (line,) = error_lines(again)
+    assert f"could not write {attempted[-1]}: No space left on device" in line
+    assert files_there() == before
+    assert no_temporary_files(tmp_path)
+
+
 def test_check_can_write_refuses_what_could_not_be_written_and_leaves_nothing(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

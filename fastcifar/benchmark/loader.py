@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar.atomic import atomic_path, check_can_write, write_json
+from fastcifar.atomic import atomic_path, check_can_write, file_set, write_json
 from fastcifar.checkpoint import machine_description
 from fastcifar.command_config import LoaderBenchmarkConfig
 from fastcifar.config import AugmentConfig, LoaderConfig, PadMode
@@ -394,6 +394,7 @@ def benchmark_loader(config: LoaderBenchmarkConfig,
     if config.jit_startup and not config.compare_on_device:
         report["jit_startup"] = _measure_jit_startup(config, workers)
     if config.json_path is not None:
-        write_json(config.json_path, report)
-        _write_loader_markdown(Path(config.json_path).with_suffix(".md"), report)
+        with file_set():  # the JSON and its table: both new or neither
+            write_json(config.json_path, report)
+            _write_loader_markdown(Path(config.json_path).with_suffix(".md"), report)
     return report

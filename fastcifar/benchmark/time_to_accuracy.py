@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastcifar.atomic import atomic_path, check_can_write, write_json
+from fastcifar.atomic import atomic_path, check_can_write, file_set, write_json
 from fastcifar.checkpoint import machine_description, run_record
 from fastcifar.command_config import TimeToAccuracyConfig
 from fastcifar.config import TrainConfig
@@ -156,8 +156,9 @@ def benchmark_time_to_accuracy(config: TimeToAccuracyConfig,
     if config.budgets:
         report["shortest_budget_epochs"] = shortest
     if config.json_path is not None:
-        write_json(config.json_path, report)
-        write_time_to_accuracy_markdown(Path(config.json_path).with_suffix(".md"), report)
+        with file_set():  # the JSON and its table: both new or neither
+            write_json(config.json_path, report)
+            write_time_to_accuracy_markdown(Path(config.json_path).with_suffix(".md"), report)
     return report
 
 
