@@ -37,7 +37,8 @@ def file_set() -> Iterator[None]:
     """Write the files of the block as one set: each is written and fsynced as it comes, and
     none is renamed into place until all are, so a full disk or any error inside the block
     leaves none of them new. (Only a rename failing between two renames, say the folder taken
-    away, could split the set.) A set inside a set joins it."""
+    away, could split the set.) A set inside a set joins it; a write from another thread is
+    not part of it."""
     if _PENDING_SET.get() is not None:
         yield
         return
@@ -46,18 +47,16 @@ def file_set() -> Iterator[None]:
     try:
         yield
         _PENDING_SET.reset(token)
-        for index, (temporary, final) in enumerate(pending):
+        for temporary, final in pending:
             try:
                 _put_in_place(temporary, final)
             except OSError as error:
                 raise WriteFailed(final, _cause(error)) from None
-            pending[index] = (final, final)  # in place: not a temporary to remove
     finally:
         if _PENDING_SET.get() is pending:
             _PENDING_SET.reset(token)
-        for temporary, final in pending:
-            if temporary != final:
-                temporary.unlink(missing_ok=True)
+        for temporary, _ in pending:  # those renamed into place are gone already
+            temporary.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

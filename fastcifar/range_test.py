@@ -217,12 +217,12 @@ def lr_find(config: LrFindConfig, progress: StepProgress | None = None) -> LrFin
     stopped_early = len(lrs) < config.iterations
 
     out_dir = Path(config.out_dir)
-    seconds = time.perf_counter() - started
     with file_set():  # lr_find.png, .csv and .json: all new or none
         plot_path = plot_lr_finder(lrs, losses, suggested, out_dir / "lr_find.png",
                                    min_loss_lr_over_10=second_opinion)
         history_path = _write_history(out_dir, lrs, losses)
         json_path = out_dir / "lr_find.json"
+        seconds = time.perf_counter() - started
         write_json(json_path, {
             "suggested_lr": suggested, "min_loss_lr_over_10": second_opinion,
             "stopped_early": stopped_early, "batch_size": settings.loader.batch_size,

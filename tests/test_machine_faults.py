@@ -370,8 +370,8 @@ def test_a_set_of_files_on_a_full_disk_leaves_none_of_them_new(tmp_path, monkeyp
         return real_write_text(self, text, *args, **kwargs)
 
     def make_durable(temporary: Path) -> None:
-        # The file renamed last where each is committed on its own context's exit.
-        if fault_at == "fsync" and temporary.name.startswith(".median.json."):
+        # The set's second file: the first is written and fsynced by then.
+        if fault_at == "fsync" and temporary.name.startswith(".median.md."):
             raise full
         real_make_durable(temporary)
 
@@ -399,7 +399,26 @@ def test_a_file_set_renames_nothing_until_its_block_ends(tmp_path):
         atomic_module.write_bytes(tmp_path / "plot.png", b"new plot")
     assert [(tmp_path / name).read_text() for name in ("report.json", "plot.png")] == [
         "new json", "new plot"]
-    assert no_temporary_files(tmp_path)
+    atomic_module.write_text(tmp_path / "after.txt", "at once")  # the set is over
+    assert (tmp_path / "after.txt").read_text() == "at once" and no_temporary_files(tmp_path)
+
+
+def test_a_rename_that_fails_inside_a_file_set_names_its_file_and_leaves_no_temporary(
+        tmp_path, monkeypatch):
+    real_put_in_place = atomic_module._put_in_place
+
+    def put_in_place(temporary: Path, final: Path) -> None:
+        if final.name == "b.txt":  # the folder taken away between two renames, say
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real_put_in_place(temporary, final)
+
+    monkeypatch.setattr(atomic_module, "_put_in_place", put_in_place)
+    with pytest.raises(WriteFailed, match=r"b\.txt: Invalid cross-device link"):
+        with atomic_module.file_set():
+            for name in ("a.txt", "b.txt", "c.txt"):
+                atomic_module.write_text(tmp_path / name, name)
+    # The one way a set splits (the docstring says so): the files before the failure are new.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.txt"]
 
 
 def _output_set_arguments(command: str, data: Path, weights: Path, out: Path) -> list[str]:
