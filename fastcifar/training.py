@@ -219,6 +219,15 @@ class Run:
         self.save_checkpoint(epoch)
         self.write_metrics()
 
+    def save_final(self, extra: dict[str, object]) -> None:
+        """The metrics once more (a run resumed from its last epoch's checkpoint, after a
+        write that failed, has no epoch left to write them) and the final weights."""
+        self.write_metrics(**extra)
+        if self.evaluations:
+            save_weights_file(self.final_weights, plain_state_dict(self.trainer.evaluated_weights),
+                              weights_metadata(self.config, self.record, self.loaders,
+                                               self.evaluations[-1], "final"))
+
     def write_metrics(self, **extra: object) -> None:
         """metrics.json and metrics.csv (rank 0 writes them)."""
         if self.distributed.is_main:
@@ -270,17 +279,10 @@ class Run:
 
     def finish(self, reached: bool) -> TrainResult:
         """Check the ranks agree, save the final weights and the plots; the run's result."""
-        # Written again at the end: a run resumed from its last epoch's checkpoint (a write
-        # that failed after it) has no epoch left to write it.
-        if self.distributed.world_size > 1:
-            self.write_metrics(world_size=self.distributed.world_size,
-                               ranks_agree=ranks_agree(self.trainer.model, self.distributed))
-        else:
-            self.write_metrics()
-        if self.distributed.is_main and self.evaluations:
-            save_weights_file(self.final_weights, plain_state_dict(self.trainer.evaluated_weights),
-                              weights_metadata(self.config, self.record, self.loaders,
-                                               self.evaluations[-1], "final"))
+        extra = ({"world_size": self.distributed.world_size,
+                  "ranks_agree": ranks_agree(self.trainer.model, self.distributed)}
+                 if self.distributed.world_size > 1 else {})
+        main_writes_agreed(lambda: self.save_final(extra), self.distributed)
         if self.config.make_plots and self.distributed.is_main:
             from fastcifar.plots import plot_training_curves
 

@@ -240,8 +240,8 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_reason(tmp_path,
     assert answers[1]["raised"] == ["MachineFault", f"rank 0 stopped: {reason}"]
 
 
-def test_a_runs_start_and_each_epoch_end_write_through_the_agreed_check(tiny_dataset, tmp_path,
-                                                                        monkeypatch):
+def test_a_runs_start_epoch_ends_and_end_write_through_the_agreed_check(tiny_dataset, tmp_path,
+                                                                       monkeypatch):
     import fastcifar.training
     from fastcifar.distributed import main_writes_agreed
 
@@ -263,4 +263,7 @@ def test_a_runs_start_and_each_epoch_end_write_through_the_agreed_check(tiny_dat
                                       "--weights", str(tmp_path / "w")])
     assert result.exit_code == 0, (result.output, result.exception)
     assert written[0] == ["run.json"]
-    assert written[1:] == [["last.pt", "metrics.csv", "metrics.json"]] * 2  # epochs 1 and 2
+    assert written[1:3] == [["last.pt", "metrics.csv", "metrics.json"]] * 2  # epochs 1 and 2
+    # and at the end: the metrics once more and the final weights
+    (final,) = (path.name for path in (tmp_path / "w").glob("*-final.safetensors"))
+    assert written[3:] == [sorted([final, "metrics.csv", "metrics.json"])]
