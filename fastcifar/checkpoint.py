@@ -140,11 +140,6 @@ def tta_mode(tta: bool, shifts: bool) -> str:
     return "multicrop" if tta and shifts else "flip" if tta else "none"
 
 
-def tta_flags(mode: str) -> tuple[bool, bool]:
-    """(tta, shifts) for `predict_logits` from a stored TTA mode's name."""
-    return mode in ("flip", "multicrop"), mode == "multicrop"
-
-
 def save_weights_file(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict,
                       dtype: torch.dtype | None = None) -> None:
     """Write a model's state dict as a safetensors file with `metadata` in its header, atomically.

@@ -13,7 +13,6 @@ import typer
 from rich.table import Table
 
 from fastcifar.benchmark.commands import benchmark_app
-from fastcifar.command_config import TTA_MODES
 from fastcifar.config import (
     NO_AUGMENT,
     ConvertConfig,
@@ -49,6 +48,7 @@ from fastcifar.shared_options import (
     RecipeName,
     TestSubsetOption,
     TrainSubsetOption,
+    TTAMode,
     WorkersOption,
 )
 from fastcifar.terminal import console, fail, run_command, show_tracebacks
@@ -137,10 +137,6 @@ def train(
 
 
 # ---------------------------------------------------------------- lr-find
-
-
-# The --tta choices of evaluate: command_config.TTA_MODES.
-TTAMode = StrEnum("TTAMode", {name: name for name in TTA_MODES})
 
 
 class SweepMode(StrEnum):

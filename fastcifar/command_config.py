@@ -49,6 +49,11 @@ class LrFindConfig:
 TTA_MODES = ("none", "flip", "multicrop")
 
 
+def tta_flags(mode: str) -> tuple[bool, bool]:
+    """(tta, shifts) for `predict_logits` and TrainConfig from a TTA mode's name."""
+    return mode in ("flip", "multicrop"), mode == "multicrop"
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Settings of `fastcifar evaluate`: score saved best weights on the test set."""

@@ -224,8 +224,8 @@ class TrainConfig:
                  "--lookahead-every and --ema are two kinds of weight averaging: pick one")
         require(not (self.whiten and self.whiten_init),
                  "--whiten replaces the prep conv's training; drop --whiten-init")
-        require(self.tta or not self.tta_shifts, "--tta-shifts adds shifts to the flip: "
-                 "it needs --tta")
+        require(self.tta or not self.tta_shifts, "tta_shifts adds shifts to the flip: it "
+                 "needs tta (the CLI's --tta multicrop sets both)")
         require(self.muon_lr >= 0, "Muon LR must be >= 0 (0: off)")
         require(0 <= self.muon_momentum < 1, "Muon momentum must be in [0, 1)")
         require(self.muon_lr or not self.muon_normalize_filters,

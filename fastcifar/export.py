@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from fastcifar.atomic import check_can_write, write_bytes
-from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, metadata_problem, tta_flags
-from fastcifar.command_config import ExportConfig
+from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, metadata_problem
+from fastcifar.command_config import ExportConfig, tta_flags
 from fastcifar.config import LoaderConfig
 from fastcifar.data.convert import METADATA
 from fastcifar.errors import FastCifarError

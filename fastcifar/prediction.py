@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fastcifar.command_config import PredictConfig
+from fastcifar.command_config import PredictConfig, tta_flags
 from fastcifar.config import Device
 from fastcifar.device import DeviceStep, select_device
 from fastcifar.errors import FastCifarError
@@ -23,7 +23,6 @@ from fastcifar.evaluation import (
     load_weights,
     model_from_weights,
     predict_logits,
-    tta_flags,
 )
 
 IMAGE_SIZE = 32  # the side CustResNet was trained on

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from fastcifar.command_config import TTA_MODES
 from fastcifar.config import DEFAULT_RECIPE, RECIPES, Device, Precision
 
 # The --help panels; the train options' panels are their option groups (train_options).
@@ -36,6 +37,8 @@ WorkersOption = Annotated[int, typer.Option(help="Loader threads, 0 = one per co
 # The --recipe choices: config.RECIPES' names, so a recipe added there is a choice here.
 RecipeName = StrEnum("RecipeName", {name: name for name in RECIPES})
 DEFAULT_RECIPE_NAME = RecipeName(DEFAULT_RECIPE)
+# The --tta choices of train, evaluate and export: command_config.TTA_MODES.
+TTAMode = StrEnum("TTAMode", {name: name for name in TTA_MODES})
 
 
 OPTIMIZER_HELP = ("adam or sgd (default: the recipe's). adam trains every parameter with Adam, "

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from fastcifar.command_config import tta_flags
 from fastcifar.config import (
     NO_AUGMENT,
     AugmentConfig,
@@ -40,6 +41,7 @@ from fastcifar.shared_options import (
     RecipeName,
     TestSubsetOption,
     TrainSubsetOption,
+    TTAMode,
     WorkersOption,
 )
 from fastcifar.terminal import console, fail, run_command
@@ -190,13 +192,13 @@ def network_options(
 
 
 def evaluation_options(
-    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Evaluate with flip "
-                   "test-time augmentation (default: the recipe's); --no-tta also turns "
-                   "multi-crop off.", rich_help_panel=EVALUATION)] = None,
-    tta_shifts: Annotated[bool | None, typer.Option(
-        "--tta-shifts/--no-tta-shifts", help="Multi-crop TTA: also the 1-px up-left and "
-        "down-right shifts, weighted 0.5/0.25/0.25 (6 passes; needs --tta).",
-        rich_help_panel=EVALUATION)] = None,
+    tta: Annotated[TTAMode | None, typer.Option(
+        help="Test-time augmentation of the test passes, as evaluate and export take it: none, "
+        "flip (2 passes) or multicrop (the flip and 1-px up-left and down-right shifts, "
+        "weighted 0.5/0.25/0.25: 6 passes); stored with the weights. Default: the recipe's.",
+        rich_help_panel=EVALUATION, show_default=False)] = None,
+    no_tta: Annotated[bool, typer.Option("--no-tta", help="The same as --tta none.",
+                                         rich_help_panel=EVALUATION)] = False,
     eval_every_steps: Annotated[int, typer.Option(help="Also evaluate every this many steps "
                                 "inside the last --eval-steps-epochs epochs (below the steps of an "
                                 "epoch); 0 = at epoch ends only.", rich_help_panel=EVALUATION)] = 0,
@@ -210,9 +212,11 @@ def evaluation_options(
                                rich_help_panel=EVALUATION)] = None,
 ) -> ConfigEdit:
     """Test-time augmentation and when the test passes run."""
-    if tta is False and tta_shifts is None:
-        tta_shifts = False  # --no-tta means no TTA, also on a multi-crop recipe
-    return _replacing(tta=tta, tta_shifts=tta_shifts, eval_every_steps=eval_every_steps,
+    if no_tta and tta not in (None, TTAMode.none):
+        raise FastCifarError(f"--no-tta and --tta {tta.value} disagree: give one of them")
+    mode = TTAMode.none if no_tta else tta
+    flip, shifts = tta_flags(mode.value) if mode else (None, None)
+    return _replacing(tta=flip, tta_shifts=shifts, eval_every_steps=eval_every_steps,
                       eval_steps_epochs=eval_steps_epochs, eval_from_epoch=eval_from_epoch,
                       keep_none={"eval_from_epoch"})
 

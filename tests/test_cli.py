@@ -104,12 +104,19 @@ def test_commands_default_to_the_default_recipe(monkeypatch):
                 if param.name == "recipe_name") == DEFAULT_RECIPE
 
 
-def test_no_tta_turns_multicrop_off_unless_shifts_are_asked_for(monkeypatch):
-    plain = built_train_config(monkeypatch, "--recipe", "express", "--no-tta")
-    assert (plain.tta, plain.tta_shifts) == (False, False)
+def test_train_takes_the_tta_modes_of_evaluate_and_export(monkeypatch):
+    # express's own mode is multi-crop; each mode replaces it, --no-tta as --tta none.
     assert built_train_config(monkeypatch, "--recipe", "express").tta_shifts
-    both = runner.invoke(app, ["train", "--no-tta", "--tta-shifts"])
-    assert both.exit_code == 1 and "it needs --tta" in both.output
+    for arguments, flags in ((["--tta", "none"], (False, False)), (["--no-tta"], (False, False)),
+                             (["--tta", "flip"], (True, False)),
+                             (["--tta", "multicrop"], (True, True))):
+        config = built_train_config(monkeypatch, "--recipe", "express", *arguments)
+        assert (config.tta, config.tta_shifts) == flags, arguments
+    assert built_train_config(monkeypatch, "--recipe", "seed", "--tta", "multicrop").tta_shifts
+    both = runner.invoke(app, ["train", "--no-tta", "--tta", "flip"])
+    assert both.exit_code == 1 and "--no-tta and --tta flip disagree" in both.output
+    unknown = runner.invoke(app, ["train", "--tta", "shifts"])
+    assert unknown.exit_code == 2 and "'shifts' is not one of" in unknown.output
 
 
 def test_jitter_options_give_the_same_augmentation_on_either_recipe(monkeypatch):
