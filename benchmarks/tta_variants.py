@@ -5,7 +5,7 @@
 CHECKPOINT is a finished run's `last.pt` (its final weights, the EMA ones when kept) or a
 weights file (`*-final.safetensors`, `*-best.safetensors`). The variants:
 - none: the image alone (1 forward pass);
-- flip: mean logits of the image and its mirror (2 passes, what `--tta` does);
+- flip: mean logits of the image and its mirror (2 passes, what `--tta flip` does);
 - flip+translate: half the flip logits plus a quarter each of the flip logits of the image
   shifted one pixel up-left and one pixel down-right (6 passes); the uncovered edge is filled
   as the training crops filled it (train mean, or reflection).
