@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar.atomic import write_json
+from fastcifar.atomic import file_set, write_json
 from fastcifar.checkpoint import (
     CHECKPOINT_KEYS,
     check_resume_compatible,
@@ -221,12 +221,14 @@ class Run:
 
     def save_final(self, extra: dict[str, object]) -> None:
         """The metrics once more (a run resumed from its last epoch's checkpoint, after a
-        write that failed, has no epoch left to write them) and the final weights."""
-        self.write_metrics(**extra)
-        if self.evaluations:
-            save_weights_file(self.final_weights, plain_state_dict(self.trainer.evaluated_weights),
-                              weights_metadata(self.config, self.record, self.loaders,
-                                               self.evaluations[-1], "final"))
+        write that failed, has no epoch left to write them) and the final weights: one set."""
+        with file_set():
+            self.write_metrics(**extra)
+            if self.evaluations:
+                save_weights_file(self.final_weights,
+                                  plain_state_dict(self.trainer.evaluated_weights),
+                                  weights_metadata(self.config, self.record, self.loaders,
+                                                   self.evaluations[-1], "final"))
 
     def write_metrics(self, **extra: object) -> None:
         """metrics.json and metrics.csv (rank 0 writes them)."""

@@ -135,6 +135,30 @@ def test_disk_full_at_any_write_of_a_run_loses_nothing(tiny_dataset, tmp_path, m
     assert epoch_rows(run_dir) == expected_rows  # as if nothing had happened
 
 
+def test_a_full_disk_at_the_final_weights_leaves_the_final_metrics_unwritten(
+        tiny_dataset, tmp_path, monkeypatch, reference_run):
+    # The run's end writes the metrics once more and the final weights as one set.
+    names, _ = reference_run
+    number = names.index("final.safetensors") + 1
+    queued_metrics = []
+    real_commit = atomic_module._commit
+    attempted = fail_at_write(monkeypatch, number)
+    fail_at_final = atomic_module._commit
+
+    def commit(temporary: Path, final: Path) -> None:
+        if final.name.endswith("final.safetensors"):  # the set's metrics wait to be renamed
+            queued_metrics.extend(path.name for path in (tmp_path / "runs").glob("*/.metrics.*"))
+        fail_at_final(temporary, final)
+
+    monkeypatch.setattr(atomic_module, "_commit", commit)
+    result = runner.invoke(app, train_arguments(tiny_dataset, tmp_path))
+    monkeypatch.setattr(atomic_module, "_commit", real_commit)
+    assert kind(attempted[-1].name) == "final.safetensors"
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    assert sorted(name.split(".")[1] for name in queued_metrics) == ["metrics", "metrics"]
+    assert no_temporary_files(tmp_path)
+
+
 @pytest.mark.slow
 def test_a_run_folder_that_becomes_unwritable_mid_run_ends_in_one_line(tiny_dataset, tmp_path,
                                                                        monkeypatch,
