@@ -215,9 +215,13 @@ class Run:
         return stats
 
     def save_epoch_end(self, epoch: int) -> None:
-        """`last.pt` and the metrics after `epoch` completed epochs."""
-        self.save_checkpoint(epoch)
-        self.write_metrics()
+        """`last.pt` and the metrics after `epoch` completed epochs, as one set: a fault at
+        either leaves both as the epoch before left them."""
+        with file_set():
+            self.save_checkpoint(epoch)
+            self.write_metrics()
+        if self.distributed.is_main:
+            self.faults.checkpoint_saved(self.last_checkpoint, epoch)
 
     def save_final(self, extra: dict[str, object]) -> None:
         """The metrics once more (a run resumed from its last epoch's checkpoint, after a
@@ -261,8 +265,6 @@ class Run:
                 self.trainer.state_dict(), epoch, self.history, self.evaluations, self.record,
                 self.best_accuracy, self.warmup_seconds, partial=partial, device=self.device),
                 "world_size": self.distributed.world_size})
-            if partial is None:
-                self.faults.checkpoint_saved(self.last_checkpoint, epoch)
 
     def interrupted(self, epoch: int, step: int, clock: EpochClock, sums: TrainSums,
                     signal_number: int) -> TrainingInterrupted:

@@ -135,6 +135,25 @@ def test_disk_full_at_any_write_of_a_run_loses_nothing(tiny_dataset, tmp_path, m
     assert epoch_rows(run_dir) == expected_rows  # as if nothing had happened
 
 
+def test_a_full_disk_at_an_epochs_metrics_leaves_its_checkpoint_unwritten_too(
+        tiny_dataset, tmp_path, monkeypatch, reference_run):
+    # An epoch's end writes last.pt and the metrics as one set: the fault at epoch 2's metrics
+    # leaves epoch 1's checkpoint and metrics, and the line points to that checkpoint.
+    names, _ = reference_run
+    number = [index for index, name in enumerate(names, 1) if name == "metrics.json"][1]
+    assert names[number - 2] == "last.pt"  # the set's first file was written just before
+    fail_at_write(monkeypatch, number)
+    result = runner.invoke(app, train_arguments(tiny_dataset, tmp_path))
+    monkeypatch.undo()
+    assert result.exit_code == MACHINE_FAULT_EXIT, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    assert [row[0] for row in epoch_rows(run_dir)] == [1]
+    (line,) = error_lines(result)
+    assert "(saved after epoch 1)" in line
+    assert no_temporary_files(tmp_path)
+
+
 def test_a_full_disk_at_the_final_weights_leaves_the_final_metrics_unwritten(
         tiny_dataset, tmp_path, monkeypatch, reference_run):
     # The run's end writes the metrics once more and the final weights as one set.
