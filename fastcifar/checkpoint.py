@@ -401,11 +401,23 @@ def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
             value = {**defaults[key], **value}  # nested settings (loader, augment) likewise
         return value
 
-    differing = sorted(key for key in current if key not in _RESUMABLE_DIFFERENCES
-                       and saved_value(key) != current[key])
+    differing = [change for key in sorted(current) if key not in _RESUMABLE_DIFFERENCES
+                 for change in _setting_changes(key, saved_value(key), current[key])]
     if differing:
-        raise FastCifarError("checkpoint was made with other settings (" + ", ".join(differing)
+        raise FastCifarError("checkpoint was made with other settings (" + "; ".join(differing)
                              + "): resume with the same options or start a new run")
+
+
+def _setting_changes(key: str, saved: object, current: object) -> list[str]:
+    """'key: saved -> current' for a setting that differs (each differing field of a nested
+    one, as loader.on_device), so the refusal says which option to give back."""
+    if saved == current:
+        return []
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for inner in sorted(current.keys() | saved.keys())
+                for change in _setting_changes(f"{key}.{inner}", saved.get(inner),
+                                               current.get(inner))]
+    return [f"{key}: {saved!r} in the checkpoint, {current!r} now"]
 
 
 def check_resume_world_size(saved: int | None, current: int) -> None:

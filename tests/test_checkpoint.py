@@ -256,11 +256,14 @@ def test_resume_accepts_a_checkpoint_from_before_an_option_existed_and_refuses_r
     older = config_to_dict(config)
     del older["loader"]["on_device"], older["muon_lr"]  # saved before these options existed
     check_resume_compatible(older, config)
-    with pytest.raises(FastCifarError, match=r"\(loader\)"):
+    # the refusal names each changed field (a nested one by its path) with both values
+    with pytest.raises(FastCifarError, match=r"\(loader\.on_device: False in the checkpoint, "
+                                             r"True now\)"):
         check_resume_compatible(older, dataclasses.replace(
             config, loader=dataclasses.replace(config.loader, on_device=True)))
-    with pytest.raises(FastCifarError, match=r"\(muon_lr\)"):
-        check_resume_compatible(older, dataclasses.replace(config, muon_lr=0.1))
+    with pytest.raises(FastCifarError, match=r"\(muon_lr: 0\.0 in the checkpoint, 0\.1 now; "
+                                             r"tta_shifts: True in the checkpoint, False now\)"):
+        check_resume_compatible(older, dataclasses.replace(config, muon_lr=0.1, tta_shifts=False))
 
 
 def test_shipped_weights_header_names_no_folder_of_the_machine_that_made_it():
