@@ -106,9 +106,10 @@ def convert(
 @with_train_options
 def train(
     train_config: TrainConfig,
-    weights: Annotated[Path, typer.Option(help="Folder for the run's best and final weights "
-                                          "(.safetensors).", rich_help_panel=SYSTEM)
-                       ] = Path("weights"),
+    weights: Annotated[Path, typer.Option(
+        "--weights-dir", "--weights", help="Folder for the run's best and final weights "
+        "(.safetensors); a folder here, where predict's --weights is a file.",
+        rich_help_panel=SYSTEM)] = Path("weights"),
     resume: Annotated[str | None, typer.Option(help="Checkpoint to continue, or 'auto' for "
                       "the newest under --out.", rich_help_panel=SYSTEM)] = None,
     stop_at_accuracy: Annotated[float | None, typer.Option(help="End the run once test "

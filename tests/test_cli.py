@@ -24,7 +24,7 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
     result = runner.invoke(app, [
         "train", "--epochs", "2", "--batch-size", "24", "--data", str(data), "--max-lr", "0.05",
         "--precision", "fp32", "--workers", "1", "--out", str(tmp_path / "runs"),
-        "--weights", str(tmp_path / "weights"), "--cutout", "4", "--eval-from-epoch", "2"])
+        "--weights-dir", str(tmp_path / "weights"), "--cutout", "4", "--eval-from-epoch", "2"])
     assert result.exit_code == 0, result.output
     assert "test acc" in result.output
     # Not a terminal here, as in a log file: no progress bar, so no empty line in the table
