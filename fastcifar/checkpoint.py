@@ -408,6 +408,9 @@ def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
                              + "): resume with the same options or start a new run")
 
 
+_ABSENT = object()  # a nested setting that one side has and the other lacks
+
+
 def _setting_changes(key: str, saved: object, current: object) -> list[str]:
     """'key: saved -> current' for a setting that differs (each differing field of a nested
     one, as loader.on_device), so the refusal says which option to give back."""
@@ -415,8 +418,12 @@ def _setting_changes(key: str, saved: object, current: object) -> list[str]:
         return []
     if isinstance(saved, dict) and isinstance(current, dict):
         return [change for inner in sorted(current.keys() | saved.keys())
-                for change in _setting_changes(f"{key}.{inner}", saved.get(inner),
-                                               current.get(inner))]
+                for change in _setting_changes(f"{key}.{inner}", saved.get(inner, _ABSENT),
+                                               current.get(inner, _ABSENT))]
+    if current is _ABSENT:
+        return [f"{key}: {saved!r} in the checkpoint, not an option of this version"]
+    if saved is _ABSENT:
+        return [f"{key}: not in the checkpoint, {current!r} now"]
     return [f"{key}: {saved!r} in the checkpoint, {current!r} now"]
 
 

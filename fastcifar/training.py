@@ -211,6 +211,8 @@ class Run:
             train_size=self.config.train_image_size(epoch))
         self.history.append(stats)
         main_writes_agreed(lambda: self.save_epoch_end(epoch + 1), self.distributed)
+        # Every rank: a fault on any of them points to the checkpoint rank 0 just wrote.
+        self.faults.checkpoint_saved(self.last_checkpoint, epoch + 1)
         self.log.flush_steps()
         return stats
 
@@ -220,8 +222,6 @@ class Run:
         with file_set():
             self.save_checkpoint(epoch)
             self.write_metrics()
-        if self.distributed.is_main:
-            self.faults.checkpoint_saved(self.last_checkpoint, epoch)
 
     def save_final(self, extra: dict[str, object]) -> None:
         """The metrics once more (a run resumed from its last epoch's checkpoint, after a

@@ -264,6 +264,11 @@ def test_resume_accepts_a_checkpoint_from_before_an_option_existed_and_refuses_r
     with pytest.raises(FastCifarError, match=r"\(muon_lr: 0\.0 in the checkpoint, 0\.1 now; "
                                              r"tta_shifts: True in the checkpoint, False now\)"):
         check_resume_compatible(older, dataclasses.replace(config, muon_lr=0.1, tta_shifts=False))
+    # a nested setting this version no longer has is refused, even one saved as None
+    retired = {**older, "augment": {**older["augment"], "retired_option": None}}
+    with pytest.raises(FastCifarError, match=r"\(augment\.retired_option: None in the "
+                                             r"checkpoint, not an option of this version\)"):
+        check_resume_compatible(retired, config)
 
 
 def test_shipped_weights_header_names_no_folder_of_the_machine_that_made_it():

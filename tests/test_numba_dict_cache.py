@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 
@@ -23,9 +25,10 @@ print(json.dumps({kind: sum(sum(getattr(helper.stats, kind).values()) for helper
 """
 
 
-def probe(cache_dir) -> dict[str, int]:
+def probe(cache_dir, preexec_fn=None) -> dict[str, int]:
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                            env={**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}, timeout=180)
+                            env={**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}, timeout=180,
+                            preexec_fn=preexec_fn)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -37,13 +40,23 @@ def test_the_second_process_loads_the_typed_dict_code_the_first_compiled(tmp_pat
     assert probe(tmp_path) == {"cache_hits": 2, "cache_misses": 0}  # loaded, not compiled
 
 
-def test_an_uncacheable_numba_leaves_the_import_working(monkeypatch):
-    from numba.core.dispatcher import Dispatcher
+def _files_of_at_most_2000_bytes() -> None:
+    """The cache's files cannot be written whole: as on a full disk (EFBIG, not a signal)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_cache_that_cannot_be_written_costs_a_compile_not_the_import(tmp_path):
+    assert probe(tmp_path, _files_of_at_most_2000_bytes) == {"cache_hits": 0, "cache_misses": 2}
+
+
+def test_no_folder_to_cache_in_leaves_the_import_as_it_was(monkeypatch):
+    from numba.core.caching import FunctionCache
 
     from fastcifar.data.numba_dict_cache import cache_typed_dict_compiles
 
-    def no_cache_location(self) -> None:
+    def no_cache_location(self, py_func) -> None:
         raise RuntimeError("cannot cache function: no locator available")
 
-    monkeypatch.setattr(Dispatcher, "enable_caching", no_cache_location)
+    monkeypatch.setattr(FunctionCache, "__init__", no_cache_location)
     assert cache_typed_dict_compiles() is False

@@ -46,7 +46,7 @@ def benchmark_time_to_accuracy(
 ) -> None:
     """Wall time to reach target test accuracies (train / eval / warm-up split), per seed.
 
-    Takes train's options (not --weights or --stop-at-accuracy); the run folders go under --out,
+    Takes train's options (not --weights-dir or --stop-at-accuracy); the run folders go under --out,
     their weights to --out/weights. Ctrl-C saves a checkpoint; a one-run benchmark continues
     with the same options plus --resume.
     """
