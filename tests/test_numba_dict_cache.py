@@ -60,3 +60,27 @@ def test_no_folder_to_cache_in_leaves_the_import_as_it_was(monkeypatch):
 
     monkeypatch.setattr(FunctionCache, "__init__", no_cache_location)
     assert cache_typed_dict_compiles() is False
+
+
+def test_a_dict_of_values_numba_cannot_cache_is_compiled_without_a_warning(tmp_path):
+    # jitclass instances hold dynamic globals: numba compiles their dict's helpers each time,
+    # as before the cache, and its "Cannot cache" warning about our setting is filtered.
+    program = """
+import fastcifar.data
+from numba import types
+from numba.experimental import jitclass
+from numba.typed import Dict
+
+@jitclass([("x", types.int64)])
+class Box:
+    def __init__(self, x):
+        self.x = x
+
+boxes = Dict()
+boxes["a"] = Box(1)
+assert boxes["a"].x == 1
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Cannot cache" not in result.stderr, result.stderr[-2000:]
