@@ -115,8 +115,10 @@ LONG_ROUND: dict[str, tuple[dict, list[str]]] = {
     # At 24 epochs the base has its budget row on (Muon at LR 0.12 on normalized filters:
     # 92.55% median of 3 test-set seeds, H200); the next three cells take it off in parts (the
     # ablation). Below 24 epochs (CPU proxies) the row is off and they repeat the base: skip
-    # them there (--only). The selection cell runs twice the epochs, so at a 12-epoch budget
-    # its 24 epochs turn the row on for it alone.
+    # them there (--only), or keep 24 epochs on fewer images (--train-subset 17500 --holdout
+    # 5000: cpu/long-ablation-24ep-12k5-seed0.md, ~17 min a cell on an avx512_bf16 EPYC).
+    # The selection cell runs twice the epochs, so at a 12-epoch budget its 24 epochs turn the
+    # row on for it alone.
     "express-progressive": ({}, []),
     "- normalized filters": ({"muon_normalize_filters": False}, ["--no-muon-normalize-filters"]),
     # Normalized filters at Muon's own LR: at 24 epochs (CPU, test set, seed 0) they fitted far
