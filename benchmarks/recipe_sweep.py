@@ -114,16 +114,21 @@ CUTOUT12 = {"augment__cutout_size": 12, "augment__cutout_count": 1}
 LONG_ROUND: dict[str, tuple[dict, list[str]]] = {
     # At 24 epochs the base has its budget row on (Muon at LR 0.12 on normalized filters:
     # 92.55% median of 3 test-set seeds, H200); the next three cells take it off in parts (the
-    # ablation). Below 24 epochs (CPU proxies) the row is off and they repeat the base: skip
-    # them there (--only), or keep 24 epochs on fewer images (--train-subset 17500 --holdout
-    # 5000: cpu/long-ablation-24ep-12k5-seed0.md, ~17 min a cell on an avx512_bf16 EPYC).
-    # The selection cell runs twice the epochs, so at a 12-epoch budget its 24 epochs turn the
-    # row on for it alone.
+    # ablation), and "the row" is the base again. Each names both of the row's settings, so
+    # below 24 epochs, where the base has the row off, they put the same pairs side by side
+    # (the base is then "- the row"). 24 epochs on fewer images: --train-subset 17500
+    # --holdout 5000 (cpu/long-ablation-24ep-12k5-seed0.md, ~17 min a cell on an avx512_bf16
+    # EPYC). The selection cell runs twice the epochs, so at a 12-epoch budget its 24 epochs
+    # turn the row on for it alone.
     "express-progressive": ({}, []),
-    "- normalized filters": ({"muon_normalize_filters": False}, ["--no-muon-normalize-filters"]),
+    "the row": ({"muon_lr": 0.12, "muon_normalize_filters": True},
+                ["--muon-lr", "0.12", "--muon-normalize-filters"]),
+    "- normalized filters": ({"muon_lr": 0.12, "muon_normalize_filters": False},
+                             ["--muon-lr", "0.12", "--no-muon-normalize-filters"]),
     # Normalized filters at Muon's own LR: at 24 epochs (CPU, test set, seed 0) they fitted far
     # less (97.8% train accuracy at the end) and lost 0.29 point against the recipe without.
-    "- Muon LR 0.12 (0.24)": ({"muon_lr": 0.24}, ["--muon-lr", "0.24"]),
+    "- Muon LR 0.12 (0.24)": ({"muon_lr": 0.24, "muon_normalize_filters": True},
+                              ["--muon-lr", "0.24", "--muon-normalize-filters"]),
     "- the row (the recipe before it)": (
         {"muon_lr": 0.24, "muon_normalize_filters": False},
         ["--muon-lr", "0.24", "--no-muon-normalize-filters"]),
@@ -219,6 +224,22 @@ def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
             "wall_seconds": time.perf_counter() - started}
 
 
+def twin_cells(table: dict[str, tuple[TrainConfig, dict]], loader: LoaderConfig,
+               epochs: int) -> dict[str, str]:
+    """Each cell whose config at this budget is an earlier cell's, with that cell's name: it is
+    not run again (at 24 epochs "the row" is the base; below, "- the row" is)."""
+    configs: dict[str, TrainConfig] = {}
+    twins = {}
+    for name, (base, changes) in table.items():
+        config = cell_config(base, changes, 0, loader, epochs)
+        twin = next((earlier for earlier, seen in configs.items() if seen == config), None)
+        if twin is None:
+            configs[name] = config
+        else:
+            twins[name] = twin
+    return twins
+
+
 def cell_train_options(changes: dict, options: list[str], epochs: int) -> list[str]:
     """The train options that rebuild a cell at an `epochs` budget: its own, and --epochs for a
     cell that runs `data_passes` x the budget."""
@@ -265,6 +286,10 @@ def markdown(report: dict) -> str:
             seconds = statistics.median(run["train_seconds"] for run in cell["runs"])
             lines.append(f"| {name} | {len(cell['runs'])} | {median['none']:.2%} | "
                          f"{median['flip']:.2%} | {median['multicrop']:.2%} | {seconds:,.0f} |")
+    twins = [f"{name} (= {cell['same_as']})" for name, cell in report["cells"].items()
+             if cell.get("same_as")]
+    if twins:
+        lines += ["", "Not run again (the same settings at this budget): " + ", ".join(twins)]
     if report["skipped"]:
         lines += ["", "Not run (time budget): " + ", ".join(report["skipped"])]
     lines += ["", f"Best of {', '.join(report['candidates'])}: **{report['best']}**"]
@@ -305,9 +330,14 @@ def main() -> int:
                                           if arguments.plan == "ablation" else list(options))
     cells = {name: {"changes": {key: str(value) for key, value in changes.items()},
                     "recipe": base.recipe, "runs": []} for name, (base, changes) in table.items()}
+    twins = twin_cells(table, loader, arguments.epochs)
+    for name, twin in twins.items():
+        cells[name]["same_as"] = twin
     started, skipped, last_wall = time.perf_counter(), [], 0.0
     for seed in arguments.seeds:
         for name, (base, changes) in table.items():
+            if name in twins:
+                continue
             # A cell that would not end inside --seconds (judged by the last one's time per data
             # pass) is skipped, so the sweep ends within its budget.
             if (time.perf_counter() - started + last_wall * changes.get("data_passes", 1)

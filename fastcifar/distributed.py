@@ -4,6 +4,7 @@ ranks obey."""
 
 from __future__ import annotations
 
+import atexit
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,8 +39,36 @@ def init_distributed(config: TrainConfig, device: torch.device) -> Distributed:
     import torch.distributed as dist
 
     if not dist.is_initialized():  # torchrun provides the rendezvous through env://
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        start_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def start_process_group(backend: str, **options: object) -> None:
+    """`torch.distributed.init_process_group`, with the group ended at this process's exit.
+
+    A gloo rank that reached interpreter exit while a worker thread of the group still held a
+    collective's tensor aborted (SIGABRT, "terminate called without an active exception"): the
+    worker needs the GIL to let the tensor go. 6 of 35 two-rank CPU jobs ended so after they had
+    finished, 0 of 35 with the group ended first, which joins those threads while the GIL is
+    free (cpu/gloo-exit-abort-20261130.md)."""
+    import torch.distributed as dist
+
+    # Its functions take `group=group.WORLD` as a default. Imported after the group exists (by
+    # torch's compiler, when the first optimiser is built), that default holds the group past
+    # destroy_process_group, and with it the threads, to the interpreter's exit.
+    import torch.distributed.nn.functional  # noqa: F401
+
+    dist.init_process_group(backend, **options)
+    atexit.register(end_process_group)
+
+
+def end_process_group() -> None:
+    """Destroy this process's group, if it has one. The group's end waits, with the GIL
+    released, for its worker threads to finish and joins them (see `start_process_group`)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def ranks_agree(model: nn.Module, distributed: Distributed) -> bool:

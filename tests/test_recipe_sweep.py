@@ -70,3 +70,12 @@ def test_a_misspelt_cell_name_is_refused_before_anything_runs(monkeypatch, tmp_p
     assert stopped.value.code == 2
     assert "--only names no cell of this plan: + pad4" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize(("epochs", "twins"), [
+    (24, {"the row": "express-progressive"}),  # the budget row is on in the base
+    (12, {"- the row (the recipe before it)": "express-progressive"}),  # and off below 24
+])
+def test_a_cell_with_an_earlier_cells_settings_at_the_budget_is_not_run_again(epochs, twins):
+    table = sweep.round_variants("long")
+    assert sweep.twin_cells(table, LoaderConfig(), epochs) == twins
