@@ -5,6 +5,7 @@ ranks obey."""
 from __future__ import annotations
 
 import atexit
+import gc
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,13 +45,14 @@ def init_distributed(config: TrainConfig, device: torch.device) -> Distributed:
 
 
 def start_process_group(backend: str, **options: object) -> None:
-    """`torch.distributed.init_process_group`, with the group ended at this process's exit.
+    """`torch.distributed.init_process_group`; a gloo group is also ended at this process's exit.
 
     A gloo rank that reached interpreter exit while a worker thread of the group still held a
     collective's tensor aborted (SIGABRT, "terminate called without an active exception"): the
-    worker needs the GIL to let the tensor go. 6 of 35 two-rank CPU jobs ended so after they had
-    finished, 0 of 35 with the group ended first, which joins those threads while the GIL is
-    free (cpu/gloo-exit-abort-20261130.md)."""
+    worker needs the GIL to let the tensor go. 6 of 35 two-rank CPU runs of the tests ended so
+    after they had finished, 0 of 35 with the group ended first
+    (cpu/gloo-exit-abort-20261130.md). Other backends keep torch's own teardown: NCCL's
+    graceful end can wait on the other ranks where one rank failed alone."""
     import torch.distributed as dist
 
     # Its functions take `group=group.WORLD` as a default. Imported after the group exists (by
@@ -59,15 +61,18 @@ def start_process_group(backend: str, **options: object) -> None:
     import torch.distributed.nn.functional  # noqa: F401
 
     dist.init_process_group(backend, **options)
-    atexit.register(end_process_group)
+    if backend == "gloo":
+        atexit.register(end_process_group)
 
 
 def end_process_group() -> None:
-    """Destroy this process's group, if it has one. The group's end waits, with the GIL
-    released, for its worker threads to finish and joins them (see `start_process_group`)."""
+    """Destroy this process's group, if it has one, once nothing holds it: the group's end
+    then waits, with the GIL released, for its worker threads to finish and joins them. A
+    group still held (by an uncaught exception's traceback, say) lives on to the exit."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        gc.collect()  # DDP's reference cycles hold the group until a collection
         dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ that won."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,26 @@ def test_a_misspelt_cell_name_is_refused_before_anything_runs(monkeypatch, tmp_p
 def test_a_cell_with_an_earlier_cells_settings_at_the_budget_is_not_run_again(epochs, twins):
     table = sweep.round_variants("long")
     assert sweep.twin_cells(table, LoaderConfig(), epochs) == twins
+
+
+def test_a_twin_candidate_is_ranked_by_the_cell_that_ran_its_settings(monkeypatch, tmp_path):
+    scores = {"express-progressive": 0.93, "+ pad 4": 0.92}
+
+    def fake_run(base, changes, seed, loader, epochs) -> dict:
+        name = next(name for name, (cell, _) in sweep.LONG_ROUND.items() if cell == changes)
+        return {"seed": seed, "final_holdout": dict.fromkeys(("none", "flip", "multicrop"),
+                                                             scores[name]),
+                "train_seconds": 1.0, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(sweep, "run_cell", fake_run)
+    report_path = tmp_path / "s.json"
+    monkeypatch.setattr("sys.argv", [
+        "recipe_sweep.py", "--plan", "long", "--epochs", "24", "--seeds", "0",
+        "--only", "express-progressive", "the row", "+ pad 4",
+        "--candidates", "the row", "+ pad 4", "--data", str(tmp_path), "--json", str(report_path)])
+    assert sweep.main() == 0
+    report = json.loads(report_path.read_text())
+    assert report["cells"]["the row"] == {**report["cells"]["the row"], "runs": [],
+                                          "same_as": "express-progressive"}
+    assert report["best"] == "express-progressive"  # its runs are the row's at 24 epochs
+    assert "the row (= express-progressive)" in report_path.with_suffix(".md").read_text()
