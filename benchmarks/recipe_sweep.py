@@ -112,15 +112,16 @@ PAD4 = {"augment__pad": 4}
 LOOKAHEAD_OPTIONS = ["--lookahead-every", "5", "--bn-momentum", "0.6", "--bn-eps", "1e-12"]
 CUTOUT12 = {"augment__cutout_size": 12, "augment__cutout_count": 1}
 LONG_ROUND: dict[str, tuple[dict, list[str]]] = {
-    # At 24 epochs the base has its budget row on (Muon at LR 0.12 on normalized filters:
-    # 92.55% median of 3 test-set seeds, H200): "the row" repeats it there, and the three cells
-    # after it take the row off in parts (the ablation). Each names both of the row's settings,
-    # so below 24 epochs, where the base has the row off, they put the same pairs side by side
-    # (the base is then "- the row"); a cell that repeats an earlier one's settings at the
-    # budget is not run again. 24 epochs on fewer images: --train-subset 17500 --holdout 5000
-    # (cpu/long-ablation-24ep-12k5-seed0.md, ~17 min a cell on an avx512_bf16 EPYC). The
-    # selection cell runs twice the epochs, so at a 12-epoch budget its 24 epochs turn the row
-    # on for it as for "the row".
+    # From 12 epochs the base has its budget row on (Muon at LR 0.12 on normalized filters:
+    # 92.55% median of 3 test-set seeds at 24 epochs, H200): "the row" repeats it there, and the
+    # three cells after it take the row off in parts (the ablation). Each names both of the
+    # row's settings, so below 12 epochs, where the base has the row off, they put the same pairs
+    # side by side (the base is then "- the row"); a cell that repeats an earlier one's settings
+    # at the budget is not run again. 24 epochs on fewer images: --train-subset 17500 --holdout
+    # 5000 (cpu/long-ablation-24ep-12k5-seed0.md, ~17 min a cell on an avx512_bf16 EPYC); 12
+    # epochs on 25,000: cpu/long-12ep-25k.md (~16 min a cell there). The selection cell runs
+    # twice the epochs, so at a 6-epoch budget its 12 epochs turn the row on for it as for
+    # "the row".
     "express-progressive": ({}, []),
     "the row": ({"muon_lr": 0.12, "muon_normalize_filters": True},
                 ["--muon-lr", "0.12", "--muon-normalize-filters"]),
@@ -228,7 +229,7 @@ def run_cell(base: TrainConfig, changes: dict, seed: int, loader: LoaderConfig,
 def twin_cells(table: dict[str, tuple[TrainConfig, dict]], loader: LoaderConfig,
                epochs: int) -> dict[str, str]:
     """Each cell whose config at this budget is an earlier cell's, with that cell's name: it is
-    not run again (from 24 epochs "the row" is the base; below, "- the row" is)."""
+    not run again (from 12 epochs "the row" is the base; below, "- the row" is)."""
     configs: dict[str, TrainConfig] = {}
     twins = {}
     for name, (base, changes) in table.items():

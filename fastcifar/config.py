@@ -377,22 +377,26 @@ DEFAULT_RECIPE = "express-progressive"
 # changes in `replace_nested` form). `recipe(name, epochs=N)` applies every row that N reaches,
 # in order; a budget below the first row keeps the recipe as written above.
 #
-# express-progressive from 24 epochs: Muon at half its LR (0.12) on filters rescaled to a fixed
+# express-progressive from 12 epochs: Muon at half its LR (0.12) on filters rescaled to a fixed
 # norm before each step (--muon-normalize-filters), so its fixed-size steps keep their size
 # relative to the filters, which otherwise grow 9-11x over 24 epochs. Chosen on held-out train
 # images (24 epochs, 45,000 train, 5,000 held out, seed 0, multi-crop): 92.30% (CPU) against the
 # recipe's 91.94% (H200). Confirmed on the test set (H200, 2026-11-29, 3 seeds; benchmarks/
 # results/gpu/2026-11-29/long-median-24ep.md): 92.56 / 92.24 / 92.55%, median 92.55%, against
-# 92.07 / 92.34 / 92.11%, median 92.11%, without the row (2026-11-28). Normalized filters at
-# Muon's own LR lost (24 epochs, test set, CPU, seed 0: 91.85% against 92.14%), at LR 0.08 the
-# 12-epoch proxy lost 0.36; LR 0.12 without them is not measured. Budgets from 7 to 23 epochs
-# are not measured with the row and keep the recipe, as 6 epochs do (90.55% median, H200).
+# 92.07 / 92.34 / 92.11%, median 92.11%, without the row (2026-11-28). At 12 epochs on held-out
+# images (25,000 train, 5,000 held out, 2 seeds, CPU; benchmarks/results/cpu/long-12ep-25k.md):
+# 90.84% median against 89.98% without (+1.04 and +0.68 by seed), and normalized filters at LR
+# 0.24 90.50% (seed 0); not confirmed on the test set at 12 epochs. Normalized filters at
+# Muon's own LR lost at 24 epochs (test set, CPU, seed 0: 91.85% against 92.14%), at LR 0.08 a
+# 12-epoch proxy lost 0.36; LR 0.12 without them is not measured on all the data. Budgets from
+# 7 to 11 epochs are not measured with the row and keep the recipe, as 6 epochs do (90.55%
+# median, H200).
 # Tried and not rows: airbench's pad 4 + cutout 12 (24 epochs held out, H200, seed 0: 92.04%
 # against 91.94%, inside one seed's noise; lost 0.58-1.52 points on 12-epoch CPU proxies),
 # lookahead (+0.08 on the 25,000-image proxy), data selection (--select-fraction 0.5 of 1024 at
 # twice the epochs: -0.62 on that proxy).
 BUDGET_SETTINGS: dict[str, tuple[tuple[int, dict[str, object]], ...]] = {
-    "express-progressive": ((24, {"muon_lr": 0.12, "muon_normalize_filters": True}),),
+    "express-progressive": ((12, {"muon_lr": 0.12, "muon_normalize_filters": True}),),
 }
 
 

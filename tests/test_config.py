@@ -59,17 +59,20 @@ def test_library_configs_without_a_recipe_named_use_the_default_recipe():
     assert LrFindConfig().train == recipe(DEFAULT_RECIPE)
 
 
-def test_the_default_recipe_normalizes_muons_filters_at_half_its_lr_from_24_epochs():
-    # The long-budget row (92.55% median of 3 seeds at 24 epochs on an H200, against 92.11%)
+def test_the_default_recipe_normalizes_muons_filters_at_half_its_lr_from_12_epochs():
+    # The long-budget row (92.55% median of 3 seeds at 24 epochs on an H200, against 92.11%;
+    # +0.86 on held-out images at 12 epochs)
     from fastcifar.config import DEFAULT_RECIPE, RECIPES
 
     base = RECIPES[DEFAULT_RECIPE]
-    for epochs in (6, 23):
+    for epochs in (6, 11):
         short = recipe(DEFAULT_RECIPE, epochs=epochs)
         assert (short.muon_lr, short.muon_normalize_filters) == (base.muon_lr, False) == (0.24,
                                                                                          False)
-    for long in (recipe(DEFAULT_RECIPE, epochs=24), recipe(DEFAULT_RECIPE)):  # its own 24
-        assert (long.muon_lr, long.muon_normalize_filters, long.epochs) == (0.12, True, 24)
+    for long in (recipe(DEFAULT_RECIPE, epochs=12), recipe(DEFAULT_RECIPE, epochs=24),
+                 recipe(DEFAULT_RECIPE)):  # its own 24
+        assert (long.muon_lr, long.muon_normalize_filters) == (0.12, True)
+    assert recipe(DEFAULT_RECIPE).epochs == 24
     assert not recipe(DEFAULT_RECIPE, epochs=24, muon_normalize_filters=False).muon_normalize_filters
 
 
