@@ -57,7 +57,7 @@ def timed(work) -> float:
 
 def measure(rounds: int, batch_size: int) -> dict:
     """Median seconds per optimiser step (per Newton-Schulz dtype) and per forward+backward."""
-    config = recipe(DEFAULT_RECIPE, epochs=6)  # as measured: below the 24-epoch row
+    config = recipe(DEFAULT_RECIPE, epochs=6)  # as measured: below the budget row
     model = build_model(config, torch.device("cpu"),
                         torch.randint(0, 256, (1024, 3, 32, 32)).float())
     optimizers = Optimizers(model, config, steps_per_epoch=100)

@@ -164,7 +164,7 @@ class TimeToAccuracyConfig:
         require(all(b > 0 for b in self.budgets), "budgets must be positive epoch counts")
         # Budget rows are applied when the config is built for one --epochs: a --budget run
         # would train every budget with the settings of that one, so its budgets must reach
-        # the rows that --epochs reaches (below 24 epochs the default recipe has none).
+        # the rows that --epochs reaches (below 12 epochs the default recipe has none).
         reached = {len(budget_rows(self.train.recipe, budget))
                    for budget in (*self.budgets, self.train.epochs)}
         require(not self.budgets or len(reached) == 1,

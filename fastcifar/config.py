@@ -278,7 +278,7 @@ def optimizer_rule(optimizer: OptimizerName | None, muon_lr: float | None,
     """The one rule for --optimizer on a Muon recipe, in train and lr-find alike: Muon pairs
     with SGD only, so Adam turns it off, unless --muon-lr asks for it (refused by the config).
     A run without Muon (Adam, --muon-lr 0) drops the filter normalization only Muon uses (on
-    in the default recipe from 24 epochs) unless --muon-normalize-filters asks for it."""
+    in the default recipe from 12 epochs) unless --muon-normalize-filters asks for it."""
     changes: dict[str, object] = {}
     if optimizer not in (None, OptimizerName.sgd) and muon_lr is None:
         changes["muon_lr"] = 0.0
