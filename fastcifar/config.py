@@ -385,8 +385,9 @@ DEFAULT_RECIPE = "express-progressive"
 # results/gpu/2026-11-29/long-median-24ep.md): 92.56 / 92.24 / 92.55%, median 92.55%, against
 # 92.07 / 92.34 / 92.11%, median 92.11%, without the row (2026-11-28). At 12 epochs on held-out
 # images (25,000 train, 5,000 held out, 2 seeds, CPU; benchmarks/results/cpu/long-12ep-25k.md):
-# 90.84% median against 89.98% without (+1.04 and +0.68 by seed), and normalized filters at LR
-# 0.24 90.50% (seed 0); not confirmed on the test set at 12 epochs. Normalized filters at
+# 90.84% median against 89.98% without (+1.04 and +0.68 by seed); normalized filters at LR 0.24
+# 90.32% (median of 2), LR 0.12 on raw filters 89.52% (seed 0); not confirmed on the test set at
+# 12 epochs. Normalized filters at
 # Muon's own LR lost at 24 epochs (test set, CPU, seed 0: 91.85% against 92.14%), at LR 0.08 a
 # 12-epoch proxy lost 0.36; LR 0.12 without them is not measured on all the data. Budgets from
 # 7 to 11 epochs are not measured with the row and keep the recipe, as 6 epochs do (90.55%
