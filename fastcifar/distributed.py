@@ -49,8 +49,8 @@ def start_process_group(backend: str, **options: object) -> None:
 
     A gloo rank that reached interpreter exit while a worker thread of the group still held a
     collective's tensor aborted (SIGABRT, "terminate called without an active exception"): the
-    worker needs the GIL to let the tensor go. 6 of 35 two-rank CPU runs of the tests ended so
-    after they had finished, 0 of 35 with the group ended first
+    worker needs the GIL to let the tensor go. 7 of 47 two-rank CPU runs of the tests ended so
+    after they had finished, 0 of 47 with the group ended first
     (cpu/gloo-exit-abort-20261130.md). Other backends keep torch's own teardown: NCCL's
     graceful end can wait on the other ranks where one rank failed alone."""
     import torch.distributed as dist

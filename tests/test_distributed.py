@@ -276,7 +276,7 @@ def _rank_reaches_its_exit_after_a_collective(rank: int, port: int, out_dir: str
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
 def test_a_rank_ends_its_group_and_gloos_threads_before_the_interpreter_finalizes(tmp_path):
     # A worker thread still holding a collective's tensor at finalization needs the GIL to let
-    # it go and aborted the rank (SIGABRT after a finished run: 6 of 35 jobs before the fix).
+    # it go and aborted the rank (SIGABRT after a finished run: 7 of 47 jobs before the fix).
     import torch.multiprocessing
 
     torch.multiprocessing.spawn(_rank_reaches_its_exit_after_a_collective,
