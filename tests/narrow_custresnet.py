@@ -26,6 +26,27 @@ def pace_steps(seconds: float) -> None:
     fastcifar.training.Run.train_step = paced
 
 
+# "RANK:STEP" (unset: none): that torchrun rank runs out of memory once it has taken STEP steps,
+# as an allocation refused on one machine of a job would.
+OUT_OF_MEMORY_AT = "NARROW_CUSTRESNET_OUT_OF_MEMORY_AT"
+
+
+def run_out_of_memory_at(rank: int, steps: int) -> None:
+    """Make rank `rank`'s train step raise MemoryError from its `steps`-th step on."""
+    import os
+
+    import fastcifar.training
+
+    step = fastcifar.training.Run.train_step
+
+    def refused(self, *arguments) -> None:
+        if int(os.environ.get("RANK", "0")) == rank and self.steps >= steps:
+            raise MemoryError
+        step(self, *arguments)
+
+    fastcifar.training.Run.train_step = refused
+
+
 if __name__ == "__main__":
     import os
     import sys
@@ -38,6 +59,8 @@ if __name__ == "__main__":
     fastcifar.model.CUSTRESNET_WIDTH = TEST_WIDTH
     if os.environ.get(STEP_SECONDS):
         pace_steps(float(os.environ[STEP_SECONDS]))
+    if os.environ.get(OUT_OF_MEMORY_AT):
+        run_out_of_memory_at(*map(int, os.environ[OUT_OF_MEMORY_AT].split(":")))
     from fastcifar.cli import entry
 
     sys.argv[0] = "fastcifar"

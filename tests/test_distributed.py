@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fastcifar.cli import app
-from narrow_custresnet import STEP_SECONDS
+from narrow_custresnet import OUT_OF_MEMORY_AT, STEP_SECONDS
 
 
 def _free_port() -> int:
@@ -121,6 +121,22 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_that_resumes(t
     assert [row["test_accuracy"] for row in got] == [row["test_accuracy"] for row in expected]
     assert [row["train_loss"] for row in got] == pytest.approx(
         [row["train_loss"] for row in expected], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_fault_on_a_rank_that_writes_nothing_names_the_checkpoint_rank_0_wrote(tiny_dataset,
+                                                                                 tmp_path):
+    # Only rank 0 writes last.pt, yet every rank's fault line must point to it: here rank 1
+    # runs out of memory in epoch 2 (10 steps an epoch), after epoch 1's checkpoint.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", OUT_OF_MEMORY_AT: "1:12"}
+    failed = subprocess.run(_torchrun(tiny_dataset, tmp_path, "oom"), capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert failed.returncode != 0, failed.stdout[-3000:] + failed.stderr[-3000:]
+    (checkpoint,) = (tmp_path / "oom").glob("*/last.pt")
+    assert (f"error: out of memory on cpu at --batch-size 6: start a new run with --batch-size 3,"
+            f" or free memory; the last intact checkpoint is {checkpoint} (saved after epoch 1): "
+            f"continue with the same options plus `--resume {checkpoint}`"
+            in failed.stderr.splitlines()), failed.stderr[-3000:]  # one line (soft wrap)
 
 
 def test_a_signal_another_rank_got_after_the_last_comparison_stops_this_one_too(
