@@ -76,6 +76,22 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
+# What gloo's failed collective says when another rank's process ended (its socket closed).
+PEER_LOST_TEXTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_rank_cause(error: BaseException) -> str | None:
+    """Why a collective failed when another rank of the job is gone, or None for any other
+    error: torch's DistError (NCCL, the store) by its type, a gloo RuntimeError by its text."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return type(error).__name__
+    if isinstance(error, RuntimeError):
+        return next((text for text in PEER_LOST_TEXTS if text in str(error)), None)
+    return None
+
+
 def ranks_agree(model: nn.Module, distributed: Distributed) -> bool:
     """Whether every rank holds the same weights (a float64 fingerprint, all-gathered)."""
     if distributed.world_size == 1:

@@ -1,7 +1,8 @@
 """How a training run meets a machine fault.
 
 Essential writes (the checkpoint `last.pt`, `run.json`, `metrics.json`, the final weights) end
-the run at once. Out of memory and a dead loader end it too. Each ends with one line that names
+the run at once. Out of memory, a dead loader and, under torchrun, another rank that ended end
+it too. Each ends with one line that names
 the cause, the last intact checkpoint and the `--resume` that continues. Non-essential writes
 (the best-weights copy, the plots) print one warning and the run goes on."""
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fastcifar.distributed import lost_rank_cause
 from fastcifar.errors import MachineFault, WriteFailed, is_out_of_memory
 from fastcifar.terminal import warnings_console
 
@@ -21,9 +23,10 @@ class RunFaults:
     """Tracks the last checkpoint known intact and words the line a fault ends the run with."""
 
     def __init__(self, checkpoint: Path | None, epochs_done: int, batch_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         self.checkpoint, self.epochs_done = checkpoint, epochs_done
         self.batch_size, self.device = batch_size, device
+        self.rank, self.world_size = rank, world_size
 
     def checkpoint_saved(self, path: Path, epochs_done: int) -> None:
         """`path` was written completely: it is now what a fault points the user to."""
@@ -55,9 +58,15 @@ class RunFaults:
         except MachineFault as error:
             raise MachineFault(f"{error}; {self.how_to_continue()}") from error
         except (MemoryError, RuntimeError) as error:
-            if not is_out_of_memory(error):
+            if is_out_of_memory(error):
+                raise self._out_of_memory() from error
+            cause = lost_rank_cause(error) if self.world_size > 1 else None
+            if cause is None:
                 raise
-            raise self._out_of_memory() from error
+            # Not a traceback on each surviving rank: the rank that ended printed why.
+            raise MachineFault(f"rank {self.rank} stopped: another rank of the job ended "
+                               f"({cause}), and its own line says why; "
+                               f"{self.how_to_continue()}") from error
 
     def _out_of_memory(self) -> MachineFault:
         # A checkpoint resumes only at its own batch size: a smaller one is a new run.

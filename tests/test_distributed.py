@@ -259,6 +259,63 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_reason(tmp_path,
     assert answers[1]["raised"] == ["MachineFault", f"rank 0 stopped: {reason}"]
 
 
+def _rank_whose_peer_ends_before_a_collective(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks (spawned): rank 1 ends at once after the group is up, as a rank
+    that failed does; rank 0's next collective runs inside a run's fault handling and writes
+    the error that left it."""
+    import os
+
+    import torch
+
+    from fastcifar.distributed import start_process_group
+    from fastcifar.run_faults import RunFaults
+
+    start_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    import torch.distributed as dist
+
+    dist.barrier()  # both ranks' connections are up
+    if rank == 1:
+        os._exit(0)
+    faults = RunFaults(Path(out_dir, "last.pt"), 3, 512, torch.device("cpu"), rank, 2)
+    try:
+        with faults.end_in_one_line():
+            dist.all_reduce(torch.ones(1))
+        raised = None
+    except Exception as error:  # what reached the command's one-line exit, or not
+        raised = [type(error).__name__, str(error)]
+    Path(out_dir, "rank0.json").write_text(json.dumps(raised))
+    os._exit(0)  # the group's end would wait on the rank that is gone
+
+
+def test_a_rank_whose_peer_ended_stops_with_one_line_not_a_traceback(tmp_path):
+    # A rank that ran out of memory exits with its line; the others' collective then fails
+    # with gloo's "Connection closed by peer", which each printed as a screen-long traceback.
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(_rank_whose_peer_ends_before_a_collective,
+                                args=(_free_port(), str(tmp_path)), nprocs=2)
+    kind, message = json.loads((tmp_path / "rank0.json").read_text())
+    assert kind == "MachineFault", message
+    assert message.startswith("rank 0 stopped: another rank of the job ended (Connection "), \
+        message
+    assert message.endswith(f"the last intact checkpoint is {tmp_path / 'last.pt'} (saved after"
+                            f" epoch 3): continue with the same options plus "
+                            f"`--resume {tmp_path / 'last.pt'}`"), message
+
+
+@pytest.mark.parametrize(("world_size", "text"), [(1, "Broken pipe"), (2, "some other bug")])
+def test_an_error_that_is_not_a_lost_rank_keeps_its_traceback(world_size, text):
+    # A one-process run has no other rank to blame; a bug stays a traceback to report.
+    import torch
+
+    from fastcifar.run_faults import RunFaults
+
+    faults = RunFaults(None, 0, 512, torch.device("cpu"), 0, world_size)
+    with pytest.raises(RuntimeError, match=text):
+        with faults.end_in_one_line():
+            raise RuntimeError(text)
+
+
 def _rank_reaches_its_exit_after_a_collective(rank: int, port: int, out_dir: str) -> None:
     """One of two gloo ranks (spawned): steps a DDP model (its first optimiser imports torch's
     compiler) and drops it, as a run ends, then runs the exit handlers; writes the names of
