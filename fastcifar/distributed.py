@@ -1,6 +1,6 @@
 """torchrun scale-out: the process group, rank 0's choices and write faults shared with the other
-ranks, sums over ranks, a check that every rank holds the same weights, and stop signals all
-ranks obey."""
+ranks, sums over ranks, a check that every rank holds the same weights, stop signals all ranks
+obey, and the failed collective that means another rank ended."""
 
 from __future__ import annotations
 
@@ -76,20 +76,24 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-# What gloo's failed collective says when another rank's process ended (its socket closed).
-PEER_LOST_TEXTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# What a collective says when another rank's process ended: gloo's TCP transport (its messages
+# carry "gloo/transport") when the peer's socket closed, and NCCL's ncclRemoteError. NCCL's own
+# errors ("invalid usage"), a store's timeout (a peer stuck, not gone) and a loader's broken
+# pipe are not in it: those stay tracebacks.
+GLOO_PEER_LOST = ("connection closed by peer", "connection reset by peer")
+NCCL_PEER_LOST = ("remote process exiting prematurely", "remote error detected from rank")
 
 
-def lost_rank_cause(error: BaseException) -> str | None:
-    """Why a collective failed when another rank of the job is gone, or None for any other
-    error: torch's DistError (NCCL, the store) by its type, a gloo RuntimeError by its text."""
-    import torch.distributed as dist
-
-    if isinstance(error, dist.DistError):
-        return type(error).__name__
-    if isinstance(error, RuntimeError):
-        return next((text for text in PEER_LOST_TEXTS if text in str(error)), None)
-    return None
+def lost_rank_cause(error: BaseException, distributed: Distributed) -> str | None:
+    """What a failed collective said when another rank of the job is gone ("gloo: connection
+    closed by peer"), or None: for a one-process run and any other error (a bug keeps its
+    traceback)."""
+    if distributed.world_size == 1 or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).lower()
+    if "gloo/transport" in text:
+        return next((f"gloo: {lost}" for lost in GLOO_PEER_LOST if lost in text), None)
+    return next((f"NCCL: {lost}" for lost in NCCL_PEER_LOST if lost in text), None)
 
 
 def ranks_agree(model: nn.Module, distributed: Distributed) -> bool:

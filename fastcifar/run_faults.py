@@ -1,10 +1,10 @@
 """How a training run meets a machine fault.
 
 Essential writes (the checkpoint `last.pt`, `run.json`, `metrics.json`, the final weights) end
-the run at once. Out of memory, a dead loader and, under torchrun, another rank that ended end
-it too. Each ends with one line that names
-the cause, the last intact checkpoint and the `--resume` that continues. Non-essential writes
-(the best-weights copy, the plots) print one warning and the run goes on."""
+the run at once; so do out of memory, a dead loader and, under torchrun, another rank's end.
+Each ends with one line that names the cause, the last intact checkpoint and the `--resume`
+that continues. Non-essential writes (the best-weights copy, the plots) print one warning and
+the run goes on."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar.distributed import lost_rank_cause
+from fastcifar.distributed import Distributed, lost_rank_cause
 from fastcifar.errors import MachineFault, WriteFailed, is_out_of_memory
 from fastcifar.terminal import warnings_console
 
@@ -23,10 +23,9 @@ class RunFaults:
     """Tracks the last checkpoint known intact and words the line a fault ends the run with."""
 
     def __init__(self, checkpoint: Path | None, epochs_done: int, batch_size: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+                 device: torch.device, distributed: Distributed) -> None:
         self.checkpoint, self.epochs_done = checkpoint, epochs_done
-        self.batch_size, self.device = batch_size, device
-        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.device, self.distributed = batch_size, device, distributed
 
     def checkpoint_saved(self, path: Path, epochs_done: int) -> None:
         """`path` was written completely: it is now what a fault points the user to."""
@@ -60,12 +59,12 @@ class RunFaults:
         except (MemoryError, RuntimeError) as error:
             if is_out_of_memory(error):
                 raise self._out_of_memory() from error
-            cause = lost_rank_cause(error) if self.world_size > 1 else None
+            cause = lost_rank_cause(error, self.distributed)
             if cause is None:
                 raise
-            # Not a traceback on each surviving rank: the rank that ended printed why.
-            raise MachineFault(f"rank {self.rank} stopped: another rank of the job ended "
-                               f"({cause}), and its own line says why; "
+            # One line on each rank left, not a screen-long traceback from the collective.
+            raise MachineFault(f"rank {self.distributed.rank} stopped because another rank of "
+                               f"the job ended ({cause}): torchrun's summary names it; "
                                f"{self.how_to_continue()}") from error
 
     def _out_of_memory(self) -> MachineFault:

@@ -88,8 +88,7 @@ class Run:
         self.final_weights = Path(config.weights_dir) / f"{self.run_dir.name}-final.safetensors"
         self.last_checkpoint = self.run_dir / "last.pt"
         self.faults = RunFaults(Path(config.resume) if resume_state is not None else None,
-                                self.start_epoch, config.loader.batch_size, device,
-                                distributed.rank, distributed.world_size)
+                                self.start_epoch, config.loader.batch_size, device, distributed)
         self.log = TensorBoardLog(self.run_dir, self.record, self.steps,
                                   enabled=config.tensorboard and distributed.is_main)
         if resume_state is not None and self.best_weights.exists():

@@ -32,15 +32,16 @@ OUT_OF_MEMORY_AT = "NARROW_CUSTRESNET_OUT_OF_MEMORY_AT"
 
 
 def run_out_of_memory_at(rank: int, steps: int) -> None:
-    """Make rank `rank`'s train step raise MemoryError from its `steps`-th step on."""
+    """Make rank `rank`'s train step raise MemoryError once `steps` steps are done."""
     import os
 
     import fastcifar.training
 
     step = fastcifar.training.Run.train_step
+    this_rank = int(os.environ.get("RANK", "0"))
 
     def refused(self, *arguments) -> None:
-        if int(os.environ.get("RANK", "0")) == rank and self.steps >= steps:
+        if this_rank == rank and self.steps >= steps:
             raise MemoryError
         step(self, *arguments)
 

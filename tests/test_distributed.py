@@ -261,22 +261,25 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_reason(tmp_path,
 
 def _rank_whose_peer_ends_before_a_collective(rank: int, port: int, out_dir: str) -> None:
     """One of two gloo ranks (spawned): rank 1 ends at once after the group is up, as a rank
-    that failed does; rank 0's next collective runs inside a run's fault handling and writes
-    the error that left it."""
+    that failed does; rank 0's next collective runs inside a run's fault handling, writes the
+    error that left it and exits as the command does (the group ended at exit)."""
     import os
+    from datetime import timedelta
 
     import torch
 
-    from fastcifar.distributed import start_process_group
+    from fastcifar.distributed import Distributed, start_process_group
     from fastcifar.run_faults import RunFaults
 
-    start_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    start_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                        world_size=2, timeout=timedelta(seconds=60))
     import torch.distributed as dist
 
     dist.barrier()  # both ranks' connections are up
     if rank == 1:
-        os._exit(0)
-    faults = RunFaults(Path(out_dir, "last.pt"), 3, 512, torch.device("cpu"), rank, 2)
+        os._exit(0)  # no goodbye to rank 0, as a rank the kernel killed
+    faults = RunFaults(Path(out_dir, "last.pt"), 3, 512, torch.device("cpu"),
+                       Distributed(rank, 2))
     try:
         with faults.end_in_one_line():
             dist.all_reduce(torch.ones(1))
@@ -284,36 +287,76 @@ def _rank_whose_peer_ends_before_a_collective(rank: int, port: int, out_dir: str
     except Exception as error:  # what reached the command's one-line exit, or not
         raised = [type(error).__name__, str(error)]
     Path(out_dir, "rank0.json").write_text(json.dumps(raised))
-    os._exit(0)  # the group's end would wait on the rank that is gone
 
 
 def test_a_rank_whose_peer_ended_stops_with_one_line_not_a_traceback(tmp_path):
     # A rank that ran out of memory exits with its line; the others' collective then fails
     # with gloo's "Connection closed by peer", which each printed as a screen-long traceback.
+    import time
+
     import torch.multiprocessing
 
-    torch.multiprocessing.spawn(_rank_whose_peer_ends_before_a_collective,
-                                args=(_free_port(), str(tmp_path)), nprocs=2)
+    ranks = torch.multiprocessing.start_processes(
+        _rank_whose_peer_ends_before_a_collective, args=(_free_port(), str(tmp_path)),
+        nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=5):  # rank 0 exits, its group ended, with its peer gone
+        assert time.monotonic() < deadline, "a rank did not exit"
     kind, message = json.loads((tmp_path / "rank0.json").read_text())
     assert kind == "MachineFault", message
-    assert message.startswith("rank 0 stopped: another rank of the job ended (Connection "), \
-        message
+    assert message.startswith("rank 0 stopped because another rank of the job ended (gloo: "
+                              "connection "), message
     assert message.endswith(f"the last intact checkpoint is {tmp_path / 'last.pt'} (saved after"
                             f" epoch 3): continue with the same options plus "
                             f"`--resume {tmp_path / 'last.pt'}`"), message
 
 
-@pytest.mark.parametrize(("world_size", "text"), [(1, "Broken pipe"), (2, "some other bug")])
-def test_an_error_that_is_not_a_lost_rank_keeps_its_traceback(world_size, text):
-    # A one-process run has no other rank to blame; a bug stays a traceback to report.
+GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] "
+               "Connection closed by peer [127.0.0.1]:51891. This is typically caused by a "
+               "remote worker crashing.")
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read "
+              "error [127.0.0.1]:55186: Connection reset by peer. This is typically caused by "
+              "a remote worker hanging or bugs in the application.")
+NCCL_REMOTE = ("NCCL error in: ProcessGroupNCCL.cpp:2049, remote process exited or there was a "
+               "network error, NCCL version 2.27.3\nncclRemoteError: A call failed possibly "
+               "due to a network error or a remote process exiting prematurely.")
+
+
+@pytest.mark.parametrize(("make_error", "world_size", "cause"), [
+    (lambda: RuntimeError(GLOO_CLOSED), 2, "gloo: connection closed by peer"),
+    (lambda: RuntimeError(GLOO_RESET), 2, "gloo: connection reset by peer"),
+    (lambda: _dist_error("DistBackendError", NCCL_REMOTE), 2,
+     "NCCL: remote process exiting prematurely"),
+    (lambda: RuntimeError(GLOO_CLOSED), 1, None),  # one process: no other rank to blame
+    (lambda: _dist_error("DistBackendError", "NCCL error in: x, invalid usage"), 2, None),
+    (lambda: _dist_error("DistStoreError", "wait timeout after 30000ms"), 2, None),
+    (lambda: RuntimeError("DataLoader worker: BrokenPipeError: [Errno 32] Broken pipe"), 2,
+     None),
+    (lambda: ValueError(GLOO_CLOSED), 2, None),
+])
+def test_only_a_collective_that_lost_another_rank_is_named_so(make_error, world_size, cause):
+    from fastcifar.distributed import Distributed, lost_rank_cause
+
+    assert lost_rank_cause(make_error(), Distributed(0, world_size)) == cause
+
+
+def _dist_error(kind: str, text: str) -> RuntimeError:
+    import torch.distributed
+
+    return getattr(torch.distributed, kind)(text)
+
+
+def test_an_error_that_is_not_a_lost_rank_keeps_its_traceback():
+    # A bug stays a traceback to report, under torchrun too.
     import torch
 
+    from fastcifar.distributed import Distributed
     from fastcifar.run_faults import RunFaults
 
-    faults = RunFaults(None, 0, 512, torch.device("cpu"), 0, world_size)
-    with pytest.raises(RuntimeError, match=text):
+    faults = RunFaults(None, 0, 512, torch.device("cpu"), Distributed(0, 2))
+    with pytest.raises(RuntimeError, match="some other bug"):
         with faults.end_in_one_line():
-            raise RuntimeError(text)
+            raise RuntimeError("some other bug")
 
 
 def _rank_reaches_its_exit_after_a_collective(rank: int, port: int, out_dir: str) -> None:
