@@ -386,11 +386,13 @@ DEFAULT_RECIPE = "express-progressive"
 # 92.07 / 92.34 / 92.11%, median 92.11%, without the row (2026-11-28). At 12 epochs on held-out
 # images (25,000 train, 5,000 held out, 2 seeds, CPU; benchmarks/results/cpu/long-12ep-25k.md):
 # 90.84% median against 89.98% without (+1.04 and +0.68 by seed); normalized filters at LR 0.24
-# 90.32% (median of 2), LR 0.12 on raw filters 89.52% (seed 0); not confirmed on the test set at
-# 12 epochs. Normalized filters at Muon's own LR lost at 24 epochs (test set, CPU, seed 0: 91.85%
-# against 92.14%), at LR 0.08 a 12-epoch proxy lost 0.36; LR 0.12 without them is not measured on
-# all the data. Budgets from 7 to 11 epochs are not measured with the row and keep the recipe, as
-# 6 epochs do (90.55% median, H200).
+# 90.32% (median of 2), LR 0.12 on raw filters 89.52% (seed 0). Confirmed on the test set at
+# 12 epochs (all the data, CPU, 2026-11-30; benchmarks/results/cpu/median-express-progressive-
+# 12ep.md): 92.01 / 92.00%, median 92.01%, against 91.66 / 91.63%, median 91.64%, without the row
+# (+0.35 and +0.37 by seed). Normalized filters at Muon's own LR lost at 24 epochs (test set,
+# CPU, seed 0: 91.85% against 92.14%), at LR 0.08 a 12-epoch proxy lost 0.36; LR 0.12 without
+# them is not measured on all the data. Budgets from 7 to 11 epochs are not measured with the
+# row and keep the recipe, as 6 epochs do (90.55% median, H200).
 # Tried and not rows: airbench's pad 4 + cutout 12 (24 epochs held out, H200, seed 0: 92.04%
 # against 91.94%, inside one seed's noise; lost 0.58-1.52 points on 12-epoch CPU proxies),
 # lookahead (+0.08 on the 25,000-image proxy), data selection (--select-fraction 0.5 of 1024 at
