@@ -331,8 +331,10 @@ def main() -> int:
     twins = twin_cells(table, loader, arguments.epochs)
     candidates = arguments.candidates or (["+ knobs = express", "express + muon"]
                                           if arguments.plan == "ablation" else list(options))
-    # A twin is ranked as the cell that ran its settings.
-    candidates = list(dict.fromkeys(twins.get(name, name) for name in candidates))
+    # A twin is ranked as the cell that ran its settings; a cell --only left out is no candidate
+    # (the report named every cell of the plan as ranked before).
+    candidates = list(dict.fromkeys(twins.get(name, name) for name in candidates
+                                    if name in table))
     cells = {name: {"changes": {key: str(value) for key, value in changes.items()},
                     "recipe": base.recipe, "runs": []} for name, (base, changes) in table.items()}
     for name, twin in twins.items():

@@ -103,3 +103,20 @@ def test_a_twin_candidate_is_ranked_by_the_cell_that_ran_its_settings(monkeypatc
                                           "same_as": "express-progressive"}
     assert report["best"] == "express-progressive"  # its runs are the row's at 24 epochs
     assert "the row (= express-progressive)" in report_path.with_suffix(".md").read_text()
+
+
+def test_the_report_ranks_only_the_cells_that_only_kept(monkeypatch, tmp_path):
+    def fake_run(base, changes, seed, loader, epochs) -> dict:
+        return {"seed": seed, "final_holdout": dict.fromkeys(("none", "flip", "multicrop"), 0.9),
+                "train_seconds": 1.0, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(sweep, "run_cell", fake_run)
+    report_path = tmp_path / "s.json"
+    monkeypatch.setattr("sys.argv", [
+        "recipe_sweep.py", "--plan", "long", "--epochs", "8", "--seeds", "0",
+        "--only", "express-progressive", "the row", "--data", str(tmp_path),
+        "--json", str(report_path)])
+    assert sweep.main() == 0
+    assert json.loads(report_path.read_text())["candidates"] == ["express-progressive",
+                                                                 "the row"]
+    assert "Best of express-progressive, the row: **" in report_path.with_suffix(".md").read_text()
