@@ -300,8 +300,12 @@ def test_a_rank_whose_peer_ended_stops_with_one_line_not_a_traceback(tmp_path):
         _rank_whose_peer_ends_before_a_collective, args=(_free_port(), str(tmp_path)),
         nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
-    while not ranks.join(timeout=5):  # rank 0 exits, its group ended, with its peer gone
-        assert time.monotonic() < deadline, "a rank did not exit"
+    try:
+        while not ranks.join(timeout=5):  # rank 0 exits, its group ended, with its peer gone
+            assert time.monotonic() < deadline, "a rank did not exit"
+    finally:  # a rank that hung is not left running after the test
+        for process in ranks.processes:
+            process.kill()
     kind, message = json.loads((tmp_path / "rank0.json").read_text())
     assert kind == "MachineFault", message
     assert message.startswith("rank 0 stopped because another rank of the job ended (gloo: "
