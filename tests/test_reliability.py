@@ -101,31 +101,20 @@ def test_a_failed_forced_conversion_keeps_the_earlier_one_whole(tiny_imagefolder
     assert not list(tmp_path.glob("*.tmp")) and read_metadata(tmp_path).train_count == 120
 
 
-@pytest.mark.parametrize("death", ["exception", "at once"])
+@pytest.mark.parametrize("thread", ["main", "another"])
+@pytest.mark.parametrize("death", ["exception", "at once", "after its records"])
 def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, monkeypatch,
-                                                                     death):
+                                                                     death, thread):
     # FFCV's writer polled its workers' progress forever once one had died: of an exception
-    # (an IndexError, as more labels than images gave), or at once (a full disk's SIGBUS).
-    # The first signal is lost here, as when it lands in an at-fork callback (in the suite,
-    # beside torch's SIGCHLD handler), whose exceptions Python swallows.
+    # (an IndexError, as more labels than images gave), or at once (a full disk's SIGBUS);
+    # and it read their page lists forever when one died flushing its last page. A
+    # conversion in another thread than the main one is watched the same way.
     import multiprocessing
-
-    real_kill, sent = signal.pthread_kill, []
-
-    def losing_the_first(thread, number):
-        sent.append(number)
-        if len(sent) > 1:
-            real_kill(thread, number)
-
-    monkeypatch.setattr(convert_module.signal, "pthread_kill", losing_the_first)
 
     import numpy as np
 
     from fastcifar.data.sources import Split
     from fastcifar.errors import MachineFault
-
-    def hung(signal_number, frame):
-        raise AssertionError("the write still waited for its dead worker after 180 s")
 
     # Two chunks of 1000 records: the worker of the second waits for the first one's page
     # forever once that worker died, until it is stopped.
@@ -137,16 +126,44 @@ def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, m
         monkeypatch.setattr(convert_module._SplitDataset, "__getitem__",
                             lambda self, index: os._exit(3) if index < 1000
                             else real_item(self, index))
+    if death == "after its records":  # each worker dies flushing its last page, once the
+        # progress loop has seen every record counted and waits for the page lists
+        from ffcv.memory_allocator import MemoryAllocator
+
+        def dying_flush(self, *error) -> None:
+            time.sleep(0.5)
+            os._exit(4)
+
+        monkeypatch.setattr(MemoryAllocator, "__exit__", dying_flush)
     before = set(multiprocessing.active_children())
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(180)  # a hang fails the test instead of holding the suite
-    try:
-        with pytest.raises(MachineFault, match=r"a beton writer process died \(exit code"), \
-                convert_module._writer_deaths_raise():
-            convert_module._write_beton(split, tmp_path / "x.beton", 3)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    raised: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with convert_module._writer_deaths_raise():
+                convert_module._write_beton(split, tmp_path / "x.beton", 3)
+        except BaseException as error:
+            raised.append(error)
+
+    def hung(signal_number, frame):
+        raise AssertionError("the write still waited for its dead worker after 180 s")
+
+    writer = threading.Thread(target=write, daemon=True)
+    if thread == "main":
+        previous = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(180)  # a hang fails the test instead of holding the suite
+        try:
+            write()
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    else:
+        writer.start()
+        writer.join(180)
+        assert not writer.is_alive(), "the write still waited for its dead worker after 180 s"
+    assert len(raised) == 1 and isinstance(raised[0], MachineFault), raised
+    code = {"exception": 1, "at once": 3, "after its records": 4}[death]
+    assert str(raised[0]).startswith(f"a beton writer process died (exit code {code})")
     assert set(multiprocessing.active_children()) <= before  # no worker left waiting
 
 

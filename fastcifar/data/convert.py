@@ -7,12 +7,14 @@ import fcntl
 import json
 import math
 import multiprocessing
-import signal
+import multiprocessing.queues
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 
@@ -59,7 +61,8 @@ class _SplitDataset:
         return self.split.images[index], int(self.split.labels[index])
 
 
-WRITER_WATCH_SECONDS = 0.2  # how often the watcher looks at the writer processes
+WRITER_WATCH_SECONDS = 0.2  # how often a wait for the page lists looks at the writers
+_WRITER_WATCH = threading.Lock()  # one watched write per process: the watch patches ffcv.writer
 
 
 def _write_beton(split: Split, path: Path, workers: int) -> None:
@@ -82,60 +85,63 @@ def _write_beton(split: Split, path: Path, workers: int) -> None:
         raise
 
 
-class _WriterDied(Exception):
-    """Raised in the main thread (by a signal) once a beton writer process has died."""
-
-
 @contextlib.contextmanager
 def _writer_deaths_raise() -> Iterator[None]:
     """FFCV's writer waits forever for a worker process that died (a full disk's SIGBUS, a
-    record it could not read): the workers it starts are recorded, a watcher thread looks at
-    their exit codes, and a death interrupts the main thread's wait with a signal; the other
-    workers are then stopped, and the write ends as one MachineFault. Main thread only (the
-    one a signal handler runs in)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    record it could not read). Its two waits are watched in whatever thread converts: the
+    progress loop's sleep and the read of the workers' page lists look at the recorded
+    workers' exit codes, and a death ends the write as one MachineFault; the other workers
+    are then stopped. Writes in two threads at once take turns."""
+    with _WRITER_WATCH:
+        yield from _watched_writer_waits()
+
+
+def _watched_writer_waits() -> Iterator[None]:
+    """The watch of _writer_deaths_raise, for one write at a time."""
     import ffcv.writer
 
     started: list[multiprocessing.Process] = []
-    died: list[int] = []
-    done = threading.Event()
-    real_process = ffcv.writer.Process
+    converter = os.getpid()  # the forked workers inherit the patched queue, not the watch
+    real_process, real_sleep, real_queue = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue
 
     class RecordedProcess(real_process):
         def start(self) -> None:
             started.append(self)
             super().start()
 
-    def on_death_signal(number: int, frame) -> None:
-        if not done.is_set():
-            raise _WriterDied
+    def raise_on_a_death() -> None:
+        codes = [code for code in (worker.exitcode for worker in list(started)) if code]
+        if codes:
+            raise MachineFault(f"a beton writer process died (exit code {codes[0]}): the disk "
+                               "may be full; nothing was replaced")
 
-    def watch() -> None:
-        while not done.wait(WRITER_WATCH_SECONDS):
-            if not died:
-                died.extend(code for code in (worker.exitcode for worker in list(started))
-                            if code)
-            if died:  # again at each look until the wait ends: where the signal lands in an
-                # at-fork callback or a __del__, Python swallows the handler's exception
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+    def watched_sleep(seconds: float) -> None:
+        raise_on_a_death()
+        real_sleep(seconds)
 
-    previous_handler = signal.signal(signal.SIGUSR1, on_death_signal)
-    ffcv.writer.Process = RecordedProcess
-    watcher = threading.Thread(target=watch, name="beton-writer-watch", daemon=True)
-    watcher.start()
+    def watched_queue(*args, **kwargs) -> multiprocessing.queues.Queue:
+        queue = real_queue(*args, **kwargs)
+        real_get = queue.get
+
+        def get(block: bool = True, timeout: float | None = None):
+            if os.getpid() != converter or not block or timeout is not None:
+                return real_get(block, timeout)
+            while True:
+                try:
+                    return real_get(timeout=WRITER_WATCH_SECONDS)
+                except Empty:
+                    raise_on_a_death()
+
+        queue.get = get
+        return queue
+
+    ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = (RecordedProcess, watched_sleep,
+                                                                 watched_queue)
     try:
         yield
-    except _WriterDied:
-        done.set()  # first: a later signal must not raise inside this handler
-        raise MachineFault(f"a beton writer process died (exit code {died[0]}): the disk may "
-                           "be full; nothing was replaced") from None
     finally:
-        done.set()
-        watcher.join()
-        ffcv.writer.Process = real_process
-        signal.signal(signal.SIGUSR1, previous_handler)
+        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = (real_process, real_sleep,
+                                                                     real_queue)
         _stop_processes(started)
 
 
