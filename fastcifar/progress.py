@@ -32,6 +32,16 @@ def bars_are_drawn() -> bool:
     return console.is_terminal and not console.is_dumb_terminal
 
 
+def optimiser_text(config: TrainConfig) -> str:
+    """The optimisers and peak LRs a run trains with, for its header: Muon's as well, since a
+    budget row (from 12 epochs, the default recipe) changes them without a flag."""
+    text = f"{config.optimizer.value} max LR {config.max_lr:g}"
+    if config.muon_lr:
+        filters = "normalized" if config.muon_normalize_filters else "raw"
+        text += f", Muon LR {config.muon_lr:g} on {filters} filters"
+    return text
+
+
 class TableCallbacks:
     """Draws a progress bar per epoch (on a terminal) and one table row after it (rank 0 only)."""
 
@@ -52,8 +62,8 @@ class TableCallbacks:
 
             batch = f"{batch}, the proxy's hardest {kept_per_batch(config.select_fraction, batch)}"
         console.print(f"recipe {config.recipe} | {config.epochs} epochs x {steps_per_epoch} "
-                      f"steps | batch {batch} | {config.optimizer.value} "
-                      f"max LR {config.max_lr:g} | {device} {precision} | run folder {run_dir}")
+                      f"steps | batch {batch} | {optimiser_text(config)} | {device} {precision} "
+                      f"| run folder {run_dir}")
         console.print(f"{'epoch':>5} {'px':>3} {'lr':>9} {'train loss':>10} {'train acc':>9} "
                       f"{'test loss':>9} {'test acc':>8} {'seconds':>8} {'images/s':>9}")
 

@@ -35,6 +35,7 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
     header = next(line for line in result.output.splitlines() if line.startswith("recipe "))
     assert len(header) > 80  # longer than the width a log file would have been wrapped at
     assert header.endswith(f"run folder {run_dir}"), result.output
+    assert "| sgd max LR 0.05, Muon LR 0.24 on raw filters |" in header  # below the 12-epoch row
     epoch_one = next(line.split() for line in result.output.splitlines()
                      if line.split()[:1] == ["1"])
     assert epoch_one[5:7] == ["-", "-"]  # no test pass before --eval-from-epoch
@@ -45,6 +46,17 @@ def test_convert_then_train_end_to_end(tiny_imagefolder, tmp_path):
     assert "(chosen on the test set" in closing
     assert list((tmp_path / "weights").glob("*-best.safetensors"))
     assert list((tmp_path / "weights").glob("*-final.safetensors"))
+
+
+def test_the_train_header_names_the_optimisers_a_budget_row_set():
+    from fastcifar.config import recipe
+    from fastcifar.progress import optimiser_text
+
+    assert optimiser_text(recipe("express-progressive", epochs=12)) == (
+        "sgd max LR 0.8, Muon LR 0.12 on normalized filters")  # the 12-epoch row, no flag
+    assert optimiser_text(recipe("express-progressive", epochs=6)) == (
+        "sgd max LR 0.8, Muon LR 0.24 on raw filters")
+    assert optimiser_text(recipe("fast")) == "sgd max LR 0.4"
 
 
 def test_train_without_betons_says_run_convert_first(tmp_path):
