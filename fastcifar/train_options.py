@@ -64,8 +64,9 @@ def recipe_options(
                            "whitening, flip and TTA tricks), fast (SGD-Nesterov, label "
                            "smoothing, TTA) or seed (the original Adam recipe).",
                            rich_help_panel=OPTIMISATION)] = DEFAULT_RECIPE_NAME,
-    epochs: Annotated[int | None, typer.Option(help="Epochs; the OneCycle schedule is planned "
-                      "for this budget (recipe default: 24).", rich_help_panel=OPTIMISATION)
+    epochs: Annotated[int | None, typer.Option(help="Epochs; the OneCycle schedule and the "
+                      "recipe's budget rows (settings that follow the budget; see the run's "
+                      "header) follow it (recipe default: 24).", rich_help_panel=OPTIMISATION)
                       ] = None,
 ) -> TrainConfig:
     """The named recipe at the epoch budget, its budget rows applied: what the other option
