@@ -101,30 +101,14 @@ def test_a_failed_forced_conversion_keeps_the_earlier_one_whole(tiny_imagefolder
     assert not list(tmp_path.glob("*.tmp")) and read_metadata(tmp_path).train_count == 120
 
 
-@pytest.mark.parametrize("thread", ["main", "another"])
-@pytest.mark.parametrize("death", ["exception", "at once", "after its records"])
-def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, monkeypatch,
-                                                                     death, thread):
-    # FFCV's writer polled its workers' progress forever once one had died: of an exception
-    # (an IndexError, as more labels than images gave), or at once (a full disk's SIGBUS);
-    # and it read their page lists forever when one died flushing its last page. A
-    # conversion in another thread than the main one is watched the same way.
-    import multiprocessing
-
-    import numpy as np
-
-    from fastcifar.data.sources import Split
-    from fastcifar.errors import MachineFault
-
-    # Two chunks of 1000 records: the worker of the second waits for the first one's page
-    # forever once that worker died, until it is stopped.
-    images = 4 if death == "exception" else 2000
-    split = Split(np.zeros((images, 32, 32, 3), np.uint8), np.zeros(images * 2, np.int64)
-                  if death == "exception" else np.zeros(images, np.int64))
-    if death == "at once":  # the forked workers inherit this
-        real_item = convert_module._SplitDataset.__getitem__
+def _dying_writers(monkeypatch, death: str) -> None:
+    """Make FFCV's writer processes (forked: they inherit these patches) die one way."""
+    if death in ("at once", "holding a page"):  # before claiming a page, or after record 0
+        # of its chunk claimed page 0: the worker of the next chunk then waits to write its
+        # own page after that one, forever, until it is stopped
+        real_item, last = convert_module._SplitDataset.__getitem__, (death == "holding a page")
         monkeypatch.setattr(convert_module._SplitDataset, "__getitem__",
-                            lambda self, index: os._exit(3) if index < 1000
+                            lambda self, index: os._exit(3) if last <= index < 1000
                             else real_item(self, index))
     if death == "after its records":  # each worker dies flushing its last page, once the
         # progress loop has seen every record counted and waits for the page lists
@@ -135,13 +119,35 @@ def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, m
             os._exit(4)
 
         monkeypatch.setattr(MemoryAllocator, "__exit__", dying_flush)
+
+
+@pytest.mark.parametrize("thread", ["main", "another"])
+@pytest.mark.parametrize("death", ["exception", "at once", "holding a page",
+                                   "after its records"])
+def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, monkeypatch,
+                                                                     death, thread):
+    # FFCV's writer polled its workers' progress forever once one had died: of an exception
+    # (an IndexError, as more labels than images gave), or at once (a full disk's SIGBUS);
+    # and it read their page lists forever when one died flushing its last page. A
+    # conversion in another thread than the main one is watched the same way.
+    import multiprocessing
+
+    import ffcv.writer
+    import numpy as np
+
+    from fastcifar.data.sources import Split
+    from fastcifar.errors import MachineFault
+
+    images = 4 if death == "exception" else 2000  # two chunks of 1000 records
+    split = Split(np.zeros((images, 32, 32, 3), np.uint8), np.zeros(images * 2, np.int64)
+                  if death == "exception" else np.zeros(images, np.int64))
+    _dying_writers(monkeypatch, death)
     before = set(multiprocessing.active_children())
     raised: list[BaseException] = []
 
     def write() -> None:
         try:
-            with convert_module._writer_deaths_raise():
-                convert_module._write_beton(split, tmp_path / "x.beton", 3)
+            convert_module._write_beton(split, tmp_path / "x.beton", 3)
         except BaseException as error:
             raised.append(error)
 
@@ -162,9 +168,38 @@ def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, m
         writer.join(180)
         assert not writer.is_alive(), "the write still waited for its dead worker after 180 s"
     assert len(raised) == 1 and isinstance(raised[0], MachineFault), raised
-    code = {"exception": 1, "at once": 3, "after its records": 4}[death]
+    code = {"exception": 1, "after its records": 4}.get(death, 3)
     assert str(raised[0]).startswith(f"a beton writer process died (exit code {code})")
     assert set(multiprocessing.active_children()) <= before  # no worker left waiting
+    assert (ffcv.writer.Process, ffcv.writer.Queue) == (multiprocessing.Process,
+                                                        multiprocessing.Queue)
+    assert ffcv.writer.sleep is time.sleep
+
+
+def test_a_convert_whose_writer_died_holding_a_page_exits(tmp_path):
+    # With a writer dead and the others stopped, nothing read the work queue: its feeder
+    # thread, with 20 chunks still to send, held the process at exit after the error line.
+    script = f"""
+import os, numpy as np
+from fastcifar.data import convert as convert_module
+from fastcifar.data.sources import Split
+from fastcifar.errors import MachineFault
+real_item = convert_module._SplitDataset.__getitem__  # as _dying_writers(..., "holding a page")
+convert_module._SplitDataset.__getitem__ = (lambda self, index: os._exit(3)
+                                            if 1 <= index < 1000 else real_item(self, index))
+split = Split(np.zeros((20_000, 32, 32, 3), np.uint8), np.zeros(20_000, np.int64))
+try:
+    convert_module._write_beton(split, {str(tmp_path / "x.beton")!r}, 3)
+except MachineFault as error:
+    print("error:", error)
+"""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("error: a beton writer process died (exit code 3)")
+    assert "Traceback" not in result.stderr, result.stderr
+    assert time.monotonic() - started < 60
 
 
 def test_atomic_writer_removes_its_temporary_file_on_failure(tmp_path):

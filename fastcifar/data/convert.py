@@ -63,6 +63,8 @@ class _SplitDataset:
 
 WRITER_WATCH_SECONDS = 0.2  # how often a wait for the page lists looks at the writers
 _WRITER_WATCH = threading.Lock()  # one watched write per process: the watch patches ffcv.writer
+_watched_workers: list[multiprocessing.Process] = []  # the watched write's, under the lock
+_watched_queues: list[multiprocessing.queues.Queue] = []
 
 
 def _write_beton(split: Split, path: Path, workers: int) -> None:
@@ -76,7 +78,8 @@ def _write_beton(split: Split, path: Path, workers: int) -> None:
         num_workers=workers,
     )
     try:
-        writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
+        with _writer_deaths_raise():
+            writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
     except BaseException:
         # FFCV frees its shared index only when the write completes.
         with contextlib.suppress(AttributeError, OSError):
@@ -85,64 +88,75 @@ def _write_beton(split: Split, path: Path, workers: int) -> None:
         raise
 
 
+class _RecordedProcess(multiprocessing.Process):
+    """FFCV's writer process, recorded for the watch as it starts."""
+
+    def start(self) -> None:
+        _watched_workers.append(self)
+        super().start()
+
+
+def _raise_on_a_writer_death() -> None:
+    """One MachineFault once a watched writer process has exited with an error."""
+    codes = [code for code in (worker.exitcode for worker in _watched_workers) if code]
+    if codes:
+        raise MachineFault(f"a beton writer process died (exit code {codes[0]}): the disk may be "
+                           "full; nothing was replaced")
+
+
+def _watched_sleep(seconds: float) -> None:
+    """The writer's progress poll, which looks at the workers first."""
+    _raise_on_a_writer_death()
+    time.sleep(seconds)
+
+
+class _WatchedQueue(multiprocessing.queues.Queue):
+    """FFCV's queues; a blocking read in the converting process (of the workers' page lists)
+    looks at the workers between short waits. Its forked workers read as before."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize, ctx=multiprocessing.get_context())
+        self._watching = os.getpid()
+        _watched_queues.append(self)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        if getattr(self, "_watching", None) != os.getpid() or not block or timeout is not None:
+            return super().get(block, timeout)
+        while True:
+            try:
+                return super().get(timeout=WRITER_WATCH_SECONDS)
+            except Empty:
+                _raise_on_a_writer_death()
+
+
 @contextlib.contextmanager
 def _writer_deaths_raise() -> Iterator[None]:
     """FFCV's writer waits forever for a worker process that died (a full disk's SIGBUS, a
-    record it could not read). Its two waits are watched in whatever thread converts: the
-    progress loop's sleep and the read of the workers' page lists look at the recorded
-    workers' exit codes, and a death ends the write as one MachineFault; the other workers
-    are then stopped. Writes in two threads at once take turns."""
-    with _WRITER_WATCH:
-        yield from _watched_writer_waits()
-
-
-def _watched_writer_waits() -> Iterator[None]:
-    """The watch of _writer_deaths_raise, for one write at a time."""
+    record it could not read). Its two waits, the progress poll and the read of the workers'
+    page lists, look at the workers' exit codes in whatever thread converts, and a death ends
+    the write as one MachineFault; the other workers are then stopped, and the work queue's
+    feeder thread is let go (no worker reads it, and exit would wait for it). Writes in two
+    threads at once take turns."""
     import ffcv.writer
 
-    started: list[multiprocessing.Process] = []
-    converter = os.getpid()  # the forked workers inherit the patched queue, not the watch
-    real_process, real_sleep, real_queue = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue
-
-    class RecordedProcess(real_process):
-        def start(self) -> None:
-            started.append(self)
-            super().start()
-
-    def raise_on_a_death() -> None:
-        codes = [code for code in (worker.exitcode for worker in list(started)) if code]
-        if codes:
-            raise MachineFault(f"a beton writer process died (exit code {codes[0]}): the disk "
-                               "may be full; nothing was replaced")
-
-    def watched_sleep(seconds: float) -> None:
-        raise_on_a_death()
-        real_sleep(seconds)
-
-    def watched_queue(*args, **kwargs) -> multiprocessing.queues.Queue:
-        queue = real_queue(*args, **kwargs)
-        real_get = queue.get
-
-        def get(block: bool = True, timeout: float | None = None):
-            if os.getpid() != converter or not block or timeout is not None:
-                return real_get(block, timeout)
-            while True:
-                try:
-                    return real_get(timeout=WRITER_WATCH_SECONDS)
-                except Empty:
-                    raise_on_a_death()
-
-        queue.get = get
-        return queue
-
-    ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = (RecordedProcess, watched_sleep,
-                                                                 watched_queue)
-    try:
-        yield
-    finally:
-        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = (real_process, real_sleep,
-                                                                     real_queue)
-        _stop_processes(started)
+    with _WRITER_WATCH:
+        _watched_workers.clear()
+        _watched_queues.clear()
+        real = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue
+        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = (
+            _RecordedProcess, _watched_sleep, _WatchedQueue)
+        try:
+            yield
+        except BaseException:
+            for queue in _watched_queues:
+                queue.cancel_join_thread()
+                queue.close()
+            raise
+        finally:
+            ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = real
+            _stop_processes(_watched_workers)
+            _watched_workers.clear()
+            _watched_queues.clear()
 
 
 def _stop_processes(processes: list[multiprocessing.Process]) -> None:
@@ -165,7 +179,7 @@ def _replace_betons(data: CifarArrays, out_dir: Path, workers: int,
     it was, and a crash while replacing never leaves a set that looks complete."""
     # Renamed into place in reverse order of entry: the train beton first, then the test one.
     with (atomic_path(out_dir / TEST_BETON) as new_test,
-          atomic_path(out_dir / TRAIN_BETON) as new_train, _writer_deaths_raise()):
+          atomic_path(out_dir / TRAIN_BETON) as new_train):
         progress("write train", 0, len(data.train.labels))
         _write_beton(data.train, new_train, workers)
         progress("write test", 0, len(data.test.labels))
