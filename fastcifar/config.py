@@ -388,8 +388,8 @@ DEFAULT_RECIPE = "express-progressive"
 # 90.84% median against 89.98% without (+1.04 and +0.68 by seed); normalized filters at LR 0.24
 # 90.32% (median of 2), LR 0.12 on raw filters 89.52% (seed 0). Confirmed on the test set at
 # 12 epochs (all the data, CPU, 2026-11-30; benchmarks/results/cpu/median-express-progressive-
-# 12ep.md): 92.01 / 92.00%, median 92.01%, against 91.66 / 91.63%, median 91.64%, without the row
-# (+0.35 and +0.37 by seed). Normalized filters at Muon's own LR lost at 24 epochs (test set,
+# 12ep.md): 92.01 / 92.00 / 91.94%, median 92.00%, against 91.66 / 91.63 / 91.49%, median
+# 91.63%, without the row (+0.35, +0.37 and +0.45 by seed). Normalized filters at Muon's own LR lost at 24 epochs (test set,
 # CPU, seed 0: 91.85% against 92.14%), at LR 0.08 a 12-epoch proxy lost 0.36; LR 0.12 without
 # them is not measured on all the data. Budgets from 7 to 11 epochs keep the recipe, as 6 epochs
 # do (90.55% median, H200): at 8 epochs the row tied on a held-out proxy (25,000 train, seed 0,
