@@ -106,9 +106,10 @@ def _dying_writers(monkeypatch, death: str) -> None:
     if death in ("at once", "holding a page"):  # before claiming a page, or after record 0
         # of its chunk claimed page 0: the worker of the next chunk then waits to write its
         # own page after that one, forever, until it is stopped
-        real_item, last = convert_module._SplitDataset.__getitem__, (death == "holding a page")
+        real_item = convert_module._SplitDataset.__getitem__
+        first_fatal = 1 if death == "holding a page" else 0
         monkeypatch.setattr(convert_module._SplitDataset, "__getitem__",
-                            lambda self, index: os._exit(3) if last <= index < 1000
+                            lambda self, index: os._exit(3) if first_fatal <= index < 1000
                             else real_item(self, index))
     if death == "after its records":  # each worker dies flushing its last page, once the
         # progress loop has seen every record counted and waits for the page lists
