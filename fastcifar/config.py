@@ -389,11 +389,13 @@ DEFAULT_RECIPE = "express-progressive"
 # 90.32% (median of 2), LR 0.12 on raw filters 89.52% (seed 0). Confirmed on the test set at
 # 12 epochs (all the data, CPU, 2026-11-30; benchmarks/results/cpu/median-express-progressive-
 # 12ep.md): 92.01 / 92.00 / 91.94%, median 92.00%, against 91.66 / 91.63 / 91.49%, median
-# 91.63%, without the row (+0.35, +0.37 and +0.45 by seed). Normalized filters at Muon's own LR lost at 24 epochs (test set,
-# CPU, seed 0: 91.85% against 92.14%), at LR 0.08 a 12-epoch proxy lost 0.36; LR 0.12 without
-# them is not measured on all the data. Budgets from 7 to 11 epochs keep the recipe, as 6 epochs
-# do (90.55% median, H200): at 8 epochs the row tied on a held-out proxy (25,000 train, seed 0,
-# CPU; benchmarks/results/cpu/long-8ep-25k.md: 89.76% multi-crop each).
+# 91.63%, without the row (+0.35, +0.37 and +0.45 by seed). Normalized filters at Muon's own
+# LR lost at 24 epochs (test set, CPU, seed 0: 91.85% against 92.14%), at LR 0.08 a 12-epoch
+# proxy lost 0.36; LR 0.12 without them is not measured on all the data. Budgets from 7 to 11
+# epochs keep the recipe, as 6 epochs do (90.55% median, H200). On held-out proxies (25,000
+# train, 2 seeds, CPU; benchmarks/results/cpu/long-{8,10}ep-25k*.md) the row gained less there:
+# +0.22 median at 8 epochs (a tie and +0.44) and at 10 (+0.16, +0.28), against +0.86 at 12; a
+# test-set run at 10 epochs decides it.
 # Tried and not rows: airbench's pad 4 + cutout 12 (24 epochs held out, H200, seed 0: 92.04%
 # against 91.94%, inside one seed's noise; lost 0.58-1.52 points on 12-epoch CPU proxies),
 # lookahead (+0.08 on the 25,000-image proxy), data selection (--select-fraction 0.5 of 1024 at
