@@ -177,8 +177,10 @@ class EpochBars(TrainCallbacks):
 
     def on_train_start(self, config: TrainConfig, steps_per_epoch: int, device: object,
                        precision: str, run_dir: Path) -> None:
+        from fastcifar.progress import optimiser_text
+
         print(f"recipe {config.recipe}, {config.epochs} epochs x {steps_per_epoch} steps, "
-              f"{device} {precision}; run folder {run_dir}")
+              f"{optimiser_text(config)}, {device} {precision}; run folder {run_dir}")
 
     def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
         from tqdm.auto import tqdm

@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import fastcifar
+from fastcifar.api import EpochBars
 from fastcifar.cli import app
 from fastcifar.config import DEFAULT_RECIPE, Device, OptimizerName, PadMode, Precision, recipe
 from fastcifar.errors import FastCifarError
@@ -100,3 +101,11 @@ def test_the_entry_points_do_not_hide_the_modules():
     assert fastcifar.training.train is not fastcifar.train
     with pytest.raises(AttributeError):
         fastcifar.no_such_thing  # noqa: B018
+
+
+def test_the_notebook_header_names_the_optimisers_a_budget_row_set(capsys, tmp_path):
+    EpochBars().on_train_start(recipe("express-progressive", epochs=12), 97,
+                               "cpu", "bf16", tmp_path)
+    header = capsys.readouterr().out
+    assert "sgd max LR 0.8, Muon LR 0.12 on normalized filters" in header
+    assert "12 epochs x 97 steps" in header and str(tmp_path) in header
