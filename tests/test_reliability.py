@@ -101,15 +101,17 @@ def test_a_failed_forced_conversion_keeps_the_earlier_one_whole(tiny_imagefolder
     assert not list(tmp_path.glob("*.tmp")) and read_metadata(tmp_path).train_count == 120
 
 
-def _dying_writers(monkeypatch, death: str) -> None:
-    """Make FFCV's writer processes (forked: they inherit these patches) die one way."""
+def _dying_writers(monkeypatch, death: str, code: int | None = None) -> None:
+    """Make FFCV's writer processes (forked: they inherit these patches) die one way, with
+    exit code `code` (3 or 4 unless given)."""
     if death in ("at once", "holding a page"):  # before claiming a page, or after record 0
         # of its chunk claimed page 0: the worker of the next chunk then waits to write its
         # own page after that one, forever, until it is stopped
         real_item = convert_module._SplitDataset.__getitem__
         first_fatal = 1 if death == "holding a page" else 0
+        exit_code = 3 if code is None else code
         monkeypatch.setattr(convert_module._SplitDataset, "__getitem__",
-                            lambda self, index: os._exit(3) if first_fatal <= index < 1000
+                            lambda self, index: os._exit(exit_code) if first_fatal <= index < 1000
                             else real_item(self, index))
     if death == "after its records":  # each worker dies flushing its last page, once the
         # progress loop has seen every record counted and waits for the page lists
@@ -117,7 +119,7 @@ def _dying_writers(monkeypatch, death: str) -> None:
 
         def dying_flush(self, *error) -> None:
             time.sleep(0.5)
-            os._exit(4)
+            os._exit(4 if code is None else code)
 
         monkeypatch.setattr(MemoryAllocator, "__exit__", dying_flush)
 
@@ -175,6 +177,38 @@ def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, m
     assert (ffcv.writer.Process, ffcv.writer.Queue) == (multiprocessing.Process,
                                                         multiprocessing.Queue)
     assert ffcv.writer.sleep is time.sleep
+
+
+@pytest.mark.parametrize("death", ["at once", "after its records"])
+def test_a_beton_writer_process_that_exits_0_early_ends_the_write_in_one_line(tmp_path,
+                                                                              monkeypatch, death):
+    # Exit code 0 is no death to look for: a worker that exits 0 before its records are
+    # counted leaves the progress poll short for good ("at once"), and one that exits 0
+    # before sending its page list leaves the read of the lists waiting ("after its records").
+    import multiprocessing
+
+    import numpy as np
+
+    from fastcifar.data.sources import Split
+    from fastcifar.errors import MachineFault
+
+    _dying_writers(monkeypatch, death, code=0)
+    before = set(multiprocessing.active_children())
+    split = Split(np.zeros((2000, 32, 32, 3), np.uint8), np.zeros(2000, np.int64))
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.alarm(180)
+    try:
+        with pytest.raises(MachineFault, match=r"^a beton writer process stopped before "
+                                               r"finishing its records \(exit code 0\)"):
+            convert_module._write_beton(split, tmp_path / "x.beton", 3)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert set(multiprocessing.active_children()) <= before
+
+
+def _hung(signal_number, frame):
+    raise AssertionError("the write still waited for its stopped worker after 180 s")
 
 
 def test_a_convert_whose_writer_died_holding_a_page_exits(tmp_path):

@@ -6,15 +6,11 @@ import contextlib
 import fcntl
 import json
 import math
-import multiprocessing
-import multiprocessing.queues
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty
 
 import numpy as np
 
@@ -28,6 +24,7 @@ from fastcifar.data.sources import (
     find_source,
     read_source,
 )
+from fastcifar.data.writer_watch import writer_deaths_raise
 from fastcifar.errors import FastCifarError, MachineFault
 
 TRAIN_BETON = "cifar10_train.beton"
@@ -61,12 +58,6 @@ class _SplitDataset:
         return self.split.images[index], int(self.split.labels[index])
 
 
-WRITER_WATCH_SECONDS = 0.2  # how often a wait for the page lists looks at the writers
-_WRITER_WATCH = threading.Lock()  # one watched write per process: the watch patches ffcv.writer
-_watched_workers: list[multiprocessing.Process] = []  # the watched write's, under the lock
-_watched_queues: list[multiprocessing.queues.Queue] = []
-
-
 def _write_beton(split: Split, path: Path, workers: int) -> None:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -78,7 +69,7 @@ def _write_beton(split: Split, path: Path, workers: int) -> None:
         num_workers=workers,
     )
     try:
-        with _writer_deaths_raise():
+        with writer_deaths_raise():
             writer.from_indexed_dataset(_SplitDataset(split), chunksize=1000)
     except BaseException:
         # FFCV frees its shared index only when the write completes.
@@ -86,90 +77,6 @@ def _write_beton(split: Split, path: Path, workers: int) -> None:
             writer.metadata_sm.close()
             writer.metadata_sm.unlink()
         raise
-
-
-class _RecordedProcess(multiprocessing.Process):
-    """FFCV's writer process, recorded for the watch as it starts."""
-
-    def start(self) -> None:
-        _watched_workers.append(self)
-        super().start()
-
-
-def _raise_on_a_writer_death() -> None:
-    """One MachineFault once a watched writer process has exited with an error."""
-    codes = [code for code in (worker.exitcode for worker in _watched_workers) if code]
-    if codes:
-        raise MachineFault(f"a beton writer process died (exit code {codes[0]}): the disk may be "
-                           "full; nothing was replaced")
-
-
-def _watched_sleep(seconds: float) -> None:
-    """The writer's progress poll, which looks at the workers first."""
-    _raise_on_a_writer_death()
-    time.sleep(seconds)
-
-
-class _WatchedQueue(multiprocessing.queues.Queue):
-    """FFCV's queues; a blocking read in the converting process (of the workers' page lists)
-    looks at the workers between short waits. Its forked workers read as before."""
-
-    def __init__(self, maxsize: int = 0) -> None:
-        super().__init__(maxsize, ctx=multiprocessing.get_context())
-        self._watching = os.getpid()
-        _watched_queues.append(self)
-
-    def get(self, block: bool = True, timeout: float | None = None) -> object:
-        if getattr(self, "_watching", None) != os.getpid() or not block or timeout is not None:
-            return super().get(block, timeout)
-        while True:
-            try:
-                return super().get(timeout=WRITER_WATCH_SECONDS)
-            except Empty:
-                _raise_on_a_writer_death()
-
-
-@contextlib.contextmanager
-def _writer_deaths_raise() -> Iterator[None]:
-    """FFCV's writer waits forever for a worker process that died (a full disk's SIGBUS, a
-    record it could not read). Its two waits, the progress poll and the read of the workers'
-    page lists, look at the workers' exit codes in whatever thread converts, and a death ends
-    the write as one MachineFault; the other workers are then stopped, and the work queue's
-    feeder thread is let go (no worker reads it, and exit would wait for it). Writes in two
-    threads at once take turns."""
-    import ffcv.writer
-
-    with _WRITER_WATCH:
-        _watched_workers.clear()
-        _watched_queues.clear()
-        real = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue
-        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = (
-            _RecordedProcess, _watched_sleep, _WatchedQueue)
-        try:
-            yield
-        except BaseException:
-            for queue in _watched_queues:
-                queue.cancel_join_thread()
-                queue.close()
-            raise
-        finally:
-            ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = real
-            _stop_processes(_watched_workers)
-            _watched_workers.clear()
-            _watched_queues.clear()
-
-
-def _stop_processes(processes: list[multiprocessing.Process]) -> None:
-    """Terminate, then kill, the writer processes still running: after one died the others
-    wait for its page forever, and the interpreter would wait for them at exit."""
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(2)
-        if process.is_alive():
-            process.kill()
-            process.join()
 
 
 def _replace_betons(data: CifarArrays, out_dir: Path, workers: int,
@@ -421,6 +328,4 @@ def _check_free_space(out_dir: Path, data: CifarArrays, workers: int) -> None:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
