@@ -165,11 +165,20 @@ class TimeToAccuracyConfig:
         # Budget rows are applied when the config is built for one --epochs: a --budget run
         # would train every budget with the settings of that one, so its budgets must reach
         # the rows that --epochs reaches (below 12 epochs the default recipe has none).
-        reached = {len(budget_rows(self.train.recipe, budget))
-                   for budget in (*self.budgets, self.train.epochs)}
-        require(not self.budgets or len(reached) == 1,
-                 f"{self.train.recipe}'s settings follow its epoch budget: run one "
-                 "--epochs per budget instead of --budget")
+        if self.budgets:
+            self._require_budgets_share_the_settings()
+
+    def _require_budgets_share_the_settings(self) -> None:
+        """Every --budget trains with the settings built for --epochs (24 unless given), which
+        depend on the budget in some recipes: say which --epochs would serve, if one can."""
+        recipe_name, epochs = self.train.recipe, self.train.epochs
+        reached = {len(budget_rows(recipe_name, budget)) for budget in self.budgets}
+        if reached == {len(budget_rows(recipe_name, epochs))}:
+            return
+        fix = (f"give --epochs {max(self.budgets)} (they share them)" if len(reached) == 1
+               else "run one --epochs per budget instead of --budget")
+        raise FastCifarError(f"{recipe_name}'s settings follow its epoch budget, and --budget "
+                             f"trains every budget with those of --epochs {epochs}: {fix}")
 
 
 @dataclass(frozen=True)

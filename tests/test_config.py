@@ -95,3 +95,7 @@ def test_budget_rows_follow_the_epochs_and_give_way_to_explicit_settings(monkeyp
         TimeToAccuracyConfig(train=long, budgets=(6, 24))
     TimeToAccuracyConfig(train=recipe("fast"), budgets=(6, 24))  # no rows: budgets allowed
     TimeToAccuracyConfig(train=short, budgets=(4, 6))  # the same rows (none): allowed
+    # The budgets share their settings but not --epochs' (24 unless given): the line says
+    # which --epochs serves them.
+    with pytest.raises(FastCifarError, match=r"those of --epochs 24: give --epochs 8 \(they"):
+        TimeToAccuracyConfig(train=long, budgets=(6, 8))

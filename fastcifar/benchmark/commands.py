@@ -31,7 +31,8 @@ def benchmark_time_to_accuracy(
     runs: Annotated[int, typer.Option(help="Runs (seeds seed, seed+1, ...).")] = 1,
     budgets: Annotated[list[int] | None, typer.Option("--budget", help="Shortest-budget mode: "
                        "try these epoch budgets in order, stop at the first whose median final "
-                       "accuracy reaches the highest target.")] = None,
+                       "accuracy reaches the highest target. Each trains with the settings "
+                       "--epochs gives (a recipe's budget rows too).")] = None,
     stop_at_target: Annotated[bool, typer.Option(help="End each run once the highest target "
                               "is reached.")] = False,
     data_variant: Annotated[str, typer.Option(help="How the results name the data.",
