@@ -47,7 +47,7 @@ from fastcifar.model_trainer import ModelTrainer
 from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_evaluations, write_metrics
 from fastcifar.run_faults import RunFaults
 from fastcifar.run_log import TensorBoardLog
-from fastcifar.run_setup import check_steps, make_run_dir
+from fastcifar.run_setup import check_steps, make_run_dir, require_weights_folder
 
 __all__ = ["EpochStats", "Evaluation", "Run", "TrainCallbacks", "TrainResult",
            "TrainingInterrupted", "epoch_end_evaluations", "train", "train_epochs"]
@@ -78,6 +78,7 @@ class Run:
         self.evaluations: list[Evaluation] = []
         self.start_epoch, self.best_accuracy, self.warmup_seconds = 0, -1.0, 0.0
         self.partial: dict | None = None  # progress inside the interrupted epoch resumed
+        require_weights_folder(Path(config.weights_dir))
         if resume_state is not None:
             self._restore_records(resume_state)
             self.run_dir = Path(config.resume).parent

@@ -314,3 +314,21 @@ def test_build_train_config_refuses_an_option_no_group_takes():
     with pytest.raises(TypeError, match="unknown options: cutuot"):
         build_train_config(cutuot=4)
     assert build_train_config(cutout=4).augment.cutout_size == 4
+
+
+@pytest.mark.parametrize("weights", ["a file", "a new .safetensors name"])
+def test_train_refuses_a_weights_file_for_its_weights_folder(tiny_dataset, tmp_path, weights):
+    # train's --weights-dir (alias --weights) is a folder, predict's --weights a file: a file
+    # given here lost the best weights and failed the final write at the run's end.
+    target = tmp_path / "custresnet.safetensors"
+    if weights == "a file":
+        target = tmp_path / "weights"
+        target.write_bytes(b"not a folder")
+    result = runner.invoke(app, ["train", "--epochs", "1", "--batch-size", "24", "--data",
+                                 str(tiny_dataset), "--precision", "fp32", "--workers", "1",
+                                 "--out", str(tmp_path / "runs"), "--weights", str(target)])
+    assert result.exit_code == 1, result.output
+    assert f"--weights-dir {target} is a file name: it takes the folder" in result.output
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    assert (weights != "a file" or target.read_bytes() == b"not a folder")
+    assert weights == "a file" or not target.exists()
