@@ -113,7 +113,7 @@ def optimisation_options(
                                 "--train-size-ramp of the run; 32 = off (default: the "
                                 "recipe's).", rich_help_panel=OPTIMISATION)] = None,
     train_size_ramp: Annotated[float | None, typer.Option(help="Fraction of the epochs over "
-                               "which the train images grow to 32 px (default: the recipe's).",
+                               "which the train images grow to 32 px; 0 = off (default: the recipe's).",
                                rich_help_panel=OPTIMISATION)] = None,
 ) -> ConfigEdit:
     """The optimiser, its LR schedule, the batch (and what of it trains) and progressive
@@ -208,8 +208,9 @@ def evaluation_options(
                                  rich_help_panel=EVALUATION)] = 1,
     eval_from_epoch: Annotated[int | None, typer.Option(help="Test passes at epoch ends from "
                                "this epoch on; the last always gets one. Default: every epoch "
-                               "on CUDA or with --stop-at-accuracy/--stop-at-target, else the "
-                               "last only (on a CPU a multi-crop pass costs 1/3 of an epoch).",
+                               "on CUDA or with a stop at a target (train's --stop-at-accuracy, "
+                               "the benchmark's --stop-at-target), else the last only (on a "
+                               "CPU a multi-crop pass costs ~0.37 of an epoch).",
                                rich_help_panel=EVALUATION)] = None,
 ) -> ConfigEdit:
     """Test-time augmentation and when the test passes run."""
