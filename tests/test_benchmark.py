@@ -704,3 +704,27 @@ def test_every_flag_names_one_option_per_command():
         assert len(flags) == len(set(flags)), sorted(flag for flag in flags
                                                      if flags.count(flag) > 1)
         assert {"--whiten-init", "--recipe", "--seed", "--data"} <= set(flags)
+
+
+def test_time_to_accuracy_resume_auto_takes_the_newest_checkpoint_under_out(tmp_path,
+                                                                         monkeypatch):
+    # As train's --resume auto: the newest run folder's last.pt under --out.
+    import fastcifar.benchmark.time_to_accuracy
+    from fastcifar.cli import app
+
+    for age, run in ((100, "older"), (10, "newer")):
+        checkpoint = tmp_path / "runs" / run / "last.pt"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"")
+        os.utime(checkpoint, (time.time() - age, time.time() - age))
+    resumed = []
+    monkeypatch.setattr(fastcifar.benchmark.time_to_accuracy, "benchmark_time_to_accuracy",
+                        lambda config, callbacks: resumed.append(config.resume))
+    monkeypatch.setattr("fastcifar.benchmark.commands.print_time_to_accuracy", lambda *a: None)
+    arguments = ["benchmark", "time-to-accuracy", "--resume", "auto", "--data", str(tmp_path),
+                 "--json", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert resumed == [tmp_path / "runs" / "newer" / "last.pt"]
+    empty = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "none")])
+    assert empty.exit_code == 1 and "--resume auto: no checkpoint" in empty.output

@@ -41,9 +41,9 @@ def benchmark_time_to_accuracy(
                          "benchmarks/results/time-to-accuracy-<recipe>-<epochs>ep-<device>-"
                          "<UTC time>.json); a .md "
                          "table goes beside it.")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its "
-                      "last.pt (same options, one run, no --budget).", rich_help_panel=SYSTEM)
-                      ] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue an interrupted run from its "
+                      "last.pt, or 'auto' for the newest under --out (same options, one run, "
+                      "no --budget).", rich_help_panel=SYSTEM)] = None,
 ) -> None:
     """Wall time to reach target test accuracies (train / eval / warm-up split), per seed.
 
@@ -52,17 +52,20 @@ def benchmark_time_to_accuracy(
     with the same options plus --resume.
     """
     from fastcifar.benchmark.time_to_accuracy import benchmark_time_to_accuracy as run_benchmark
+    from fastcifar.checkpoint import find_latest_checkpoint
     from fastcifar.command_config import TimeToAccuracyConfig
 
     train_config = dataclasses.replace(train_config, weights_dir=train_config.out_dir / "weights",
                                        make_plots=False)
     json_path = json_path or default_time_to_accuracy_path(train_config)
+    resume_path = (run_command(find_latest_checkpoint, train_config.out_dir) if resume == "auto"
+                   else Path(resume) if resume else None)
     config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
                          runs=runs, stop_at_target=stop_at_target,
                          budgets=tuple(budgets or ()), json_path=json_path,
                          command=shlex.join(["fastcifar", *sys.argv[1:]]),
                          data_variant=data_variant,
-                         resume=resume)
+                         resume=resume_path)
     report = run_command(run_benchmark, config, TableCallbacks())
     print_time_to_accuracy(report, json_path)
 
