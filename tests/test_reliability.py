@@ -179,12 +179,13 @@ def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, m
     assert ffcv.writer.sleep is time.sleep
 
 
-@pytest.mark.parametrize("death", ["at once", "after its records"])
+@pytest.mark.parametrize("death", ["at once", "holding a page", "after its records"])
 def test_a_beton_writer_process_that_exits_0_early_ends_the_write_in_one_line(tmp_path,
                                                                               monkeypatch, death):
     # Exit code 0 is no death to look for: a worker that exits 0 before its records are
-    # counted leaves the progress poll short for good ("at once"), and one that exits 0
-    # before sending its page list leaves the read of the lists waiting ("after its records").
+    # counted leaves the progress poll short for good ("at once"; "holding a page" leaves the
+    # next worker waiting for its page as well), and one that exits 0 before sending its page
+    # list leaves the read of the lists waiting ("after its records").
     import multiprocessing
 
     import numpy as np
@@ -199,7 +200,7 @@ def test_a_beton_writer_process_that_exits_0_early_ends_the_write_in_one_line(tm
     signal.alarm(180)
     try:
         with pytest.raises(MachineFault, match=r"^a beton writer process stopped before "
-                                               r"finishing its records \(exit code 0\)"):
+                                               r"finishing its work \(exit code 0\)"):
             convert_module._write_beton(split, tmp_path / "x.beton", 3)
     finally:
         signal.alarm(0)

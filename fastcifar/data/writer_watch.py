@@ -4,6 +4,7 @@ when a worker dies or stops early, instead of waiting forever."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import multiprocessing.queues
 import os
@@ -18,45 +19,36 @@ WRITER_WATCH_SECONDS = 0.2  # how often a wait for the page lists looks at the w
 _WRITER_WATCH = threading.Lock()  # one watched write per process: the watch patches ffcv.writer
 _watched_workers: list[multiprocessing.Process] = []  # the watched write's, under the lock
 _watched_queues: list[multiprocessing.queues.Queue] = []
-_polls_after_the_exits = 0  # progress polls in a row that found every writer exited
-
 
 class _RecordedProcess(multiprocessing.Process):
-    """FFCV's writer process, recorded for the watch as it starts."""
+    """FFCV's writer process, recorded for the watch as it starts; it marks its work done in
+    shared memory when FFCV's worker function returns, so an exit 0 before that is seen."""
 
     def start(self) -> None:
+        self.work_done = multiprocessing.RawValue(ctypes.c_bool, False)
         _watched_workers.append(self)
         super().start()
 
+    def run(self) -> None:
+        super().run()
+        self.work_done.value = True
+
 
 def _raise_on_a_writer_death() -> None:
-    """One MachineFault once a watched writer process has exited with an error."""
+    """One MachineFault once a watched writer process has exited with an error, or with exit
+    code 0 before its work was done (its records or its page list never come then)."""
     codes = [code for code in (worker.exitcode for worker in _watched_workers) if code]
     if codes:
         raise MachineFault(f"a beton writer process died (exit code {codes[0]}): the disk may be "
                            "full; nothing was replaced")
-
-
-def _all_writers_exited() -> bool:
-    """Whether every watched writer process has exited (whatever its exit code)."""
-    return bool(_watched_workers) and all(worker.exitcode is not None
-                                          for worker in _watched_workers)
-
-
-def _stopped_early() -> MachineFault:
-    return MachineFault("a beton writer process stopped before finishing its records (exit "
-                        "code 0); nothing was replaced")
+    if any(worker.exitcode == 0 and not worker.work_done.value for worker in _watched_workers):
+        raise MachineFault("a beton writer process stopped before finishing its work (exit "
+                           "code 0); nothing was replaced")
 
 
 def _watched_sleep(seconds: float) -> None:
-    """The writer's progress poll, which looks at the workers first. A third poll after all of
-    them exited read a count that can no longer grow (the second one's read came after the
-    exits): a worker that exited 0 early left records uncounted."""
-    global _polls_after_the_exits
+    """The writer's progress poll, which looks at the workers first."""
     _raise_on_a_writer_death()
-    _polls_after_the_exits = _polls_after_the_exits + 1 if _all_writers_exited() else 0
-    if _polls_after_the_exits >= 3:
-        raise _stopped_early()
     time.sleep(seconds)
 
 
@@ -73,13 +65,10 @@ class _WatchedQueue(multiprocessing.queues.Queue):
         if getattr(self, "_watching", None) != os.getpid() or not block or timeout is not None:
             return super().get(block, timeout)
         while True:
-            exited = _all_writers_exited()  # before the wait: their lists were sent by then
             try:
                 return super().get(timeout=WRITER_WATCH_SECONDS)
             except Empty:
                 _raise_on_a_writer_death()
-                if exited:  # one exited 0 without sending its page list
-                    raise _stopped_early() from None
 
 
 @contextlib.contextmanager
@@ -90,13 +79,11 @@ def writer_deaths_raise() -> Iterator[None]:
     the write as one MachineFault; the other workers are then stopped, and the work queue's
     feeder thread is let go (no worker reads it, and exit would wait for it). Writes in two
     threads at once take turns. A worker that exits 0 before its work is done ends it too."""
-    global _polls_after_the_exits
     import ffcv.writer
 
     with _WRITER_WATCH:
         _watched_workers.clear()
         _watched_queues.clear()
-        _polls_after_the_exits = 0
         real = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue
         ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = (
             _RecordedProcess, _watched_sleep, _WatchedQueue)
@@ -121,6 +108,8 @@ def _stop_processes(processes: list[multiprocessing.Process]) -> None:
         if process.is_alive():
             process.terminate()
     for process in processes:
+        if process.pid is None:  # its start failed: nothing to stop
+            continue
         process.join(2)
         if process.is_alive():
             process.kill()
