@@ -93,6 +93,6 @@ def make_run_dir(config: TrainConfig) -> Path:
 def require_weights_folder(weights_dir: Path) -> None:
     """--weights-dir names a folder (predict's --weights a file): refuse a file before the
     run, whose best weights would be lost and whose final write would fail at its end."""
-    if weights_dir.suffix == ".safetensors" or (weights_dir.exists() and not weights_dir.is_dir()):
+    if not weights_dir.is_dir() and (weights_dir.exists() or weights_dir.suffix == ".safetensors"):
         raise FastCifarError(f"--weights-dir {weights_dir} is a file name: it takes the folder the "
                              "run's best and final .safetensors files go to")

@@ -78,7 +78,6 @@ class Run:
         self.evaluations: list[Evaluation] = []
         self.start_epoch, self.best_accuracy, self.warmup_seconds = 0, -1.0, 0.0
         self.partial: dict | None = None  # progress inside the interrupted epoch resumed
-        require_weights_folder(Path(config.weights_dir))
         if resume_state is not None:
             self._restore_records(resume_state)
             self.run_dir = Path(config.resume).parent
@@ -308,6 +307,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None,
           loaders: Loaders | None = None, handle_signals: bool = True) -> TrainResult:
     """Train CustResNet with `config`; returns per-epoch stats, writes the run folder and weights."""
     callbacks = callbacks or TrainCallbacks()
+    require_weights_folder(Path(config.weights_dir))  # before any set-up
     device = select_device(config.device, config.local_rank)
     plan = plan_precision(config.precision, device)
     distributed = init_distributed(config, device)

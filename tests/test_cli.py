@@ -332,3 +332,11 @@ def test_train_refuses_a_weights_file_for_its_weights_folder(tiny_dataset, tmp_p
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
     assert (weights != "a file" or target.read_bytes() == b"not a folder")
     assert weights == "a file" or not target.exists()
+
+
+def test_an_existing_folder_is_a_weights_folder_whatever_its_name(tmp_path):
+    from fastcifar.run_setup import require_weights_folder
+
+    (tmp_path / "odd.safetensors").mkdir()
+    require_weights_folder(tmp_path / "odd.safetensors")
+    require_weights_folder(tmp_path / "new-folder")
