@@ -42,8 +42,8 @@ def benchmark_time_to_accuracy(
                          "<UTC time>.json); a .md "
                          "table goes beside it.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue an interrupted run from its "
-                      "last.pt, or 'auto' for the newest under --out (same options, one run, "
-                      "no --budget).", rich_help_panel=SYSTEM)] = None,
+                      "last.pt, or 'auto' for the newest under --out (a train run's too: its options "
+                      "must match; one run, no --budget).", rich_help_panel=SYSTEM)] = None,
 ) -> None:
     """Wall time to reach target test accuracies (train / eval / warm-up split), per seed.
 
