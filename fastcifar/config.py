@@ -394,8 +394,9 @@ DEFAULT_RECIPE = "express-progressive"
 # proxy lost 0.36; LR 0.12 without them is not measured on all the data. Budgets from 7 to 11
 # epochs keep the recipe, as 6 epochs do (90.55% median, H200). On held-out proxies (25,000
 # train, 2 seeds, CPU; benchmarks/results/cpu/long-{8,10}ep-25k*.md) the row gained less there:
-# +0.22 median at 8 epochs (a tie and +0.44) and at 10 (+0.16, +0.28), against +0.86 at 12; a
-# test-set run at 10 epochs decides it.
+# +0.22 median at 8 epochs (a tie and +0.44) and at 10 (+0.16, +0.28), against +0.86 at 12; on
+# the test set at 10 epochs (all the data, CPU, 2 seeds; benchmarks/results/cpu/median-express-
+# progressive-with-row-10ep.md) +0.08: 91.75% median against 91.67% (+0.04, +0.12 by seed).
 # Tried and not rows: airbench's pad 4 + cutout 12 (24 epochs held out, H200, seed 0: 92.04%
 # against 91.94%, inside one seed's noise; lost 0.58-1.52 points on 12-epoch CPU proxies),
 # lookahead (+0.08 on the 25,000-image proxy), data selection (--select-fraction 0.5 of 1024 at
