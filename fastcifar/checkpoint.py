@@ -440,8 +440,10 @@ def check_resume_world_size(saved: int | None, current: int) -> None:
             "start a new run")
 
 
-def find_latest_checkpoint(out_dir: Path) -> Path:
-    """`--resume auto`: the newest `last.pt` of any run folder in `out_dir`."""
+def resume_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
+    """--resume's checkpoint: a path, or for 'auto' the newest run folder's last.pt in out_dir."""
+    if resume != "auto":
+        return Path(resume) if resume else None
     candidates = sorted(Path(out_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise FastCifarError(f"--resume auto: no checkpoint (*/last.pt) under {out_dir}")

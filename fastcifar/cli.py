@@ -121,11 +121,10 @@ def train(
 
     Options that show no default take the recipe's (--recipe).
     """
-    from fastcifar.checkpoint import find_latest_checkpoint
+    from fastcifar.checkpoint import resume_checkpoint
     from fastcifar.training import train as run_training
 
-    resume_path = (run_command(find_latest_checkpoint, train_config.out_dir) if resume == "auto"
-                   else Path(resume) if resume else None)
+    resume_path = run_command(resume_checkpoint, resume, train_config.out_dir)
     config = run_command(dataclasses.replace, train_config, weights_dir=weights,
                          resume=resume_path, stop_at_accuracy=stop_at_accuracy)
     rank_is_main = int(os.environ.get("RANK", "0")) == 0

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -259,7 +260,7 @@ def test_atomic_writer_gives_the_file_the_usual_mode(tmp_path):
 
 
 def test_resume_auto_finds_the_newest_checkpoint(tmp_path):
-    from fastcifar.checkpoint import find_latest_checkpoint
+    from fastcifar.checkpoint import resume_checkpoint
 
     # The newest by time sorts neither first nor last by name.
     for name in ("a-older", "m-newest", "z-oldest"):
@@ -268,9 +269,11 @@ def test_resume_auto_finds_the_newest_checkpoint(tmp_path):
     for name, seconds_ago in (("a-older", 100), ("m-newest", 10), ("z-oldest", 1000)):
         stamp = time.time() - seconds_ago
         os.utime(tmp_path / name / "last.pt", (stamp, stamp))
-    assert find_latest_checkpoint(tmp_path).parent.name == "m-newest"
+    assert resume_checkpoint("auto", tmp_path).parent.name == "m-newest"
+    assert resume_checkpoint("runs/x/last.pt", tmp_path) == Path("runs/x/last.pt")
+    assert resume_checkpoint(None, tmp_path) is None
     with pytest.raises(FastCifarError, match="no checkpoint"):
-        find_latest_checkpoint(tmp_path / "missing")
+        resume_checkpoint("auto", tmp_path / "missing")
 
 
 def test_metadata_is_written_last_and_records_the_beton_sizes(tiny_imagefolder, tmp_path,

@@ -52,14 +52,13 @@ def benchmark_time_to_accuracy(
     with the same options plus --resume.
     """
     from fastcifar.benchmark.time_to_accuracy import benchmark_time_to_accuracy as run_benchmark
-    from fastcifar.checkpoint import find_latest_checkpoint
+    from fastcifar.checkpoint import resume_checkpoint
     from fastcifar.command_config import TimeToAccuracyConfig
 
     train_config = dataclasses.replace(train_config, weights_dir=train_config.out_dir / "weights",
                                        make_plots=False)
     json_path = json_path or default_time_to_accuracy_path(train_config)
-    resume_path = (run_command(find_latest_checkpoint, train_config.out_dir) if resume == "auto"
-                   else Path(resume) if resume else None)
+    resume_path = run_command(resume_checkpoint, resume, train_config.out_dir)
     config = run_command(TimeToAccuracyConfig, train=train_config, targets=tuple(target),
                          runs=runs, stop_at_target=stop_at_target,
                          budgets=tuple(budgets or ()), json_path=json_path,
