@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -155,18 +156,10 @@ def test_a_beton_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, m
         except BaseException as error:
             raised.append(error)
 
-    def hung(signal_number, frame):
-        raise AssertionError("the write still waited for its dead worker after 180 s")
-
     writer = threading.Thread(target=write, daemon=True)
     if thread == "main":
-        previous = signal.signal(signal.SIGALRM, hung)
-        signal.alarm(180)  # a hang fails the test instead of holding the suite
-        try:
+        with _failing_if_the_write_hangs():
             write()
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
     else:
         writer.start()
         writer.join(180)
@@ -197,20 +190,27 @@ def test_a_beton_writer_process_that_exits_0_early_ends_the_write_in_one_line(tm
     _dying_writers(monkeypatch, death, code=0)
     before = set(multiprocessing.active_children())
     split = Split(np.zeros((2000, 32, 32, 3), np.uint8), np.zeros(2000, np.int64))
-    previous = signal.signal(signal.SIGALRM, _hung)
-    signal.alarm(180)
-    try:
-        with pytest.raises(MachineFault, match=r"^a beton writer process stopped before "
-                                               r"finishing its work \(exit code 0\)"):
-            convert_module._write_beton(split, tmp_path / "x.beton", 3)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    with _failing_if_the_write_hangs(), pytest.raises(
+            MachineFault, match=r"^a beton writer process stopped before finishing its work "
+                                r"\(exit code 0\)"):
+        convert_module._write_beton(split, tmp_path / "x.beton", 3)
     assert set(multiprocessing.active_children()) <= before
 
 
-def _hung(signal_number, frame):
-    raise AssertionError("the write still waited for its stopped worker after 180 s")
+@contextlib.contextmanager
+def _failing_if_the_write_hangs(seconds: int = 180):
+    """A write in the main thread still waiting after `seconds` fails the test (SIGALRM)
+    instead of holding the suite."""
+    def hung(signal_number, frame):
+        raise AssertionError(f"the write still waited for its writers after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_a_convert_whose_writer_died_holding_a_page_exits(tmp_path):
