@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from fastcifar.checkpoint import read_weights_file, save_weights_file, without_machine_paths
 from fastcifar.command_config import TTA_MODES, EvaluateConfig
 from fastcifar.config import Device, LoaderConfig, Precision
 from fastcifar.data.dataset import read_metadata
 from fastcifar.errors import script_exit
 from fastcifar.evaluation import evaluate_weights
+from fastcifar.weights_file import read_weights_file, save_weights_file, without_machine_paths
 
 FIRST_IMAGES = 2000  # the real-data test's check: a fifth of a whole-set pass
 

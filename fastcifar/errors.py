@@ -44,6 +44,13 @@ def is_out_of_memory(error: BaseException | None) -> bool:
     return False
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line (its type's name when it has no text): a library's message
+    cut to fit inside one of ours."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class WriteFailed(MachineFault):
     """A file could not be written; `path` names it and `cause` says why (strerror)."""
 

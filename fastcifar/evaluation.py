@@ -16,13 +16,13 @@ import torch.nn.functional as functional
 from torch import nn
 
 from fastcifar.atomic import check_can_write, file_set, write_json
-from fastcifar.checkpoint import read_weights_file, tta_mode
 from fastcifar.command_config import EvaluateConfig, tta_flags
 from fastcifar.data.loader_guard import guarded_batches
 from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
 from fastcifar.device import DeviceStep, PrecisionPlan, autocast, plan_precision, select_device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
+from fastcifar.weights_file import read_weights_file, tta_mode
 
 
 def _flip_averaged(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from fastcifar.atomic import check_can_write, write_bytes
-from fastcifar.checkpoint import METADATA_KEY, REQUIRED_METADATA, metadata_problem
 from fastcifar.command_config import ExportConfig, tta_flags
 from fastcifar.config import LoaderConfig
 from fastcifar.data.convert import METADATA
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import load_weights, model_from_weights, predict_logits
+from fastcifar.weights_file import METADATA_KEY, REQUIRED_METADATA, metadata_problem
 
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

@@ -16,14 +16,11 @@ from fastcifar.checkpoint import (
     check_resume_compatible,
     check_resume_world_size,
     load_checkpoint,
-    read_weights_file,
     restore_rng_state,
     run_record,
     run_state,
     save_checkpoint,
-    save_weights_file,
     seed_everything,
-    weights_metadata,
 )
 from fastcifar.config import TrainConfig
 from fastcifar.data.loaders import Loaders, build_loaders
@@ -48,6 +45,7 @@ from fastcifar.records import EpochStats, Evaluation, TrainResult, epoch_end_eva
 from fastcifar.run_faults import RunFaults
 from fastcifar.run_log import TensorBoardLog
 from fastcifar.run_setup import check_steps, make_run_dir, require_weights_folder
+from fastcifar.weights_file import read_weights_file, save_weights_file, weights_metadata
 
 __all__ = ["EpochStats", "Evaluation", "Run", "TrainCallbacks", "TrainResult",
            "TrainingInterrupted", "epoch_end_evaluations", "train", "train_epochs"]

@@ -72,6 +72,20 @@ def sharpened_untrained_custresnet(logit_scale: float):
     return model
 
 
+def trained_looking_model():
+    """A 3-class CustResNet whose BN buffers are not at their defaults (as after training), for
+    exact round trips through weights files and checkpoints."""
+    import torch
+
+    from fastcifar.model import CustResNet
+
+    torch.manual_seed(0)
+    model = CustResNet(num_classes=3)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    return model
+
+
 def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
     """(N, 32, 32, 3) uint8 images: the class colour, a bright square at a class position, noise."""
     rng = np.random.default_rng(seed)

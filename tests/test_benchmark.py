@@ -21,7 +21,7 @@ from fastcifar.benchmark.time_to_accuracy import (
     first_hits,
     write_time_to_accuracy_markdown,
 )
-from fastcifar.checkpoint import load_checkpoint, read_weights_file
+from fastcifar.checkpoint import load_checkpoint
 from fastcifar.command_config import LoaderBenchmarkConfig, TimeToAccuracyConfig
 from fastcifar.config import Device, LoaderConfig, OptimizerName, Precision, recipe
 from fastcifar.errors import FastCifarError
@@ -32,6 +32,7 @@ from fastcifar.training import (
     TrainingInterrupted,
     epoch_end_evaluations,
 )
+from fastcifar.weights_file import read_weights_file
 
 PIPELINES = ["fastcifar", "ffcv_builtin", "torchvision_dataloader"]
 

@@ -10,7 +10,6 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import sharpened_untrained_custresnet
-from fastcifar.checkpoint import read_weights_file, save_weights_file
 from fastcifar.cli import app
 from fastcifar.command_config import EvaluateConfig
 from fastcifar.config import Device, LoaderConfig, Precision
@@ -25,6 +24,7 @@ from fastcifar.evaluation import (
     select_misclassified,
 )
 from fastcifar.model import CustResNet
+from fastcifar.weights_file import read_weights_file, save_weights_file
 
 LOGIT_SCALE = 0.5
 

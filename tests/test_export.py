@@ -12,13 +12,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import sharpened_untrained_custresnet
-from fastcifar.checkpoint import METADATA_KEY, save_weights_file
 from fastcifar.cli import app
 from fastcifar.command_config import ExportConfig
 from fastcifar.data.loaders import read_metadata
 from fastcifar.data.sources import read_source
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
+from fastcifar.weights_file import METADATA_KEY, save_weights_file
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -71,7 +71,7 @@ def test_the_graph_takes_uint8_images_of_any_batch_and_matches_pytorch(tiny_weig
     assert classifier.metadata["tta"] == mode
     assert classifier.metadata["class_names"] == read_metadata(tiny_dataset).class_names
     model = CustResNet(num_classes=3, logit_scale=0.5)
-    from fastcifar.checkpoint import read_weights_file
+    from fastcifar.weights_file import read_weights_file
 
     state, saved = read_weights_file(tiny_weights)
     model.load_state_dict(state)

@@ -22,11 +22,12 @@ import torch
 from typer.testing import CliRunner
 
 import fastcifar.atomic as atomic_module
-from fastcifar.checkpoint import load_checkpoint, save_checkpoint, save_weights_file
+from fastcifar.checkpoint import load_checkpoint, save_checkpoint
 from fastcifar.cli import app
 from fastcifar.config import ConvertConfig
 from fastcifar.data.convert import METADATA, TEST_BETON, TRAIN_BETON, convert
 from fastcifar.errors import MACHINE_FAULT_EXIT, WriteFailed
+from fastcifar.weights_file import save_weights_file
 
 runner = CliRunner()
 NON_ESSENTIAL = ("best.safetensors", "training_curves.png")

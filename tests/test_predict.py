@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fastcifar.checkpoint import save_weights_file
 from fastcifar.cli import app
 from fastcifar.command_config import SHIPPED_WEIGHTS, PredictConfig
 from fastcifar.config import Device
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
 from fastcifar.prediction import predict
+from fastcifar.weights_file import save_weights_file
 
 CLASSES = ["apple", "berry", "cherry"]
 MEAN, STD = [120.0, 110.0, 100.0], [60.0, 55.0, 50.0]

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fastcifar.checkpoint import read_weights_file
 from fastcifar.config import EXPRESS, LoaderConfig, Precision, recipe
 from fastcifar.data.loaders import build_loaders, read_labels, split_holdout
 from fastcifar.device import DeviceStep
@@ -31,6 +30,7 @@ from fastcifar.model import (
 )
 from fastcifar.optim import FilterMuon, Lookahead, Optimizers
 from fastcifar.training import train
+from fastcifar.weights_file import read_weights_file
 
 
 def smooth_batch(count: int = 64, seed: int = 0) -> torch.Tensor:

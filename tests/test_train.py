@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastcifar.device
-from fastcifar.checkpoint import load_checkpoint, read_weights_file
+from fastcifar.checkpoint import load_checkpoint
 from fastcifar.config import NO_AUGMENT, AugmentConfig, Device, LoaderConfig, Precision, TrainConfig, recipe
 from fastcifar.device import (
     CPU_PRECISIONS,
@@ -28,6 +28,7 @@ from fastcifar.device import (
 from fastcifar.errors import FastCifarError
 from fastcifar.model import CustResNet
 from fastcifar.training import Run, TrainCallbacks, TrainingInterrupted, train
+from fastcifar.weights_file import read_weights_file
 
 
 def tiny_config(data_dir, tmp_path, **changes) -> TrainConfig:

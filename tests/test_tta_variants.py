@@ -114,7 +114,7 @@ def test_flip_translate_weighs_the_mirror_pair_half_and_each_shifted_pair_a_quar
 
 def test_each_column_holds_its_own_mode(tta_variants, tiny_dataset, tmp_path):
     """Weights whose plain and flip accuracies differ: a swapped column shows."""
-    from fastcifar.checkpoint import save_weights_file
+    from fastcifar.weights_file import save_weights_file
 
     model = sharpened_untrained_custresnet(logit_scale=0.5)  # its TTA modes disagree
     metadata = read_metadata(tiny_dataset)
