@@ -163,7 +163,8 @@ def test_images(data: str | Path = "datasets", count: int = 16) -> tuple[np.ndar
     count = min(count, metadata.test_count)
     loader = make_loader(metadata.test_path, test_pipeline(), LoaderConfig(data_dir=Path(data)),
                          False, np.arange(count), 0)
-    images, labels = zip(*((batch.permute(0, 2, 3, 1).numpy(), names.numpy())
+    # Copies: FFCV reuses a few batch buffers, and a view would show a later batch's images.
+    images, labels = zip(*((batch.permute(0, 2, 3, 1).numpy().copy(), names.numpy().copy())
                            for batch, names in loader), strict=True)
     return (np.ascontiguousarray(np.concatenate(images)),
             [metadata.class_names[label] for label in np.concatenate(labels)])

@@ -88,6 +88,20 @@ def test_predict_takes_paths_pillow_images_and_arrays_alike(trained, tiny_datase
         fastcifar.api.test_images(tiny_dataset, 0)
 
 
+def test_test_images_are_the_records_in_order_past_ffcvs_reused_batch_buffers(tiny_dataset,
+                                                                            monkeypatch):
+    import fastcifar.data.loaders as loaders
+
+    real = loaders.make_loader  # batches of 4: the 60 test images fill FFCV's few buffers 3 times
+    monkeypatch.setattr(loaders, "make_loader", lambda *args, **kwargs: real(
+        *args, **{**kwargs, "batch_size": 4}))
+    images, names = fastcifar.api.test_images(tiny_dataset, 60)
+    monkeypatch.undo()
+    whole, whole_names = fastcifar.api.test_images(tiny_dataset, 60)  # one batch of 512
+    np.testing.assert_array_equal(images, whole)
+    assert names == whole_names and len({image.tobytes() for image in images}) == 60
+
+
 def test_evaluate_scores_the_weights_in_the_mode_asked(trained, tiny_dataset, tmp_path):
     report = fastcifar.evaluate(trained.final_weights, data=tiny_dataset, tta="flip",
                                 out_dir=tmp_path, device="cpu")
