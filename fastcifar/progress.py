@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from fastcifar.terminal import console, warnings_console
+from fastcifar.terminal import console, print_problem
 
 if TYPE_CHECKING:  # annotations only: the commands import these modules lazily
     from fastcifar.config import TrainConfig
@@ -145,8 +144,8 @@ def print_predictions(report: PredictReport, json_output: bool) -> None:
     """Top classes per image on stdout (or one JSON object); warnings and errors on stderr."""
     for row in report.predictions:
         if row.resized_from:
-            warnings_console.print(f"[yellow]warning:[/yellow] {escape(str(row.path))}: resized "
-                                   f"from {row.resized_from[0]}x{row.resized_from[1]} to 32x32")
+            print_problem("warning", f"{row.path}: resized from {row.resized_from[0]}x"
+                                     f"{row.resized_from[1]} to 32x32")
     if json_output:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -154,7 +153,7 @@ def print_predictions(report: PredictReport, json_output: bool) -> None:
             typer.echo(f"{row.path}: " + ", ".join(f"{name} {probability:.1%}"
                                                    for name, probability in row.top))
     for problem in report.problems:
-        warnings_console.print(f"[red]error:[/red] {escape(str(problem))}")
+        print_problem("error", problem)
 
 
 def print_time_to_accuracy(report: dict, json_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from fastcifar.distributed import Distributed, lost_rank_cause
 from fastcifar.errors import MachineFault, WriteFailed, is_out_of_memory
-from fastcifar.terminal import warnings_console
+from fastcifar.terminal import print_problem
 
 
 class RunFaults:
@@ -43,8 +43,7 @@ class RunFaults:
         try:
             write()
         except WriteFailed as error:
-            warnings_console.print(f"[yellow]warning:[/yellow] {error}; {what} skipped, "
-                                   "training goes on")
+            print_problem("warning", f"{error}; {what} skipped, training goes on")
             return False
         return True
 

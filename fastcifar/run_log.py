@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastcifar.records import Evaluation
-from fastcifar.terminal import warnings_console
+from fastcifar.terminal import print_problem
 
 
 class TensorBoardLog:
@@ -32,9 +32,8 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            warnings_console.print("[yellow]warning:[/yellow] the tensorboard package is not "
-                                   "installed: no event files (pip install "
-                                   "'fastcifar[tensorboard]')")
+            print_problem("warning", "the tensorboard package is not installed: no event "
+                                     "files (pip install 'fastcifar[tensorboard]')")
             return
         _quiet_writer_thread_errors()
         # purge_step: a resumed run drops what the interrupted sitting logged after its checkpoint.
@@ -106,9 +105,8 @@ class TensorBoardLog:
         try:
             write()
         except OSError as error:
-            warnings_console.print(f"[yellow]warning:[/yellow] TensorBoard event files could "
-                                   f"not be written ({error.strerror or error}); training goes "
-                                   "on without them")
+            print_problem("warning", f"TensorBoard event files could not be written "
+                                     f"({error.strerror or error}); training goes on without them")
             self.writer = None
 
 

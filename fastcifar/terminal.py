@@ -8,13 +8,17 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from fastcifar.errors import FastCifarError, MachineFault, is_out_of_memory
 
 # soft_wrap: a long line is one line, wrapped by the terminal if at all, so a path in it can be
 # copied whole; without it a log file or a pipe got a line break at column 80, mid-path.
-console = Console(stderr=False, highlight=False, soft_wrap=True)
-warnings_console = Console(stderr=True, highlight=False, soft_wrap=True)  # off stdout (--json)
+# markup=False: printed text is never read as Rich markup, so a path or a pip extra in square
+# brackets ('fastcifar[export]') is printed whole (Rich dropped such a "tag" before).
+console = Console(stderr=False, highlight=False, soft_wrap=True, markup=False)
+warnings_console = Console(stderr=True, highlight=False, soft_wrap=True,  # off stdout (--json)
+                           markup=False)
 _debug = {"on": False}
 
 Result = TypeVar("Result")
@@ -25,12 +29,19 @@ def show_tracebacks(on: bool) -> None:
     _debug["on"] = on
 
 
+def print_problem(kind: str, message: object) -> None:
+    """One line on stderr: `kind` ("error", "warning", "interrupted") coloured, then the
+    message as plain text."""
+    style = "yellow" if kind == "warning" else "red"
+    warnings_console.print(Text.assemble((f"{kind}:", style), f" {message}"))
+
+
 def fail(error: FastCifarError) -> None:
     """Print the one-line message on stderr (a traceback only with --debug) and exit non-zero:
     1 for a user error, 74 for a machine fault (errors.MACHINE_FAULT_EXIT)."""
     if _debug["on"]:
         raise error
-    warnings_console.print(f"[red]error:[/red] {error}")
+    print_problem("error", error)
     raise typer.Exit(getattr(error, "exit_code", 1))
 
 
@@ -47,6 +58,5 @@ def run_command(function: Callable[..., Result], *args, **kwargs) -> Result:
     except KeyboardInterrupt:  # a second Ctrl-C: stop now; checkpoints are written atomically
         if _debug["on"]:
             raise
-        warnings_console.print("[red]interrupted:[/red] stopped at once; the last saved "
-                               "checkpoint is intact")
+        print_problem("interrupted", "stopped at once; the last saved checkpoint is intact")
         raise typer.Exit(130) from None

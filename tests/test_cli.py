@@ -72,6 +72,16 @@ def test_convert_missing_source_is_one_line_error(tmp_path):
     assert "source not found" in result.output and "Traceback" not in result.output
 
 
+def test_messages_print_square_brackets_whole(tmp_path, capsys):
+    # Rich read "[test]" and "[tensorboard]" as markup tags and dropped them from the line.
+    from fastcifar.terminal import print_problem
+
+    result = runner.invoke(app, ["convert", "--source", str(tmp_path / "cifar[test]" / "x.tar.gz")])
+    assert result.exit_code == 1 and f"{tmp_path / 'cifar[test]' / 'x.tar.gz'}" in result.stderr
+    print_problem("warning", "pip install 'fastcifar[tensorboard]'")
+    assert capsys.readouterr().err == "warning: pip install 'fastcifar[tensorboard]'\n"
+
+
 def test_nonsense_options_exit_non_zero(tiny_dataset, tmp_path):
     negative = runner.invoke(app, ["train", "--epochs", "-3", "--data", str(tiny_dataset)])
     assert negative.exit_code == 1 and "epochs must be positive" in negative.output
