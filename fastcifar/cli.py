@@ -319,7 +319,7 @@ def export(
     checked = (f"; checked on {report.checked_images:,} test images: largest logit difference "
                f"{report.max_logit_difference:.1e}, same top-1 on "
                f"{report.top1_agreement:.2%}" if report.checked_images else
-               "; not checked (no converted data)")
+               "; not checked (--check 0)" if check == 0 else "; not checked (no converted data)")
     console.print(f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {report.tta} TTA in the "
                   f"graph){checked}")
 

@@ -55,8 +55,25 @@ class ExportReport:
     top1_agreement: float | None
 
 
+def require_onnx_packages(*names: str) -> None:
+    """A one-line error naming the fix when a package of the optional `export` extra is missing
+    (a bare ImportError traceback before)."""
+    import importlib
+
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise FastCifarError(f"{' and '.join(missing)} not installed: ONNX files need the export "
+                             "extra (pip install 'fastcifar[export]')")
+
+
 def export_onnx(config: ExportConfig) -> ExportReport:
     """Write the ONNX file for `config.weights` and check it with onnxruntime."""
+    require_onnx_packages("onnx", "onnxscript", *(["onnxruntime"] if config.check_images else []))
     checkpoint = load_weights(config.weights)
     check_can_write(config.out)  # before the minute of exporting, not after
     tta = config.tta or checkpoint["tta"]
@@ -121,6 +138,7 @@ class OnnxClassifier:
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str) -> OnnxClassifier:
+        require_onnx_packages("onnx", "onnxruntime")
         import onnx
         import onnxruntime
 

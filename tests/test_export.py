@@ -168,6 +168,35 @@ def test_export_finds_an_output_it_cannot_write_before_it_exports(tiny_weights, 
     assert result.exit_code == 74 and "could not write" in result.output, result.output
 
 
+def test_a_missing_onnx_package_is_one_line_naming_the_extra(tiny_weights, tmp_path,
+                                                             monkeypatch):
+    report = export_onnx(ExportConfig(weights=tiny_weights, out=tmp_path / "m.onnx",
+                                      check_images=0))
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    for hidden, arguments in (
+            ("onnxscript", ["export", str(tiny_weights), "--onnx", str(tmp_path / "n.onnx")]),
+            ("onnxruntime", ["predict", str(image), "--weights", str(report.path)])):
+        with monkeypatch.context() as patch:
+            patch.setitem(__import__("sys").modules, hidden, None)  # import raises ImportError
+            result = runner.invoke(app, arguments)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.strip().splitlines() == [
+            f"error: {hidden} not installed: ONNX files need the export extra (pip install "
+            "'fastcifar[export]')"]
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_export_says_why_it_did_not_check(tiny_weights, tiny_dataset, tmp_path):
+    for check, reason in (("0", "not checked (--check 0)"),
+                          ("10", "not checked (no converted data)")):
+        data = tiny_dataset if check == "0" else tmp_path / "no-data"
+        result = runner.invoke(app, ["export", str(tiny_weights), "--onnx",
+                                     str(tmp_path / f"{check}.onnx"), "--check", check,
+                                     "--data", str(data)])
+        assert result.exit_code == 0 and reason in result.output, result.output
+
+
 def test_export_refuses_bad_options_in_one_line(tiny_weights, tmp_path):
     with pytest.raises(FastCifarError, match="must end in .onnx"):
         ExportConfig(weights=tiny_weights, out=tmp_path / "m.bin")
