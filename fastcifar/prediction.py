@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from fastcifar.command_config import PredictConfig, tta_flags
 from fastcifar.config import Device
@@ -83,12 +83,32 @@ class _Image:
     mode: str
 
 
+# Formats Pillow names an extension for but cannot decode by itself: Ghostscript's (EPS, PS)
+# and MPEG (its header only). Save-only formats (PDF) and stub handlers (HDF5, GRIB, BUFR) are
+# left out by what Pillow registers.
+_UNDECODED_FORMATS = {"EPS", "MPEG"}
+
+
+def readable_extensions() -> set[str]:
+    """The file extensions of the image formats Pillow can open and decode on its own: what a
+    folder's image files are (a PDF or .h5 beside the photos failed the whole folder before)."""
+    Image.init()
+
+    def decodes(format_name: str) -> bool:
+        factory = Image.OPEN.get(format_name, (None,))[0]
+        return (factory is not None and format_name not in _UNDECODED_FORMATS
+                and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)))
+
+    return {extension.lower() for extension, format_name in Image.registered_extensions().items()
+            if decodes("JPEG" if format_name == "MPO" else format_name)}  # MPO opens as JPEG
+
+
 def image_files(paths: tuple[Path, ...]) -> tuple[list[Path], list[InputProblem]]:
     """The files to score: each file as given, and a folder's image files (by extension, sorted).
 
     A missing path and a folder without image files are problems.
     """
-    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    extensions = readable_extensions()
     files: list[Path] = []
     problems: list[InputProblem] = []
     for path in map(Path, paths):
@@ -111,13 +131,15 @@ def read_image(path: Path) -> _Image:
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated or corrupt file fails here, not later
-            mode, size = image.mode, image.size
-            rgb = image.convert("RGB")  # grey, palette, RGBA (alpha dropped), CMYK, ...
+            # Upright as shown: a phone stores a portrait photo sideways with an EXIF turn.
+            upright = ImageOps.exif_transpose(image)
+            mode, size = upright.mode, upright.size
+            rgb = upright.convert("RGB")  # grey, palette, RGBA (alpha dropped), CMYK, ...
     except UnidentifiedImageError:
         raise FastCifarError(f"{path}: not an image file Pillow can read") from None
     except Image.DecompressionBombError:
         raise FastCifarError(f"{path}: too many pixels to be a photo to classify") from None
-    except (FileNotFoundError, IsADirectoryError) as error:
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
         raise FastCifarError(f"{path}: {error.strerror.lower()}") from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for damaged files
         detail = " ".join(str(error).split()) or type(error).__name__

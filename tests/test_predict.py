@@ -114,11 +114,39 @@ def test_a_folder_means_its_image_files(tmp_path):
         Image.fromarray(random_pixels(3)).save(folder / name, format="PNG" if "png" in
                                                name.lower() else "JPEG")
     (folder / "notes.txt").write_text("not an image")
+    # Formats Pillow names but cannot read back as pixels failed the whole folder.
+    Image.fromarray(random_pixels(4)).save(folder / "scan.pdf")
+    (folder / "table.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    (folder / "figure.eps").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n")
     (folder / "nested").mkdir()
     report = predict(config([folder], weights, top_k=5))
     assert [row.path.name for row in report.predictions] == ["a.jpg", "b.png", "c.PNG"]
     assert all(len(row.top) == 3 for row in report.predictions)  # top-k capped at the classes
     assert all(sum(p for _, p in row.top) == pytest.approx(1.0) for row in report.predictions)
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    from fastcifar.prediction import read_image
+
+    pixels = np.zeros((32, 64, 3), np.uint8)  # 64 wide, 32 high: red left, blue right
+    pixels[:, :32], pixels[:, 32:] = (250, 0, 0), (0, 0, 250)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored sideways, shown turned 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    image = read_image(tmp_path / "portrait.jpg")
+    assert image.resized_from == (32, 64)  # width x height as shown
+    assert image.pixels[:12, :, 0].mean() > 200 and image.pixels[-12:, :, 2].mean() > 200  # red on top
+
+
+def test_an_image_it_may_not_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    import fastcifar.prediction
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fastcifar.prediction.Image, "open", refused)
+    with pytest.raises(FastCifarError, match=r"locked\.png: permission denied$"):
+        fastcifar.prediction.read_image(tmp_path / "locked.png")
 
 
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
