@@ -153,7 +153,7 @@ def predict_test_set(model: nn.Module, loader: Iterable, device_step: DeviceStep
     model.eval()
     predictions, labels, images = [], [], []
     finite = torch.ones((), dtype=torch.bool, device=device_step.device)
-    for batch_images, batch_labels in loader:
+    for batch_images, batch_labels in guarded_batches(loader, "test"):  # a dead loader: one line
         # FFCV reuses its batch buffers: copy the host images before the next batch arrives.
         images.append(batch_images.permute(0, 2, 3, 1).numpy().copy())
         labels.append(batch_labels.numpy().copy())

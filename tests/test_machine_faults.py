@@ -259,17 +259,19 @@ def test_out_of_memory_outside_training_ends_in_one_line(monkeypatch, arguments)
     assert "out of memory: try a smaller --batch-size" in line
 
 
-# The CLI in a child process whose FFCV pipeline raises at its 3rd batch (epoch 2): a loader
-# that dies must end the run, never leave it waiting (the timeout below would catch a hang).
+# The CLI in a child process whose FFCV pipeline for the train or the test images (DYING_SPLIT)
+# raises at its DYING_AT_BATCH-th batch: a loader that dies must end the command, never leave it
+# waiting (the timeouts below would catch a hang).
 DYING_LOADER = textwrap.dedent("""
-    import sys
+    import os, sys
     from ffcv.loader.epoch_iterator import EpochIterator
     real = EpochIterator.run_pipeline
+    train, at = os.environ["DYING_SPLIT"] == "train", int(os.environ["DYING_AT_BATCH"])
     calls = []
     def run_pipeline(self, *args):
-        if self.loader.drop_last:  # the train loader
+        if self.loader.drop_last == train:  # only the train loader drops a last short batch
             calls.append(1)
-            if len(calls) == 3:
+            if len(calls) == at:
                 raise ValueError("record 17 cannot be decoded")
         return real(self, *args)
     EpochIterator.run_pipeline = run_pipeline
@@ -284,7 +286,8 @@ def test_a_dying_loader_ends_the_run_in_one_line_and_keeps_the_checkpoint(tiny_d
                                                                            tmp_path):
     finished = subprocess.run([sys.executable, "-c", DYING_LOADER,
                                *train_arguments(tiny_dataset, tmp_path)[0:]],
-                              capture_output=True, text=True, timeout=300)
+                              env={**os.environ, "DYING_SPLIT": "train", "DYING_AT_BATCH": "3"},
+                              capture_output=True, text=True, timeout=300)  # in epoch 2
     assert finished.returncode == MACHINE_FAULT_EXIT, finished.stdout + finished.stderr
     lines = [line for line in finished.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in finished.stderr, finished.stderr
@@ -292,6 +295,22 @@ def test_a_dying_loader_ends_the_run_in_one_line_and_keeps_the_checkpoint(tiny_d
             and "(saved after epoch 1)" in lines[0])
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.full_width  # the child process builds CustResNet at its real width
+def test_a_dying_test_loader_ends_evaluate_in_one_line(tiny_dataset, tmp_path):
+    from test_evaluate import write_tiny_weights
+
+    weights = write_tiny_weights(tmp_path / "tiny.safetensors", tiny_dataset)
+    finished = subprocess.run([sys.executable, "-c", DYING_LOADER, "evaluate", str(weights),
+                               "--data", str(tiny_dataset), "--out", str(tmp_path / "out"),
+                               "--device", "cpu"],
+                              env={**os.environ, "DYING_SPLIT": "test", "DYING_AT_BATCH": "1"},
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == MACHINE_FAULT_EXIT, finished.stdout + finished.stderr
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert lines == ["error: the test loader stopped: ValueError: record 17 cannot be decoded"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_a_beton_truncated_during_a_run_ends_it_in_one_line(tiny_dataset, tmp_path,
