@@ -105,6 +105,9 @@ class PredictConfig:
             raise FastCifarError(f"no shipped weights at {SHIPPED_WEIGHTS} (this copy of fastcifar "
                                  "has none): pass --weights FILE.safetensors from `fastcifar train`")
         require(Path(self.weights).is_file(), f"weights file not found: {self.weights}")
+        require(Path(self.weights).suffix != ".onnx" or self.device in (Device.auto, Device.cpu),
+                f"an .onnx file runs on the CPU (onnxruntime), not on {self.device.value}: drop "
+                "--device, or give its .safetensors weights")
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,11 @@ def test_predict_with_the_onnx_file_gives_the_answers_of_the_weights_file(tiny_w
         assert result.exit_code == 0, result.output
         answers[weights.suffix] = json.loads(result.stdout)
     assert answers[".onnx"]["tta"] == "multicrop" and "onnxruntime" in answers[".onnx"]["device"]
+    for device in ("cuda", "mps"):  # it ran on the CPU whatever --device said
+        asked = runner.invoke(app, ["predict", str(folder), "--weights", str(tmp_path / "m.onnx"),
+                                    "--device", device])
+        assert asked.exit_code == 1 and (
+            f"runs on the CPU (onnxruntime), not on {device}: drop --device" in asked.stderr)
     for onnx_row, torch_row in zip(answers[".onnx"]["predictions"],
                                    answers[".safetensors"]["predictions"], strict=True):
         assert [top["class"] for top in onnx_row["top"]] == [top["class"] for top in
