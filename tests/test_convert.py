@@ -85,6 +85,38 @@ def test_convert_skips_when_fresh_and_redoes_with_force(tiny_imagefolder, tmp_pa
     assert (tmp_path / TRAIN_BETON).stat().st_mtime_ns != written
 
 
+def test_a_folder_replaced_by_a_copy_with_older_times_is_converted_again(tmp_path):
+    # `cp -a` / `tar x` keep the files' times: comparing the newest with the metadata's time
+    # kept the first tree's betons for the second tree.
+    import os
+    import shutil
+
+    source = write_imagefolder(tmp_path / "src", per_class_train=3, per_class_test=2)
+    first = convert(ConvertConfig(source=source, out_dir=tmp_path / "out"))
+    shutil.rmtree(source)
+    write_imagefolder(source, per_class_train=3, per_class_test=2, classes=[*TINY_CLASSES, "date"])
+    for path in source.rglob("*"):
+        os.utime(path, ns=(1, 1))  # long before the first conversion
+    second = convert(ConvertConfig(source=source, out_dir=tmp_path / "out"))
+    assert first.metadata["class_names"] == TINY_CLASSES and not second.skipped
+    assert second.metadata["class_names"] == [*TINY_CLASSES, "date"]
+    assert convert(ConvertConfig(source=source, out_dir=tmp_path / "out")).skipped
+    os.utime(next(source.rglob("*.png")))  # touched: read again, as before
+    assert not convert(ConvertConfig(source=source, out_dir=tmp_path / "out")).skipped
+
+
+def test_images_that_cannot_be_normalised_are_refused_before_writing(tmp_path):
+    # A channel with one value everywhere has std 0: the metadata was written, then refused by
+    # every reader, and `convert --force` wrote it again.
+    root = write_imagefolder(tmp_path / "src", per_class_train=2, per_class_test=1)
+    for image in root.rglob("*.png"):
+        Image.new("RGB", (32, 32), (10, 120, 200)).save(image)
+    with pytest.raises(FastCifarError, match=r"std is not 3 pixel values in 0\.001\.\.255 .*"
+                                             r"cannot be normalised"):
+        convert(ConvertConfig(source=root, out_dir=tmp_path / "out"))
+    assert not (tmp_path / "out" / METADATA).exists() and not (tmp_path / "out" / TRAIN_BETON).exists()
+
+
 def test_convert_redoes_when_a_beton_is_truncated(tiny_imagefolder, tmp_path):
     convert(ConvertConfig(source=tiny_imagefolder, out_dir=tmp_path))
     beton = tmp_path / TEST_BETON

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -122,9 +123,11 @@ def _versions() -> dict[str, str]:
             "torch": torch.__version__}
 
 
-def build_metadata(data: CifarArrays, train_path: Path, test_path: Path) -> dict:
-    """Everything a loader or a reader of the folder needs to trust and use the betons."""
-    mean, std = channel_statistics(data.train.images)
+def build_metadata(data: CifarArrays, train_path: Path, test_path: Path,
+                   statistics: tuple[list[float], list[float]], listing: str | None) -> dict:
+    """Everything a loader or a reader of the folder needs to trust and use the betons
+    (`statistics`: the train images' channel mean and std; `listing`: a folder source's)."""
+    mean, std = statistics
     return {
         "format_version": FORMAT_VERSION,
         "class_names": data.class_names,
@@ -134,7 +137,7 @@ def build_metadata(data: CifarArrays, train_path: Path, test_path: Path) -> dict
         "mean": mean,
         "std": std,
         "source": {"path": data.source, "kind": data.source_kind,
-                   "sha256": data.source_fingerprint},
+                   "sha256": data.source_fingerprint, "listing_sha256": listing},
         "betons": {"train": {"file": train_path.name, "bytes": train_path.stat().st_size},
                    "test": {"file": test_path.name, "bytes": test_path.stat().st_size}},
         "versions": _versions(),
@@ -197,15 +200,28 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _source_fingerprint_quick(source: Path) -> str | None:
-    """sha256 of an archive source, cheap enough to decide whether a conversion is stale."""
+def _folder_listing_sha256(folder: Path) -> str:
+    """sha256 of each file's name, size and modification time under a folder source: a file
+    added, removed, resized or touched changes it. (Comparing the newest time with the
+    metadata's missed a tree copied in with its older times, `cp -a` or `tar x`.)"""
+    from fastcifar.data.sources import folder_files
+
+    digest = hashlib.sha256()
+    for path in folder_files(folder):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # a broken link
+            stat = path.lstat()
+        digest.update(os.fsencode(path.relative_to(folder))
+                      + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _up_to_date(out_dir: Path, source: Path, listing: str | None) -> dict | None:
+    """The existing metadata when the betons in `out_dir` were made from this same source: an
+    archive with the same sha256, a folder with the same `listing` (_folder_listing_sha256)."""
     from fastcifar.data.sources import file_sha256
 
-    return file_sha256(source) if source.is_file() else None
-
-
-def _up_to_date(out_dir: Path, source: Path) -> dict | None:
-    """The existing metadata when the betons in `out_dir` were made from this same source."""
     metadata_path = out_dir / METADATA
     try:
         metadata = json.loads(metadata_path.read_text())
@@ -221,19 +237,8 @@ def _up_to_date(out_dir: Path, source: Path) -> dict | None:
     if not isinstance(recorded, dict) or recorded.get("path") != str(source):
         return None
     if source.is_file():
-        return metadata if recorded.get("sha256") == _source_fingerprint_quick(source) else None
-    # Folders: stale once anything inside is newer than the metadata file.
-    made = metadata_path.stat().st_mtime
-    newest = max((_modified(path) for path in source.rglob("*")), default=0.0)
-    return metadata if newest <= made else None
-
-
-def _modified(path: Path) -> float:
-    """When `path` (a link's target) last changed; a broken link's own time."""
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return path.lstat().st_mtime
+        return metadata if recorded.get("sha256") == file_sha256(source) else None
+    return metadata if listing is not None and recorded.get("listing_sha256") == listing else None
 
 
 @contextlib.contextmanager
@@ -283,19 +288,34 @@ def convert(config: ConvertConfig, progress: Progress = _no_progress) -> Convert
             if path.exists() and not path.is_file():
                 raise FastCifarError(f"{path} is not a file: move it away or convert to "
                                      "another --out")
-        existing = None if config.force else _up_to_date(out_dir, source)
+        # Taken before the read: a file changed during it makes the next convert read again.
+        listing = _folder_listing_sha256(source) if source.is_dir() else None
+        existing = None if config.force else _up_to_date(out_dir, source, listing)
         if existing is not None:
             return ConvertResult(train_path, test_path, metadata_path, existing, True,
                                  time.perf_counter() - started)
         # A source that fails to read leaves an earlier conversion as it was.
         data = read_source(source, fix_images=config.fix_images, progress=progress)
+        statistics = _normalisable_statistics(data, source)
         workers = max(1, min(8, _cpu_count()))
         _check_free_space(out_dir, data, workers)
         _replace_betons(data, out_dir, workers, progress)
-        metadata = build_metadata(data, train_path, test_path)
+        metadata = build_metadata(data, train_path, test_path, statistics, listing)
         write_json(metadata_path, metadata)
     return ConvertResult(train_path, test_path, metadata_path, metadata, False,
                          time.perf_counter() - started)
+
+
+def _normalisable_statistics(data: CifarArrays, source: Path) -> tuple[list[float], list[float]]:
+    """The train images' channel mean and std, refused before anything is written when a
+    channel cannot be normalised (the same value in every pixel: a std of 0), which every
+    reader of the metadata would refuse after a conversion that said it succeeded."""
+    statistics = channel_statistics(data.train.images)
+    problem = pixel_statistics_problem(*statistics)
+    if problem:
+        raise FastCifarError(f"cannot convert {source}: the train images' pixel {problem}, so "
+                             "they cannot be normalised (a channel has one value in every image)")
+    return statistics
 
 
 # A raw beton holds each image's bytes plus its metadata row, in pages of 8 MiB, each writer

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 import zlib
@@ -160,20 +161,25 @@ def _decode_image(data: bytes, name: str, fix_images: bool) -> np.ndarray:
         raise FastCifarError(f"not a readable image: {name}") from error
     except Image.DecompressionBombError as error:  # Pillow refuses to decode it at all
         raise FastCifarError(f"image {name} is too large to decode ({error})") from error
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE) and not fix_images:
+        raise FastCifarError(f"image {name} is {image.size[0]}x{image.size[1]}, expected 32x32 "
+                             "(pass --fix-images to resize)")
+    if image.mode != "RGB" and not fix_images:
+        raise FastCifarError(f"image {name} has mode {image.mode}, expected RGB (pass "
+                             "--fix-images to convert)")
+    image = _as_rgb(image)
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        if not fix_images:
-            raise FastCifarError(
-                f"image {name} is {image.size[0]}x{image.size[1]}, expected 32x32 "
-                "(pass --fix-images to resize)"
-            )
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    if image.mode != "RGB":
-        if not fix_images:
-            raise FastCifarError(
-                f"image {name} has mode {image.mode}, expected RGB (pass --fix-images to convert)"
-            )
-        image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8)
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB: grey, palette, RGBA (alpha dropped), CMYK, and 16-bit grey scaled
+    to 8 bits (Pillow's own conversion clips it, so a 16-bit PNG came out white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+        image = Image.fromarray(pixels.astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,8 @@ def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
         return None
     if not parts[-1].lower().endswith(IMAGE_SUFFIXES) or parts[-1].startswith("."):
         return None
+    if parts[-2].startswith("."):  # a hidden folder (.ipynb_checkpoints) is no class
+        return None
     return parts[-3], parts[-2]
 
 
@@ -240,20 +248,47 @@ def _find_imagefolder_root(folder: Path) -> Path | None:
     return None
 
 
+def folder_files(root: Path) -> list[Path]:
+    """The files under `root`, sorted, leaving out hidden files and folders (.DS_Store,
+    .ipynb_checkpoints). Symlinked folders are followed, each real folder once (so a link loop
+    ends): `rglob` skipped them, and their class's images with them."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for folder, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        files.extend(Path(folder) / name for name in names if not name.startswith("."))
+    return sorted(files)
+
+
 def _read_imagefolder(root: Path, fix_images: bool, progress: Progress) -> CifarArrays:
+    try:
+        return _read_imagefolder_files(root, fix_images, progress)
+    except OSError as error:  # a folder or image this user may not read, a disk error
+        raise FastCifarError(f"cannot read {error.filename or root}: "
+                             f"{error.strerror or error}") from None
+
+
+def _read_imagefolder_files(root: Path, fix_images: bool, progress: Progress) -> CifarArrays:
+    files = folder_files(root)
     for split in ("train", "test"):
-        for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in (root / split).iterdir()
+                                if p.is_dir() and not p.name.startswith(".")):
             if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in class_dir.iterdir()):
                 raise FastCifarError(f"class folder {class_dir} holds no images")
     digest = hashlib.sha256()
     entries = []
-    for path in sorted(root.rglob("*")):
+    for path in files:
         relative = path.relative_to(root)
         key = _split_and_class(relative.parts)
         if key is None or not path.is_file():
             continue
         data = path.read_bytes()
-        digest.update(str(relative).encode() + b"\0" + data)
+        digest.update(os.fsencode(relative) + b"\0" + data)  # any bytes a name may hold
         entries.append(_Entry(key[0], key[1], str(path), data))
     train, test, class_names = _assemble(entries, str(root), fix_images, progress)
     return CifarArrays(train, test, class_names, str(root), "imagefolder", digest.hexdigest())
@@ -268,14 +303,18 @@ def _read_members(path: Path, progress: Progress) -> tuple[dict[str, bytes], lis
     entries: list[_Entry] = []
     with tarfile.open(path, "r:*") as archive:
         for member in archive:
-            if not member.isfile():
+            if not (member.isfile() or member.islnk() or member.issym()):  # links: their target
                 continue
             parts = Path(member.name).parts
             official = len(parts) >= 2 and parts[-2] == OFFICIAL_FOLDER_NAME
             key = None if official else _split_and_class(parts)
             if not official and key is None:
                 continue
-            handle = archive.extractfile(member)
+            try:
+                handle = archive.extractfile(member)
+            except KeyError:  # a link to a member the archive lacks
+                raise FastCifarError(f"{path}: {member.name} links to {member.linkname}, which "
+                                     "is not in the archive") from None
             data = handle.read() if handle else b""
             if official:
                 batches[parts[-1]] = data
