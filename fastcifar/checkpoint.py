@@ -211,7 +211,8 @@ def run_state(trainer_state: dict, epoch: int, history: list[EpochStats],
 _RESUMABLE_DIFFERENCES = {"resume", "out_dir", "weights_dir", "make_plots", "tensorboard",
                           "stop_at_accuracy",
                           "local_rank", "device", "eval_every_steps", "eval_steps_epochs",
-                          "eval_from_epoch"}
+                          "eval_from_epoch",
+                          "loader.workers"}  # the batches do not depend on the thread count
 
 
 def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
@@ -228,7 +229,7 @@ def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
             value = {**defaults[key], **value}  # nested settings (loader, augment) likewise
         return value
 
-    differing = [change for key in sorted(current) if key not in _RESUMABLE_DIFFERENCES
+    differing = [change for key in sorted(current)
                  for change in _setting_changes(key, saved_value(key), current[key])]
     if differing:
         raise FastCifarError("checkpoint was made with other settings (" + "; ".join(differing)
@@ -241,8 +242,10 @@ _ABSENT = object()  # a nested setting that one side has and the other lacks
 def _setting_changes(key: str, saved: object, current: object) -> list[str]:
     """'key: saved -> current' for a setting that differs (each differing field of a nested
     one, as loader.on_device), so the refusal says which option to give back."""
-    if saved == current:
+    if saved == current or key in _RESUMABLE_DIFFERENCES:
         return []
+    if key == "loader.data_dir" and Path(str(saved)).resolve() == Path(str(current)).resolve():
+        return []  # the same folder, named relative once and absolute once
     if isinstance(saved, dict) and isinstance(current, dict):
         return [change for inner in sorted(current.keys() | saved.keys())
                 for change in _setting_changes(f"{key}.{inner}", saved.get(inner, _ABSENT),

@@ -406,6 +406,18 @@ def test_jitter_gray_and_cutout_rates_measured_on_the_outputs():
     assert abs((distance >= 2).mean() - 0.3) < 0.03
 
 
+def test_the_train_batches_do_not_depend_on_the_loader_thread_count(tiny_dataset):
+    # What lets a run resume with another --workers (checkpoint._RESUMABLE_DIFFERENCES).
+    from fastcifar.data.loaders import build_loaders
+
+    augment = dataclasses.replace(FULL, pad_mode=PadMode.reflect, cutout_count=2)
+    (images, labels), (other_images, other_labels) = (
+        _epoch(build_loaders(LoaderConfig(data_dir=tiny_dataset, batch_size=24, workers=workers),
+                             augment, seed=5).train) for workers in (1, 2))
+    np.testing.assert_array_equal(other_images, images)
+    np.testing.assert_array_equal(other_labels, labels)
+
+
 def test_same_image_is_augmented_differently_each_epoch_through_the_loader(tiny_dataset):
     from fastcifar.data.loaders import build_loaders
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,24 @@ def test_resume_accepts_a_checkpoint_from_before_an_option_existed_and_refuses_r
                                              r"checkpoint, not an option of this version\)"):
         check_resume_compatible(retired, config)
 
+
+def test_resume_takes_another_thread_count_and_the_data_folder_named_otherwise(tmp_path,
+                                                                               monkeypatch):
+    # Both were refused as "other settings", though neither changes a batch.
+    from fastcifar.checkpoint import check_resume_compatible, config_to_dict
+    from fastcifar.config import recipe
+
+    monkeypatch.chdir(tmp_path)
+    config = recipe("express")
+    saved = config_to_dict(dataclasses.replace(
+        config, loader=dataclasses.replace(config.loader, workers=1, data_dir=Path("datasets"))))
+    for loader in (dataclasses.replace(config.loader, workers=2, data_dir=Path("datasets")),
+                   dataclasses.replace(config.loader, workers=1,
+                                       data_dir=tmp_path / "datasets")):
+        check_resume_compatible(saved, dataclasses.replace(config, loader=loader))
+    other = dataclasses.replace(config.loader, workers=1, data_dir=tmp_path / "elsewhere")
+    with pytest.raises(FastCifarError, match=r"loader\.data_dir: 'datasets' in the checkpoint"):
+        check_resume_compatible(saved, dataclasses.replace(config, loader=other))
 
 
 def test_a_run_resumed_in_fp16_from_an_unscaled_checkpoint_starts_from_a_fresh_scale():
