@@ -18,9 +18,13 @@ def augment_with_options(base: AugmentConfig, cutout: int | None, jitter: float 
                          flip_alternate: bool | None = None,
                          cutout_count: int | None = None) -> AugmentConfig:
     """The recipe's augmentation with the augmentation options replacing its settings; a
-    --cutout size on a recipe with no holes turns one hole on."""
+    --cutout size on a recipe with no holes turns one hole on, and a --cutout-count on holes
+    of 0 px (that it would leave uncut) is refused."""
     if cutout and cutout_count is None and base.cutout_count == 0:
         cutout_count = 1
+    if cutout_count and not (base.cutout_size if cutout is None else cutout):
+        raise FastCifarError(f"--cutout-count {cutout_count} cuts nothing: this recipe's holes are "
+                             "0 px; give their size with --cutout SIZE")
     changes: dict[str, object] = {key: value for key, value in {
         "cutout_size": cutout, "p_gray": p_gray, "hue": hue, "pad": pad,
         "flip_alternate": flip_alternate, "cutout_count": cutout_count}.items()

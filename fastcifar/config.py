@@ -213,6 +213,8 @@ class TrainConfig:
         # OneCycle warms up for at most half the run (make_scheduler): refuse more, never clamp.
         require(0 < self.pct_start <= 0.5, f"pct_start must be in (0, 0.5], got {self.pct_start}")
         require(self.weight_decay >= 0, "weight decay must be >= 0")
+        require(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        require(0 < self.logit_scale < float("inf"), f"logit scale must be positive, got {self.logit_scale}")
         require(0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)")
         require(0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)")
         require(0 < self.bn_momentum <= 1, "BN momentum must be in (0, 1]")

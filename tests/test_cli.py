@@ -170,7 +170,11 @@ def test_train_options_that_would_be_ignored_or_break_the_run_are_refused(monkey
             (["--recipe", "seed", "--momentum", "0.8"], "would be ignored"),
             (["--recipe", "fast", "--optimizer", "adam", "--momentum", "0.8"],
              "would be ignored"),
-            (["--recipe", "express", "--zero-init-residual"], "kills the residual branches")):
+            (["--recipe", "express", "--zero-init-residual"], "kills the residual branches"),
+            (["--cutout-count", "2"], "--cutout-count 2 cuts nothing: this recipe's holes are 0 px"),
+            (["--recipe", "fast", "--momentum", "-0.1"], "momentum must be in [0, 1), got -0.1"),
+            (["--recipe", "fast", "--momentum", "1.5"], "momentum must be in [0, 1)"),
+            (["--logit-scale", "-1"], "logit scale must be positive, got -1.0")):
         result = runner.invoke(app, ["train", *arguments])  # training itself is stubbed
         assert result.exit_code == 1 and message in result.output, arguments
     assert built_train_config(monkeypatch, "--recipe", "fast", "--momentum", "0.8").momentum == 0.8
