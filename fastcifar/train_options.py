@@ -89,7 +89,9 @@ def optimisation_options(
                       "express-progressive) it moves the SGD groups only (BN shifts, head): "
                       "--muon-lr sets the filters', and 'auto' sweeps with Muon off.",
                       rich_help_panel=OPTIMISATION)] = None,
-    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule.",
+    min_lr: Annotated[float | None, typer.Option(help="LR at the end of the schedule. Muon's "
+                      "LR ends at the same fraction of its peak (min LR / max LR), so "
+                      "--max-lr or --min-lr moves its end too.",
                       rich_help_panel=OPTIMISATION)] = None,
     initial_lr_fraction: Annotated[float | None, typer.Option(
         help="The schedule starts at max LR x this.", rich_help_panel=OPTIMISATION)] = None,

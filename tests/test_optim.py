@@ -62,3 +62,23 @@ def test_schedule_starts_peaks_and_ends_at_the_configured_lrs():
     falls = [b - a for a, b in zip(lrs[peak_step:], lrs[peak_step + 1:], strict=False)]
     assert rises == pytest.approx([0.36 / peak_step] * peak_step)  # linear warm-up
     assert falls == pytest.approx([(4e-5 - 0.4) / 60] * 60)  # linear decay
+
+
+def test_muons_schedule_ends_at_the_fraction_of_its_peak_that_sgds_does():
+    # As --min-lr's help says: --max-lr moves Muon's end, though not its peak.
+    import warnings
+
+    from fastcifar.optim import FilterMuon
+
+    config = recipe("express-muon", epochs=2, max_lr=0.2)  # SGD: 0.2 down to 8e-5
+    muon = FilterMuon([torch.nn.Parameter(torch.ones(4, 2, 3, 3))], config.muon_lr,
+                      config.muon_momentum, False)
+    scheduler = make_scheduler(muon, config, 10, config.muon_lr)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stepping the schedule alone
+        for _ in range(20):
+            lrs.append(muon.param_groups[0]["lr"])
+            scheduler.step()
+    assert max(lrs) == pytest.approx(config.muon_lr)
+    assert lrs[-1] == pytest.approx(config.muon_lr * config.min_lr / config.max_lr)  # 9.6e-5
