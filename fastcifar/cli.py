@@ -130,10 +130,11 @@ def train(
     rank_is_main = int(os.environ.get("RANK", "0")) == 0
     result = run_command(run_training, config, TableCallbacks(quiet=not rank_is_main))
     if rank_is_main:
+        best_file = (f"weights {result.best_weights}" if result.best_weights else
+                     "its weights are not in the weights folder")
         console.print(f"final test accuracy {result.final_accuracy:.2%} (weights "
                       f"{result.final_weights}); best test pass {result.best_accuracy:.2%} "
-                      f"(chosen on the test set; weights {result.best_weights}); run folder "
-                      f"{result.run_dir}")
+                      f"(chosen on the test set; {best_file}); run folder {result.run_dir}")
 
 
 # ---------------------------------------------------------------- lr-find

@@ -292,7 +292,10 @@ class Run:
                 self.history, self.trainer.lr_per_step, self.run_dir / "training_curves.png"))
         return TrainResult(
             self.history, self.run_dir,
-            self.best_weights if self.best_accuracy >= 0 else None, self.best_accuracy,
+            # None when the best pass's file is not there: saved before a resume into another
+            # --weights-dir, or its (non-essential) copy failed.
+            self.best_weights if self.best_accuracy >= 0 and self.best_weights.is_file() else None,
+            self.best_accuracy,
             self.warmup_seconds, self.trainer.lr_per_step, reached, self.trainer.eval_model, self.evaluations,
             self.final_weights if self.evaluations else None, self.trainer.plan,
             self.record.get("precision_images_per_second", {}))

@@ -636,6 +636,21 @@ def test_resume_never_replaces_best_weights_saved_after_its_checkpoint(tiny_data
     assert (best["accuracy"], best["epochs"]) == (0.6, pytest.approx(1.4))
 
 
+def test_a_resume_into_another_weights_folder_names_no_best_file_it_lacks(tiny_dataset, tmp_path,
+                                                                         monkeypatch):
+    import fastcifar.training
+
+    # epoch 1: 0.6, the best, saved in weights/ | interrupted in epoch 2 | epoch 2: 0.5
+    monkeypatch.setattr(fastcifar.training, "evaluate_loader", ScriptedAccuracy([0.6, 0.5]))
+    config = dataclasses.replace(tiny_time_to_accuracy(tiny_dataset, tmp_path).train, epochs=2)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        fastcifar.training.train(config, SignalAtStep(2, 2, signal.SIGINT))
+    result = fastcifar.training.train(dataclasses.replace(
+        config, resume=interrupted.value.checkpoint, weights_dir=tmp_path / "other"))
+    assert result.best_accuracy == 0.6 and result.best_weights is None  # other/...-best before
+    assert result.final_weights.parent == tmp_path / "other" and result.final_weights.is_file()
+
+
 def test_evaluating_every_epoch_length_or_more_steps_is_refused(tiny_dataset, tmp_path):
     base = tiny_time_to_accuracy(tiny_dataset, tmp_path)  # 5 steps per epoch
     config = dataclasses.replace(base, train=dataclasses.replace(base.train, eval_every_steps=5))
