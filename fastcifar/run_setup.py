@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from fastcifar.config import TrainConfig, kept_per_batch
+from fastcifar.config import FULL_TRAIN_SIZE, TrainConfig, kept_per_batch
 from fastcifar.device import DeviceStep, PrecisionPlan, autocast
 from fastcifar.errors import FastCifarError, MachineFault
 from fastcifar.evaluation import predict_logits
@@ -37,22 +37,29 @@ def warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
             device: torch.device, plan: PrecisionPlan, device_step: DeviceStep,
             sample: tuple[torch.Tensor, torch.Tensor],
             selection: BatchSelection | None = None) -> None:
-    """Forward/backward and an eval pass on the real model (at the size a step trains: the
-    selected part of a batch) and on the selection proxy, then restore their state.
+    """Forward/backward passes and eval passes on the real model (at the size a step trains:
+    the selected part of a batch) and on the selection proxy, then restore their state.
 
-    torch.compile and cudnn autotuning happen here, off the clock; the weights, BN statistics
-    and RNG states (dropout draws) are put back, so the run is the same as without the warm-up.
+    torch.compile and cudnn autotuning happen here, off the clock: at every image side the run
+    trains at (progressive resizing), and for the test passes at 32 px with two batch sizes (a
+    test set's last batch is shorter). The weights, BN statistics and RNG states (dropout
+    draws) are put back, so the run is the same as without the warm-up.
     """
     if device.type != "cuda" and not config.compile:
         return
     images, labels = device_step(*sample)
     kept = kept_per_batch(config.select_fraction, len(labels))
+    sides = sorted({config.train_image_size(epoch) for epoch in range(config.epochs)})
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        _warm_up_network(model, trained_model, images[:kept], labels[:kept], device, plan,
-                         config.tta)
-        if selection is not None:
-            _warm_up_network(selection.proxy, selection.proxy, images, labels, device, plan,
-                             False)
+        for side in sides:
+            _warm_up_network(model, trained_model, _at_side(images[:kept], side),
+                             labels[:kept], device, plan, config.tta)
+            if selection is not None:
+                _warm_up_network(selection.proxy, selection.proxy, _at_side(images, side),
+                                 labels, device, plan, False)
+        test_images = _at_side(images[:kept], FULL_TRAIN_SIZE)
+        for batch in (test_images, test_images[:max(1, kept // 2)]):
+            _warm_up_test_pass(trained_model, batch, device, plan, config.tta, config.tta_shifts)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -68,11 +75,27 @@ def _warm_up_network(model: nn.Module, trained_model: nn.Module, images: torch.T
             loss = functional.cross_entropy(trained_model(images), labels)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    trained_model.eval()
-    with torch.no_grad(), autocast(device, plan):
-        predict_logits(trained_model, images, tta)
+    _warm_up_test_pass(trained_model, images, device, plan, tta, False)
     model.load_state_dict(snapshot)
-    trained_model.train()
+
+
+def _warm_up_test_pass(model: nn.Module, images: torch.Tensor, device: torch.device,
+                       plan: PrecisionPlan, tta: bool, shifts: bool) -> None:
+    """An eval pass in the TTA mode (eval mode changes no state), then back to train mode."""
+    model.eval()
+    with torch.no_grad(), autocast(device, plan):
+        predict_logits(model, images, tta, shifts)
+    model.train()
+
+
+def _at_side(images: torch.Tensor, side: int) -> torch.Tensor:
+    """`images` resized to `side` px in their memory format (only the shape matters here)."""
+    if images.shape[-1] == side:
+        return images
+    layout = (torch.channels_last if images.is_contiguous(memory_format=torch.channels_last)
+              and not images.is_contiguous() else torch.contiguous_format)
+    return functional.interpolate(images, size=(side, side), mode="bilinear",
+                                  align_corners=False).contiguous(memory_format=layout)
 
 
 def make_run_dir(config: TrainConfig) -> Path:

@@ -583,6 +583,28 @@ def test_warm_up_leaves_weights_statistics_and_train_mode_unchanged(tmp_path):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_warm_up_compiles_at_every_side_the_run_trains_at_and_for_the_test_passes(tmp_path):
+    # Only the first batch's side was warmed: the next side, and the first test pass at 32 px
+    # (and its shorter last batch), recompiled on the run's clock.
+    from fastcifar.device import DeviceStep
+    from fastcifar.model import build_model
+    from fastcifar.run_setup import warm_up
+
+    config = tiny_config(tmp_path, tmp_path, compile=True, epochs=5, train_size_start=20,
+                         train_size_ramp=0.6, tta=True, tta_shifts=True)
+    model = build_model(config, torch.device("cpu"))
+    seen: set[tuple[bool, int, int]] = set()  # (grad on, batch, side)
+    model.register_forward_hook(lambda _m, args, _o: seen.add(
+        (torch.is_grad_enabled(), len(args[0]), args[0].shape[-1])))
+    step = DeviceStep([120.0] * 3, [60.0] * 3, torch.device("cpu"), True)
+    sample = (torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8), torch.arange(8) % 3)
+    warm_up(model, model, config, torch.device("cpu"), plan_precision(Precision.fp32,
+            torch.device("cpu")), step, sample)
+    assert {side for grad, _, side in seen if grad} == {20, 24, 28, 32}  # 20, 24, 28, 32, 32 px
+    assert {(batch, side) for grad, batch, side in seen if not grad and side == 32} >= {
+        (8, 32), (4, 32)}
+
+
 def test_replace_nested_reaches_loader_and_augment_settings():
     from fastcifar.config import replace_nested
 
