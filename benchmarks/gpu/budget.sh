@@ -11,7 +11,9 @@ fits() {  # fits SECONDS NAME: run the phase only when SECONDS are left
 pack() { tar -czf "$OUT/results.tar.gz" "$results" /tmp/tta-runs/*/metrics.json 2>/dev/null; }
 set_up_device() {  # the device machine: wheels installed, FFCV built, data converted
   phase "set-up"
-  source benchmarks/gpu/device_setup.sh || exit 1
+  # Not `source ... || exit 1`: the left side of || runs with errexit off, so a failed build
+  # or conversion went on to every phase. Its own set -e now ends the call at a failed step.
+  source benchmarks/gpu/device_setup.sh
   set +e
   python=python3; data=/tmp/datasets
   results=benchmarks/results/gpu/$(date -u +%Y-%m-%d)

@@ -22,7 +22,7 @@ else
   [ -n "${OUT:-}" ] && cp /tmp/ffcv-wheel/ffcv-*.whl "$OUT/"
 fi
 python3 -c "import ffcv, torch, numba, numpy; print('ffcv ok; torch', torch.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
-alias fastcifar="python3 -m fastcifar"
+fastcifar() { python3 -m fastcifar "$@"; }  # a function: scripts do not expand aliases
 setup_started=$(date +%s)
 python3 -m fastcifar convert --source .device/cifar10-jpeg.tar.gz --out /tmp/datasets | tail -1
 echo "convert took $(( $(date +%s) - setup_started )) s"
