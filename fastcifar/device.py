@@ -17,10 +17,11 @@ from fastcifar.errors import FastCifarError
 
 
 def select_device(choice: Device, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; an explicit choice must be available."""
+    """`auto` picks CUDA, then MPS, then CPU; an explicit choice must be available, and a
+    torchrun rank's GPU (`local_rank`) must exist."""
     if choice == Device.auto:
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
+            return _rank_gpu(local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -28,7 +29,16 @@ def select_device(choice: Device, local_rank: int = 0) -> torch.device:
         raise FastCifarError("--device cuda asked for, but no CUDA device is available")
     if choice == Device.mps and not torch.backends.mps.is_available():
         raise FastCifarError("--device mps asked for, but MPS is not available")
-    return torch.device("cuda", local_rank) if choice == Device.cuda else torch.device(choice.value)
+    return _rank_gpu(local_rank) if choice == Device.cuda else torch.device(choice.value)
+
+
+def _rank_gpu(local_rank: int) -> torch.device:
+    """GPU `local_rank`: 'invalid device ordinal' deep in torch before, with more ranks than GPUs."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise FastCifarError(f"torchrun rank {local_rank} has no GPU of its own: this machine has "
+                             f"{count}; start at most {count} (--nproc-per-node {count})")
+    return torch.device("cuda", local_rank)
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,10 @@ def plan_precision(choice: Precision, device: torch.device) -> PrecisionPlan:
     """
     if choice == Precision.auto:
         if device.type == "cuda":
-            choice = Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
+            # bf16 in hardware from Ampere (compute capability 8); torch's is_bf16_supported()
+            # also says yes where it only emulates bf16 (a T4, a V100), far slower than fp16.
+            major, _ = torch.cuda.get_device_capability(device)
+            choice = Precision.bf16 if major >= 8 else Precision.fp16
         else:
             choice = Precision.fp32
     if choice == Precision.fp16 and device.type == "cpu":

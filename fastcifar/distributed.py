@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastcifar.config import TrainConfig
-from fastcifar.errors import MachineFault
+from fastcifar.errors import FastCifarError, MachineFault
 
 T = TypeVar("T")
 
@@ -39,6 +39,11 @@ def init_distributed(config: TrainConfig, device: torch.device) -> Distributed:
         return Distributed()
     import torch.distributed as dist
 
+    if device.type == "mps":  # gloo has no MPS tensors: DDP's first broadcast failed
+        raise FastCifarError("torchrun on Apple's MPS is not supported: run one process, or "
+                             "give --device cpu")
+    if device.type == "cuda":  # NCCL's object broadcasts use the current device: this rank's
+        torch.cuda.set_device(device)
     if not dist.is_initialized():  # torchrun provides the rendezvous through env://
         start_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size())

@@ -27,8 +27,10 @@ NARROW_FASTCIFAR = str(Path(__file__).with_name("narrow_custresnet.py"))
 
 # The fast recipe (plain SGD): the tolerances below were set for it. LR 0.1: after 2 epochs on
 # the tiny set the narrow net scored 1.0 with 3 of seeds 0-3 at 0.1, with 1 of them at 0.05.
+# The CPU: on a machine with GPUs these ranks would each take one (or lack one).
 TRAIN_ARGS = ["--recipe", "fast", "--epochs", "2", "--max-lr", "0.1", "--precision", "fp32",
-              "--workers", "1", "--cutout", "4", "--no-tta", "--eval-from-epoch", "1"]
+              "--workers", "1", "--cutout", "4", "--no-tta", "--eval-from-epoch", "1",
+              "--device", "cpu"]
 
 
 @pytest.mark.slow
@@ -432,3 +434,29 @@ def test_a_runs_start_epoch_ends_and_end_write_through_the_agreed_check(tiny_dat
     # and at the end: the metrics once more and the final weights
     (final,) = (path.name for path in (tmp_path / "w").glob("*-final.safetensors"))
     assert written[3:] == [sorted([final, "metrics.csv", "metrics.json"])]
+
+
+def test_a_cuda_rank_makes_its_gpu_current_before_the_group_and_mps_is_refused(monkeypatch):
+    # NCCL's object broadcasts run on the current device: every rank's was cuda:0.
+    import dataclasses
+
+    import torch
+
+    import fastcifar.distributed as distributed
+    from fastcifar.config import recipe
+    from fastcifar.errors import FastCifarError
+
+    config = recipe("fast")
+    config = dataclasses.replace(config, loader=dataclasses.replace(config.loader,
+                                                                    distributed=True))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
+    monkeypatch.setattr(distributed, "start_process_group",
+                        lambda backend: calls.append(("group", backend)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    assert distributed.init_distributed(config, torch.device("cuda", 1)).rank == 1
+    assert calls == [("set", torch.device("cuda", 1)), ("group", "nccl")]
+    with pytest.raises(FastCifarError, match="torchrun on Apple's MPS is not supported"):
+        distributed.init_distributed(config, torch.device("mps"))
