@@ -213,8 +213,7 @@ def summary(
     """CustResNet's layers and parameters (torchinfo) and its receptive field per layer."""
     import json
 
-    from fastcifar.model import CustResNet, receptive_field_table, summary_record
-    from fastcifar.model import summary as torchinfo_summary
+    from fastcifar.model import CustResNet, receptive_field_table, summary_record, summary_text
 
     if batch_size < 1:
         fail(FastCifarError(f"batch size must be positive, got {batch_size}"))
@@ -222,7 +221,7 @@ def summary(
     if json_output:
         typer.echo(json.dumps(run_command(summary_record, model, batch_size), indent=2))
         return
-    typer.echo(str(run_command(torchinfo_summary, model, batch_size)))
+    typer.echo(run_command(summary_text, model, batch_size))
     table = Table("layer", "kernel", "stride", "pad", "RF", "jump", "start",
                   title="receptive field (RF, pixels) along the deepest path")
     for row in receptive_field_table(model):

@@ -301,7 +301,23 @@ def summary(model: nn.Module, batch_size: int = 1, device: str = "cpu"):
         model, input_size=(batch_size, 3, SUMMARY_INPUT_SIZE, SUMMARY_INPUT_SIZE), device=device, verbose=0,
         col_names=("input_size", "output_size", "num_params", "kernel_size", "params_percent"),
         row_settings=("var_names",),
+        depth=SUMMARY_DEPTH,
     )
+
+
+# Deep enough for every conv (block -> ConvLayer -> Sequential -> Conv2d): torchinfo's default
+# of 3 showed the kernel of the prep conv only.
+SUMMARY_DEPTH = 6
+# torchinfo 1.8 names its units by their Enum (TylerYep/torchinfo#350): "(Units.MEGABYTES)".
+_UNIT_NAMES = {"NONE": "", "KILOBYTES": "k", "MEGABYTES": "M", "GIGABYTES": "G", "TERABYTES": "T"}
+
+
+def summary_text(model: nn.Module, batch_size: int = 1) -> str:
+    """The summary as printed, with the mult-adds' unit as a plain prefix ("(M)")."""
+    import re
+
+    return re.sub(r"\(Units\.([A-Z]+)\)", lambda found: f"({_UNIT_NAMES.get(found[1], found[1])})",
+                  str(summary(model, batch_size)))
 
 
 def summary_record(model: CustResNet, batch_size: int = 1) -> dict:

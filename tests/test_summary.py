@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fastcifar.cli import app
@@ -35,6 +36,11 @@ def test_summary_command_prints_tables_or_json():
     assert text.exit_code == 0, text.output
     assert "Total params: 6,573,130" in text.output
     assert "layer3.residual.1.layers.0" in text.output and "│ 81 " in text.output
+    # every conv's kernel shows (torchinfo's default depth stopped above all but prep's), and
+    # the mult-adds are a count, not "(Units.MEGABYTES)"
+    convs = sum(isinstance(module, torch.nn.Conv2d) for module in CustResNet().modules())
+    assert text.output.count("[3, 3]") == convs == 8
+    assert "Total mult-adds (M): 379.27" in text.output and "Units." not in text.output
     as_json = runner.invoke(app, ["summary", "--json", "--batch-size", "4"])
     assert as_json.exit_code == 0, as_json.output
     record = json.loads(as_json.output)
