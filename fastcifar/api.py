@@ -91,12 +91,15 @@ def train(epochs: int | None = None, recipe_name: str = DEFAULT_RECIPE,
 
 
 def lr_find(recipe_name: str = DEFAULT_RECIPE, data: str | Path = "datasets",
-            iterations: int = 200, out_dir: str | Path = "runs/lr-find", **settings: object):
-    """The LR range test for a training run (see `fastcifar lr-find`)."""
+            iterations: int = 200, out_dir: str | Path = "runs/lr-find", start_lr: float = 1e-7,
+            end_lr: float = 10.0, mode: str = "exp", **settings: object):
+    """The LR range test for a training run, from `start_lr` to `end_lr` (exp or linear steps;
+    see `fastcifar lr-find`). Other keywords: see `train_config`."""
     from fastcifar.range_test import lr_find as run_range_test
 
     return run_range_test(LrFindConfig(train=train_config(None, recipe_name, data, **settings),
-                                       iterations=iterations, out_dir=Path(out_dir)))
+                                       start_lr=start_lr, end_lr=end_lr, iterations=iterations,
+                                       mode=mode, out_dir=Path(out_dir)))
 
 
 def evaluate(weights: str | Path, data: str | Path = "datasets", tta: str | None = None,
@@ -141,14 +144,17 @@ def _as_images(images) -> list:
     items = [images] if isinstance(images, str | Path | Image.Image) else list(images)
     loaded = []
     for index, item in enumerate(items):
-        if isinstance(item, Image.Image):
+        if isinstance(item, np.ndarray) and item.ndim == 3:  # one image of a mixed list
+            (pixels,) = _as_images(item)
+            loaded.append(dataclasses.replace(pixels, path=Path(f"image {index}")))
+        elif isinstance(item, Image.Image):
             loaded.append(image_from_pil(item.convert("RGB"), Path(f"image {index}"), item.mode,
                                          item.size))
         elif isinstance(item, str | Path):
             loaded.append(read_image(Path(item)))
         else:
             raise FastCifarError(f"cannot predict a {type(item).__name__}: give paths, Pillow "
-                                 "images or a uint8 array")
+                                 "images or uint8 arrays (H, W, 3)")
     return loaded
 
 
@@ -160,7 +166,8 @@ def test_images(data: str | Path = "datasets", count: int = 16) -> tuple[np.ndar
     if count < 1:
         raise FastCifarError(f"count must be positive, got {count}")
     metadata = read_metadata(Path(data))
-    count = min(count, metadata.test_count)
+    if count > metadata.test_count:  # fewer than asked, silently, before
+        raise FastCifarError(f"count {count:,} is more than the {metadata.test_count:,} test images")
     loader = make_loader(metadata.test_path, test_pipeline(), LoaderConfig(data_dir=Path(data)),
                          False, np.arange(count), 0)
     # Copies: FFCV reuses a few batch buffers, and a view would show a later batch's images.

@@ -76,6 +76,11 @@ def test_predict_takes_paths_pillow_images_and_arrays_alike(trained, tiny_datase
     assert [[tuple(top.values()) for top in row["top"]]
             for row in json.loads(cli.stdout)["predictions"]] == [
         [tuple(pair) for pair in row] for row in answers[0]]
+    # a list mixing the three kinds, as the README shows (an array in a list was refused)
+    mixed = fastcifar.predict([paths[0], Image.fromarray(images[1]), images[2]], weights=weights,
+                              top_k=2, device="cpu")
+    assert [row.top for row in mixed] == answers[0][:3]
+    assert [str(row.path) for row in mixed][1:] == ["image 1", "image 2"]
     single = fastcifar.predict(images[0], weights=weights, device="cpu")
     assert single[0].top == fastcifar.predict(images[:1], weights=weights, device="cpu")[0].top
     with pytest.raises(FastCifarError, match="uint8 RGB"):
@@ -86,6 +91,8 @@ def test_predict_takes_paths_pillow_images_and_arrays_alike(trained, tiny_datase
         fastcifar.predict(tmp_path / "nowhere.png", weights=weights)  # "corrupt or truncated"
     with pytest.raises(FastCifarError, match="count must be positive, got 0"):
         fastcifar.api.test_images(tiny_dataset, 0)
+    with pytest.raises(FastCifarError, match="count 61 is more than the 60 test images"):
+        fastcifar.api.test_images(tiny_dataset, 61)  # 60 of them, silently, before
 
 
 def test_test_images_are_the_records_in_order_past_ffcvs_reused_batch_buffers(tiny_dataset,
@@ -123,3 +130,17 @@ def test_the_notebook_header_names_the_optimisers_a_budget_row_set(capsys, tmp_p
     header = capsys.readouterr().out
     assert "sgd max LR 0.8, Muon LR 0.12 on normalized filters" in header
     assert "12 epochs x 97 steps" in header and str(tmp_path) in header
+
+
+def test_lr_find_takes_the_sweeps_range_and_mode_as_the_command_does(tiny_dataset, monkeypatch):
+    # start_lr and end_lr went to TrainConfig before: "unknown train setting".
+    import fastcifar.range_test
+
+    seen = []
+    monkeypatch.setattr(fastcifar.range_test, "lr_find", seen.append)
+    fastcifar.lr_find(data=tiny_dataset, start_lr=1e-5, end_lr=1.0, mode="linear", iterations=20,
+                      weight_decay=1e-3)
+    (config,) = seen
+    assert (config.start_lr, config.end_lr, config.mode, config.iterations) == (1e-5, 1.0,
+                                                                                "linear", 20)
+    assert config.train.weight_decay == 1e-3
