@@ -26,16 +26,25 @@ def _single_axis(size: tuple[float, float]):
     return figure, figure.subplots()
 
 
-def plot_training_curves(history: list, lr_per_step: list[float], path: Path) -> Path:
-    """Train/test loss and accuracy per epoch (test where evaluated), and the LR per step."""
+def plot_training_curves(history: list, lr_per_step: list[float], path: Path,
+                         label_smoothing: float = 0.0) -> Path:
+    """Train/test loss and accuracy per epoch (test where evaluated), and the LR per step.
+
+    With `label_smoothing` the train loss is against smoothed targets (it cannot fall below
+    their entropy) and the test loss against the labels: the legend says so, since the test
+    curve then lies below the train one even where the model fits the train images better.
+    """
     epochs = [row.epoch for row in history]
     tested = [row for row in history if row.test_accuracy is not None]
     test_epochs = [row.epoch for row in tested]
     figure = Figure(figsize=(15, 4))
     loss_axis, accuracy_axis, lr_axis = figure.subplots(1, 3)
-    loss_axis.plot(epochs, [row.train_loss for row in history], "o-", label="train")
-    loss_axis.plot(test_epochs, [row.test_loss for row in tested], "o-", label="test")
-    loss_axis.set(title="loss", xlabel="epoch")
+    smoothed = f" (targets smoothed by {label_smoothing:g})" if label_smoothing else ""
+    loss_axis.plot(epochs, [row.train_loss for row in history], "o-", label="train" + smoothed)
+    loss_axis.plot(test_epochs, [row.test_loss for row in tested], "o-",
+                   label="test (plain labels)" if label_smoothing else "test")
+    loss_axis.set(title="loss" + (": the two are not comparable" if label_smoothing else ""),
+                  xlabel="epoch")
     loss_axis.legend()
     accuracy_axis.plot(epochs, [100 * row.train_accuracy for row in history], "o-", label="train")
     accuracy_axis.plot(test_epochs, [100 * row.test_accuracy for row in tested], "o-",

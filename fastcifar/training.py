@@ -289,7 +289,8 @@ class Run:
             from fastcifar.plots import plot_training_curves
 
             self.faults.optional_write("the training-curves plot", lambda: plot_training_curves(
-                self.history, self.trainer.lr_per_step, self.run_dir / "training_curves.png"))
+                self.history, self.trainer.lr_per_step, self.run_dir / "training_curves.png",
+                self.config.label_smoothing))
         return TrainResult(
             self.history, self.run_dir,
             # None when the best pass's file is not there: saved before a resume into another

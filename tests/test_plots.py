@@ -76,6 +76,13 @@ def test_training_curves_show_the_history_and_every_step_lr(tmp_path, check_png,
     assert list(test_accuracy.get_ydata()) == pytest.approx([25, 50, 75])
     [lr_line] = lr_axis.get_lines()
     assert list(lr_line.get_xdata()) == list(range(1, 16)) and list(lr_line.get_ydata()) == lrs
+    assert [line.get_label() for line in (train_loss, test_loss)] == ["train", "test"]
+    # smoothed targets: the train loss has a floor the test loss lacks, and the legend says so
+    plot_training_curves(history, lrs, tmp_path / "smoothed.png", label_smoothing=0.2)
+    smoothed_axis = saved_figures[1].axes[0]
+    assert [line.get_label() for line in smoothed_axis.get_lines()] == [
+        "train (targets smoothed by 0.2)", "test (plain labels)"]
+    assert smoothed_axis.get_title() == "loss: the two are not comparable"
 
 
 def test_confusion_matrix_plot_shades_row_fractions_and_prints_counts(tmp_path, check_png,
