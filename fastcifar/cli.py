@@ -331,7 +331,8 @@ def export(
 def show_augment(
     recipe_name: Annotated[RecipeName, typer.Option("--recipe", help="Whose augmentation to "
                            "show.", rich_help_panel=AUGMENTATION)] = DEFAULT_RECIPE_NAME,
-    count: Annotated[int, typer.Option(help="Images in each grid (the first N train images).",
+    count: Annotated[int, typer.Option(help="Images in each grid (the first N train images, at "
+                                            "most 1,024).",
                                        rich_help_panel=DATA)] = 32,
     data: DataOption = Path("datasets"),
     seed: Annotated[int, typer.Option(help="Augmentation seed.", rich_help_panel=SYSTEM)] = 0,

@@ -27,11 +27,18 @@ class AugmentPreview:
     class_names: list[str]  # one per image
 
 
+# The most images a grid shows: 1,024 is 128 rows of 8 cells (a 16,000-pixel-tall figure);
+# 50,000 built 6,250 rows of axes, twice, for many minutes.
+MAX_GRID_IMAGES = 1024
+
+
 def read_train_samples(data_dir: Path, count: int) -> tuple[np.ndarray, list[str]]:
     """The first `count` train images as stored (NHWC uint8) and their class names."""
     metadata = read_metadata(data_dir)
-    if not 0 < count <= metadata.train_count:
-        raise FastCifarError(f"--count must be in 1..{metadata.train_count}, got {count}")
+    most = min(metadata.train_count, MAX_GRID_IMAGES)
+    if not 0 < count <= most:
+        raise FastCifarError(f"--count must be in 1..{most}, got {count}"
+                             + (" (a bigger grid is too small to read)" if count > most else ""))
     loader = make_loader(metadata.train_path, test_pipeline(),
                          LoaderConfig(data_dir=data_dir, batch_size=count, workers=1),
                          train=False, subset=np.arange(count), seed=0)

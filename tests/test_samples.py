@@ -36,7 +36,7 @@ def test_show_augment_writes_both_grids_and_changes_pixels(tiny_dataset, tmp_pat
 
 
 def test_show_augment_refuses_more_images_than_the_train_set(tiny_dataset, tmp_path):
-    with pytest.raises(FastCifarError, match="--count"):
+    with pytest.raises(FastCifarError, match=r"--count must be in 1\.\.120, got 10000"):
         show_augment(tiny_dataset, AugmentConfig(), 10_000, 0, tmp_path)
     with pytest.raises(FastCifarError, match="--seed must be in 0..4294967295, got 18446744073709551616"):
         show_augment(tiny_dataset, AugmentConfig(), 8, 2**64, tmp_path)  # an OverflowError
@@ -64,3 +64,14 @@ def test_show_augment_command_uses_the_recipe_augmentation(tiny_dataset, tmp_pat
     # the seed recipe's colour jitter and grayscale: the fast recipe's grid would differ
     fast = augment_batch(images, np.arange(8), recipe("fast").augment, 3, fill)
     assert (fast != expected).any()
+
+
+def test_show_augment_refuses_a_grid_too_big_to_read(tiny_dataset, tmp_path, monkeypatch):
+    # 50,000 images built 6,250 rows of axes, twice, for many minutes.
+    import fastcifar.samples
+
+    monkeypatch.setattr(fastcifar.samples, "MAX_GRID_IMAGES", 50)  # the tiny set has 120
+    with pytest.raises(FastCifarError, match=r"--count must be in 1\.\.50, got 60 \(a bigger "
+                                             r"grid is too small to read\)"):
+        show_augment(tiny_dataset, AugmentConfig(), 60, 0, tmp_path)
+    assert fastcifar.samples.read_train_samples(tiny_dataset, 50)[0].shape == (50, 32, 32, 3)
