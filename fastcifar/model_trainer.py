@@ -38,6 +38,11 @@ class ModelTrainer:
                  resume_state: dict | None) -> None:
         self.config, self.device, self.distributed = config, device, distributed
         self.steps_per_epoch = len(loaders.train)
+        # The test passes' batch sizes (a full one and the shorter last), warmed up off the clock.
+        test_batch = config.loader.batch_size
+        self.test_batch_sizes = tuple(dict.fromkeys(
+            size for size in (min(test_batch, loaders.test_count), loaders.test_count % test_batch)
+            if size))
         self.device_step = DeviceStep(loaders.metadata.mean, loaders.metadata.std, device,
                                       config.channels_last)
         self.steps = 0
@@ -127,7 +132,8 @@ class ModelTrainer:
             self.plan = choice.plan
             self._orthogonalize_for_plan()
         warm_up(self.model, self.trained_model, self.config, self.device, self.plan,
-                self.device_step, (images, labels), self.selection)
+                self.device_step, (images, labels), self.selection, self.eval_model,
+                self.test_batch_sizes)
         return choice
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, sums: TrainSums,

@@ -36,14 +36,16 @@ def check_steps(config: TrainConfig, steps_per_epoch: int) -> None:
 def warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
             device: torch.device, plan: PrecisionPlan, device_step: DeviceStep,
             sample: tuple[torch.Tensor, torch.Tensor],
-            selection: BatchSelection | None = None) -> None:
-    """Forward/backward passes and eval passes on the real model (at the size a step trains:
-    the selected part of a batch) and on the selection proxy, then restore their state.
+            selection: BatchSelection | None = None, eval_model: nn.Module | None = None,
+            test_batch_sizes: tuple[int, ...] = ()) -> None:
+    """Forward/backward passes on the real model (at the size a step trains: the selected part
+    of a batch) and on the selection proxy, at every image side the run trains at (progressive
+    resizing), and test passes of `eval_model` (default: `trained_model`) at 32 px at each of
+    `test_batch_sizes` (the test loader's full and last batch; default: the sample's).
 
-    torch.compile and cudnn autotuning happen here, off the clock: at every image side the run
-    trains at (progressive resizing), and for the test passes at 32 px with two batch sizes (a
-    test set's last batch is shorter). The weights, BN statistics and RNG states (dropout
-    draws) are put back, so the run is the same as without the warm-up.
+    torch.compile and cudnn autotuning happen here, off the clock: before, the next side and
+    the first test pass compiled on the run's clock. The weights, BN statistics and RNG states
+    (dropout draws) are put back, so the run is the same as without the warm-up.
     """
     if device.type != "cuda" and not config.compile:
         return
@@ -53,21 +55,22 @@ def warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for side in sides:
             _warm_up_network(model, trained_model, _at_side(images[:kept], side),
-                             labels[:kept], device, plan, config.tta)
+                             labels[:kept], device, plan)
             if selection is not None:
                 _warm_up_network(selection.proxy, selection.proxy, _at_side(images, side),
-                                 labels, device, plan, False)
-        test_images = _at_side(images[:kept], FULL_TRAIN_SIZE)
-        for batch in (test_images, test_images[:max(1, kept // 2)]):
-            _warm_up_test_pass(trained_model, batch, device, plan, config.tta, config.tta_shifts)
+                                 labels, device, plan)
+        test_images = _at_side(images, FULL_TRAIN_SIZE)
+        for size in test_batch_sizes or (len(images),):
+            batch = test_images.repeat(-(-size // len(test_images)), 1, 1, 1)[:size]
+            _warm_up_test_pass(eval_model or trained_model, batch, device, plan, config.tta,
+                               config.tta_shifts)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _warm_up_network(model: nn.Module, trained_model: nn.Module, images: torch.Tensor,
-                     labels: torch.Tensor, device: torch.device, plan: PrecisionPlan,
-                     tta: bool) -> None:
-    """Two forward/backward passes and an eval pass of `trained_model`; `model`'s state back."""
+                     labels: torch.Tensor, device: torch.device, plan: PrecisionPlan) -> None:
+    """Two forward/backward passes of `trained_model`; `model`'s state put back."""
     snapshot = copy.deepcopy(model.state_dict())
     trained_model.train()
     for _ in range(2):
@@ -75,7 +78,6 @@ def _warm_up_network(model: nn.Module, trained_model: nn.Module, images: torch.T
             loss = functional.cross_entropy(trained_model(images), labels)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    _warm_up_test_pass(trained_model, images, device, plan, tta, False)
     model.load_state_dict(snapshot)
 
 

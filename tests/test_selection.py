@@ -205,8 +205,8 @@ def test_warm_up_runs_the_model_at_the_kept_size_and_the_proxy_whole_then_restor
     rng_before = torch.get_rng_state()
     warm_up(model, model, config, CPU, plan_precision(Precision.fp32, CPU), step, sample,
             selection)
-    # TTA passes keep the batch size; the test passes' warm-up also takes half of it
-    assert sizes["model"] == {4, 2} and sizes["proxy"] == {8}
+    # steps on the kept 4; the test pass (TTA passes keep the batch size) on the whole sample
+    assert sizes["model"] == {4, 8} and sizes["proxy"] == {8}
     for net, state in zip((model, selection.proxy), before, strict=True):
         assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
         assert net.training

@@ -599,10 +599,26 @@ def test_warm_up_compiles_at_every_side_the_run_trains_at_and_for_the_test_passe
     step = DeviceStep([120.0] * 3, [60.0] * 3, torch.device("cpu"), True)
     sample = (torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8), torch.arange(8) % 3)
     warm_up(model, model, config, torch.device("cpu"), plan_precision(Precision.fp32,
-            torch.device("cpu")), step, sample)
+            torch.device("cpu")), step, sample, test_batch_sizes=(8, 3))
     assert {side for grad, _, side in seen if grad} == {20, 24, 28, 32}  # 20, 24, 28, 32, 32 px
-    assert {(batch, side) for grad, batch, side in seen if not grad and side == 32} >= {
-        (8, 32), (4, 32)}
+    # the test passes: 32 px only, at the test loader's full and last batch sizes
+    assert {(batch, side) for grad, batch, side in seen if not grad} == {(8, 32), (3, 32)}
+
+
+def test_the_trainer_warms_up_the_test_loaders_full_and_last_batch(tiny_dataset, tmp_path):
+    from fastcifar.data.loaders import build_loaders
+    from fastcifar.distributed import Distributed
+    from fastcifar.model_trainer import ModelTrainer
+
+    cpu = torch.device("cpu")
+    for batch_size, expected in ((24, (24, 12)), (30, (30,)), (100, (60,))):  # 60 test images
+        config = tiny_config(tiny_dataset, tmp_path)
+        config = dataclasses.replace(config, loader=dataclasses.replace(config.loader,
+                                                                        batch_size=batch_size))
+        loaders = build_loaders(config.loader, config.augment, config.seed, device=cpu)
+        trainer = ModelTrainer(config, loaders, cpu, plan_precision(Precision.fp32, cpu),
+                               Distributed(), None)
+        assert trainer.test_batch_sizes == expected, batch_size
 
 
 def test_replace_nested_reaches_loader_and_augment_settings():
