@@ -26,6 +26,13 @@ def test_a_symlinked_class_folder_is_read_like_any_other(tmp_path):
     assert data.class_names == [*TINY_CLASSES, "zebra"]
     assert np.bincount(data.train.labels).tolist() == [3, 3, 3, 4]  # the loop adds nothing
     assert np.bincount(data.test.labels).tolist() == [2, 2, 2, 1]
+    # A second name for a class folder is a class of its own, as a person browsing sees it
+    # (whichever of the two the disk listed first was kept, the other dropped).
+    for split in ("train", "test"):
+        (root / split / "aardvark").symlink_to(root / split / TINY_CLASSES[1])
+    data = read_source(root)
+    assert data.class_names == ["aardvark", *TINY_CLASSES, "zebra"]
+    assert np.bincount(data.train.labels).tolist() == [3, 3, 3, 3, 4]
 
 
 def test_hidden_folders_are_no_classes(tmp_path):

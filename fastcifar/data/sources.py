@@ -250,17 +250,15 @@ def _find_imagefolder_root(folder: Path) -> Path | None:
 
 def folder_files(root: Path) -> list[Path]:
     """The files under `root`, sorted, leaving out hidden files and folders (.DS_Store,
-    .ipynb_checkpoints). Symlinked folders are followed, each real folder once (so a link loop
-    ends): `rglob` skipped them, and their class's images with them."""
+    .ipynb_checkpoints). Symlinked folders are followed, as a person browsing the tree sees
+    them (`rglob` skipped them, and a linked class's images with them); a link back to a
+    folder above it is not, so a loop ends."""
     files: list[Path] = []
-    seen: set[str] = set()
     for folder, folders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            folders[:] = []
-            continue
-        seen.add(real)
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        above = {os.path.realpath(parent) for parent in Path(folder).parents}
+        folders[:] = [name for name in folders if not name.startswith(".")
+                      and os.path.realpath(os.path.join(folder, name)) not in above | {
+                          os.path.realpath(folder)}]
         files.extend(Path(folder) / name for name in names if not name.startswith("."))
     return sorted(files)
 
