@@ -103,6 +103,11 @@ def test_a_folder_replaced_by_a_copy_with_older_times_is_converted_again(tmp_pat
     assert convert(ConvertConfig(source=source, out_dir=tmp_path / "out")).skipped
     os.utime(next(source.rglob("*.png")))  # touched: read again, as before
     assert not convert(ConvertConfig(source=source, out_dir=tmp_path / "out")).skipped
+    # a tree one folder down in the folder given is skipped too (its path was compared)
+    nested = write_imagefolder(tmp_path / "outer" / "cifar", per_class_train=2, per_class_test=1)
+    first = convert(ConvertConfig(source=nested.parent, out_dir=tmp_path / "nested"))
+    assert first.metadata["source"]["path"] == str(nested) and not first.skipped
+    assert convert(ConvertConfig(source=nested.parent, out_dir=tmp_path / "nested")).skipped
 
 
 def test_images_that_cannot_be_normalised_are_refused_before_writing(tmp_path):

@@ -234,7 +234,10 @@ def _up_to_date(out_dir: Path, source: Path, listing: str | None) -> dict | None
         if not beton.is_file() or beton.stat().st_size != entry["bytes"]:
             return None
     recorded = metadata.get("source")
-    if not isinstance(recorded, dict) or recorded.get("path") != str(source):
+    # The data may lie one folder down (ROOT/cifar-10-batches-py, ROOT/one-folder/train): the
+    # metadata names that folder.
+    if not isinstance(recorded, dict) or str(source) not in (
+            recorded.get("path"), str(Path(str(recorded.get("path"))).parent)):
         return None
     if source.is_file():
         return metadata if recorded.get("sha256") == file_sha256(source) else None
