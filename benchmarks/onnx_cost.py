@@ -23,6 +23,7 @@ from fastcifar.atomic import check_can_write, write_texts
 from fastcifar.checkpoint import machine_description
 from fastcifar.command_config import SHIPPED_WEIGHTS, ExportConfig
 from fastcifar.config import Device
+from fastcifar.data.loaders import read_metadata
 from fastcifar.errors import script_exit
 from fastcifar.export import OnnxClassifier, export_onnx
 from fastcifar.prediction import open_scorer
@@ -57,7 +58,7 @@ def main() -> int:
     arguments = parser.parse_args()
     markdown_path = arguments.json.with_suffix(".md")
     check_can_write(arguments.json, markdown_path)
-    nchw, _ = test_images(arguments.data, 10_000)
+    nchw, _ = test_images(arguments.data, read_metadata(arguments.data).test_count)  # all
     nchw = np.ascontiguousarray(nchw.transpose(0, 3, 1, 2))
     with tempfile.TemporaryDirectory() as folder:
         report = export_onnx(ExportConfig(weights=arguments.weights, out=Path(folder) / "m.onnx",

@@ -129,7 +129,7 @@ def predict(images, weights: str | Path | None = None, top_k: int = 3, device: s
 
 def _as_images(images) -> list:
     """Paths, Pillow images or uint8 arrays as the pixels predict scores."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from fastcifar.prediction import image_from_pil, read_image
 
@@ -147,9 +147,10 @@ def _as_images(images) -> list:
         if isinstance(item, np.ndarray) and item.ndim == 3:  # one image of a mixed list
             (pixels,) = _as_images(item)
             loaded.append(dataclasses.replace(pixels, path=Path(f"image {index}")))
-        elif isinstance(item, Image.Image):
-            loaded.append(image_from_pil(item.convert("RGB"), Path(f"image {index}"), item.mode,
-                                         item.size))
+        elif isinstance(item, Image.Image):  # upright, as a file path's image is read
+            upright = ImageOps.exif_transpose(item)
+            loaded.append(image_from_pil(upright.convert("RGB"), Path(f"image {index}"),
+                                         upright.mode, upright.size))
         elif isinstance(item, str | Path):
             loaded.append(read_image(Path(item)))
         else:
@@ -161,20 +162,15 @@ def _as_images(images) -> list:
 def test_images(data: str | Path = "datasets", count: int = 16) -> tuple[np.ndarray, list[str]]:
     """The first `count` converted test images as uint8 (N, 32, 32, 3) RGB and their class
     names: something to try `predict` on."""
-    from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+    from fastcifar.data.loaders import first_stored_images, read_metadata
 
     if count < 1:
         raise FastCifarError(f"count must be positive, got {count}")
     metadata = read_metadata(Path(data))
     if count > metadata.test_count:  # fewer than asked, silently, before
         raise FastCifarError(f"count {count:,} is more than the {metadata.test_count:,} test images")
-    loader = make_loader(metadata.test_path, test_pipeline(), LoaderConfig(data_dir=Path(data)),
-                         False, np.arange(count), 0)
-    # Copies: FFCV reuses a few batch buffers, and a view would show a later batch's images.
-    images, labels = zip(*((batch.permute(0, 2, 3, 1).numpy().copy(), names.numpy().copy())
-                           for batch, names in loader), strict=True)
-    return (np.ascontiguousarray(np.concatenate(images)),
-            [metadata.class_names[label] for label in np.concatenate(labels)])
+    images, labels = first_stored_images(Path(data), "test", count)
+    return images, [metadata.class_names[label] for label in labels]
 
 
 class EpochBars(TrainCallbacks):

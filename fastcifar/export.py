@@ -18,9 +18,8 @@ from torch import nn
 
 from fastcifar.atomic import check_can_write, write_bytes
 from fastcifar.command_config import ExportConfig, tta_flags
-from fastcifar.config import LoaderConfig
 from fastcifar.data.convert import METADATA
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, first_line
 from fastcifar.evaluation import load_weights, model_from_weights, predict_logits
 from fastcifar.weights_file import METADATA_KEY, REQUIRED_METADATA, metadata_problem
 
@@ -73,7 +72,8 @@ def require_onnx_packages(*names: str) -> None:
 
 def export_onnx(config: ExportConfig) -> ExportReport:
     """Write the ONNX file for `config.weights` and check it with onnxruntime."""
-    require_onnx_packages("onnx", "onnxscript", *(["onnxruntime"] if config.check_images else []))
+    checking = bool(config.check_images) and (Path(config.data_dir) / METADATA).is_file()
+    require_onnx_packages("onnx", "onnxscript", *(["onnxruntime"] if checking else []))
     checkpoint = load_weights(config.weights)
     check_can_write(config.out)  # before the minute of exporting, not after
     tta = config.tta or checkpoint["tta"]
@@ -85,7 +85,7 @@ def export_onnx(config: ExportConfig) -> ExportReport:
         **{key: checkpoint[key] for key in ("recipe", "accuracy") if key in checkpoint}}
     data = _onnx_bytes(classifier, metadata)
     checked, difference, agreement = 0, None, None
-    if config.check_images and (Path(config.data_dir) / METADATA).is_file():
+    if checking:
         images = _first_test_images(config.data_dir, config.check_images)
         with torch.no_grad():
             expected = classifier(torch.from_numpy(images)).numpy()
@@ -118,15 +118,11 @@ def _onnx_bytes(classifier: Uint8Classifier, metadata: dict) -> bytes:
 
 
 def _first_test_images(data_dir: Path, count: int) -> np.ndarray:
-    """The first `count` converted test images, uint8 NCHW."""
-    from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+    """The first `count` converted test images (all of them where there are fewer), uint8 NCHW."""
+    from fastcifar.data.loaders import first_stored_images, read_metadata
 
-    metadata = read_metadata(data_dir)
-    count = min(count, metadata.test_count)
-    loader = make_loader(metadata.test_path, test_pipeline(),
-                         LoaderConfig(data_dir=data_dir, batch_size=500), False,
-                         np.arange(count), 0)
-    return np.concatenate([images.contiguous().numpy() for images, _ in loader])
+    count = min(count, read_metadata(data_dir).test_count)
+    return np.ascontiguousarray(first_stored_images(data_dir, "test", count)[0].transpose(0, 3, 1, 2))
 
 
 class OnnxClassifier:
@@ -146,8 +142,7 @@ class OnnxClassifier:
             proto = onnx.load_from_string(data)
             session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
         except Exception as error:  # protobuf and onnxruntime errors of a file not ours
-            raise FastCifarError(f"{name} is not a readable ONNX model: "
-                                 f"{str(error).splitlines()[0] if str(error) else error}"
+            raise FastCifarError(f"{name} is not a readable ONNX model: {first_line(error)}"
                                  ) from None
         metadata = _metadata(proto, name)
         problem = _graph_problem(session, len(metadata["class_names"]))

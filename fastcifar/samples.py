@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from fastcifar.atomic import file_set
-from fastcifar.config import AugmentConfig, LoaderConfig, require_seed
+from fastcifar.config import AugmentConfig, require_seed
 from fastcifar.data.augment import augment_batch, fill_colour
-from fastcifar.data.loaders import make_loader, read_metadata, test_pipeline
+from fastcifar.data.loaders import first_stored_images, read_metadata
 from fastcifar.errors import FastCifarError
 
 
@@ -37,15 +37,11 @@ def read_train_samples(data_dir: Path, count: int) -> tuple[np.ndarray, list[str
     metadata = read_metadata(data_dir)
     most = min(metadata.train_count, MAX_GRID_IMAGES)
     if not 0 < count <= most:
+        too_big = count > most == MAX_GRID_IMAGES  # the grid's limit, not the train set's
         raise FastCifarError(f"--count must be in 1..{most}, got {count}"
-                             + (" (a bigger grid is too small to read)" if count > most else ""))
-    loader = make_loader(metadata.train_path, test_pipeline(),
-                         LoaderConfig(data_dir=data_dir, batch_size=count, workers=1),
-                         train=False, subset=np.arange(count), seed=0)
-    images, labels = next(iter(loader))
-    # Copy out of FFCV's reused batch buffer, NCHW view -> NHWC.
-    return (images.permute(0, 2, 3, 1).numpy().copy(),
-            [metadata.class_names[label] for label in labels.tolist()])
+                             + (" (a bigger grid is too small to read)" if too_big else ""))
+    images, labels = first_stored_images(data_dir, "train", count)
+    return images, [metadata.class_names[label] for label in labels.tolist()]
 
 
 def show_augment(data_dir: Path, augment: AugmentConfig, count: int, seed: int,

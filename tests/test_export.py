@@ -190,6 +190,11 @@ def test_a_missing_onnx_package_is_one_line_naming_the_extra(tiny_weights, tmp_p
             f"error: {hidden} not installed: ONNX files need the export extra (pip install "
             "'fastcifar[export]')"]
     assert not (tmp_path / "n.onnx").exists()
+    with monkeypatch.context() as patch:  # no data to check against: onnxruntime is not needed
+        patch.setitem(__import__("sys").modules, "onnxruntime", None)
+        unchecked = runner.invoke(app, ["export", str(tiny_weights), "--onnx",
+                                        str(tmp_path / "u.onnx"), "--data", str(tmp_path / "none")])
+    assert unchecked.exit_code == 0 and "not checked (no converted data)" in unchecked.output
 
 
 def test_export_says_why_it_did_not_check(tiny_weights, tiny_dataset, tmp_path):

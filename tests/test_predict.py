@@ -136,6 +136,12 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     image = read_image(tmp_path / "portrait.jpg")
     assert image.resized_from == (32, 64)  # width x height as shown
     assert image.pixels[:12, :, 0].mean() > 200 and image.pixels[-12:, :, 2].mean() > 200  # red on top
+    from fastcifar.api import _as_images  # the Python API's Pillow images: the same, upright
+
+    with Image.open(tmp_path / "portrait.jpg") as opened:
+        (in_memory,) = _as_images([opened])
+    np.testing.assert_array_equal(in_memory.pixels, image.pixels)
+    assert in_memory.resized_from == (32, 64)
 
 
 def test_an_image_it_may_not_read_is_not_called_corrupt(tmp_path, monkeypatch):

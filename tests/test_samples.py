@@ -36,7 +36,7 @@ def test_show_augment_writes_both_grids_and_changes_pixels(tiny_dataset, tmp_pat
 
 
 def test_show_augment_refuses_more_images_than_the_train_set(tiny_dataset, tmp_path):
-    with pytest.raises(FastCifarError, match=r"--count must be in 1\.\.120, got 10000"):
+    with pytest.raises(FastCifarError, match=r"--count must be in 1\.\.120, got 10000$"):
         show_augment(tiny_dataset, AugmentConfig(), 10_000, 0, tmp_path)
     with pytest.raises(FastCifarError, match="--seed must be in 0..4294967295, got 18446744073709551616"):
         show_augment(tiny_dataset, AugmentConfig(), 8, 2**64, tmp_path)  # an OverflowError

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from fastcifar.errors import MachineFault
+from fastcifar.errors import MachineFault, first_line
 
 
 class LoaderFailed(MachineFault):
@@ -73,9 +73,9 @@ def _failure(thread: threading.Thread, what: str) -> LoaderFailed:
     error = _thread_failures.pop(thread, None)
     if error is None:
         return LoaderFailed(f"the {what} loader stopped without an error")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    reason = first_line(error)
     return LoaderFailed(f"the {what} loader stopped: {type(error).__name__}"
-                        + (f": {reason}" if reason else ""))
+                        + (f": {reason}" if reason != type(error).__name__ else ""))
 
 
 def check_unchanged(path: Path, size: int) -> None:

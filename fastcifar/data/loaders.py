@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,9 +37,9 @@ if TYPE_CHECKING:
 
 # Re-exported: the names callers import from here.
 __all__ = ["STORED_SIZE", "DatasetMetadata", "Loaders", "RecordSelection", "build_loaders",
-           "builtin_train_pipeline", "first_train_images", "image_pipeline", "label_pipeline",
-           "make_loader", "read_labels", "read_metadata", "select_records", "split_holdout",
-           "test_pipeline", "train_pipeline"]
+           "builtin_train_pipeline", "first_stored_images", "first_train_images",
+           "image_pipeline", "label_pipeline", "make_loader", "read_labels", "read_metadata",
+           "select_records", "split_holdout", "test_pipeline", "train_pipeline"]
 
 
 def build_loaders(config: LoaderConfig, augment: AugmentConfig | None, seed: int,
@@ -87,3 +88,16 @@ def first_train_images(loaders: Loaders, config: LoaderConfig, seed: int,
     loader = make_loader(loaders.metadata.train_path, test_pipeline(),
                          replace(config, distributed=False), False, np.arange(count), seed)
     return torch.cat([normalise(images, labels)[0].float().cpu() for images, labels in loader])
+
+
+def first_stored_images(data_dir: Path, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` images of a converted split ("train" or "test") as stored, uint8
+    (N, 32, 32, 3) RGB, and their labels: what a person looks at, or a check scores. Copied:
+    FFCV reuses a few batch buffers, and views would show later batches' images."""
+    metadata = read_metadata(data_dir)
+    loader = make_loader(metadata.train_path if split == "train" else metadata.test_path,
+                         test_pipeline(), LoaderConfig(data_dir=data_dir, workers=1), False,
+                         np.arange(count), 0)
+    images, labels = zip(*((batch.permute(0, 2, 3, 1).numpy().copy(), names.numpy().copy())
+                           for batch, names in loader), strict=True)
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
