@@ -393,7 +393,9 @@ DEFAULT_RECIPE = "express-progressive"
 # 12ep.md): 92.01 / 92.00 / 91.94%, median 92.00%, against 91.66 / 91.63 / 91.49%, median
 # 91.63%, without the row (+0.35, +0.37 and +0.45 by seed). Normalized filters at Muon's own
 # LR lost at 24 epochs (test set, CPU, seed 0: 91.85% against 92.14%), at LR 0.08 a 12-epoch
-# proxy lost 0.36; LR 0.12 without them is not measured on all the data. Budgets from 7 to 11
+# proxy lost 0.36. On all the data held out (45,000 train, 12 epochs, seed 0, CPU; benchmarks/
+# results/cpu/long-ablation-12ep-45k-seed0.md): the row 91.58%, LR 0.24 on normalized filters
+# 90.96%, LR 0.12 on raw filters 91.18%. Budgets from 7 to 11
 # epochs keep the recipe, as 6 epochs do (90.55% median, H200). On held-out proxies (25,000
 # train, 2 seeds, CPU; benchmarks/results/cpu/long-{8,10}ep-25k*.md) the row gained less there:
 # +0.22 median at 8 epochs (a tie and +0.44) and at 10 (+0.16, +0.28), against +0.86 at 12; on
