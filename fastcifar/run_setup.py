@@ -62,8 +62,9 @@ def warm_up(model: nn.Module, trained_model: nn.Module, config: TrainConfig,
         test_images = _at_side(images, FULL_TRAIN_SIZE)
         for size in test_batch_sizes or (len(images),):
             batch = test_images.repeat(-(-size // len(test_images)), 1, 1, 1)[:size]
-            _warm_up_test_pass(eval_model or trained_model, batch, device, plan, config.tta,
-                               config.tta_shifts)
+            # `is None`, not `or`: a compiled module refuses len(), and so truth testing.
+            _warm_up_test_pass(trained_model if eval_model is None else eval_model, batch, device,
+                               plan, config.tta, config.tta_shifts)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
